@@ -1,0 +1,37 @@
+# deepspark: two commands. `make demo` sets up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On these machines torch 2.13.0 is a CPU wheel on disk; an unpinned torch pulls a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_PIN)"
+	$(PIP) install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+demo: install
+	$(PY) examples/quickstart.py
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+bench: install
+	$(PY) benchmarks/feed.py --quick
+	$(PY) benchmarks/train.py --quick
+	$(PY) benchmarks/predict.py --quick
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

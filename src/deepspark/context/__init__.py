@@ -1,0 +1,13 @@
+"""Spark session management: one entry point for every deployment."""
+
+from deepspark.context.config import ClusterMode, ContextConfig, ContextError, resolve_spark_conf
+from deepspark.context.session import init_context, stop_context
+
+__all__ = [
+    "ClusterMode",
+    "ContextConfig",
+    "ContextError",
+    "init_context",
+    "resolve_spark_conf",
+    "stop_context",
+]

@@ -1,0 +1,232 @@
+"""Create, reuse and stop the one SparkSession that deepspark works with."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from deepspark.context.config import ClusterMode, ContextConfig, ContextError, resolve_spark_conf
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+__all__ = ["init_context", "stop_context"]
+
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_active: tuple[ContextConfig, SparkSession] | None = None
+
+_JVM_MODES = {
+    ClusterMode.LOCAL,
+    ClusterMode.LOCAL_CLUSTER,
+    ClusterMode.STANDALONE,
+    ClusterMode.YARN,
+    ClusterMode.K8S,
+}
+
+
+def init_context(
+    cluster_mode: str | ClusterMode = "local",
+    *,
+    master: str | None = None,
+    cores: int | None = None,
+    executor_cores: int | None = None,
+    num_executors: int | None = None,
+    executor_memory: str | None = None,
+    driver_memory: str | None = None,
+    conf: dict[str, Any] | None = None,
+    app_name: str = "deepspark",
+    container_image: str | None = None,
+    python_env_archive: str | None = None,
+    connect_timeout_s: float = 30.0,
+) -> SparkSession:
+    """Start (or reuse) the SparkSession that deepspark runs on.
+
+    Parameters
+    ----------
+    cluster_mode : {"local", "local-cluster", "standalone", "yarn", "k8s", "connect", "spark-submit"}
+        Where the application runs. ``"local"`` runs Spark inside this process (``local[*]``, or
+        ``local[cores]``); ``"local-cluster"`` starts ``num_executors`` executor JVMs on this
+        machine; ``"standalone"``, ``"yarn"`` and ``"k8s"`` use that cluster manager;
+        ``"connect"`` talks to a Spark Connect server (``master="sc://host:15002"``, or no
+        master to start a local one); ``"spark-submit"`` adopts the session that
+        ``spark-submit`` created.
+    master : str, optional
+        The master URL, when the mode needs one (``spark://host:7077``,
+        ``k8s://https://host:443``, ``sc://host:15002``).
+    cores : int, optional
+        Local mode: worker threads. Standalone: the most cores the application takes.
+    executor_cores, num_executors, executor_memory, driver_memory : optional
+        Executor and driver resources (memory as a JVM size such as ``"2g"``).
+    conf : dict, optional
+        Extra Spark confs; they override deepspark's defaults.
+    app_name : str
+        The Spark application name.
+    container_image : str, optional
+        Kubernetes: the image executors run.
+    python_env_archive : str, optional
+        YARN/Kubernetes: a packed Python environment (``venv-pack``/``conda-pack``) shipped to
+        every container and used as the workers' Python.
+    connect_timeout_s : float
+        How long to wait for a Spark Connect server to answer.
+
+    Returns
+    -------
+    pyspark.sql.SparkSession
+
+    Raises
+    ------
+    ValueError
+        An unknown ``cluster_mode``, a malformed master URL or a bad resource value.
+    ContextError
+        No Java found, or a Spark Connect server that does not answer in time.
+
+    Examples
+    --------
+    >>> import deepspark as ds
+    >>> spark = ds.init_context(cores=2)
+    >>> spark.range(4).count()
+    4
+    >>> ds.stop_context()
+    """
+    global _active
+    config = ContextConfig(
+        cluster_mode=cluster_mode,
+        master=master,
+        cores=cores,
+        executor_cores=executor_cores,
+        num_executors=num_executors,
+        executor_memory=executor_memory,
+        driver_memory=driver_memory,
+        conf=dict(conf or {}),
+        app_name=app_name,
+        container_image=container_image,
+        python_env_archive=python_env_archive,
+        connect_timeout_s=connect_timeout_s,
+    )
+    with _lock:
+        if _active is not None:
+            running_config, session = _active
+            if _is_alive(session):
+                if running_config != config:
+                    warnings.warn(
+                        "init_context: a deepspark session is already running; returning it "
+                        "and ignoring the new arguments (call deepspark.stop_context() first "
+                        "to start a different one)",
+                        stacklevel=2,
+                    )
+                return session
+            _active = None
+        session = _create_session(config)
+        _active = (config, session)
+        return session
+
+
+def stop_context() -> None:
+    """Stop the session started by `init_context`; calling it again does nothing.
+
+    Examples
+    --------
+    >>> import deepspark as ds
+    >>> ds.stop_context()
+    >>> ds.stop_context()
+    """
+    global _active
+    with _lock:
+        if _active is None:
+            return
+        _, session = _active
+        _active = None
+        try:
+            session.stop()
+        except Exception as error:  # a session whose JVM already died cannot stop cleanly
+            _log.warning("stop_context: the session did not stop cleanly: %s", error)
+
+
+def _is_alive(session: SparkSession) -> bool:
+    if _is_connect_session(session):
+        return not getattr(session.client, "is_closed", False)
+    return session.sparkContext._jsc is not None
+
+
+def _is_connect_session(session: Any) -> bool:
+    return type(session).__module__.startswith("pyspark.sql.connect")
+
+
+def _create_session(config: ContextConfig) -> SparkSession:
+    from pyspark.sql import SparkSession
+
+    mode = config.cluster_mode
+    spark_conf = resolve_spark_conf(config)
+    if mode is ClusterMode.SPARK_SUBMIT:
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            return active
+        if "SPARK_SUBMIT_OPTS" not in os.environ and "PYSPARK_GATEWAY_PORT" not in os.environ:
+            raise ContextError(
+                "cluster_mode='spark-submit' adopts the session spark-submit creates, but this "
+                "process was not started by spark-submit; run `spark-submit your_script.py` or "
+                "choose another cluster_mode"
+            )
+        return SparkSession.builder.getOrCreate()
+    if mode is ClusterMode.CONNECT:
+        assert config.master is not None
+        if config.master.startswith("sc://"):
+            _wait_for_connect_server(config.master, config.connect_timeout_s)
+        else:
+            _require_java()
+        builder = SparkSession.builder.remote(config.master)
+        for key, value in spark_conf.items():
+            builder = builder.config(key, value)
+        with warnings.catch_warnings():
+            # A local Connect server takes static confs at start; the client then also tries to
+            # set them at run time and warns that it cannot, which is expected.
+            warnings.filterwarnings("ignore", message=".*CANNOT_MODIFY_CONFIG.*")
+            return builder.getOrCreate()
+    _require_java()
+    builder = SparkSession.builder
+    for key, value in spark_conf.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
+def _require_java() -> None:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.access(os.path.join(java_home, "bin", "java"), os.X_OK):
+        return
+    if shutil.which("java"):
+        return
+    raise ContextError(
+        "no Java found: Spark needs a Java 17 or 21 runtime. Install one "
+        "(`apt-get install openjdk-17-jre-headless`, `brew install openjdk@17`, or "
+        "`conda install openjdk=17`) and put `java` on PATH or set JAVA_HOME"
+    )
+
+
+def _wait_for_connect_server(url: str, timeout_s: float) -> None:
+    """Fail fast with a clear message when nothing listens at a Spark Connect URL."""
+    host_port = url[len("sc://") :].split("/", 1)[0].split(";", 1)[0]
+    host, _, port_text = host_port.partition(":")
+    port = int(port_text) if port_text else 15002
+    deadline = time.monotonic() + timeout_s
+    last_error: OSError | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            with socket.create_connection((host, port), timeout=min(remaining, 2.0)):
+                return
+        except OSError as error:
+            last_error = error
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    raise ContextError(
+        f"the Spark Connect server at {url} did not answer within {timeout_s:g} s "
+        f"({last_error}); start it with `start-connect-server.sh` or check the host and port"
+    )
