@@ -7,6 +7,7 @@ kind they use, so each kind starts about once per run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -50,10 +51,9 @@ class _SessionSwitch:
     def stop(self) -> None:
         ds.stop_context()
         if self.session is not None:
-            try:
+            # the session may already be gone with its JVM
+            with contextlib.suppress(Exception):
                 self.session.stop()
-            except Exception:  # the session may already be gone with its JVM
-                pass
         self.session, self.kind = None, None
 
 

@@ -50,7 +50,9 @@ def init_context(
 
     Parameters
     ----------
-    cluster_mode : {"local", "local-cluster", "standalone", "yarn", "k8s", "connect", "spark-submit"}
+    cluster_mode : str
+        One of ``"local"``, ``"local-cluster"``, ``"standalone"``, ``"yarn"``, ``"k8s"``,
+        ``"connect"``, ``"spark-submit"``.
         Where the application runs. ``"local"`` runs Spark inside this process (``local[*]``, or
         ``local[cores]``); ``"local-cluster"`` starts ``num_executors`` executor JVMs on this
         machine; ``"standalone"``, ``"yarn"`` and ``"k8s"`` use that cluster manager;

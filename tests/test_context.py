@@ -1,0 +1,263 @@
+"""init_context in every deployment mode this machine can run, and its error messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+import deepspark as ds
+from conftest import free_port, spark_class
+from deepspark.context import ClusterMode, ContextConfig, resolve_spark_conf
+
+
+def _run_python(code: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else dict(os.environ),
+    )
+
+
+def _wait_for_executors(session, count: int, timeout_s: float = 90.0) -> None:
+    tracker = session.sparkContext._jsc.sc()
+    deadline = time.monotonic() + timeout_s
+    # getExecutorMemoryStatus counts the driver too
+    while tracker.getExecutorMemoryStatus().size() < count + 1:
+        assert time.monotonic() < deadline, f"{count} executors did not register in {timeout_s} s"
+        time.sleep(0.25)
+
+
+def _task_working_dirs(session, partitions: int = 4) -> set[str]:
+    """The working directories of the Python workers that ran a job's tasks."""
+
+    def where(batches):
+        import os
+        import time
+
+        import pyarrow as pa
+
+        time.sleep(0.3)  # long enough that one executor cannot take every task
+        for batch in batches:
+            yield pa.RecordBatch.from_pydict({"cwd": [os.getcwd()] * batch.num_rows})
+
+    df = session.range(0, 64, numPartitions=partitions).mapInArrow(where, "cwd string")
+    return {row.cwd for row in df.collect()}
+
+
+# --- configuration and errors: no JVM needed ------------------------------------------------
+
+
+def test_unknown_cluster_mode_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="cluster_mode='mesos'.*'local'.*'local-cluster'.*'k8s'"):
+        ds.init_context("mesos")
+
+
+@pytest.mark.parametrize(
+    ("mode", "master"),
+    [
+        ("standalone", "http://host:7077"),
+        ("standalone", "spark://host"),
+        ("k8s", "https://api:443"),
+        ("connect", "http://localhost:15002"),
+        ("local", "local[two]"),
+        ("local-cluster", "local-cluster[2,1]"),
+        ("yarn", "spark://host:7077"),
+    ],
+)
+def test_malformed_master_url_is_refused(mode, master):
+    with pytest.raises(ValueError, match=r"master="):
+        ContextConfig(cluster_mode=mode, master=master, container_image="img:1")
+
+
+def test_standalone_and_k8s_need_their_urls():
+    with pytest.raises(ValueError, match="spark://host:7077"):
+        ContextConfig(cluster_mode="standalone")
+    with pytest.raises(ValueError, match="container_image"):
+        ContextConfig(cluster_mode="k8s", master="k8s://https://api.example:443")
+
+
+def test_bad_resource_values_name_the_argument():
+    with pytest.raises(ValueError, match="executor_memory='lots'"):
+        ContextConfig(executor_memory="lots")
+    with pytest.raises(ValueError, match="cores=0"):
+        ContextConfig(cores=0)
+
+
+def test_local_defaults_suit_deep_learning():
+    conf = resolve_spark_conf(ContextConfig(cores=3, conf={"spark.python.worker.reuse": False}))
+    assert conf["spark.master"] == "local[3]"
+    assert conf["spark.sql.execution.arrow.pyspark.enabled"] == "true"
+    assert int(conf["spark.sql.execution.arrow.maxRecordsPerBatch"]) > 0
+    # user confs win over the defaults
+    assert conf["spark.python.worker.reuse"] == "False"
+
+
+def test_yarn_conf_ships_the_python_environment(tmp_path: Path):
+    archive = tmp_path / "env.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(__file__, arcname="bin/marker.py")
+    config = ContextConfig(
+        cluster_mode="yarn",
+        num_executors=4,
+        executor_cores=2,
+        executor_memory="4g",
+        driver_memory="2g",
+        python_env_archive=str(archive),
+    )
+    conf = resolve_spark_conf(config)
+    assert config.master == "yarn"
+    assert conf["spark.master"] == "yarn"
+    assert conf["spark.archives"] == f"{archive}#environment"
+    assert conf["spark.pyspark.python"] == "./environment/bin/python"
+    assert conf["spark.pyspark.driver.python"] == sys.executable
+    assert conf["spark.executor.instances"] == "4"
+    assert conf["spark.executor.cores"] == "2"
+    assert conf["spark.executor.memory"] == "4g"
+    assert conf["spark.driver.memory"] == "2g"
+
+
+def test_yarn_refuses_a_missing_or_unpacked_environment(tmp_path: Path):
+    with pytest.raises(ValueError, match="does not exist.*venv-pack"):
+        resolve_spark_conf(
+            ContextConfig(cluster_mode="yarn", python_env_archive=str(tmp_path / "no.tar.gz"))
+        )
+    with pytest.raises(ValueError, match="packed environment"):
+        resolve_spark_conf(ContextConfig(cluster_mode="yarn", python_env_archive=str(tmp_path)))
+
+
+def test_k8s_conf_names_master_and_image():
+    config = ContextConfig(
+        cluster_mode=ClusterMode.K8S,
+        master="k8s://https://kubernetes.default.svc:443",
+        container_image="registry.example/deepspark:0.1",
+        num_executors=3,
+    )
+    conf = resolve_spark_conf(config)
+    assert conf["spark.master"] == "k8s://https://kubernetes.default.svc:443"
+    assert conf["spark.kubernetes.container.image"] == "registry.example/deepspark:0.1"
+    assert conf["spark.executor.instances"] == "3"
+
+
+def test_missing_java_is_reported_with_the_fix():
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("JAVA_HOME", "SPARK_HOME")
+    }
+    env["PATH"] = str(Path(sys.executable).parent)  # the venv, which holds no java
+    result = _run_python(
+        """
+        import deepspark as ds
+        try:
+            ds.init_context()
+        except ds.context.ContextError as error:
+            print("ERROR:", error)
+        """,
+        env=env,
+    )
+    assert "ERROR: no Java found" in result.stdout, result.stderr[-2000:]
+    assert "JAVA_HOME" in result.stdout
+
+
+def test_connect_server_that_does_not_answer_fails_in_bounded_time():
+    port = free_port()  # nothing listens here
+    result = _run_python(
+        f"""
+        import time, deepspark as ds
+        start = time.monotonic()
+        try:
+            ds.init_context("connect", master="sc://127.0.0.1:{port}", connect_timeout_s=1.5)
+        except ds.context.ContextError as error:
+            print("ERROR:", error)
+        print("WAITED", time.monotonic() - start)
+        """
+    )
+    assert f"ERROR: the Spark Connect server at sc://127.0.0.1:{port} did not answer" in (
+        result.stdout
+    ), result.stderr[-2000:]
+
+
+def test_spark_submit_mode_adopts_the_submitted_session(tmp_path: Path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import deepspark as ds
+            spark = ds.init_context("spark-submit")
+            print("MASTER", spark.sparkContext.master, "COUNT", spark.range(7).count())
+            ds.stop_context()
+            """
+        )
+    )
+    submit = Path(spark_class()).with_name("spark-submit")
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    result = subprocess.run(
+        [str(submit), "--master", "local[1]", "--conf", "spark.ui.enabled=false", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert "MASTER local[1] COUNT 7" in result.stdout, result.stderr[-3000:]
+
+
+# --- live sessions ----------------------------------------------------------------------------
+
+
+def test_local_session_runs_jobs_with_the_defaults(spark):
+    assert spark.sparkContext.master == "local[2]"
+    assert spark.conf.get("spark.sql.execution.arrow.pyspark.enabled") == "true"
+    assert spark.conf.get("spark.python.worker.reuse") == "true"
+    assert spark.range(100).selectExpr("sum(id) AS total").first().total == 4950
+
+
+def test_second_init_context_returns_the_running_session(spark):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds.init_context(cores=2, app_name="deepspark-tests") is spark
+    with pytest.warns(UserWarning, match="already running"):
+        assert ds.init_context(cores=1) is spark
+
+
+def test_stop_context_is_idempotent(spark):
+    ds.init_context(cores=2, app_name="deepspark-tests")
+    ds.stop_context()
+    ds.stop_context()
+    assert spark.sparkContext._jsc is None
+    fresh = ds.init_context(cores=2, app_name="deepspark-tests")
+    assert fresh.range(3).count() == 3
+
+
+def test_local_cluster_runs_tasks_in_separate_executor_jvms(local_cluster_spark):
+    assert local_cluster_spark.sparkContext.master == "local-cluster[2,1,1024]"
+    _wait_for_executors(local_cluster_spark, 2)
+    assert len(_task_working_dirs(local_cluster_spark)) == 2
+    executors = local_cluster_spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()
+    assert executors == 3  # two executors and the driver
+
+
+def test_connect_session_runs_dataframe_jobs(connect_spark):
+    assert type(connect_spark).__module__.startswith("pyspark.sql.connect")
+    total = connect_spark.range(10).selectExpr("sum(id) AS total").first().total
+    assert total == 45
+    assert len(_task_working_dirs(connect_spark)) >= 1
+
+
+def test_standalone_tasks_run_on_both_workers(standalone_spark, standalone_cluster):
+    assert standalone_spark.sparkContext.master == standalone_cluster.master_url
+    _wait_for_executors(standalone_spark, 2)
+    dirs = _task_working_dirs(standalone_spark, partitions=8)
+    used_workers = {
+        index
+        for index, work_dir in enumerate(standalone_cluster.work_dirs)
+        if any(d.startswith(str(work_dir)) for d in dirs)
+    }
+    assert used_workers == {0, 1}, dirs
