@@ -1,7 +1,17 @@
 """deepspark: distributed deep learning directly on Apache Spark DataFrames."""
 
 from deepspark.context import init_context, stop_context
+from deepspark.training import Estimator, TrainingError
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "init_context", "stop_context"]
+__all__ = ["Estimator", "TrainingError", "__version__", "init_context", "stop_context"]
+
+
+def __getattr__(name: str):
+    # `deepspark.predict` lives with the inference layer, imported on first use.
+    if name == "predict":
+        from deepspark.inference import predict
+
+        return predict
+    raise AttributeError(f"module 'deepspark' has no attribute {name!r}")

@@ -9,9 +9,11 @@ expects (N, 4)" instead of a matrix-multiplication message from deep inside the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,6 +43,14 @@ def import_onnxruntime() -> Any:
             "ONNX models need onnxruntime: run `pip install deepspark[onnx]`"
         ) from err
     return onnxruntime
+
+
+@contextlib.contextmanager
+def torchscript_deprecation_silenced() -> Iterator[None]:
+    """Silence torch's "torch.jit is deprecated" warnings: TorchScript files stay supported."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        yield
 
 
 def describe_shapes(inputs: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> str:
@@ -133,8 +143,12 @@ class Predictor(ABC):
         return _first_output(output)
 
 
-def _first_lines(err: BaseException, lines: int = 3) -> str:
-    return " ".join(str(err).strip().splitlines()[:lines])
+def _first_lines(err: BaseException) -> str:
+    """The runtime's message, shortened: TorchScript puts the cause on its last line."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) <= 3:
+        return " ".join(lines)
+    return f"{lines[0]} … {lines[-1]}"
 
 
 def _first_output(output: Any) -> torch.Tensor:

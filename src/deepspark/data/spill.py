@@ -1,0 +1,646 @@
+"""A task's partition, spilled once to local Arrow IPC files and memory-mapped for every epoch.
+
+Worker side: this module never imports pyspark.
+
+Layout: one IPC file per split (train = 0, validation = 1, ...), written as the task's input
+streams in, cut into blocks of about ``block_bytes`` (1 MiB by default). Reading maps the file
+read-only and, per *window* of blocks (64 MiB of prepared values by default), copies the needed
+columns into one prepared array, then tells the kernel it may drop the mapped pages of those
+blocks (``madvise(MADV_DONTNEED)``). So a task holds about one window and a few batches,
+however large its partition is; the file's pages stay in the page cache for the next epoch.
+
+Shuffling an epoch: a seeded permutation of the blocks; consecutive blocks of that order form a
+window; the rows of a window are visited in a seeded uniform permutation. A partition that fits
+in one window is therefore shuffled uniformly; a larger one mixes each row with the rows of the
+window it falls in (see ``docs/data.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+
+import numpy as np
+import pyarrow as pa
+
+from deepspark.data.batching import (
+    Batch,
+    _built,
+    _check_batch_size,
+    _ordered_pending,
+    _PendingBatch,
+    _RowReader,
+    _Window,
+)
+from deepspark.data.columns import (
+    ColumnKind,
+    FeedError,
+    TensorSpec,
+    _numpy_dtype,
+    check_column,
+    normalize_specs,
+    prepare_column,
+)
+from deepspark.data.plan import StepPlan, StepPolicy
+
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "DEFAULT_SHUFFLE_WINDOW_BYTES",
+    "PartitionSpill",
+    "spill_directory",
+]
+
+DEFAULT_BLOCK_BYTES = 1 << 20
+DEFAULT_SHUFFLE_WINDOW_BYTES = 64 << 20
+_CAN_ADVISE = hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise")
+
+
+def spill_directory(directory: str | os.PathLike[str] | None = None) -> str:
+    """Where spill files go: ``directory`` if given, else Spark's local dirs, else the temp dir.
+
+    Inside a Spark task ``SPARK_LOCAL_DIRS`` names the executor's block-manager directories
+    (Spark removes them when the executor stops, a last resort after a killed task); with
+    several, tasks spread over them.
+    """
+    if directory is not None:
+        return os.fspath(directory)
+    local_dirs = [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d.strip()]
+    if local_dirs:
+        return local_dirs[os.getpid() % len(local_dirs)].strip()
+    return tempfile.gettempdir()
+
+
+@dataclass
+class _SplitInfo:
+    """What was written for one split value."""
+
+    path: str
+    block_rows: list[int] = field(default_factory=list)
+    null_counts: dict[str, int] = field(default_factory=dict)
+    column_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.block_rows)
+
+
+class _SplitWriter:
+    def __init__(self, info: _SplitInfo, block_bytes: int) -> None:
+        self.info = info
+        self._block_bytes = block_bytes
+        self._block_rows = 0
+        self._sink: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._schema: pa.Schema | None = None
+
+    def write(self, part: pa.RecordBatch) -> None:
+        rows = part.num_rows
+        if rows == 0:
+            return
+        if self._schema is not None and not part.schema.equals(self._schema):
+            raise FeedError(
+                f"the input batches change schema mid-partition: {self._schema} then "
+                f"{part.schema}; every batch of a partition must have the same columns and types"
+            )
+        if self._writer is None:
+            self._sink = pa.output_stream(self.info.path, buffer_size=1 << 20)
+            options = pa.ipc.IpcWriteOptions(use_threads=False)
+            self._writer = pa.ipc.new_file(self._sink, part.schema, options=options)
+            self._schema = part.schema
+            row_bytes = max(1, part.nbytes // rows)
+            self._block_rows = max(1, self._block_bytes // row_bytes)
+        for name, column in zip(part.schema.names, part.columns, strict=True):
+            self.info.null_counts[name] = self.info.null_counts.get(name, 0) + column.null_count
+            self.info.column_bytes[name] = self.info.column_bytes.get(name, 0) + column.nbytes
+        pieces = -(-rows // self._block_rows)
+        piece_rows = -(-rows // pieces)  # even pieces: no tiny tail block
+        for start in range(0, rows, piece_rows):
+            piece = part.slice(start, piece_rows)
+            self._writer.write_batch(piece)
+            self.info.block_rows.append(piece.num_rows)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+
+class _MappedFile:
+    """One spill file mapped read-only, its blocks readable without copies."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self._buffer = pa.py_buffer(self._map)
+        self._base = self._buffer.address
+        self._reader = pa.ipc.open_file(self._buffer)
+
+    def block(self, index: int, columns: Sequence[str]) -> pa.RecordBatch:
+        return self._reader.get_batch(index).select(list(columns))
+
+    def release(self, batch: pa.RecordBatch) -> None:
+        """Let the kernel drop this block's mapped pages (they stay in the page cache).
+
+        The mapping is shared and read-only, so a page that is touched again is simply read
+        back; nothing is lost. This keeps the task's resident memory to about one window.
+        """
+        if not _CAN_ADVISE:
+            return
+        low, high = None, None
+        for column in batch.columns:
+            for buffer in column.buffers():
+                if buffer is None or buffer.size == 0:
+                    continue
+                low = buffer.address if low is None else min(low, buffer.address)
+                end = buffer.address + buffer.size
+                high = end if high is None else max(high, end)
+        if low is None or high is None:
+            return
+        start = (low - self._base) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = min(high - self._base, len(self._map)) - start
+        if start >= 0 and length > 0:
+            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+
+    def close(self) -> None:
+        self._reader = None
+        self._buffer = None
+        # Arrays a caller still holds may export the mapping; it is then unmapped when they go.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+
+
+def _remove_tree(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # not from a forked child (e.g. a DataLoader worker)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class PartitionSpill:
+    """A task's partition spilled to local Arrow IPC files, read back epoch after epoch.
+
+    Create it with `PartitionSpill.write` and use it as a context manager: its files are
+    removed when the ``with`` block ends, on success and on error (and, as a fallback, when
+    the object is garbage-collected or the process exits normally).
+
+    Examples
+    --------
+    >>> import pyarrow as pa
+    >>> from deepspark.data import TensorSpec, plan_steps
+    >>> data = [pa.record_batch({"x": [float(i) for i in range(10)], "y": list(range(10))})]
+    >>> x, y = TensorSpec("x", "scalar"), TensorSpec("y", "scalar", dtype="int64")
+    >>> with PartitionSpill.write(data) as spill:
+    ...     plan = plan_steps([spill.num_rows()], batch_size=4)
+    ...     batches = list(spill.epoch([x], [y], plan=plan, rank=0, epoch=0, seed=7))
+    >>> [len(b) for b in batches], [b.num_real for b in batches]
+    ([4, 4, 4], [4, 4, 2])
+    >>> sorted(int(v) for b in batches for v in b.labels[0][: b.num_real])
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    """
+
+    def __init__(
+        self,
+        root: str,
+        splits: dict[int, _SplitInfo],
+        schema: pa.Schema | None,
+        *,
+        owner: bool = True,
+    ) -> None:
+        self._root = root
+        self._splits = splits
+        self._schema = schema
+        self._files: dict[int, _MappedFile] = {}
+        self._checked: dict[tuple[int, tuple[TensorSpec, ...]], tuple[TensorSpec, ...]] = {}
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _remove_tree, root, os.getpid()) if owner else None
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @classmethod
+    def write(
+        cls,
+        batches: Iterable[pa.RecordBatch],
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        split_column: str | None = None,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> PartitionSpill:
+        """Spill a task's input in one streaming pass.
+
+        Parameters
+        ----------
+        batches : iterable of pyarrow.RecordBatch
+            The task's input (the iterator ``mapInArrow`` passes); read once, batch by batch.
+        directory : str, optional
+            Where to create the spill's own subdirectory; default `spill_directory()` (Spark's
+            local dirs inside a task).
+        split_column : str, optional
+            An integer column whose value sends each row to a split (0 = train,
+            1 = validation); it is not stored. Without it every row is split 0.
+        block_bytes : int
+            Target size of the blocks the shuffle permutes (smaller mixes better).
+
+        Returns
+        -------
+        PartitionSpill
+
+        Raises
+        ------
+        FeedError
+            A missing, non-integer, negative or null ``split_column``.
+        """
+        if block_bytes < 1:
+            raise FeedError(f"block_bytes must be positive, got {block_bytes}")
+        parent = spill_directory(directory)
+        os.makedirs(parent, exist_ok=True)
+        root = tempfile.mkdtemp(prefix="deepspark-spill-", dir=parent)
+        writers: dict[int, _SplitWriter] = {}
+        schema: pa.Schema | None = None
+        try:
+            for batch in _record_batches(batches):
+                for split, part in _split_rows(batch, split_column):
+                    schema = schema or part.schema
+                    writer = writers.get(split)
+                    if writer is None:
+                        path = os.path.join(root, f"split-{split}.arrow")
+                        writer = writers[split] = _SplitWriter(_SplitInfo(path), block_bytes)
+                    writer.write(part)
+            for writer in writers.values():
+                writer.close()
+        except BaseException:
+            for writer in writers.values():
+                with contextlib.suppress(Exception):
+                    writer.close()
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        splits = {split: w.info for split, w in writers.items() if w.info.block_rows}
+        return cls(root, splits, schema)
+
+    # -- facts ------------------------------------------------------------------------------
+
+    @property
+    def directory(self) -> str:
+        """The spill's own directory (removed on close)."""
+        return self._root
+
+    @property
+    def schema(self) -> pa.Schema | None:
+        """The spilled columns (``None`` if the input had no batches)."""
+        return self._schema
+
+    @property
+    def splits(self) -> tuple[int, ...]:
+        """The split values that hold rows."""
+        return tuple(sorted(self._splits))
+
+    def num_rows(self, split: int = 0) -> int:
+        """Rows spilled for ``split`` (0 when it has none)."""
+        info = self._splits.get(split)
+        return info.rows if info is not None else 0
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def epoch(
+        self,
+        features: TensorSpec | Sequence[TensorSpec],
+        labels: TensorSpec | Sequence[TensorSpec] = (),
+        *,
+        plan: StepPlan,
+        rank: int,
+        epoch: int,
+        seed: int,
+        shuffle: bool = True,
+        split: int = 0,
+        shuffle_window_bytes: int = DEFAULT_SHUFFLE_WINDOW_BYTES,
+    ) -> Iterator[Batch]:
+        """One epoch of this rank: exactly ``plan.steps_per_epoch`` batches.
+
+        Every batch has ``plan.local_batch_sizes[rank]`` rows. Under ``"pad"`` each row
+        appears exactly once among the real rows of the epoch; filler rows repeat rows from the
+        start of this epoch's order (zeros when the partition is empty), as do the wrapped rows
+        of ``"wrap"``. The order is a function of ``(seed, epoch, rank)``: reproducible, new
+        each epoch. Columns are checked (nulls, types, lengths) before the first batch.
+
+        Parameters
+        ----------
+        features, labels : TensorSpec or sequence of TensorSpec
+        plan : StepPlan
+            From `plan_steps` over every rank's ``num_rows(split)``.
+        rank : int
+            This task's rank in ``plan``.
+        epoch, seed : int
+            Non-negative; together with ``rank`` they fix the order.
+        shuffle : bool
+            ``False`` reads in spill order (still with the plan's steps and filler).
+        split : int
+            Which split to read.
+        shuffle_window_bytes : int
+            Memory for one window of prepared rows; bigger mixes better.
+
+        Returns
+        -------
+        iterator of Batch
+        """
+        features, labels = normalize_specs(features), normalize_specs(labels)
+        specs = self._check_specs(features + labels, split)
+        if not 0 <= rank < plan.num_ranks:
+            raise FeedError(f"rank={rank} is outside the plan's {plan.num_ranks} ranks")
+        rows = self.num_rows(split)
+        if plan.rows_per_rank[rank] != rows:
+            raise FeedError(
+                f"the plan counts {plan.rows_per_rank[rank]} rows for rank {rank}, but its "
+                f"spill holds {rows} rows of split {split}; build the plan from every rank's "
+                "num_rows(split)"
+            )
+        for name, value in (("epoch", epoch), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise FeedError(f"{name} must be a non-negative integer, got {value!r}")
+        _check_window(shuffle_window_bytes)
+        features, labels = specs[: len(features)], specs[len(features) :]
+        order_seed = (seed, epoch, rank) if shuffle else None
+        pending = self._epoch_pending(specs, plan, rank, split, order_seed, shuffle_window_bytes)
+        return _built(pending, features, labels)
+
+    def _epoch_pending(
+        self,
+        specs: tuple[TensorSpec, ...],
+        plan: StepPlan,
+        rank: int,
+        split: int,
+        order_seed: tuple[int, int, int] | None,
+        window_bytes: int,
+    ) -> Iterator[_PendingBatch]:
+        batch_size = plan.local_batch_sizes[rank]
+        if self.num_rows(split) == 0:
+            for _ in range(plan.steps_per_epoch):
+                yield _PendingBatch([], batch_size, 0)
+            return
+        reader = _RowReader(
+            lambda: self._windows(split, specs, order_seed, window_bytes),
+            cyclic=plan.policy is not StepPolicy.DROP,
+        )
+        for step in range(plan.steps_per_epoch):
+            yield _PendingBatch(reader.read(batch_size), batch_size, plan.real_rows(rank, step))
+
+    def ordered(
+        self,
+        features: TensorSpec | Sequence[TensorSpec],
+        labels: TensorSpec | Sequence[TensorSpec] = (),
+        *,
+        batch_size: int,
+        split: int = 0,
+        window_bytes: int = DEFAULT_SHUFFLE_WINDOW_BYTES,
+    ) -> Iterator[Batch]:
+        """One pass in spill order (evaluation): full batches, then the rest; no filler.
+
+        Examples
+        --------
+        >>> import pyarrow as pa
+        >>> from deepspark.data import TensorSpec
+        >>> with PartitionSpill.write([pa.record_batch({"x": [1.0, 2.0, 3.0]})]) as spill:
+        ...     [b.features[0].tolist() for b in spill.ordered(TensorSpec("x", "scalar"),
+        ...                                                      batch_size=2)]
+        [[1.0, 2.0], [3.0]]
+        """
+        _check_batch_size(batch_size)
+        _check_window(window_bytes)
+        features, labels = normalize_specs(features), normalize_specs(labels)
+        specs = self._check_specs(features + labels, split)
+        features, labels = specs[: len(features)], specs[len(features) :]
+        return _built(
+            self._ordered_pending(specs, split, batch_size, window_bytes), features, labels
+        )
+
+    def _ordered_pending(
+        self, specs: tuple[TensorSpec, ...], split: int, batch_size: int, window_bytes: int
+    ) -> Iterator[_PendingBatch]:
+        if self.num_rows(split) == 0:
+            return iter(())
+        return _ordered_pending(lambda: self._windows(split, specs, None, window_bytes), batch_size)
+
+    def _check_specs(self, specs: tuple[TensorSpec, ...], split: int) -> tuple[TensorSpec, ...]:
+        """Check every block's columns once per spec set; return specs with shapes filled in."""
+        if not specs:
+            raise FeedError("at least one feature or label spec is needed")
+        if self._closed:
+            raise FeedError("this PartitionSpill is closed; read it inside its `with` block")
+        key = (split, specs)
+        if key in self._checked:
+            return self._checked[key]
+        info = self._splits.get(split)
+        if info is None:
+            self._checked[key] = specs
+            return specs
+        assert self._schema is not None
+        for spec in specs:
+            for name in spec.columns:
+                if name not in self._schema.names:
+                    available = ", ".join(self._schema.names)
+                    raise FeedError(
+                        f"column {name!r} is not in the spilled data; available: {available}"
+                    )
+                if info.null_counts.get(name, 0):
+                    raise FeedError(
+                        f"column {name!r} has {info.null_counts[name]} null values among this "
+                        f"partition's {info.rows} rows; models cannot take nulls: drop or fill "
+                        f"them in Spark first (df.na.drop(subset=[{name!r}]) or df.na.fill(...))"
+                    )
+        shapes: list[tuple[int, ...] | None] = [None] * len(specs)
+        source = self._file(split)
+        columns = sorted({name for spec in specs for name in spec.columns})
+        for block in range(len(info.block_rows)):
+            batch = source.block(block, columns)
+            for position, spec in enumerate(specs):
+                # Later blocks must match the shape the first block showed.
+                known = shapes[position]
+                found = check_column(
+                    batch, spec if known is None or spec.shape else replace(spec, shape=known)
+                )
+                if known is None:
+                    shapes[position] = found
+            source.release(batch)
+        resolved = tuple(
+            replace(spec, shape=shape) if shape is not None and not spec.shape else spec
+            for spec, shape in zip(specs, shapes, strict=True)
+        )
+        self._checked[key] = resolved
+        return resolved
+
+    def _file(self, split: int) -> _MappedFile:
+        source = self._files.get(split)
+        if source is None:
+            source = self._files[split] = _MappedFile(self._splits[split].path)
+        return source
+
+    def _prepared_row_bytes(self, split: int, specs: Sequence[TensorSpec]) -> int:
+        info = self._splits[split]
+        total = 0
+        for spec in specs:
+            if spec.kind in (ColumnKind.BINARY, ColumnKind.STRING):
+                total += info.column_bytes.get(spec.columns[0], 0) // max(1, info.rows)
+            else:
+                itemsize = (_numpy_dtype(spec) or np.dtype(np.float32)).itemsize
+                total += max(1, spec.row_numel) * itemsize
+        return max(1, total)
+
+    def _windows(
+        self,
+        split: int,
+        specs: tuple[TensorSpec, ...],
+        order_seed: tuple[int, int, int] | None,
+        window_bytes: int,
+    ) -> Iterator[_Window]:
+        info = self._splits[split]
+        rng = np.random.default_rng(order_seed) if order_seed is not None else None
+        blocks = (
+            np.arange(len(info.block_rows))
+            if rng is None
+            else rng.permutation(len(info.block_rows))
+        )
+        window_rows = max(1, window_bytes // self._prepared_row_bytes(split, specs))
+        groups: list[list[int]] = [[]]
+        rows = 0
+        for block in blocks:
+            if rows >= window_rows:
+                groups.append([])
+                rows = 0
+            groups[-1].append(int(block))
+            rows += info.block_rows[block]
+        for group in groups:
+            # No local name for the window: a suspended generator would keep it alive.
+            yield self._load_window(split, specs, group, rng, only=len(groups) == 1)
+
+    def _load_window(
+        self,
+        split: int,
+        specs: tuple[TensorSpec, ...],
+        blocks: list[int],
+        rng: np.random.Generator | None,
+        *,
+        only: bool,
+    ) -> _Window:
+        info = self._splits[split]
+        rows = sum(info.block_rows[block] for block in blocks)
+        source = self._file(split)
+        columns = sorted({name for spec in specs for name in spec.columns})
+        prepared: list = []
+        for spec in specs:
+            if spec.kind in (ColumnKind.BINARY, ColumnKind.STRING):
+                prepared.append([])
+            else:
+                dtype = _numpy_dtype(spec) or np.dtype(np.float32)
+                prepared.append(np.empty((rows, *spec.shape), dtype=dtype))
+        start = 0
+        for block in blocks:
+            batch = source.block(block, columns)
+            stop = start + info.block_rows[block]
+            for position, spec in enumerate(specs):
+                target = prepared[position]
+                if isinstance(target, list):
+                    target.append(prepare_column(batch, spec))
+                else:
+                    prepare_column(batch, spec, out=target[start:stop])
+            start = stop
+            source.release(batch)
+        # Encoded columns are copied out of the mapping here, decoded batch by batch later.
+        prepared = [pa.concat_arrays(p) if isinstance(p, list) else p for p in prepared]
+        order = rng.permutation(rows) if rng is not None else None
+        return _Window(prepared, rows, order, only)
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and remove the spill files; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        for source in self._files.values():
+            source.close()
+        self._files.clear()
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> PartitionSpill:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        # A copy sent to another process (e.g. a spawned DataLoader worker) reads the same
+        # files but does not own them: only the original removes them.
+        if self._closed:
+            raise FeedError("a closed PartitionSpill cannot be sent to another process")
+        return {"root": self._root, "splits": self._splits, "schema": self._schema}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["splits"], state["schema"], owner=False)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"split {s}: {self.num_rows(s)} rows" for s in self.splits) or "empty"
+        return f"PartitionSpill({self._root!r}, {rows})"
+
+
+def _check_window(window_bytes: int) -> None:
+    if isinstance(window_bytes, bool) or not isinstance(window_bytes, int) or window_bytes < 1:
+        raise FeedError(f"the window size must be a positive number of bytes, got {window_bytes!r}")
+
+
+def _record_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        if isinstance(batch, pa.Table):
+            yield from batch.to_batches()
+        elif isinstance(batch, pa.RecordBatch):
+            yield batch
+        else:
+            raise FeedError(f"expected pyarrow RecordBatch objects, got {type(batch).__name__}")
+
+
+def _split_rows(
+    batch: pa.RecordBatch, split_column: str | None
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    if split_column is None:
+        yield 0, batch
+        return
+    index = batch.schema.get_field_index(split_column)
+    if index < 0:
+        available = ", ".join(batch.schema.names)
+        raise FeedError(
+            f"split_column={split_column!r} is not in the data; available columns: {available}"
+        )
+    column = batch.column(index)
+    if not (pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
+        raise FeedError(
+            f"split_column={split_column!r} has type {column.type}; it must hold integers "
+            "(0 = train, 1 = validation)"
+        )
+    if column.null_count:
+        raise FeedError(
+            f"split_column={split_column!r} has {column.null_count} null values; every row "
+            "needs a split number"
+        )
+    values = column.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    rest = batch.remove_column(index)
+    splits = np.unique(values)
+    if splits.size and splits[0] < 0:
+        raise FeedError(
+            f"split_column={split_column!r} holds {int(splits[0])}; split numbers are >= 0"
+        )
+    if splits.size == 1:
+        yield int(splits[0]), rest
+        return
+    for split in splits:
+        yield int(split), rest.filter(pa.array(values == split))

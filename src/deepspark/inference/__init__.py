@@ -1,0 +1,45 @@
+"""Distributed inference: a model's output as a DataFrame column, models cached per worker.
+
+Driver side: :func:`predict`. Worker side (no pyspark): :mod:`~deepspark.inference.models`
+(model sources, loading, the per-worker cache), :mod:`~deepspark.inference.runtimes` (one
+predictor per runtime), :mod:`~deepspark.inference.worker` (the loop inside a task).
+Export with verification: :func:`export_onnx`, :func:`export_torchscript`,
+:func:`export_program`.
+"""
+
+from deepspark.inference.export import (
+    ExportMismatchError,
+    export_onnx,
+    export_program,
+    export_torchscript,
+)
+from deepspark.inference.models import (
+    ModelKind,
+    ModelSource,
+    cache_info,
+    clear_cache,
+    load_model,
+    model_source,
+)
+from deepspark.inference.predict import predict
+from deepspark.inference.runtimes import ModelInputError, Predictor
+from deepspark.inference.worker import OutputKind, PredictSpec, predict_partition
+
+__all__ = [
+    "ExportMismatchError",
+    "ModelInputError",
+    "ModelKind",
+    "ModelSource",
+    "OutputKind",
+    "PredictSpec",
+    "Predictor",
+    "cache_info",
+    "clear_cache",
+    "export_onnx",
+    "export_program",
+    "export_torchscript",
+    "load_model",
+    "model_source",
+    "predict",
+    "predict_partition",
+]

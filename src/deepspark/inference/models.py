@@ -1,0 +1,393 @@
+"""Models that travel to Spark tasks, and their loading once per Python worker.
+
+Worker side: no pyspark here. A :class:`ModelSource` is a small, picklable description of a
+model that a task can load: an in-memory ``nn.Module`` carried as cloudpickle bytes, or a file
+or directory at an fsspec URL (TorchScript, ``torch.export`` ``.pt2``, ONNX, or a directory
+written by ``Estimator.save``). :func:`load_model` turns it into a
+:class:`~deepspark.inference.runtimes.Predictor` through a per-process cache keyed by the
+source's identity (a content hash, or the file's path and stat), bounded by a byte budget.
+
+Size rule: a model whose pickle is at most :data:`DEFAULT_INLINE_LIMIT_BYTES` (64 MiB) travels
+inside the task closure (Spark broadcasts large closures once per executor); above that it is
+written once to a driver-given directory (``spill_dir``, any fsspec URL every executor can
+read) and travels by path. 64 MiB keeps a closure well under Spark Connect's 128 MiB default
+gRPC message limit and under the driver-memory cost of re-pickling a plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import zipfile
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import cloudpickle
+import fsspec
+import torch
+
+from deepspark.inference._cache import CacheInfo, SizedLRUCache
+from deepspark.inference.runtimes import (
+    ExportedProgramPredictor,
+    OnnxPredictor,
+    Predictor,
+    TorchModulePredictor,
+    TorchScriptPredictor,
+    torchscript_deprecation_silenced,
+)
+
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_INLINE_LIMIT_BYTES",
+    "ModelKind",
+    "ModelSource",
+    "cache_info",
+    "clear_cache",
+    "load_model",
+    "model_source",
+]
+
+DEFAULT_INLINE_LIMIT_BYTES = 64 * 1024 * 1024
+"""Models whose pickle is larger than this travel by path, not inside the task closure."""
+
+DEFAULT_CACHE_BYTES = 2 * 1024 * 1024 * 1024
+"""Default budget of the per-worker model cache (weights' bytes; the newest model always stays)."""
+
+# `Estimator.save` writes a directory whose metadata.json marks it complete.
+SAVED_METADATA = "metadata.json"
+
+
+class ModelKind(str, Enum):
+    """How a model is stored, and so which runtime loads it."""
+
+    TORCH = "torch"  # a cloudpickled nn.Module
+    TORCHSCRIPT = "torchscript"  # torch.jit.save
+    TORCH_EXPORT = "torch_export"  # torch.export.save (.pt2)
+    ONNX = "onnx"
+    SAVED = "saved"  # a directory written by Estimator.save
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A picklable description of a model that a worker can load.
+
+    Exactly one of ``payload`` (the model's bytes, carried with the task) and ``path`` (an
+    fsspec URL every worker can read) is set. ``identity`` names the model's content: equal
+    identities load once per Python worker.
+    """
+
+    kind: ModelKind
+    identity: str
+    path: str | None = None
+    payload: bytes | None = field(default=None, repr=False)
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.payload is None):
+            raise ValueError("a ModelSource carries either a path or a payload, not both")
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], kind: ModelKind | str | None = None):
+        """Describe a model file or ``Estimator.save`` directory at a local path or fsspec URL.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            The model: ``*.onnx``, ``*.pt2`` (``torch.export.save``), a TorchScript file
+            (``torch.jit.save``), or a directory with ``metadata.json``.
+        kind : ModelKind or str, optional
+            How the model is stored; read from the path when left out.
+
+        Raises
+        ------
+        FileNotFoundError
+            When nothing exists at ``path``.
+
+        Examples
+        --------
+        >>> import torch, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "linear.pt")
+        >>> torch.jit.save(torch.jit.script(torch.nn.Linear(3, 1)), path)
+        >>> ModelSource.from_path(path).kind
+        <ModelKind.TORCHSCRIPT: 'torchscript'>
+        """
+        url = os.fspath(path)
+        fs, root = fsspec.core.url_to_fs(url)
+        if not fs.exists(root):
+            raise FileNotFoundError(f"model path {url!r} does not exist")
+        is_dir = fs.isdir(root)
+        kind = ModelKind(kind) if kind is not None else _kind_of(fs, root, url, is_dir)
+        if kind is ModelKind.SAVED:
+            files = sorted(fs.find(root))  # every file: weights, architecture, metadata
+        elif is_dir:
+            raise ValueError(f"model path {url!r} is a directory; kind={kind.value!r} needs a file")
+        else:
+            files = [root]
+        stamps = [fs.ukey(name) for name in files]
+        nbytes = sum(int(fs.info(name).get("size") or 0) for name in files)
+        identity = _digest(kind.value, url, *stamps)
+        return cls(kind=kind, identity=identity, path=url, nbytes=nbytes)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, kind: ModelKind | str) -> ModelSource:
+        """Describe a model held as bytes (a pickle, a TorchScript or ``.pt2`` archive, ONNX)."""
+        kind = ModelKind(kind)
+        if kind is ModelKind.SAVED:
+            raise ValueError("an Estimator.save directory travels by path, not as bytes")
+        return cls(kind=kind, identity=_digest(kind.value, data), payload=data, nbytes=len(data))
+
+    def describe(self) -> str:
+        """A short name for messages: the path, or the kind and size of the payload."""
+        if self.path is not None:
+            return f"{self.kind.value} model at {self.path!r}"
+        return f"in-memory {self.kind.value} model ({self.nbytes / 2**20:.1f} MiB)"
+
+
+def model_source(
+    model: Any,
+    *,
+    spill_dir: str | None = None,
+    max_inline_bytes: int = DEFAULT_INLINE_LIMIT_BYTES,
+) -> ModelSource:
+    """Describe ``model`` so that Spark tasks can load it.
+
+    Parameters
+    ----------
+    model : nn.Module, torch.jit.ScriptModule, torch.export.ExportedProgram, str or ModelSource
+        An in-memory model (pickled with cloudpickle; TorchScript and exported programs with
+        their own savers), or a path / fsspec URL (see :meth:`ModelSource.from_path`).
+    spill_dir : str, optional
+        A directory (fsspec URL) that every executor can read. An in-memory model whose bytes
+        exceed ``max_inline_bytes`` is written there once (named by its content hash) and
+        travels by path. Without it, such a model is refused.
+    max_inline_bytes : int
+        The largest model carried inside the task closure; 64 MiB by default.
+
+    Returns
+    -------
+    ModelSource
+
+    Examples
+    --------
+    >>> import torch
+    >>> source = model_source(torch.nn.Linear(3, 1))
+    >>> source.kind.value, source.path is None
+    ('torch', True)
+    """
+    if isinstance(model, ModelSource):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return ModelSource.from_path(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        with torchscript_deprecation_silenced():
+            kind, data = ModelKind.TORCHSCRIPT, _saved_bytes(torch.jit.save, model)
+    elif isinstance(model, torch.export.ExportedProgram):
+        kind, data = ModelKind.TORCH_EXPORT, _saved_bytes(torch.export.save, model)
+    elif isinstance(model, torch.nn.Module):
+        kind, data = ModelKind.TORCH, cloudpickle.dumps(_on_cpu(model))
+    else:
+        raise TypeError(
+            f"model is a {type(model).__name__}; give an nn.Module, a TorchScript module, a "
+            "torch.export program, a ModelSource or a path to a saved model"
+        )
+    source = ModelSource.from_bytes(data, kind)
+    if len(data) <= max_inline_bytes:
+        return source
+    if spill_dir is None:
+        raise ValueError(
+            f"the model takes {len(data) / 2**20:.0f} MiB, more than max_inline_bytes="
+            f"{max_inline_bytes / 2**20:.0f} MiB that may travel inside a Spark task; give "
+            "spill_dir='<a directory every executor can read>' (local path or fsspec URL), or "
+            "save the model (torch.jit.save, torch.export.save, Estimator.save) and pass its path"
+        )
+    return _spill(source, spill_dir)
+
+
+_SUFFIXES = {".onnx": ModelKind.ONNX, ".pt2": ModelKind.TORCH_EXPORT}
+
+
+def _kind_of(fs: Any, root: str, url: str, is_dir: bool) -> ModelKind:
+    if is_dir:
+        if fs.exists(posixpath.join(root, SAVED_METADATA)):
+            return ModelKind.SAVED
+        raise ValueError(
+            f"model path {url!r} is a directory without {SAVED_METADATA}; give a model file "
+            "or a directory written by Estimator.save"
+        )
+    suffix = posixpath.splitext(root)[1].lower()
+    if suffix in _SUFFIXES:
+        return _SUFFIXES[suffix]
+    # TorchScript and torch.export archives are zip files that differ in their entries.
+    with fs.open(root, "rb") as file:
+        names = zipfile.ZipFile(file).namelist() if zipfile.is_zipfile(file) else []
+    if any("/code/" in name for name in names):
+        return ModelKind.TORCHSCRIPT
+    if any(name.endswith("/archive_format") for name in names):
+        return ModelKind.TORCH_EXPORT
+    raise ValueError(
+        f"model path {url!r} is neither TorchScript (torch.jit.save), a torch.export program "
+        "(.pt2), ONNX (.onnx) nor an Estimator.save directory. A torch.save pickle is not "
+        "loaded (it runs arbitrary code): save the model with one of those, or pass the "
+        "nn.Module itself"
+    )
+
+
+def _digest(*parts: str | bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _saved_bytes(save: Any, model: Any) -> bytes:
+    buffer = io.BytesIO()
+    save(model, buffer)
+    return buffer.getvalue()
+
+
+def _on_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    """The module when its tensors are on the CPU, else a CPU copy (workers may lack GPUs)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(tensor.device.type == "cpu" for tensor in tensors):
+        return module
+    import copy
+
+    return copy.deepcopy(module).cpu()
+
+
+_SPILL_SUFFIXES = {
+    ModelKind.TORCH: ".pkl",
+    ModelKind.TORCHSCRIPT: ".pt",
+    ModelKind.TORCH_EXPORT: ".pt2",
+}
+
+
+def _spill(source: ModelSource, spill_dir: str) -> ModelSource:
+    """Write the payload once under ``spill_dir``, named by its hash; return a by-path source."""
+    assert source.payload is not None
+    fs, root = fsspec.core.url_to_fs(spill_dir)
+    name = f"deepspark-model-{source.identity[:32]}{_SPILL_SUFFIXES[source.kind]}"
+    target = posixpath.join(root, name)
+    if not (fs.exists(target) and fs.info(target).get("size") == source.nbytes):
+        fs.makedirs(root, exist_ok=True)
+        partial = f"{target}.{os.getpid()}.partial"
+        with fs.open(partial, "wb") as file:
+            file.write(source.payload)
+        fs.mv(partial, target)
+    url = spill_dir.rstrip("/") + "/" + name
+    # The content hash stays the identity: the same model loads once, whichever way it came.
+    return ModelSource(kind=source.kind, identity=source.identity, path=url, nbytes=source.nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, once per Python worker.
+
+_cache: SizedLRUCache[Predictor] = SizedLRUCache(DEFAULT_CACHE_BYTES, lambda p: p.nbytes)
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    cache_bytes: int | None = None,
+    cached: bool = True,
+) -> Predictor:
+    """Load ``source`` once per process and return its predictor from then on.
+
+    Unpickles code for in-memory ``nn.Module`` sources and ``Estimator.save`` directories
+    (their architecture is a cloudpickle); give only models you trust. TorchScript,
+    ``torch.export`` and ONNX files load without unpickling Python code.
+
+    Parameters
+    ----------
+    source : ModelSource
+        What to load (see :func:`model_source`).
+    device : str
+        Where torch models run (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ONNX runs on the CPU.
+    num_threads : int, optional
+        ONNX Runtime's intra-op threads, when the session is created.
+    cache_bytes : int, optional
+        A new byte budget for this process's cache (default 2 GiB of weights).
+    cached : bool
+        ``False`` loads a fresh predictor and leaves the cache alone (used to verify exports).
+
+    Returns
+    -------
+    Predictor
+
+    Examples
+    --------
+    >>> import torch
+    >>> predictor = load_model(model_source(torch.nn.Linear(3, 2)))
+    >>> tuple(predictor((torch.ones(4, 3),)).shape)
+    (4, 2)
+    """
+    if not cached:
+        return _load_uncached(source, device, num_threads)
+    if cache_bytes is not None and cache_bytes != _cache.budget_bytes:
+        _cache.resize(cache_bytes)
+    key = f"{source.identity}@{device}"
+    return _cache.get_or_load(key, lambda: _load_uncached(source, device, num_threads))
+
+
+def cache_info() -> CacheInfo:
+    """This process's model cache: loads, hits, evictions, entries and bytes held.
+
+    Examples
+    --------
+    >>> cache_info().loads >= 0
+    True
+    """
+    return _cache.info()
+
+
+def clear_cache() -> None:
+    """Forget every loaded model in this process (the counters stay)."""
+    _cache.clear()
+
+
+def _load_uncached(source: ModelSource, device: str, num_threads: int | None) -> Predictor:
+    kind = source.kind
+    if kind is ModelKind.SAVED:
+        from deepspark.training.persistence import load_saved_model
+
+        module, _ = load_saved_model(source.path)
+        return TorchModulePredictor(module, device)
+    if kind is ModelKind.ONNX:
+        return OnnxPredictor(_onnx_model(source), nbytes=source.nbytes, num_threads=num_threads)
+    data = source.payload if source.payload is not None else _read_bytes(source.path)
+    if kind is ModelKind.TORCH:
+        module = cloudpickle.loads(data)
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"{source.describe()} holds a {type(module).__name__}, not a module")
+        return TorchModulePredictor(module, device)
+    if kind is ModelKind.TORCHSCRIPT:
+        with torchscript_deprecation_silenced():
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        return TorchScriptPredictor(module, device)
+    if kind is ModelKind.TORCH_EXPORT:
+        return ExportedProgramPredictor(torch.export.load(io.BytesIO(data)), device)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def _read_bytes(url: str | None) -> bytes:
+    assert url is not None
+    try:
+        with fsspec.open(url, "rb") as file:
+            return file.read()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model path {url!r} does not exist on this worker") from err
+
+
+def _onnx_model(source: ModelSource) -> str | bytes:
+    if source.payload is not None:
+        return source.payload
+    fs, root = fsspec.core.url_to_fs(source.path)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return root  # a local path lets ONNX Runtime find external weight files beside it
+    return _read_bytes(source.path)

@@ -1,0 +1,314 @@
+"""``predict(df, model, feature_cols)``: a model's output as a new DataFrame column.
+
+Driver side: validates the arguments, resolves the feature columns through the data layer,
+probes the model on a few rows (output type, shape errors) and wires the worker loop
+(:func:`deepspark.inference.worker.predict_partition`) into a non-barrier
+``DataFrame.mapInArrow``. The task closure captures one plain :class:`PredictSpec`. pyspark is
+imported inside functions only, so importing this package on a worker does not import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import torch
+
+from deepspark.inference.models import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_INLINE_LIMIT_BYTES,
+    ModelKind,
+    ModelSource,
+    load_model,
+    model_source,
+)
+from deepspark.inference.runtimes import Predictor, TorchModulePredictor
+from deepspark.inference.worker import (
+    OutputKind,
+    PredictSpec,
+    output_arrow_type,
+    output_column,
+    predict_partition,
+    resolve_output,
+)
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+    from pyspark.sql.types import DataType
+
+__all__ = ["predict"]
+
+ColumnsArg = str | Sequence[str | Sequence[str]]
+
+
+def predict(
+    df: DataFrame,
+    model: Any,
+    feature_cols: ColumnsArg,
+    output_col: str = "prediction",
+    batch_size: int = 1024,
+    output: str | OutputKind = "auto",
+    passthrough_cols: Sequence[str] | None = None,
+    *,
+    feature_shapes: dict[str, Sequence[int]] | None = None,
+    feature_dtypes: dict[str, str] | None = None,
+    decoders: dict[str, Callable[[Any], Any]] | None = None,
+    input_names: Sequence[str] | None = None,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    spill_dir: str | None = None,
+    max_inline_bytes: int = DEFAULT_INLINE_LIMIT_BYTES,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    probe_rows: int = 2,
+) -> DataFrame:
+    """Run ``model`` over every row of ``df`` and return the rows with a prediction column.
+
+    One non-barrier ``mapInArrow`` pass: each Python worker loads the model once (a cache keyed
+    by the model's identity, bounded by ``cache_bytes``) and reuses it across tasks and jobs.
+    Rows keep their order within each partition and the passthrough columns come along, so
+    writing the result with Spark's writers (Parquet, Delta) is exactly-once even when tasks
+    are retried. Works on local, cluster and Spark Connect sessions.
+
+    Parameters
+    ----------
+    df : pyspark.sql.DataFrame
+        The rows to score.
+    model : nn.Module, TorchScript module, ExportedProgram, str or ModelSource
+        An in-memory model, or the path (fsspec URL) of a TorchScript file, a ``torch.export``
+        ``.pt2`` file, an ``.onnx`` file or a directory written by ``Estimator.save``.
+        In-memory models and saved directories are unpickled on the workers (trusted models
+        only). A model whose pickle exceeds ``max_inline_bytes`` travels by path (see
+        ``spill_dir``).
+    feature_cols : str or sequence
+        One entry per model input: a column name, or a list of numeric scalar columns stacked
+        into one tensor (the data layer's column kinds: numbers, arrays, ML vectors, binary
+        and strings with ``decoders``).
+    output_col : str
+        Name of the new column; must not exist in ``df``.
+    batch_size : int
+        Rows per model call.
+    output : {"auto", "double", "array", "class", "probabilities"}
+        ``double`` (one value per row), ``array`` (``array<float>``), ``class`` (argmax as
+        ``int``), ``probabilities`` (softmax as ``array<float>``); ``auto`` picks ``double``
+        for one output per row, else ``array``.
+    passthrough_cols : sequence of str, optional
+        Input columns kept in the result (default: all of them).
+    feature_shapes, feature_dtypes, decoders : dict, optional
+        Per-column tensor shape (e.g. ``{"image": (1, 28, 28)}``), dtype and decode function,
+        as in ``Estimator.fit``.
+    input_names : sequence of str, optional
+        ONNX only: the model inputs that ``feature_cols`` feed, in order (default: the
+        model's inputs in their order).
+    device : str
+        Where torch models run on the workers (``"cpu"`` or ``"cuda"``).
+    num_threads : int, optional
+        Threads per task; default the task's CPUs (``spark.task.cpus``).
+    spill_dir : str, optional
+        A directory every executor can read (fsspec URL) for in-memory models larger than
+        ``max_inline_bytes``; local and local-cluster masters default to a temporary directory.
+    max_inline_bytes : int
+        The largest model carried inside the task closure (64 MiB).
+    cache_bytes : int
+        Byte budget of each Python worker's model cache (the newest model always stays).
+    probe_rows : int
+        Rows run on the driver first, to settle the output type and catch shape errors early.
+
+    Returns
+    -------
+    pyspark.sql.DataFrame
+        ``passthrough_cols`` followed by ``output_col``.
+
+    Raises
+    ------
+    ModelInputError
+        When the features do not fit the model (shapes, count, ONNX input names).
+    FileNotFoundError
+        When the model path does not exist.
+
+    Examples
+    --------
+    >>> import torch, deepspark as ds
+    >>> from deepspark.inference import predict
+    >>> spark = ds.init_context(cores=2)  # doctest: +SKIP
+    >>> rows = [(i, [float(i)] * 4) for i in range(6)]
+    >>> df = spark.createDataFrame(rows, "id long, x array<float>")  # doctest: +SKIP
+    >>> scored = predict(df, torch.nn.Linear(4, 1), "x")  # doctest: +SKIP
+    >>> scored.columns  # doctest: +SKIP
+    ['id', 'x', 'prediction']
+    """
+    from deepspark.data.validate import resolve_specs
+
+    if not isinstance(output_col, str) or not output_col:
+        raise ValueError(f"output_col={output_col!r}: give a column name")
+    if output_col in df.columns:
+        raise ValueError(
+            f"output_col={output_col!r} already exists in the DataFrame; choose another name "
+            "or drop the column first"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: give a positive integer")
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads={num_threads!r}: give a positive integer or None")
+    if probe_rows < 1:
+        raise ValueError(f"probe_rows={probe_rows!r}: give a positive integer")
+    requested = OutputKind.parse(output)
+    passthrough = tuple(df.columns if passthrough_cols is None else passthrough_cols)
+    missing = [name for name in passthrough if name not in df.columns]
+    if missing:
+        raise ValueError(
+            f"passthrough_cols {missing!r} are not columns of the DataFrame (it has {df.columns!r})"
+        )
+
+    features = tuple(
+        resolve_specs(
+            df,
+            feature_cols,
+            role="feature",
+            shapes=feature_shapes,
+            dtypes=feature_dtypes,
+            decoders=decoders,
+        )
+    )
+    source = model_source(
+        model,
+        spill_dir=spill_dir or _default_spill_dir(df),
+        max_inline_bytes=max_inline_bytes,
+    )
+    names = tuple(input_names) if input_names else None
+
+    kind = _probe_output(
+        df, model, source, features, names, requested, rows=probe_rows, cache_bytes=cache_bytes
+    )
+    spec = PredictSpec(
+        model=source,
+        features=features,
+        output_col=output_col,
+        output=kind,
+        passthrough_cols=passthrough,
+        batch_size=batch_size,
+        input_names=names,
+        device=device,
+        num_threads=num_threads,
+        cache_bytes=cache_bytes,
+    )
+    schema = _output_schema(df, passthrough, output_col, kind)
+    selected = list(dict.fromkeys([*passthrough, *_columns_of(features)]))
+    return df.select(*selected).mapInArrow(_predict_fn(spec), schema)
+
+
+def _probe_output(
+    df: DataFrame,
+    model: Any,
+    source: ModelSource,
+    features: tuple[Any, ...],
+    input_names: tuple[str, ...] | None,
+    requested: OutputKind,
+    *,
+    rows: int,
+    cache_bytes: int,
+) -> OutputKind:
+    """Run the model on a few rows here on the driver: the output kind, and errors before a job."""
+    from deepspark.data import batch_to_tensors
+
+    with _driver_predictor(model, source, cache_bytes) as predictor:
+        predictor.check_input_names(input_names)
+        sample = df.select(*_columns_of(features)).limit(rows).toArrow()
+        if not sample.num_rows:
+            if requested is OutputKind.AUTO:
+                warnings.warn(
+                    "predict: the DataFrame has no rows, so output='auto' cannot see the "
+                    "model's output; it writes 'array'. Pass output= to choose the column type",
+                    stacklevel=3,
+                )
+                return OutputKind.ARRAY
+            return requested
+        inputs = batch_to_tensors(sample, features)
+        column_names = [spec.name for spec in features]
+        probe = predictor(inputs, input_names=input_names, column_names=column_names)
+    kind = resolve_output(requested, tuple(probe.shape))
+    output_column(probe, kind, sample.num_rows)  # the column converts as declared
+    return kind
+
+
+@contextlib.contextmanager
+def _driver_predictor(model: Any, source: ModelSource, cache_bytes: int) -> Iterator[Predictor]:
+    """The predictor for the probe.
+
+    An in-memory module runs as it is, in eval mode for the probe only. Unpickling a copy here
+    would let cloudpickle rebind this process's by-value globals (a notebook's functions), so
+    the next pickle of the same model, and with it the model's identity, would change.
+    """
+    if source.kind is not ModelKind.TORCH or not isinstance(model, torch.nn.Module):
+        yield load_model(source, cache_bytes=cache_bytes)
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    try:
+        yield TorchModulePredictor(model, str(device))
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _columns_of(features: Sequence[Any]) -> list[str]:
+    return list(dict.fromkeys(name for spec in features for name in spec.columns))
+
+
+def _spark_type(kind: OutputKind) -> DataType:
+    from pyspark.sql.types import ArrayType, DoubleType, FloatType, IntegerType
+
+    arrow_type = output_arrow_type(kind)
+    if arrow_type == pa.float64():
+        return DoubleType()
+    if arrow_type == pa.int32():
+        return IntegerType()
+    return ArrayType(FloatType(), containsNull=False)
+
+
+def _output_schema(df: DataFrame, passthrough: Sequence[str], output_col: str, kind: OutputKind):
+    from pyspark.sql.types import StructField, StructType
+
+    fields = {field.name: field for field in df.schema.fields}
+    return StructType(
+        [*(fields[name] for name in passthrough), StructField(output_col, _spark_type(kind), False)]
+    )
+
+
+def _default_spill_dir(df: DataFrame) -> str | None:
+    """On local masters the driver's temporary directory is the executors' too."""
+    try:
+        master = df.sparkSession.conf.get("spark.master", None) or ""
+    except Exception:  # a Connect server may refuse to read confs; then ask the user
+        return None
+    if master.startswith("local"):
+        return os.path.join(tempfile.gettempdir(), "deepspark-models")
+    return None
+
+
+def _predict_fn(
+    spec: PredictSpec,
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The ``mapInArrow`` function: it captures the spec and nothing else."""
+
+    def predict_fn(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        yield from predict_partition(batches, _with_task_threads(spec))
+
+    return predict_fn
+
+
+def _with_task_threads(spec: PredictSpec) -> PredictSpec:
+    """Fill in the task's CPUs (``spark.task.cpus``) as its thread count, unless one is given."""
+    if spec.num_threads:
+        return spec
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    cpus = context.cpus() if context is not None else 1
+    return dataclasses.replace(spec, num_threads=max(1, int(cpus)))

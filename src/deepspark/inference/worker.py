@@ -1,0 +1,271 @@
+"""The inference loop that runs inside a Spark task: Arrow batches in, Arrow batches out.
+
+Worker side: no pyspark here (the Spark wiring is :mod:`deepspark.inference.predict`), so the
+loop runs, and is tested, on plain pyarrow batches. Rows keep their order: input batches are
+re-cut into model batches of ``batch_size`` rows (zero-copy slices; small batches are joined),
+and each model batch leaves as one output batch holding its passthrough columns and the
+model's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from deepspark.inference.models import DEFAULT_CACHE_BYTES, ModelSource, load_model
+from deepspark.inference.runtimes import ModelInputError, Predictor
+
+__all__ = [
+    "OutputKind",
+    "PredictSpec",
+    "output_arrow_type",
+    "output_column",
+    "predict_batch",
+    "predict_partition",
+    "rebatch",
+    "resolve_output",
+]
+
+
+class OutputKind(str, Enum):
+    """What the prediction column holds.
+
+    ``double``: one value per row (outputs of shape ``(N,)`` or ``(N, 1)``).
+    ``array``: the row's outputs flattened to ``array<float>``.
+    ``class``: the class id as ``int`` (argmax over dimension 1; one output per row is read as
+    a logit and thresholded at 0).
+    ``probabilities``: softmax over dimension 1 as ``array<float>`` (one output per row: the
+    sigmoid ``[1 - p, p]``). The outputs are read as logits; a model that already ends in a
+    softmax should use ``array``.
+    ``auto``: ``double`` for one output per row, ``array`` otherwise (decided on the driver).
+    """
+
+    AUTO = "auto"
+    DOUBLE = "double"
+    ARRAY = "array"
+    CLASS = "class"
+    PROBABILITIES = "probabilities"
+
+    @classmethod
+    def parse(cls, value: str | OutputKind) -> OutputKind:
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(kind.value) for kind in cls)
+            raise ValueError(f"output={value!r} is not known; use one of {valid}") from None
+
+
+@dataclass(frozen=True)
+class PredictSpec:
+    """Everything a task needs to predict: plain values, pickled into the task closure.
+
+    Attributes
+    ----------
+    model : ModelSource
+        The model (bytes or a path); loaded once per Python worker.
+    features : tuple
+        The data layer's ``TensorSpec`` for each model input, in order.
+    output_col : str
+        Name of the prediction column.
+    output : OutputKind
+        What the prediction column holds (never ``AUTO`` here: the driver resolves it).
+    passthrough_cols : tuple of str
+        Input columns copied to the output, before the prediction column.
+    batch_size : int
+        Rows per model call.
+    input_names : tuple of str, optional
+        ONNX only: the model inputs fed by ``features``, in order.
+    device : str
+        Where torch models run.
+    num_threads : int, optional
+        Torch (and ONNX Runtime) threads in the task; the Spark layer fills in the task's CPUs.
+    cache_bytes : int
+        Byte budget of the per-worker model cache.
+    """
+
+    model: ModelSource
+    features: tuple[Any, ...]
+    output_col: str
+    output: OutputKind
+    passthrough_cols: tuple[str, ...] = ()
+    batch_size: int = 1024
+    input_names: tuple[str, ...] | None = None
+    device: str = "cpu"
+    num_threads: int | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.output is OutputKind.AUTO:
+            raise ValueError("PredictSpec.output must be resolved (see resolve_output)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r}: give a positive integer")
+
+
+def rebatch(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Re-cut a stream of record batches into batches of ``batch_size`` rows, order kept.
+
+    Slices are zero-copy; only batches joined from several smaller ones are copied. The last
+    batch may be shorter; empty batches are skipped.
+
+    Examples
+    --------
+    >>> import pyarrow as pa
+    >>> stream = [pa.record_batch({"x": list(range(5))}), pa.record_batch({"x": [5, 6]})]
+    >>> [b.num_rows for b in rebatch(stream, 3)]
+    [3, 3, 1]
+    """
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(batch_size - pending_rows, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            pending_rows += take
+            batch = batch.slice(take)
+            if pending_rows == batch_size:
+                yield _joined(pending)
+                pending, pending_rows = [], 0
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+
+
+def resolve_output(output: str | OutputKind, output_shape: Sequence[int]) -> OutputKind:
+    """Settle ``auto`` from the shape of a sample output, and check the kind suits it.
+
+    Parameters
+    ----------
+    output : str or OutputKind
+        The requested kind.
+    output_shape : sequence of int
+        The model's output shape on a sample batch, batch dimension first.
+
+    Returns
+    -------
+    OutputKind
+
+    Examples
+    --------
+    >>> resolve_output("auto", (8, 1)).value, resolve_output("auto", (8, 10)).value
+    ('double', 'array')
+    """
+    kind = OutputKind.parse(output)
+    per_row = int(np.prod(output_shape[1:])) if len(output_shape) > 1 else 1
+    if len(output_shape) == 0:
+        raise ModelInputError("the model returned a scalar; predict needs one output per row")
+    if kind is OutputKind.AUTO:
+        return OutputKind.DOUBLE if per_row == 1 else OutputKind.ARRAY
+    if kind is OutputKind.DOUBLE and per_row != 1:
+        raise ModelInputError(
+            f"output='double' needs one value per row, but the model returns shape "
+            f"{tuple(output_shape)}; use output='array', 'class' or 'probabilities'"
+        )
+    if kind in (OutputKind.CLASS, OutputKind.PROBABILITIES) and len(output_shape) > 2:
+        raise ModelInputError(
+            f"output={kind.value!r} needs outputs of shape (N, classes), but the model returns "
+            f"{tuple(output_shape)}; use output='array'"
+        )
+    return kind
+
+
+def output_arrow_type(kind: OutputKind) -> pa.DataType:
+    """The Arrow type of the prediction column (Spark: double, array<float> or int)."""
+    if kind is OutputKind.DOUBLE:
+        return pa.float64()
+    if kind is OutputKind.CLASS:
+        return pa.int32()
+    return pa.list_(pa.float32())
+
+
+def output_column(output: torch.Tensor, kind: OutputKind, rows: int) -> pa.Array:
+    """The model's output for ``rows`` rows as the prediction column's Arrow array."""
+    if output.dim() == 0 or output.shape[0] != rows:
+        raise ModelInputError(
+            f"the model returned shape {tuple(output.shape)} for a batch of {rows} rows; "
+            "predict needs the batch dimension first"
+        )
+    flat = output.reshape(rows, -1)
+    if kind is OutputKind.DOUBLE:
+        return pa.array(flat[:, 0].to(torch.float64).numpy())
+    if kind is OutputKind.CLASS:
+        if flat.shape[1] == 1:
+            ids = (flat[:, 0] > 0).to(torch.int32)
+        else:
+            ids = flat.argmax(dim=1).to(torch.int32)
+        return pa.array(ids.numpy())
+    if kind is OutputKind.PROBABILITIES:
+        logits = flat.to(torch.float32)
+        if logits.shape[1] == 1:
+            positive = torch.sigmoid(logits)
+            flat = torch.cat([1 - positive, positive], dim=1)
+        else:
+            flat = torch.softmax(logits, dim=1)
+    values = np.ascontiguousarray(flat.to(torch.float32).numpy()).reshape(-1)
+    width = flat.shape[1]
+    offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values))
+
+
+def predict_batch(
+    predictor: Predictor, batch: pa.RecordBatch | pa.Table, spec: PredictSpec
+) -> pa.RecordBatch:
+    """Run one model batch and return its passthrough columns plus the prediction column."""
+    from deepspark.data import batch_to_tensors
+
+    inputs = batch_to_tensors(batch, spec.features)
+    output = predictor(
+        inputs, input_names=spec.input_names, column_names=[spec.name for spec in spec.features]
+    )
+    columns = [batch.column(name) for name in spec.passthrough_cols]
+    columns.append(output_column(output, spec.output, batch.num_rows))
+    return pa.RecordBatch.from_arrays(columns, names=[*spec.passthrough_cols, spec.output_col])
+
+
+def predict_partition(
+    batches: Iterable[pa.RecordBatch], spec: PredictSpec
+) -> Iterator[pa.RecordBatch]:
+    """Predict every row of a partition: the body of the ``mapInArrow`` function.
+
+    The model is loaded (through the per-worker cache) when the first non-empty batch
+    arrives, so empty partitions cost nothing.
+
+    Parameters
+    ----------
+    batches : iterable of pyarrow.RecordBatch
+        The partition, holding the feature and passthrough columns.
+    spec : PredictSpec
+        What to predict and how.
+
+    Yields
+    ------
+    pyarrow.RecordBatch
+        The passthrough columns and ``spec.output_col``, rows in input order.
+
+    Examples
+    --------
+    >>> import pyarrow as pa, torch
+    >>> from deepspark.data.validate import resolve_specs  # doctest: +SKIP
+    """
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
+    predictor: Predictor | None = None
+    for batch in rebatch(batches, spec.batch_size):
+        if predictor is None:
+            predictor = load_model(
+                spec.model,
+                device=spec.device,
+                num_threads=spec.num_threads,
+                cache_bytes=spec.cache_bytes,
+            )
+        yield predict_batch(predictor, batch, spec)

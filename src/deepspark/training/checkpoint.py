@@ -1,0 +1,676 @@
+"""Training checkpoints at any fsspec URL, written so that a crash never leaves one that looks
+complete (worker side; no pyspark).
+
+Layout of a checkpoint directory::
+
+    <directory>/
+        LATEST                  name of the newest complete checkpoint, written last
+        epoch-000003/
+            model.safetensors   model weights (safetensors: loading runs no code)
+            optimizer.pt        optimizer state (torch.save; loaded with weights_only=True)
+            scheduler.pt        LR scheduler state (same)
+            rng.pt              torch, CUDA, numpy and Python RNG states (same)
+            checkpoint.json     manifest, written last: epoch, extra, every file and its size
+
+A checkpoint is complete when its manifest exists and every file it lists has the listed size.
+On a local file system the checkpoint is written under a temporary name and renamed into place
+(an atomic rename); stores without renames (object stores, ``memory://``) write in place and
+rely on the manifest and the ``LATEST`` pointer, both written after the data. Readers trust
+``LATEST`` when it names a complete checkpoint and otherwise take the complete checkpoint of
+the highest epoch.
+
+Only one process (rank 0) should write to a directory at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch import nn
+
+__all__ = [
+    "CheckpointInfo",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model_weights",
+    "save_checkpoint",
+    "save_model_weights",
+    "unwrap_model",
+]
+
+_log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+MANIFEST = "checkpoint.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+_FORMAT_VERSION = 1
+_NAME = re.compile(r"epoch-(\d+)")
+_STAGING_PREFIX = ".tmp-"
+_ALIASES_KEY = "deepspark.aliases"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint: where it is and what it holds.
+
+    Attributes
+    ----------
+    path : str
+        URL of the checkpoint's folder, in the same form as the directory it was found in.
+    epoch : int
+        The epoch the checkpoint was saved after (0-based); training resumes at ``epoch + 1``.
+    created : float
+        Unix time of the save.
+    extra : dict
+        The JSON-able ``extra`` passed to :func:`save_checkpoint`.
+    files : dict of str to int
+        Each file of the checkpoint and its size in bytes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> info = save_checkpoint("memory://doc/info", 2, torch.nn.Linear(1, 1))
+    >>> info.path, info.epoch, sorted(info.files)
+    ('memory://doc/info/epoch-000002', 2, ['checkpoint.json', 'model.safetensors', 'rng.pt'])
+    """
+
+    path: str
+    epoch: int
+    created: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:06d}"
+
+
+def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    with fs.open(path, "wb") as handle:
+        handle.write(data)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _torch_load(fs: fsspec.AbstractFileSystem, path: str, map_location: Any) -> Any:
+    with fs.open(path, "rb") as handle:
+        data = handle.read()
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the user's module inside DistributedDataParallel, DataParallel or torch.compile
+    wrappers (the model itself when unwrapped).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.Linear(1, 1)
+    >>> unwrap_model(torch.nn.DataParallel(layer)) is layer
+    True
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# --- model weights ----------------------------------------------------------------------------
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tensor.device, tensor.untyped_storage().data_ptr())
+
+
+def _weights_for_safetensors(
+    state_dict: Mapping[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors safetensors accepts (contiguous, CPU, no shared memory) and the aliases of tied
+    entries: ``{name: name_it_is_identical_to}``."""
+    first_view: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor; "
+                "safetensors stores tensors only"
+            )
+        tensor = tensor.detach()
+        if tensor.numel() > 0:
+            view = (
+                *_storage_key(tensor),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+                tensor.dtype,
+            )
+            if view in first_view:  # tied weights: the very same view under a second name
+                aliases[name] = first_view[view]
+                continue
+            first_view[view] = name
+        kept[name] = tensor
+    # Different views of one storage (a slice of a fused buffer, say) are stored as copies.
+    owners: dict[tuple[Any, ...], int] = {}
+    for tensor in kept.values():
+        if tensor.numel() > 0:
+            owners[_storage_key(tensor)] = owners.get(_storage_key(tensor), 0) + 1
+    tensors = {}
+    for name, tensor in kept.items():
+        shared = tensor.numel() > 0 and owners[_storage_key(tensor)] > 1
+        tensor = tensor.to("cpu").contiguous()
+        tensors[name] = tensor.clone() if shared else tensor
+    return tensors, aliases
+
+
+def save_model_weights(path: str, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Write a state dict as one safetensors file at an fsspec URL.
+
+    Tied parameters (one tensor under several names, as in a language model's shared
+    embedding) are stored once and restored under every name; non-contiguous tensors are made
+    contiguous and GPU tensors copied to the CPU.
+
+    Parameters
+    ----------
+    path : str
+        Local path or fsspec URL of the file to write.
+    state_dict : mapping of str to torch.Tensor
+        Usually ``model.state_dict()``.
+
+    Raises
+    ------
+    TypeError
+        When an entry is not a tensor.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> save_model_weights("memory://doc/weights.safetensors", layer.state_dict())
+    >>> sorted(load_model_weights("memory://doc/weights.safetensors"))
+    ['bias', 'weight']
+    """
+    from safetensors.torch import save, save_file
+
+    tensors, aliases = _weights_for_safetensors(state_dict)
+    metadata = {_ALIASES_KEY: json.dumps(aliases)}
+    fs, local_path = fsspec.core.url_to_fs(path)
+    parent = os.path.dirname(local_path.rstrip("/"))
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        save_file(tensors, local_path, metadata=metadata)  # streams; no second copy in memory
+    else:
+        _write_bytes(fs, local_path, save(tensors, metadata=metadata))
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_size])
+    return dict(header.get("__metadata__") or {})
+
+
+def load_model_weights(path: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file written by :func:`save_model_weights` into a state dict.
+
+    Loading runs no code. Tied entries come back as the same tensor under each name, so
+    ``model.load_state_dict(..., strict=True)`` accepts the result.
+
+    Parameters
+    ----------
+    path : str
+        Local path or fsspec URL.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        CPU tensors.
+
+    Examples
+    --------
+    >>> import torch
+    >>> save_model_weights("memory://doc/w.safetensors", {"w": torch.ones(2)})
+    >>> load_model_weights("memory://doc/w.safetensors")["w"].tolist()
+    [1.0, 1.0]
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load, load_file
+
+    fs, local_path = fsspec.core.url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        tensors = load_file(local_path)
+        with safe_open(local_path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    else:
+        with fs.open(local_path, "rb") as stream:
+            data = stream.read()
+        tensors = load(data)
+        metadata = _safetensors_metadata(data)
+    for alias, target in json.loads(metadata.get(_ALIASES_KEY, "{}")).items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+# --- RNG state --------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    saved_numpy = state["numpy"]
+    np.random.set_state(
+        (
+            saved_numpy["kind"],
+            saved_numpy["keys"].numpy().astype(np.uint32),
+            saved_numpy["position"],
+            saved_numpy["has_gauss"],
+            saved_numpy["cached_gaussian"],
+        )
+    )
+    saved_python = state["python"]
+    random.setstate(
+        (
+            saved_python["version"],
+            tuple(int(value) for value in saved_python["state"].tolist()),
+            saved_python["gauss_next"],
+        )
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        for device, cuda_state in enumerate(cuda_states):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+# --- finding checkpoints ----------------------------------------------------------------------
+
+
+def _read_complete(fs: fsspec.AbstractFileSystem, folder: str, url: str) -> CheckpointInfo | None:
+    """The checkpoint in ``folder`` if it is complete, else None."""
+    try:
+        with fs.open(_join(folder, MANIFEST), "rb") as handle:
+            manifest = json.loads(handle.read())
+        files = {str(name): int(size) for name, size in manifest["files"].items()}
+        for name, size in files.items():
+            if fs.size(_join(folder, name)) != size:
+                return None
+        return CheckpointInfo(
+            path=url,
+            epoch=int(manifest["epoch"]),
+            created=float(manifest["created"]),
+            extra=dict(manifest.get("extra") or {}),
+            files=files,
+        )
+    except (OSError, ValueError, KeyError, TypeError):  # missing, partial or corrupt files
+        return None
+
+
+def _children(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    try:
+        return sorted(os.path.basename(path.rstrip("/")) for path in fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def list_checkpoints(directory: str) -> list[CheckpointInfo]:
+    """Return the complete checkpoints under ``directory``, oldest epoch first.
+
+    Parameters
+    ----------
+    directory : str
+        Local path or fsspec URL given to :func:`save_checkpoint`.
+
+    Returns
+    -------
+    list of CheckpointInfo
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(1, 1)
+    >>> for epoch in range(3):
+    ...     _ = save_checkpoint("memory://doc/listed", epoch, model, keep=2)
+    >>> [info.epoch for info in list_checkpoints("memory://doc/listed")]
+    [1, 2]
+    """
+    fs, root = fsspec.core.url_to_fs(directory)
+    found = []
+    for name in _children(fs, root):
+        if _NAME.fullmatch(name):
+            info = _read_complete(fs, _join(root, name), _join(directory, name))
+            if info is not None:
+                found.append(info)
+    return sorted(found, key=lambda info: info.epoch)
+
+
+def latest_checkpoint(directory: str) -> CheckpointInfo | None:
+    """Return the newest complete checkpoint under ``directory``, or None.
+
+    The ``LATEST`` pointer decides when it names a complete checkpoint; otherwise (a crash
+    between writing a checkpoint and its pointer, a pointer to a deleted folder) the complete
+    checkpoint of the highest epoch does.
+
+    Parameters
+    ----------
+    directory : str
+        Local path or fsspec URL given to :func:`save_checkpoint`.
+
+    Returns
+    -------
+    CheckpointInfo or None
+        None when there is no complete checkpoint (or no directory).
+
+    Examples
+    --------
+    >>> latest_checkpoint("memory://doc/nothing-here") is None
+    True
+    """
+    fs, root = fsspec.core.url_to_fs(directory)
+    try:
+        with fs.open(_join(root, LATEST), "rb") as handle:
+            name = handle.read().decode().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if _NAME.fullmatch(name):
+        info = _read_complete(fs, _join(root, name), _join(directory, name))
+        if info is not None:
+            return info
+        _log.warning(
+            "%s names %s, which is not complete; using the newest complete one",
+            _join(directory, LATEST),
+            name,
+        )
+    complete = list_checkpoints(directory)
+    return complete[-1] if complete else None
+
+
+# --- saving and loading -----------------------------------------------------------------------
+
+
+def save_checkpoint(
+    directory: str,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    extra: dict[str, Any] | None = None,
+    keep: int | None = 2,
+) -> CheckpointInfo:
+    """Save a complete training checkpoint under ``directory``, atomically.
+
+    Writes the model weights (safetensors), the optimizer's and scheduler's state dicts, the
+    torch/CUDA/numpy/Python RNG states and ``extra``, then the manifest, then the ``LATEST``
+    pointer; see the module docstring for why a crash at any point leaves the previous
+    checkpoint as the latest. Saving an epoch that already has a checkpoint replaces it.
+
+    Parameters
+    ----------
+    directory : str
+        Local path or fsspec URL (``file://``, ``memory://``, ``s3://``, ...); created if needed.
+    epoch : int
+        The epoch just finished (0-based).
+    model : torch.nn.Module
+        Its weights are saved; DistributedDataParallel, DataParallel and torch.compile wrappers
+        are looked through.
+    optimizer : torch.optim.Optimizer, optional
+    scheduler : object with ``state_dict()``, optional
+        An LR scheduler (or anything whose state dict holds tensors and plain values).
+    extra : dict, optional
+        JSON-able values to keep with the checkpoint, such as the history so far.
+    keep : int or None, default 2
+        How many checkpoints to keep: this one and the newest ``keep - 1`` of earlier epochs.
+        Older ones, leftovers of crashed saves and checkpoints of later epochs (from an earlier
+        run that this one replaces) are deleted. None keeps all.
+
+    Returns
+    -------
+    CheckpointInfo
+
+    Raises
+    ------
+    TypeError
+        When ``extra`` is not JSON-able.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> info = save_checkpoint("memory://doc/run", 0, model, extra={"note": "first"})
+    >>> info.epoch, latest_checkpoint("memory://doc/run").extra
+    (0, {'note': 'first'})
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be 0 or more, got {epoch}")
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be at least 1 or None, got {keep}")
+    extra = dict(extra or {})
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"extra must be JSON-able: {error}") from error
+
+    fs, root = fsspec.core.url_to_fs(directory)
+    fs.makedirs(root, exist_ok=True)
+    name = _checkpoint_name(epoch)
+    final = _join(root, name)
+    renames = isinstance(fs, LocalFileSystem)  # os.rename is atomic; object-store moves are not
+    staging = _join(root, f"{_STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}") if renames else final
+    if not renames and fs.exists(final):
+        fs.rm(final, recursive=True)
+    fs.makedirs(staging, exist_ok=True)
+    try:
+        files = _write_checkpoint_files(fs, staging, model, optimizer, scheduler)
+        created = time.time()
+        manifest = {
+            "format": _FORMAT_VERSION,
+            "epoch": int(epoch),
+            "created": created,
+            "files": files,
+            "extra": extra,
+            "torch_version": torch.__version__,
+        }
+        _write_bytes(fs, _join(staging, MANIFEST), json.dumps(manifest, indent=1).encode())
+        if renames:
+            if fs.exists(final):
+                fs.rm(final, recursive=True)
+            os.rename(staging, final)
+        _write_pointer(fs, root, name)
+    except BaseException:
+        with contextlib.suppress(OSError):  # best effort: readers skip incomplete folders
+            fs.rm(staging, recursive=True)
+        raise
+    files[MANIFEST] = fs.size(_join(final, MANIFEST))
+    info = CheckpointInfo(_join(directory, name), int(epoch), created, extra, files)
+    if keep is not None:
+        _prune(fs, root, directory, int(epoch), keep)
+    return info
+
+
+def _write_checkpoint_files(
+    fs: fsspec.AbstractFileSystem,
+    folder: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+) -> dict[str, int]:
+    save_model_weights(
+        fs.unstrip_protocol(_join(folder, MODEL_FILE)), unwrap_model(model).state_dict()
+    )
+    if optimizer is not None:
+        _write_bytes(fs, _join(folder, OPTIMIZER_FILE), _torch_bytes(optimizer.state_dict()))
+    if scheduler is not None:
+        _write_bytes(fs, _join(folder, SCHEDULER_FILE), _torch_bytes(scheduler.state_dict()))
+    _write_bytes(fs, _join(folder, RNG_FILE), _torch_bytes(_rng_state()))
+    written = [MODEL_FILE, RNG_FILE]
+    written += [OPTIMIZER_FILE] if optimizer is not None else []
+    written += [SCHEDULER_FILE] if scheduler is not None else []
+    return {name: int(fs.size(_join(folder, name))) for name in sorted(written)}
+
+
+def _write_pointer(fs: fsspec.AbstractFileSystem, root: str, name: str) -> None:
+    pointer = _join(root, LATEST)
+    if isinstance(fs, LocalFileSystem):
+        temporary = f"{pointer}{_STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
+        with open(temporary, "w") as handle:
+            handle.write(name + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, pointer)
+    else:
+        _write_bytes(fs, pointer, (name + "\n").encode())  # one object write: all or nothing
+
+
+def _prune(fs: fsspec.AbstractFileSystem, root: str, directory: str, epoch: int, keep: int):
+    complete = {info.epoch for info in list_checkpoints(directory)}
+    older = sorted((e for e in complete if e < epoch), reverse=True)
+    keep_epochs = {epoch, *older[: keep - 1]}
+    for name in _children(fs, root):
+        match = _NAME.fullmatch(name)
+        stale_staging = name.startswith(_STAGING_PREFIX)
+        # Deleted: older checkpoints beyond `keep`, folders a crashed save left incomplete,
+        # and later epochs of an earlier run that this one has replaced.
+        if match and int(match.group(1)) in keep_epochs:
+            continue
+        if not match and not stale_staging:
+            continue
+        try:
+            fs.rm(_join(root, name), recursive=True)
+        except OSError as error:
+            _log.warning("could not delete old checkpoint %s: %s", _join(directory, name), error)
+
+
+def load_checkpoint(
+    checkpoint: CheckpointInfo | str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    map_location: Any = "cpu",
+    restore_rng: bool = True,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Restore a checkpoint into a model (and optimizer, scheduler, RNGs).
+
+    Nothing is unpickled beyond tensors and plain values (``weights_only=True``).
+
+    Parameters
+    ----------
+    checkpoint : CheckpointInfo or str
+        A checkpoint from :func:`latest_checkpoint`, the URL of one checkpoint folder, or a
+        checkpoint directory (its latest complete checkpoint is loaded).
+    model : torch.nn.Module
+        Receives the weights (wrappers are looked through).
+    optimizer, scheduler : optional
+        Receive their saved states when given.
+    map_location : str or torch.device, default "cpu"
+        Where optimizer and scheduler tensors are loaded (the optimizer then moves its state
+        to its parameters' device).
+    restore_rng : bool, default True
+        Also restore the torch, CUDA, numpy and Python RNG states saved with the checkpoint.
+    strict : bool, default True
+        Passed to ``model.load_state_dict``.
+
+    Returns
+    -------
+    dict
+        ``{"epoch": int, "extra": dict, "path": str, "created": float}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no complete checkpoint there.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> _ = save_checkpoint("memory://doc/resume", 4, model)
+    >>> load_checkpoint("memory://doc/resume", torch.nn.Linear(2, 1))["epoch"]
+    4
+    """
+    info = _resolve(checkpoint)
+    fs, folder = fsspec.core.url_to_fs(info.path)
+    unwrap_model(model).load_state_dict(
+        load_model_weights(info.path + "/" + MODEL_FILE), strict=strict
+    )
+    for target, file_name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
+        if target is None:
+            continue
+        if file_name not in info.files:
+            what = file_name.split(".")[0]
+            raise ValueError(
+                f"{info.path} holds no {what} state (it was saved without one); pass "
+                f"{what}=None to skip restoring it"
+            )
+        target.load_state_dict(_torch_load(fs, _join(folder, file_name), map_location))
+    if restore_rng:
+        _restore_rng(_torch_load(fs, _join(folder, RNG_FILE), "cpu"))
+    return {"epoch": info.epoch, "extra": info.extra, "path": info.path, "created": info.created}
+
+
+def _resolve(checkpoint: CheckpointInfo | str) -> CheckpointInfo:
+    if isinstance(checkpoint, CheckpointInfo):
+        return checkpoint
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    if fs.exists(_join(path, MANIFEST)):
+        info = _read_complete(fs, path, checkpoint.rstrip("/"))
+        if info is None:
+            raise FileNotFoundError(f"{checkpoint} is an incomplete checkpoint (a crashed save)")
+        return info
+    info = latest_checkpoint(checkpoint)
+    if info is None:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint}")
+    return info

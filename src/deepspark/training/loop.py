@@ -1,0 +1,292 @@
+"""The epoch loop of one rank: DDP training with exact global-batch losses, and evaluation.
+
+No pyspark here (DESIGN decision 12).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any
+
+import cloudpickle
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deepspark.training.spec import TRAIN_SPLIT, VALIDATION_SPLIT, TrainSpec
+
+__all__ = ["EpochRunner", "build_model", "call_model", "make_optimizer", "make_scheduler"]
+
+_log = logging.getLogger(__name__)
+
+# Rank 0 sends a progress event at most this often, so the channel never slows training.
+PROGRESS_INTERVAL_S = 0.5
+
+
+def build_model(spec: TrainSpec) -> nn.Module:
+    created = cloudpickle.loads(spec.model_blob)
+    model = created(spec.config) if spec.model_is_factory else created
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model function returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def make_optimizer(spec: TrainSpec, model: nn.Module) -> torch.optim.Optimizer:
+    if spec.optimizer_blob is None:
+        raise ValueError(
+            "fit needs an optimizer: pass optimizer=lambda params: torch.optim.Adam(params)"
+        )
+    factory = cloudpickle.loads(spec.optimizer_blob)
+    optimizer = factory(model.parameters())
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer(params) returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
+        )
+    return optimizer
+
+
+def make_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer) -> Any:
+    if spec.scheduler_blob is None:
+        return None
+    return cloudpickle.loads(spec.scheduler_blob)(optimizer)
+
+
+def call_model(model: nn.Module, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return model(*features)
+
+
+def _loss_target(labels: tuple[torch.Tensor, ...]) -> Any:
+    return labels[0] if len(labels) == 1 else labels
+
+
+def _slice_rows(tensors: tuple[torch.Tensor, ...], rows: int) -> tuple[torch.Tensor, ...]:
+    return tuple(tensor[:rows] for tensor in tensors)
+
+
+def _to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    if device.type == "cpu":
+        return tensors
+    return tuple(tensor.to(device, non_blocking=True) for tensor in tensors)
+
+
+class EpochRunner:
+    """Runs epochs for one rank; every rank runs the same number of steps and collectives."""
+
+    def __init__(
+        self, spec: TrainSpec, model: nn.Module, device: torch.device, rank: int, progress
+    ):
+        from deepspark.training.metrics import get_metric
+
+        self.spec = spec
+        self.model = model
+        self.device = device
+        self.rank = rank
+        self.progress = progress
+        self.loss_fn = cloudpickle.loads(spec.loss_blob)
+        metric_defs = cloudpickle.loads(spec.metrics_blob)
+        self.metric_defs = metric_defs
+        self.val_metrics = [get_metric(copy.deepcopy(m)) for m in metric_defs]
+        self.train_metrics = [get_metric(copy.deepcopy(m)) for m in metric_defs]
+        self.callbacks = cloudpickle.loads(spec.callbacks_blob) if spec.callbacks_blob else []
+        self.ddp: nn.Module | None = None
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.model
+
+    # --- training ---------------------------------------------------------------------------
+
+    def fit(self, spill, plan, val_rows_per_rank) -> list[dict[str, Any]]:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from deepspark.training.checkpoint import (
+            latest_checkpoint,
+            load_checkpoint,
+            save_checkpoint,
+        )
+
+        spec = self.spec
+        optimizer = make_optimizer(spec, self.model)
+        scheduler = make_scheduler(spec, optimizer)
+        history: list[dict[str, Any]] = []
+        start_epoch = 0
+        if spec.checkpoint_dir and spec.resume:
+            info = latest_checkpoint(spec.checkpoint_dir)
+            if info is not None:
+                restored = load_checkpoint(info, self.model, optimizer, scheduler)
+                start_epoch = int(restored["epoch"]) + 1
+                history = list((restored.get("extra") or {}).get("history", []))
+                if self.rank == 0:
+                    _log.info("resuming from %s at epoch %d", info, start_epoch)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self._callbacks("on_train_begin", epoch=start_epoch, step=0, logs={})
+        for epoch in range(start_epoch, spec.epochs):
+            self._callbacks("on_epoch_begin", epoch=epoch, step=0, logs={})
+            record = self._train_epoch(spill, plan, epoch, optimizer)
+            if scheduler is not None:
+                scheduler.step()
+            if val_rows_per_rank is not None:
+                scores = self.evaluate(spill, VALIDATION_SPLIT, val_rows_per_rank)
+                record.update({f"val_{name}": value for name, value in scores.items()})
+            history.append(record)
+            if self.rank == 0 and self.progress is not None:
+                self.progress.send({"kind": "epoch", "epoch": epoch, "metrics": record})
+            if (
+                self.rank == 0
+                and spec.checkpoint_dir
+                and ((epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs)
+            ):
+                save_checkpoint(
+                    spec.checkpoint_dir,
+                    epoch,
+                    self.model,
+                    optimizer,
+                    scheduler,
+                    extra={"history": history},
+                )
+            self._callbacks("on_epoch_end", epoch=epoch, step=plan.steps_per_epoch, logs=record)
+        self._callbacks(
+            "on_train_end", epoch=spec.epochs, step=0, logs=history[-1] if history else {}
+        )
+        return history
+
+    def _train_epoch(self, spill, plan, epoch: int, optimizer) -> dict[str, Any]:
+        assert self.ddp is not None
+        spec, rank = self.spec, self.rank
+        self.ddp.train()
+        for metric in self.train_metrics:
+            metric.reset()
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of per-row losses, rows]
+        started = time.perf_counter()
+        last_report = -math.inf  # report the first step at once: it marks time-to-first-step
+        world = spec.world_size
+        steps = plan.steps_per_epoch
+        batches = spill.epoch(
+            spec.features,
+            spec.labels,
+            plan=plan,
+            rank=rank,
+            epoch=epoch,
+            seed=spec.seed,
+            shuffle=True,
+            split=TRAIN_SPLIT,
+        )
+        for step, batch in enumerate(batches):
+            features = _to_device(batch.features, self.device)
+            labels = _to_device(batch.labels, self.device)
+            real = batch.num_real
+            global_real = plan.global_real_rows(step)
+            optimizer.zero_grad(set_to_none=True)
+            outputs = self.ddp(*features)
+            if real > 0:
+                loss = self.loss_fn(outputs[:real], _loss_target(_slice_rows(labels, real)))
+                # DDP averages gradients over ranks; scaling by this rank's share of the global
+                # batch makes the result the exact mean over every real row of the step.
+                scaled = loss * (real * world / max(global_real, 1))
+                loss_sum[0] += float(loss.detach()) * real
+                loss_sum[1] += real
+                with torch.no_grad():
+                    for metric in self.train_metrics:
+                        metric.update(
+                            outputs[:real].detach().cpu(), _slice_rows(labels, real)[0].cpu()
+                        )
+            else:
+                # Filler step: contribute zero gradient but join every collective.
+                scaled = outputs.sum() * 0.0
+            scaled.backward()
+            optimizer.step()
+            self._callbacks(
+                "on_batch_end", epoch=epoch, step=step, logs={"loss": float(scaled.detach())}
+            )
+            now = time.perf_counter()
+            if rank == 0 and self.progress is not None and now - last_report >= PROGRESS_INTERVAL_S:
+                last_report = now
+                rows_done = sum(plan.global_real_rows(s) for s in range(step + 1))
+                self.progress.send(
+                    {
+                        "kind": "step",
+                        "epoch": epoch,
+                        "epochs": spec.epochs,
+                        "step": step + 1,
+                        "steps": steps,
+                        "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                        "samples_per_s": rows_done / max(now - started, 1e-9),
+                    }
+                )
+        dist.all_reduce(loss_sum)
+        elapsed = time.perf_counter() - started
+        from deepspark.training.metrics import reduce_metrics
+
+        reduce_metrics(self.train_metrics, world)
+        total_rows = float(loss_sum[1])
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum[0] / max(total_rows, 1.0)),
+            "train_rows": int(total_rows),
+            "seconds": elapsed,
+            "samples_per_s": total_rows / max(elapsed, 1e-9),
+        }
+        for metric in self.train_metrics:
+            record[f"train_{metric.name}"] = _finite(metric.compute())
+        return record
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, spill, split: int, rows_per_rank) -> dict[str, float]:
+        from deepspark.training.metrics import reduce_metrics
+
+        spec = self.spec
+        model = self.model
+        was_training = model.training
+        model.eval()
+        for metric in self.val_metrics:
+            metric.reset()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        local_batch = max(1, math.ceil(spec.batch_size / spec.world_size))
+        for batch in spill.ordered(spec.features, spec.labels, batch_size=local_batch, split=split):
+            features = _to_device(batch.features, self.device)
+            labels = _to_device(batch.labels, self.device)
+            outputs = model(*features)
+            rows = int(outputs.shape[0])
+            loss = self.loss_fn(outputs, _loss_target(labels))
+            loss_sum[0] += float(loss) * rows
+            loss_sum[1] += rows
+            for metric in self.val_metrics:
+                metric.update(outputs.detach().cpu(), labels[0].cpu())
+        dist.all_reduce(loss_sum)
+        reduce_metrics(self.val_metrics, spec.world_size)
+        model.train(was_training)
+        scores = {"loss": float(loss_sum[0] / max(float(loss_sum[1]), 1.0))}
+        for metric in self.val_metrics:
+            scores[metric.name] = _finite(metric.compute())
+        return scores
+
+    def _callbacks(self, hook: str, *, epoch: int, step: int, logs: dict[str, Any]) -> None:
+        if not self.callbacks:
+            return
+        from deepspark.training.callbacks import CallbackState, call_worker_hook
+
+        state = CallbackState(
+            epoch=epoch,
+            step=step,
+            rank=self.rank,
+            world_size=self.spec.world_size,
+            logs=logs,
+            model=self.model,
+            epochs=self.spec.epochs,
+            params={
+                "epochs": self.spec.epochs,
+                "batch_size": self.spec.batch_size,
+                "num_workers": self.spec.world_size,
+            },
+        )
+        call_worker_hook(self.callbacks, hook, state)
+
+
+def _finite(value: Any) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else float("nan")

@@ -1,0 +1,97 @@
+"""Saving and loading an `Estimator` at an fsspec URL.
+
+Layout of a saved directory::
+
+    metadata.json        format version, class names, config, feature columns, history
+    weights.safetensors  the model's state dict
+    model.pkl            the architecture (cloudpickle; trusted code only)
+    training.pkl         loss, optimizer factory, scheduler factory, metrics (cloudpickle)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import cloudpickle
+import fsspec
+import pandas as pd
+
+__all__ = ["FORMAT_VERSION", "load_estimator", "load_saved_model", "save_estimator"]
+
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+WEIGHTS = "weights.safetensors"
+MODEL = "model.pkl"
+TRAINING = "training.pkl"
+
+
+def save_estimator(estimator: Any, path: str) -> str:
+    from deepspark.training.worker import weights_to_bytes
+
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.makedirs(root, exist_ok=True)
+    model = estimator.get_model()
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": estimator.config,
+        "feature_cols": estimator._feature_cols,
+        "use_gpu": estimator.use_gpu,
+        "history": estimator.history.to_dict(orient="records"),
+    }
+    _write(fs, f"{root}/{WEIGHTS}", weights_to_bytes(model))
+    _write(fs, f"{root}/{MODEL}", cloudpickle.dumps(model))
+    training = {
+        "loss": estimator.loss,
+        "optimizer": estimator._optimizer_factory,
+        "scheduler": estimator.scheduler,
+        "metrics": estimator.metrics,
+    }
+    _write(fs, f"{root}/{TRAINING}", cloudpickle.dumps(training))
+    # metadata last: a directory with metadata.json is complete
+    _write(fs, f"{root}/{METADATA}", json.dumps(metadata, indent=2, default=str).encode())
+    return path
+
+
+def load_saved_model(path: str):
+    """The model of a saved estimator directory, with its weights (unpickles trusted code)."""
+    from deepspark.training.worker import weights_from_bytes
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(f"{root}/{METADATA}"):
+        raise FileNotFoundError(
+            f"{path} is not a saved deepspark model (no {METADATA}); save one with Estimator.save"
+        )
+    metadata = json.loads(fs.cat_file(f"{root}/{METADATA}"))
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was saved by a newer deepspark (format {metadata['format_version']}); "
+            "upgrade deepspark to load it"
+        )
+    model = cloudpickle.loads(fs.cat_file(f"{root}/{MODEL}"))
+    model.load_state_dict(weights_from_bytes(fs.cat_file(f"{root}/{WEIGHTS}")))
+    return model, metadata
+
+
+def load_estimator(cls: type, path: str):
+    model, metadata = load_saved_model(path)
+    fs, root = fsspec.core.url_to_fs(path)
+    training = cloudpickle.loads(fs.cat_file(f"{root}/{TRAINING}"))
+    estimator = cls(
+        model=model,
+        optimizer=training["optimizer"],
+        loss=training["loss"],
+        metrics=training["metrics"],
+        scheduler=training["scheduler"],
+        config=metadata.get("config") or {},
+        use_gpu=bool(metadata.get("use_gpu", False)),
+    )
+    estimator.history = pd.DataFrame(metadata.get("history") or [])
+    estimator._feature_cols = metadata.get("feature_cols")
+    return estimator
+
+
+def _write(fs, path: str, data: bytes) -> None:
+    with fs.open(path, "wb") as handle:
+        handle.write(data)

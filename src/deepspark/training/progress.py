@@ -1,0 +1,569 @@
+"""The live channel from training ranks to the driver (DESIGN decision 7).
+
+The driver runs a :class:`ProgressServer` for one job and ships its ``address`` and ``token``
+to the workers in the job's spec; each rank opens a :class:`ProgressClient` and sends small
+JSON events. The server keeps the history and hands each event to a sink, such as the
+:class:`ProgressBar`.
+
+Wire format: every message is ``length (4 bytes, big-endian) | HMAC-SHA256 (32 bytes) | JSON``.
+The MAC covers the JSON with the job's secret token, so only the job's own ranks can speak; the
+JSON carries a per-connection sequence number that must grow, so a recorded message cannot be
+replayed on that connection. A bad message is counted in :attr:`ProgressServer.rejected` and
+its connection closed; the server itself never fails because of what a peer sends.
+
+Events are dicts with a ``kind``; the client adds ``rank``, ``seq`` and ``time``. The kinds the
+driver understands:
+
+=========  ================================================================================
+``step``   ``epoch``, ``epochs``, ``step``, ``steps``, ``loss``, ``samples_per_s``
+``epoch``  ``epoch``, ``metrics`` (dict of the epoch's reduced values)
+``log``    ``text``
+``error``  ``error`` (one line), ``traceback`` (its tail)
+=========  ================================================================================
+
+Neither side imports pyspark or torch: this module runs on the driver and in the workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import math
+import queue
+import secrets
+import selectors
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+__all__ = ["EVENT_KINDS", "ProgressBar", "ProgressClient", "ProgressServer"]
+
+_log = logging.getLogger(__name__)
+
+EVENT_KINDS = ("step", "epoch", "log", "error")
+MAX_MESSAGE_BYTES = 1 << 20
+_LENGTH_BYTES = 4
+_MAC_BYTES = hashlib.sha256().digest_size
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
+def _jsonable(value: Any) -> Any:
+    """Numbers from torch and numpy become plain numbers; anything else its text."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (ValueError, RuntimeError):  # arrays of several elements
+            pass
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    return str(value)
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, peer: Any) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.buffer = bytearray()
+        self.last_seq = -1
+
+
+class ProgressServer:
+    """Driver side: receives authenticated events from the ranks of one job.
+
+    A TCP server on a free port, served by one daemon thread. Use it as a context manager (or
+    call :meth:`start` and :meth:`stop`); ship :attr:`address` and :attr:`token` to the ranks.
+
+    Parameters
+    ----------
+    host : str, default "0.0.0.0"
+        Interface to listen on; all of them by default, so executors on other hosts reach it.
+    port : int, default 0
+        0 picks a free port.
+    token : str, optional
+        The job's secret; a fresh random one by default.
+    sink : callable, optional
+        Called with each accepted event, in the server thread, in arrival order (per rank:
+        in sending order). Its exceptions are logged, never raised.
+    advertise_host : str, optional
+        The host name or address ranks connect to. Defaults to ``host``, or this machine's
+        address (:func:`deepspark.training.rendezvous.local_ip`) when ``host`` is a wildcard.
+    max_events : int, default 100_000
+        History length; older events are forgotten first.
+
+    Examples
+    --------
+    >>> with ProgressServer(host="127.0.0.1") as server:
+    ...     with ProgressClient(server.address, server.token, rank=0) as client:
+    ...         client.send({"kind": "log", "text": "hello"})
+    ...     server.wait_for(lambda events: len(events) == 1, timeout_s=10)
+    True
+    >>> [(event["kind"], event["rank"], event["text"]) for event in server.events()]
+    [('log', 0, 'hello')]
+    """
+
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        token: str | None = None,
+        sink: Callable[[dict[str, Any]], None] | None = None,
+        advertise_host: str | None = None,
+        max_events: int = 100_000,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.token = token or secrets.token_hex(32)
+        self.sink = sink
+        self.advertise_host = advertise_host
+        self.rejected = 0
+        self._key = self.token.encode()
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_events)
+        self._changed = threading.Condition()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bound_port: int | None = None
+        self._wake_send: socket.socket | None = None
+        self._sink_failed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` for the ranks to connect to; available once started."""
+        if self._bound_port is None:
+            raise RuntimeError("the progress server is not started")
+        port = self._bound_port
+        if self.advertise_host:
+            return self.advertise_host, port
+        if self.host in ("", "0.0.0.0", "::"):
+            from deepspark.training.rendezvous import local_ip
+
+            return local_ip(), port
+        return self.host, port
+
+    def start(self) -> ProgressServer:
+        """Bind, listen and start serving; returns ``self``."""
+        if self._thread is not None:
+            raise RuntimeError("the progress server is already started")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(64)
+        listener.setblocking(False)
+        self._bound_port = int(listener.getsockname()[1])
+        wake_receive, self._wake_send = socket.socketpair()
+        wake_receive.setblocking(False)
+        self._thread = threading.Thread(
+            target=self._serve,
+            args=(listener, wake_receive),
+            name="deepspark-progress",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop serving, close every connection and the listening socket, join the thread.
+
+        Safe to call more than once; connected clients see their connection closed.
+        """
+        if self._thread is None:
+            return
+        self._stopping.set()
+        if self._wake_send is not None:
+            with contextlib.suppress(OSError):
+                self._wake_send.send(b"x")
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            _log.warning("the progress server thread did not stop within %g s", timeout_s)
+        if self._wake_send is not None:
+            self._wake_send.close()
+            self._wake_send = None
+
+    def __enter__(self) -> ProgressServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Return a copy of the history, optionally only events of one ``kind``."""
+        with self._changed:
+            return [event for event in self._events if kind is None or event["kind"] == kind]
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float) -> bool:
+        """Wait until ``predicate(history)`` is true or ``timeout_s`` passes; return which."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while not predicate(list(self._events)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(min(remaining, 0.5))
+            return True
+
+    # --- the server thread ----------------------------------------------------------------
+
+    def _serve(self, listener: socket.socket, wake: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ, "listener")
+        selector.register(wake, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping.is_set():
+                for key, _ in selector.select(timeout=1.0):
+                    if key.data == "listener":
+                        self._accept(listener, selector)
+                    elif isinstance(key.data, _Connection):
+                        self._read(key.data, selector)
+        except Exception:  # a bug here must not take the driver down with it
+            _log.exception("the progress server stopped on an unexpected error")
+        finally:
+            for key in list(selector.get_map().values()):
+                with contextlib.suppress(OSError):
+                    key.fileobj.close()  # type: ignore[union-attr]
+            selector.close()
+
+    def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, _Connection(sock, peer))
+
+    def _close(self, connection: _Connection, selector: selectors.BaseSelector) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(connection.sock)
+        with contextlib.suppress(OSError):
+            connection.sock.close()
+
+    def _reject(self, connection: _Connection, selector, reason: str) -> None:
+        self.rejected += 1
+        _log.warning("progress server: rejected a message from %s (%s)", connection.peer, reason)
+        self._close(connection, selector)
+        with self._changed:
+            self._changed.notify_all()
+
+    def _read(self, connection: _Connection, selector: selectors.BaseSelector) -> None:
+        try:
+            chunk = connection.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close(connection, selector)
+            return
+        buffer = connection.buffer
+        buffer += chunk
+        while len(buffer) >= _LENGTH_BYTES:
+            size = int.from_bytes(buffer[:_LENGTH_BYTES], "big")
+            if not _MAC_BYTES < size <= MAX_MESSAGE_BYTES:
+                self._reject(connection, selector, f"bad message length {size}")
+                return
+            if len(buffer) < _LENGTH_BYTES + size:
+                return
+            message = bytes(buffer[_LENGTH_BYTES : _LENGTH_BYTES + size])
+            del buffer[: _LENGTH_BYTES + size]
+            mac, body = message[:_MAC_BYTES], message[_MAC_BYTES:]
+            if not hmac.compare_digest(mac, _mac(self._key, body)):
+                self._reject(connection, selector, "wrong token")
+                return
+            try:
+                event = json.loads(body)
+                seq = int(event["seq"])
+                valid = isinstance(event.get("kind"), str)
+            except (ValueError, KeyError, TypeError):
+                valid, seq = False, -1
+            if not valid or seq <= connection.last_seq:
+                self._reject(connection, selector, "malformed or replayed message")
+                return
+            connection.last_seq = seq
+            self._record(event)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        event["received"] = time.time()
+        with self._changed:
+            self._events.append(event)
+            self._changed.notify_all()
+        if self.sink is None:
+            return
+        try:
+            self.sink(event)
+        except Exception:
+            if not self._sink_failed:
+                self._sink_failed = True
+                _log.exception("the progress sink failed; later failures are not logged")
+
+
+class ProgressClient:
+    """Worker side: sends events to the driver without ever slowing or failing training.
+
+    Events go into a bounded queue that a daemon thread drains: :meth:`send` returns at once.
+    If the driver cannot be reached (or goes away), the client logs one warning and drops
+    events from then on, counting them in :attr:`dropped`.
+
+    Parameters
+    ----------
+    address : tuple of (str, int)
+        :attr:`ProgressServer.address`.
+    token : str
+        :attr:`ProgressServer.token`.
+    rank : int
+        Added to every event.
+    timeout_s : float, default 5.0
+        Bound on connecting, on each send, and on flushing in :meth:`close`.
+    max_pending : int, default 10_000
+        Events waiting beyond this are dropped.
+
+    Examples
+    --------
+    >>> with ProgressServer(host="127.0.0.1") as server:
+    ...     client = ProgressClient(server.address, server.token, rank=1, timeout_s=5)
+    ...     client.send({"kind": "step", "epoch": 0, "step": 1, "steps": 10, "loss": 0.5})
+    ...     client.close()
+    ...     server.wait_for(lambda events: len(events) == 1, timeout_s=10)
+    True
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int] | list[Any],
+        token: str,
+        rank: int,
+        timeout_s: float = 5.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        self.address = (str(address[0]), int(address[1]))
+        self.rank = int(rank)
+        self.timeout_s = float(timeout_s)
+        self.dropped = 0
+        self._key = token.encode()
+        self._seq = 0
+        self._pending: queue.Queue[bytes | None] = queue.Queue(maxsize=max_pending)
+        self._sock: socket.socket | None = None
+        self._broken = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._drain, name="deepspark-progress-client", daemon=True
+        )
+        self._thread.start()
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Queue one event for the driver; never blocks and never raises for the network.
+
+        Parameters
+        ----------
+        event : dict
+            Must have a string ``kind``; values must be JSON-able (tensors and numpy numbers
+            are converted, anything else sent as text). ``rank``, ``seq`` and ``time`` are added.
+
+        Raises
+        ------
+        ValueError
+            When ``event`` has no string ``kind``.
+        """
+        if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
+            raise ValueError(f"a progress event is a dict with a string 'kind', got {event!r}")
+        if self._broken or self._closed:
+            self.dropped += 1
+            return
+        with self._lock:
+            message = {**event, "rank": event.get("rank", self.rank), "seq": self._seq}
+            self._seq += 1
+        message.setdefault("time", time.time())
+        body = json.dumps(message, default=_jsonable).encode()
+        frame = (len(body) + _MAC_BYTES).to_bytes(_LENGTH_BYTES, "big") + _mac(self._key, body)
+        if len(body) + _MAC_BYTES > MAX_MESSAGE_BYTES:
+            self.dropped += 1
+            _log.warning("progress event of %d bytes dropped: over the limit", len(body))
+            return
+        try:
+            self._pending.put_nowait(frame + body)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Send what is queued (bounded by ``timeout_s``, default the client's), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        with contextlib.suppress(queue.Full):
+            self._pending.put(None, timeout=timeout_s)
+        self._thread.join(timeout_s)
+        sock = self._sock
+        if sock is not None:  # unblocks a send stuck on a dead peer
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._thread.join(1.0)
+
+    def __enter__(self) -> ProgressClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _give_up(self, what: str, error: BaseException) -> None:
+        if not self._broken:
+            self._broken = True
+            _log.warning(
+                "rank %d: progress channel to the driver at %s:%d %s (%s); training goes on "
+                "without live progress",
+                self.rank,
+                *self.address,
+                what,
+                error,
+            )
+
+    def _drain(self) -> None:
+        while True:
+            frame = self._pending.get()
+            if frame is None:
+                break
+            if self._broken:
+                self.dropped += 1
+                continue
+            try:
+                if self._sock is None:
+                    self._sock = socket.create_connection(self.address, timeout=self.timeout_s)
+                self._sock.sendall(frame)
+            except OSError as error:
+                self.dropped += 1
+                self._give_up("could not be used" if self._sock else "could not connect", error)
+                if self._sock is not None:
+                    with contextlib.suppress(OSError):
+                        self._sock.close()
+                    self._sock = None
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+class ProgressBar:
+    """A :class:`ProgressServer` sink showing training on the driver.
+
+    On a terminal (or in a notebook) a tqdm bar per epoch shows the step, loss and samples/s
+    of rank 0; elsewhere (logs, CI) nothing is written per step. Either way one line is written
+    per finished epoch with its metrics, and ``log`` and ``error`` events are written with
+    their rank.
+
+    Parameters
+    ----------
+    epochs : int, optional
+        Total epochs, shown as ``epoch 2/5``; taken from step events when omitted.
+    file : text stream, optional
+        Where to write; ``sys.stderr`` by default.
+    use_tqdm : bool, optional
+        Force the bar on or off; by default on when ``file`` is a terminal or in a notebook.
+
+    Examples
+    --------
+    >>> import io
+    >>> out = io.StringIO()
+    >>> bar = ProgressBar(epochs=2, file=out, use_tqdm=False)
+    >>> bar({"kind": "epoch", "rank": 0, "epoch": 0, "metrics": {"train_loss": 0.51234}})
+    >>> out.getvalue()
+    'epoch 1/2: train_loss=0.5123\\n'
+    """
+
+    def __init__(
+        self, epochs: int | None = None, file: IO[str] | None = None, use_tqdm: bool | None = None
+    ) -> None:
+        self.epochs = epochs
+        self.file = file
+        self.use_tqdm = use_tqdm
+        self._bar: Any = None
+        self._bar_epoch: int | None = None
+
+    def _stream(self) -> IO[str]:
+        return self.file if self.file is not None else sys.stderr
+
+    def _tqdm_wanted(self) -> bool:
+        if self.use_tqdm is not None:
+            return self.use_tqdm
+        stream = self._stream()
+        is_tty = getattr(stream, "isatty", None)
+        return bool(is_tty and is_tty()) or "ipykernel" in sys.modules
+
+    def _write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self._stream())
+        else:
+            self._stream().write(line + "\n")
+            self._stream().flush()
+
+    def _title(self, epoch: int) -> str:
+        return f"epoch {epoch + 1}/{self.epochs}" if self.epochs else f"epoch {epoch + 1}"
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Show one event."""
+        kind, rank = event.get("kind"), event.get("rank", 0)
+        if kind == "step" and rank == 0:
+            self.epochs = self.epochs or event.get("epochs")
+            if self._tqdm_wanted():
+                self._show_step(event)
+        elif kind == "epoch":
+            self._close_bar()
+            metrics = event.get("metrics") or {}
+            shown = ", ".join(
+                f"{name}={_format_value(value)}"
+                for name, value in metrics.items()
+                if name != "epoch"
+            )
+            self._write(f"{self._title(int(event.get('epoch', 0)))}: {shown}")
+        elif kind == "log":
+            self._write(f"[rank {rank}] {event.get('text', '')}")
+        elif kind == "error":
+            self._write(f"[rank {rank}] failed: {event.get('error', '')}")
+
+    def _show_step(self, event: dict[str, Any]) -> None:
+        from tqdm.auto import tqdm
+
+        epoch = int(event.get("epoch", 0))
+        if self._bar is None or self._bar_epoch != epoch:
+            self._close_bar()
+            self._bar = tqdm(
+                total=event.get("steps"),
+                desc=self._title(epoch),
+                file=self._stream(),
+                unit="step",
+                leave=False,
+                dynamic_ncols=True,
+            )
+            self._bar_epoch = epoch
+        step = int(event.get("step", 0))
+        self._bar.update(max(0, step - self._bar.n))
+        postfix = {}
+        if "loss" in event:
+            postfix["loss"] = _format_value(float(event["loss"]))
+        if "samples_per_s" in event:
+            postfix["samples/s"] = f"{float(event['samples_per_s']):.0f}"
+        self._bar.set_postfix(postfix, refresh=True)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar, self._bar_epoch = None, None
+
+    def close(self) -> None:
+        """Close the bar, if one is open (after the server has stopped)."""
+        self._close_bar()

@@ -1,0 +1,68 @@
+"""The plain, picklable description of one training or evaluation job.
+
+Built on the driver, shipped to every rank inside the Spark task closure. It holds bytes and
+plain values only, so nothing from the driver's objects (sessions, servers) leaks into tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = ["RESULT_SCHEMA", "JobKind", "ResultKind", "TrainSpec"]
+
+
+class JobKind(str, Enum):
+    FIT = "fit"
+    EVALUATE = "evaluate"
+
+
+class ResultKind(str, Enum):
+    """Rows rank 0 sends back to the driver through the stage's output."""
+
+    WEIGHTS = "weights"  # safetensors bytes, in bounded chunks
+    HISTORY = "history"  # JSON list of per-epoch records
+    METRICS = "metrics"  # JSON dict (evaluate)
+
+
+# One output row per result chunk; Spark's own result path carries them to the driver.
+RESULT_SCHEMA = "rank int, kind string, seq int, payload binary"
+RESULT_CHUNK_BYTES = 8 * 1024 * 1024
+
+SPLIT_COLUMN = "__deepspark_split"
+TRAIN_SPLIT = 0
+VALIDATION_SPLIT = 1
+
+
+@dataclass
+class TrainSpec:
+    """Everything a rank needs; see `deepspark.training.worker.run_rank`."""
+
+    kind: JobKind
+    model_blob: bytes  # cloudpickle of an nn.Module, or of a function config -> nn.Module
+    model_is_factory: bool
+    loss_blob: bytes
+    optimizer_blob: bytes | None
+    scheduler_blob: bytes | None
+    metrics_blob: bytes  # cloudpickle of a list of metric names / objects
+    callbacks_blob: bytes | None
+    config: dict[str, Any]
+    features: tuple[Any, ...]  # deepspark.data.TensorSpec
+    labels: tuple[Any, ...]
+    world_size: int
+    epochs: int
+    batch_size: int
+    step_policy: str = "pad"
+    seed: int = 0
+    has_validation: bool = False
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1
+    resume: bool = True
+    progress_address: tuple[str, int] | None = None
+    progress_token: str = ""
+    rendezvous_host: str | None = None
+    collective_timeout_s: float = 600.0
+    use_gpu: bool = False
+    job_id: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,207 @@
+"""What one training rank does inside its Spark task. No pyspark here (DESIGN decision 12).
+
+`run_rank` receives the task's Arrow batches and a function that all-gathers a string across
+the ranks (Spark's `BarrierTaskContext.allGather` in production, anything equivalent in tests),
+and yields the result rows rank 0 sends back to the driver.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import pyarrow as pa
+import torch
+from torch import nn
+
+from deepspark.training.loop import EpochRunner, build_model
+from deepspark.training.spec import (
+    RESULT_CHUNK_BYTES,
+    SPLIT_COLUMN,
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
+    JobKind,
+    ResultKind,
+    TrainSpec,
+)
+
+__all__ = ["RankContext", "run_rank"]
+
+_log = logging.getLogger(__name__)
+
+AllGather = Callable[[str], list[str]]
+
+
+@dataclass
+class RankContext:
+    """Where this rank runs: given by the Spark layer (or a test)."""
+
+    rank: int
+    all_gather: AllGather
+    spill_dir: str
+    task_cpus: int = 1
+    gpu_ids: tuple[str, ...] = ()
+
+
+def run_rank(
+    spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankContext
+) -> Iterator[pa.RecordBatch]:
+    """Train (or evaluate) as one rank of a data-parallel job; rank 0 yields the results."""
+    from deepspark.data import PartitionSpill
+    from deepspark.training.progress import ProgressClient
+
+    rank = context.rank
+    progress = None
+    if spec.progress_address is not None:
+        progress = ProgressClient(spec.progress_address, spec.progress_token, rank, timeout_s=10)
+    for key, value in spec.extra_env.items():
+        os.environ.setdefault(key, value)
+    torch.set_num_threads(max(1, context.task_cpus))
+    try:
+        with PartitionSpill.write(batches, context.spill_dir, split_column=SPLIT_COLUMN) as spill:
+            yield from _run_with_spill(spec, spill, context, progress)
+    except BaseException as error:
+        if progress is not None and not isinstance(error, GeneratorExit):
+            progress.send(
+                {
+                    "kind": "error",
+                    "rank": rank,
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc()[-4000:],
+                }
+            )
+        raise
+    finally:
+        from deepspark.training.rendezvous import destroy_process_group
+
+        destroy_process_group()
+        if progress is not None:
+            progress.close()
+
+
+def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.RecordBatch]:
+    from deepspark.data import plan_steps
+    from deepspark.training.rendezvous import (
+        RendezvousSpec,
+        free_port,
+        init_process_group,
+        local_ip,
+    )
+
+    rank = context.rank
+    train_rows = spill.num_rows(TRAIN_SPLIT)
+    val_rows = spill.num_rows(VALIDATION_SPLIT)
+    host = spec.rendezvous_host or local_ip()
+    port = free_port(host) if rank == 0 else 0
+    hello = json.dumps(
+        {"rank": rank, "host": host, "port": port, "train": train_rows, "val": val_rows}
+    )
+    peers = sorted((json.loads(message) for message in context.all_gather(hello)), key=_rank_of)
+    if len(peers) != spec.world_size:
+        raise RuntimeError(
+            f"rank {rank}: expected {spec.world_size} ranks in the barrier stage, "
+            f"found {len(peers)}"
+        )
+    master = peers[0]
+    rows_per_rank = [peer["train"] for peer in peers]
+    val_rows_per_rank = [peer["val"] for peer in peers]
+
+    device = _device(spec, context)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if host.startswith("127.") and backend == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    init_process_group(
+        RendezvousSpec(
+            master_addr=master["host"],
+            master_port=int(master["port"]),
+            world_size=spec.world_size,
+            backend=backend,
+            timeout_s=spec.collective_timeout_s,
+        ),
+        rank,
+    )
+
+    if rank == 0 and progress is not None:
+        progress.send({"kind": "log", "text": "process group ready", "rendezvous_port": port})
+    model = build_model(spec)
+    model.to(device)
+    runner = EpochRunner(spec, model, device, rank, progress)
+    if spec.kind is JobKind.EVALUATE:
+        metrics = runner.evaluate(spill, VALIDATION_SPLIT, val_rows_per_rank)
+        if rank == 0:
+            yield _result_batch(ResultKind.METRICS, json.dumps(metrics).encode())
+        return
+
+    plan = plan_steps(rows_per_rank, spec.batch_size, spec.step_policy)
+    history = runner.fit(spill, plan, val_rows_per_rank if spec.has_validation else None)
+    if rank == 0:
+        yield _result_batch(ResultKind.HISTORY, json.dumps(history).encode())
+        yield from _weights_batches(runner.unwrapped_model())
+
+
+def _rank_of(peer: dict[str, Any]) -> int:
+    return int(peer["rank"])
+
+
+def _device(spec: TrainSpec, context: RankContext) -> torch.device:
+    if not spec.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"rank {context.rank}: use_gpu=True but torch sees no CUDA device on this executor; "
+            "install a CUDA build of torch there or train with use_gpu=False"
+        )
+    index = int(context.gpu_ids[0]) if context.gpu_ids else context.rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _result_batch(kind: ResultKind, payload: bytes, seq: int = 0) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {"rank": [0], "kind": [kind.value], "seq": [seq], "payload": [payload]},
+        schema=pa.schema(
+            [
+                ("rank", pa.int32()),
+                ("kind", pa.string()),
+                ("seq", pa.int32()),
+                ("payload", pa.binary()),
+            ]
+        ),
+    )
+
+
+def _weights_batches(model: nn.Module) -> Iterator[pa.RecordBatch]:
+    blob = weights_to_bytes(model)
+    for seq, start in enumerate(range(0, max(len(blob), 1), RESULT_CHUNK_BYTES)):
+        yield _result_batch(ResultKind.WEIGHTS, blob[start : start + RESULT_CHUNK_BYTES], seq)
+
+
+def weights_to_bytes(model: nn.Module) -> bytes:
+    """The model's state as safetensors bytes (shared tensors de-duplicated by cloning)."""
+    from safetensors.torch import save
+
+    state = {
+        name: tensor.detach().cpu().contiguous().clone()
+        for name, tensor in model.state_dict().items()
+    }
+    return save(state)
+
+
+def weights_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(blob)
+
+
+def dumps(obj: Any) -> bytes:
+    """cloudpickle with the error a user can act on."""
+    buffer = io.BytesIO()
+    cloudpickle.dump(obj, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,204 @@
+"""Model sources, the runtimes, the per-process cache and verified export (no Spark)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepspark.inference import (
+    ExportMismatchError,
+    ModelInputError,
+    ModelKind,
+    ModelSource,
+    cache_info,
+    clear_cache,
+    export_onnx,
+    export_program,
+    export_torchscript,
+    load_model,
+    model_source,
+)
+from deepspark.inference._cache import SizedLRUCache
+
+
+def make_mlp(features: int = 6, outputs: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(features, 16), torch.nn.ReLU(), torch.nn.Linear(16, outputs)
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def mlp() -> torch.nn.Module:
+    return make_mlp()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, mlp) -> dict[ModelKind, str]:
+    """The same MLP in each file format, each export verified by its own runtime."""
+    root = tmp_path_factory.mktemp("exported")
+    sample = torch.randn(4, 6)
+    return {
+        ModelKind.ONNX: export_onnx(mlp, str(root / "mlp.onnx"), sample, input_names=["x"]),
+        ModelKind.TORCHSCRIPT: export_torchscript(mlp, str(root / "mlp.ts"), sample),
+        ModelKind.TORCH_EXPORT: export_program(mlp, str(root / "mlp.pt2"), sample),
+    }
+
+
+@pytest.mark.parametrize("kind", [ModelKind.ONNX, ModelKind.TORCHSCRIPT, ModelKind.TORCH_EXPORT])
+def test_every_file_kind_is_recognised_and_predicts_like_torch(exported, mlp, kind):
+    source = model_source(exported[kind])
+    assert source.kind is kind and source.payload is None
+    inputs = torch.randn(37, 6)  # a batch size the export never saw
+    output = load_model(source)((inputs,))
+    with torch.no_grad():
+        expected = mlp(inputs)
+    assert output.shape == expected.shape
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+
+
+def test_in_memory_models_travel_as_bytes_and_predict_like_torch(mlp):
+    inputs = torch.randn(9, 6)
+    with torch.no_grad():
+        expected = mlp(inputs)
+    scripted = torch.jit.trace(mlp, inputs)
+    program = torch.export.export(mlp, (inputs,))
+    for model, kind in [
+        (mlp, ModelKind.TORCH),
+        (scripted, ModelKind.TORCHSCRIPT),
+        (program, ModelKind.TORCH_EXPORT),
+    ]:
+        source = model_source(model)
+        assert source.kind is kind and source.payload is not None
+        torch.testing.assert_close(load_model(source)((inputs,)), expected, atol=1e-5, rtol=0)
+
+
+def test_identity_follows_content_not_object(mlp):
+    assert model_source(mlp).identity == model_source(mlp).identity
+    other = make_mlp()
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    assert model_source(other).identity != model_source(mlp).identity
+
+
+def test_a_file_changed_in_place_gets_a_new_identity(tmp_path):
+    path = str(tmp_path / "m.ts")
+    export_torchscript(make_mlp(), path, torch.randn(2, 6))
+    before = ModelSource.from_path(path).identity
+    export_torchscript(make_mlp(outputs=2), path, torch.randn(2, 6))
+    assert ModelSource.from_path(path).identity != before
+
+
+def test_missing_model_path_is_refused(tmp_path):
+    missing = str(tmp_path / "nowhere.onnx")
+    with pytest.raises(FileNotFoundError, match="nowhere.onnx.*does not exist"):
+        model_source(missing)
+
+
+def test_a_torch_save_pickle_is_refused_not_unpickled(tmp_path):
+    path = str(tmp_path / "module.pt")
+    torch.save(make_mlp(), path)
+    with pytest.raises(ValueError, match="torch.save pickle is not loaded"):
+        model_source(path)
+
+
+def test_a_large_model_spills_to_the_directory_and_loads_from_there(tmp_path, mlp):
+    small_limit = 1024  # the MLP pickles to a few KiB
+    with pytest.raises(ValueError, match="spill_dir="):
+        model_source(mlp, max_inline_bytes=small_limit)
+    spilled = model_source(mlp, spill_dir=str(tmp_path / "spill"), max_inline_bytes=small_limit)
+    assert spilled.payload is None and spilled.path is not None
+    assert os.path.getsize(spilled.path) == spilled.nbytes
+    assert spilled.identity == model_source(mlp).identity  # same model, same cache entry
+    again = model_source(mlp, spill_dir=str(tmp_path / "spill"), max_inline_bytes=small_limit)
+    assert again.path == spilled.path and len(os.listdir(tmp_path / "spill")) == 1
+    inputs = torch.randn(5, 6)
+    clear_cache()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(spilled)((inputs,)), mlp(inputs))
+
+
+def test_the_cache_loads_each_model_once(mlp):
+    clear_cache()
+    source = model_source(mlp)
+    before = cache_info()
+    first = load_model(source)
+    second = load_model(model_source(mlp))  # a new source object, the same content
+    after = cache_info()
+    assert first is second
+    assert (after.loads - before.loads, after.hits - before.hits) == (1, 1)
+
+
+def test_the_cache_evicts_least_recently_used_past_its_budget():
+    loads: list[str] = []
+
+    def loader(key: str):
+        return lambda: loads.append(key) or key
+
+    cache: SizedLRUCache[str] = SizedLRUCache(budget_bytes=20, size_of=lambda _: 10)
+    for key in ["a", "b", "a", "c", "a", "b"]:
+        assert cache.get_or_load(key, loader(key)) == key
+    # "b" was evicted by "c" (a was used more recently), then reloaded.
+    assert loads == ["a", "b", "c", "b"]
+    info = cache.info()
+    assert (info.entries, info.nbytes, info.evictions) == (2, 20, 2)
+    oversized: SizedLRUCache[str] = SizedLRUCache(budget_bytes=5, size_of=lambda _: 10)
+    oversized.get_or_load("big", lambda: "big")
+    assert oversized.info().entries == 1  # the newest model stays even over budget
+
+
+@pytest.mark.parametrize("kind", [ModelKind.ONNX, ModelKind.TORCHSCRIPT, ModelKind.TORCH_EXPORT])
+def test_wrong_feature_shape_names_the_column_and_the_expected_input(exported, kind):
+    predictor = load_model(model_source(exported[kind]))
+    with pytest.raises(ModelInputError) as raised:
+        predictor((torch.randn(3, 5),), column_names=["features"])
+    message = str(raised.value)
+    assert "'features' (N=3, 5) float32" in message
+    assert "6" in message.split("expects", 1)[1]  # the model's 6 input features
+
+
+def test_wrong_feature_shape_for_an_eager_module(mlp):
+    predictor = load_model(model_source(mlp))
+    with pytest.raises(ModelInputError, match=r"\(N=2, 4\).*expects \(N, 6\)"):
+        predictor((torch.randn(2, 4),), column_names=["features"])
+
+
+def test_onnx_input_names_must_match_the_model(exported):
+    predictor = load_model(model_source(exported[ModelKind.ONNX]))
+    with pytest.raises(ModelInputError, match=r"input_names=\['pixels'\].*'x'"):
+        predictor.check_input_names(["pixels"])
+    predictor.check_input_names(["x"])
+    with pytest.raises(ModelInputError, match="takes 1 input"):
+        predictor((torch.randn(2, 6), torch.randn(2, 6)))
+
+
+def test_input_names_are_refused_for_torch_models(mlp):
+    with pytest.raises(ModelInputError, match="ONNX models only"):
+        load_model(model_source(mlp)).check_input_names(["x"])
+
+
+def test_export_that_disagrees_with_torch_raises(tmp_path):
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.rand_like(x)
+
+    with pytest.raises(ExportMismatchError, match="differs from the torch model"):
+        export_torchscript(Noisy(), str(tmp_path / "noisy.ts"), torch.zeros(4, 3))
+
+
+def test_export_onnx_refuses_names_that_do_not_fit_the_inputs(tmp_path, mlp):
+    with pytest.raises(ValueError, match="one distinct name per sample input"):
+        export_onnx(mlp, str(tmp_path / "m.onnx"), torch.randn(2, 6), input_names=["a", "b"])
+
+
+def test_worker_modules_do_not_import_pyspark():
+    code = (
+        "import sys; import deepspark.inference.worker, deepspark.inference.models; "
+        "import deepspark.inference.predict; "
+        "assert 'pyspark' not in sys.modules, sorted(m for m in sys.modules if 'spark' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

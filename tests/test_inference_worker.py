@@ -1,0 +1,166 @@
+"""The inference loop inside a task, on plain pyarrow batches (no Spark)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from deepspark.data import TensorSpec
+from deepspark.inference import (
+    ModelInputError,
+    OutputKind,
+    PredictSpec,
+    cache_info,
+    model_source,
+    predict_partition,
+)
+from deepspark.inference.worker import rebatch, resolve_output
+
+FEATURES = 6
+
+
+def make_mlp(outputs: int) -> torch.nn.Module:
+    torch.manual_seed(outputs)
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, 8), torch.nn.Tanh(), torch.nn.Linear(8, outputs)
+    ).eval()
+
+
+def partition(sizes: list[int], start: int = 0) -> list[pa.RecordBatch]:
+    """Record batches of the given sizes: an id, a feature array and a label string."""
+    rng = np.random.default_rng(start)
+    batches, next_id = [], start
+    for size in sizes:
+        ids = np.arange(next_id, next_id + size, dtype=np.int64)
+        values = rng.standard_normal((size, FEATURES), dtype=np.float32)
+        offsets = np.arange(0, size * FEATURES + 1, FEATURES, dtype=np.int32)
+        features = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)))
+        names = pa.array([f"row-{i}" for i in ids])
+        batches.append(
+            pa.RecordBatch.from_arrays([pa.array(ids), features, names], ["id", "x", "name"])
+        )
+        next_id += size
+    return batches
+
+
+def features_of(batches: list[pa.RecordBatch]) -> torch.Tensor:
+    rows = [np.asarray(b.column("x").to_pylist(), dtype=np.float32) for b in batches if len(b)]
+    return torch.from_numpy(np.concatenate(rows).reshape(-1, FEATURES))
+
+
+def spec_for(model, output: OutputKind, **options) -> PredictSpec:
+    values = {"passthrough_cols": ("id", "name"), "batch_size": 4, **options}
+    return PredictSpec(
+        model=model_source(model),
+        features=(TensorSpec("x", "array", (FEATURES,)),),
+        output_col="prediction",
+        output=output,
+        **values,
+    )
+
+
+def run(batches, spec) -> pa.Table:
+    produced = list(predict_partition(iter(batches), spec))
+    assert all(batch.num_rows <= spec.batch_size for batch in produced)
+    return pa.Table.from_batches(produced)
+
+
+def test_rows_keep_their_order_and_passthrough_columns():
+    batches = partition([5, 0, 7, 1, 3])  # batches larger, smaller and equal to batch_size
+    model = make_mlp(outputs=3)
+    table = run(batches, spec_for(model, OutputKind.ARRAY))
+    assert table.column_names == ["id", "name", "prediction"]
+    assert table.column("id").to_pylist() == list(range(16))
+    assert table.column("name").to_pylist() == [f"row-{i}" for i in range(16)]
+    assert table.schema.field("prediction").type == pa.list_(pa.float32())
+    with torch.no_grad():
+        expected = model(features_of(batches))
+    predicted = torch.tensor(table.column("prediction").to_pylist())
+    torch.testing.assert_close(predicted, expected, atol=1e-5, rtol=0)
+
+
+def test_each_output_kind_has_its_type_and_values():
+    batches = partition([6, 3])
+    inputs = features_of(batches)
+    regressor, classifier = make_mlp(outputs=1), make_mlp(outputs=4)
+    with torch.no_grad():
+        scores, logits = regressor(inputs)[:, 0], classifier(inputs)
+
+    doubles = run(batches, spec_for(regressor, OutputKind.DOUBLE)).column("prediction")
+    assert doubles.type == pa.float64()
+    np.testing.assert_allclose(doubles.to_numpy(), scores.numpy(), atol=1e-5)
+
+    classes = run(batches, spec_for(classifier, OutputKind.CLASS)).column("prediction")
+    assert classes.type == pa.int32()
+    assert classes.to_pylist() == logits.argmax(dim=1).tolist()
+
+    probabilities = run(batches, spec_for(classifier, OutputKind.PROBABILITIES))
+    values = np.asarray(probabilities.column("prediction").to_pylist())
+    np.testing.assert_allclose(values, torch.softmax(logits, dim=1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(values.sum(axis=1), 1.0, atol=1e-6)
+
+    binary = run(batches, spec_for(regressor, OutputKind.PROBABILITIES)).column("prediction")
+    positive = torch.sigmoid(scores).numpy()
+    np.testing.assert_allclose(np.asarray(binary.to_pylist())[:, 1], positive, atol=1e-6)
+    binary_ids = run(batches, spec_for(regressor, OutputKind.CLASS)).column("prediction")
+    assert binary_ids.to_pylist() == (scores > 0).int().tolist()
+
+
+def test_an_empty_partition_loads_no_model():
+    before = cache_info().loads
+    spec = spec_for(make_mlp(outputs=2), OutputKind.ARRAY)
+    assert list(predict_partition(iter([]), spec)) == []
+    assert list(predict_partition(iter(partition([0, 0])), spec)) == []
+    assert cache_info().loads == before
+
+
+def test_the_model_loads_once_across_partitions():
+    spec = spec_for(make_mlp(outputs=5), OutputKind.ARRAY)
+    before = cache_info()
+    for start in (0, 100, 200):
+        run(partition([3, 4], start=start), spec)
+    after = cache_info()
+    assert after.loads - before.loads == 1
+
+
+def test_the_task_thread_count_is_applied():
+    previous = torch.get_num_threads()
+    try:
+        spec = spec_for(make_mlp(outputs=2), OutputKind.ARRAY, num_threads=1)
+        run(partition([2]), spec)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_feature_shape_the_model_cannot_take_is_reported():
+    spec = PredictSpec(
+        model=model_source(torch.nn.Linear(4, 2)),
+        features=(TensorSpec("x", "array", (FEATURES,)),),
+        output_col="prediction",
+        output=OutputKind.ARRAY,
+    )
+    with pytest.raises(ModelInputError, match=r"'x' \(N=3, 6\) float32.*expects \(N, 4\)"):
+        run(partition([3]), spec)
+
+
+def test_output_kinds_are_checked_against_the_output_shape():
+    assert resolve_output("auto", (5,)) is OutputKind.DOUBLE
+    assert resolve_output("auto", (5, 1)) is OutputKind.DOUBLE
+    assert resolve_output("auto", (5, 3)) is OutputKind.ARRAY
+    assert resolve_output("array", (5, 2, 2)) is OutputKind.ARRAY
+    with pytest.raises(ModelInputError, match="output='double' needs one value per row"):
+        resolve_output("double", (5, 3))
+    with pytest.raises(ModelInputError, match="needs outputs of shape"):
+        resolve_output("class", (5, 3, 2))
+    with pytest.raises(ValueError, match="output='vector' is not known"):
+        resolve_output("vector", (5, 3))
+
+
+def test_rebatch_cuts_and_joins_without_losing_rows():
+    stream = [pa.record_batch({"v": list(range(a, b))}) for a, b in [(0, 3), (3, 3), (3, 10)]]
+    cut = list(rebatch(stream, 4))
+    assert [b.num_rows for b in cut] == [4, 4, 2]
+    assert [v for b in cut for v in b.column("v").to_pylist()] == list(range(10))

@@ -1,0 +1,277 @@
+"""Estimator.fit / evaluate on real Spark sessions, with real digits data."""
+
+from __future__ import annotations
+
+import threading
+
+import cloudpickle
+import numpy as np
+import psutil
+import pytest
+import torch
+
+import _training_helpers as helpers
+import deepspark as ds
+from _training_helpers import DigitsNet, digits_arrays, digits_frames
+
+# Spark's Python workers cannot import the tests folder: ship these helpers by value.
+cloudpickle.register_pickle_by_value(helpers)
+
+EPOCHS, BATCH, LR = 8, 64, 3e-3
+
+
+def _estimator(seed: int = 0, metrics=("accuracy",)) -> ds.Estimator:
+    torch.manual_seed(seed)
+    return ds.Estimator.from_torch(
+        model=DigitsNet(),
+        optimizer=lambda params: torch.optim.Adam(params, lr=LR),
+        loss=torch.nn.CrossEntropyLoss(),
+        metrics=list(metrics),
+    )
+
+
+def _listening_ports() -> set[int]:
+    return {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+
+
+def test_fit_on_local_reaches_accuracy_and_matches_single_process(spark):
+    train_df, test_df = digits_frames(spark)
+    est = _estimator()
+    history = est.fit(
+        train_df,
+        feature_cols="features",
+        label_cols="label",
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        validation_data=test_df,
+        num_workers=2,
+        seed=0,
+    )
+    assert list(history["epoch"]) == list(range(EPOCHS))
+    assert {"train_loss", "val_loss", "val_accuracy", "samples_per_s", "seconds"} <= set(
+        history.columns
+    )
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0] / 3
+    accuracy = history["val_accuracy"].iloc[-1]
+    assert accuracy >= 0.95
+    single = helpers.train_single_process(EPOCHS, BATCH, LR)
+    assert abs(accuracy - single) <= 0.03, (accuracy, single)
+    assert est.history is history
+
+    # the trained weights came back to the driver's model
+    _, _, test_x, test_y = digits_arrays()
+    with torch.no_grad():
+        local_accuracy = est.get_model()(torch.from_numpy(test_x)).argmax(1).numpy() == test_y
+    assert local_accuracy.mean() == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_evaluate_metrics_equal_numpy_on_the_same_predictions(spark):
+    train_df, test_df = digits_frames(spark)
+    est = _estimator(metrics=("accuracy", "top5_accuracy"))
+    est.fit(
+        train_df,
+        feature_cols="features",
+        label_cols="label",
+        epochs=2,
+        batch_size=BATCH,
+        num_workers=2,
+    )
+    scores = est.evaluate(test_df, feature_cols="features", label_cols="label", num_workers=2)
+    _, _, test_x, test_y = digits_arrays()
+    with torch.no_grad():
+        logits = est.get_model()(torch.from_numpy(test_x))
+    expected_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(test_y))
+    top5 = np.argsort(-logits.numpy(), axis=1)[:, :5]
+    assert scores["accuracy"] == pytest.approx((logits.argmax(1).numpy() == test_y).mean())
+    assert scores["top5_accuracy"] == pytest.approx((top5 == test_y[:, None]).any(1).mean())
+    assert scores["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
+
+
+def test_uneven_and_empty_partitions_train_without_hanging(spark):
+    from pyspark.sql import functions as F
+
+    train_df, test_df = digits_frames(spark)
+    # every row hashes to one partition: the other is empty
+    lopsided = train_df.repartition(2, F.lit(1))
+    assert sorted(len(p) for p in lopsided.rdd.glom().collect()) == [0, train_df.count()]
+    est = _estimator()
+    history = est.fit(
+        lopsided,
+        feature_cols="features",
+        label_cols="label",
+        epochs=3,
+        batch_size=BATCH,
+        num_workers=2,
+        seed=1,
+    )
+    assert history["train_rows"].tolist() == [train_df.count()] * 3
+    # uneven but not empty: 1/4 and 3/4
+    first, second = train_df.randomSplit([0.25, 0.75], seed=3)
+    uneven = first.coalesce(1).union(second.coalesce(1))
+    assert uneven.rdd.getNumPartitions() == 2
+    history = est.fit(
+        uneven,
+        feature_cols="features",
+        label_cols="label",
+        epochs=3,
+        batch_size=BATCH,
+        num_workers=2,
+        seed=1,
+    )
+    scores = est.evaluate(test_df, feature_cols="features", label_cols="label")
+    assert scores["accuracy"] >= 0.9
+
+
+def test_fit_refuses_bad_arguments_before_any_job(spark):
+    train_df, _ = digits_frames(spark)
+    est = _estimator()
+    with pytest.raises(ValueError, match=r"num_workers=3 is more than the 2 task slots"):
+        est.fit(train_df, feature_cols="features", label_cols="label", num_workers=3)
+    with pytest.raises(ValueError, match=r"batch_size=1 is smaller than num_workers=2"):
+        est.fit(train_df, feature_cols="features", label_cols="label", batch_size=1, num_workers=2)
+    with pytest.raises(ValueError, match=r"pixels"):
+        est.fit(train_df, feature_cols="pixels", label_cols="label", num_workers=2)
+    float_labels = train_df.selectExpr("features", "cast(label as double) / 10 AS label")
+    with pytest.raises(ValueError, match=r"labels do not suit the loss"):
+        est.fit(
+            float_labels,
+            feature_cols="features",
+            label_cols="label",
+            num_workers=2,
+            label_dtypes={"label": "float32"},
+        )
+    unpicklable = ds.Estimator.from_torch(
+        model=_ModelWithLock(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        loss=torch.nn.CrossEntropyLoss(),
+    )
+    with pytest.raises(ValueError, match=r"model could not be pickled"):
+        unpicklable.fit(train_df, feature_cols="features", label_cols="label", num_workers=2)
+
+
+class _ModelWithLock(DigitsNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+def test_rank_killed_mid_fit_resumes_from_checkpoint(spark, tmp_path):
+    train_df, test_df = digits_frames(spark)
+    ports_before = _listening_ports()
+    est = _estimator()
+    killer = helpers.KillRankOnce(str(tmp_path / "killed"), rank=1, epoch=2, step=3)
+    history = est.fit(
+        train_df,
+        feature_cols="features",
+        label_cols="label",
+        epochs=4,
+        batch_size=BATCH,
+        validation_data=test_df,
+        num_workers=2,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        max_failures=1,
+        callbacks=[killer],
+        seed=0,
+    )
+    assert (tmp_path / "killed").exists(), "the callback never killed rank 1"
+    # each epoch exactly once: epochs 0-1 from the first attempt's checkpoints, 2-3 re-run
+    assert history["epoch"].tolist() == [0, 1, 2, 3]
+    assert history["val_accuracy"].iloc[-1] >= 0.9
+    assert est.attempts_ == 2
+    assert not (_listening_ports() - ports_before) & set(est.job_ports_)
+
+
+def test_rank_killed_without_max_failures_fails_fast_with_its_rank(spark, tmp_path):
+    train_df, _ = digits_frames(spark)
+    est = _estimator()
+    killer = helpers.KillRankOnce(str(tmp_path / "killed"), rank=1, epoch=0, step=2)
+    with pytest.raises(ds.TrainingError, match=r"failed after 1 attempt") as failure:
+        est.fit(
+            train_df,
+            feature_cols="features",
+            label_cols="label",
+            epochs=3,
+            batch_size=BATCH,
+            num_workers=2,
+            callbacks=[killer],
+        )
+    assert "worker" in str(failure.value).lower() or "rank 1" in str(failure.value)
+
+
+def test_python_worker_killed_from_outside_resumes(spark, tmp_path):
+    import os
+    import signal
+    import time
+
+    train_df, _ = digits_frames(spark)
+    pid_file = tmp_path / "pid"
+    stop = threading.Event()
+
+    def kill_when_ready():
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            if pid_file.exists() and pid_file.read_text():
+                time.sleep(0.3)
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_ready, daemon=True)
+    killer.start()
+    est = _estimator()
+    try:
+        history = est.fit(
+            train_df,
+            feature_cols="features",
+            label_cols="label",
+            epochs=3,
+            batch_size=BATCH,
+            num_workers=2,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            max_failures=1,
+            callbacks=[helpers.WritePidAt(str(pid_file), rank=1, epoch=1)],
+            seed=0,
+        )
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert pid_file.exists()
+    assert not psutil.pid_exists(int(pid_file.read_text())) or (
+        psutil.Process(int(pid_file.read_text())).status() == psutil.STATUS_ZOMBIE
+    )
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert est.attempts_ == 2
+
+
+def test_fit_on_local_cluster(local_cluster_spark):
+    train_df, test_df = digits_frames(local_cluster_spark)
+    est = _estimator()
+    history = est.fit(
+        train_df,
+        feature_cols="features",
+        label_cols="label",
+        epochs=6,
+        batch_size=BATCH,
+        validation_data=test_df,
+        num_workers=2,
+        seed=0,
+    )
+    assert history["val_accuracy"].iloc[-1] >= 0.93
+
+
+def test_fit_on_spark_connect(connect_spark):
+    train_df, test_df = digits_frames(connect_spark)
+    est = _estimator()
+    history = est.fit(
+        train_df,
+        feature_cols="features",
+        label_cols="label",
+        epochs=6,
+        batch_size=BATCH,
+        validation_data=test_df,
+        num_workers=2,
+        seed=0,
+    )
+    assert history["val_accuracy"].iloc[-1] >= 0.93
+    scores = est.evaluate(test_df, feature_cols="features", label_cols="label")
+    assert scores["accuracy"] == pytest.approx(history["val_accuracy"].iloc[-1], abs=1e-9)

@@ -1,0 +1,188 @@
+"""The progress channel over real loopback sockets, with real client processes."""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import socket
+
+import pytest
+
+from deepspark.training.progress import ProgressBar, ProgressClient, ProgressServer
+from deepspark.training.rendezvous import free_port
+
+STEPS = 200
+WAIT_S = 60.0
+
+
+def _client_main(address, token, rank: int) -> None:
+    with ProgressClient(address, token, rank, timeout_s=10) as client:
+        for step in range(STEPS):
+            client.send(
+                {"kind": "step", "epoch": 0, "step": step, "steps": STEPS, "loss": 1.0 / (step + 1)}
+            )
+        client.send({"kind": "epoch", "epoch": 0, "metrics": {"train_loss": 0.25}})
+
+
+def _finished_ranks(events) -> set[int]:
+    return {event["rank"] for event in events if event["kind"] == "epoch"}
+
+
+def test_events_from_two_client_processes_arrive_in_order_per_rank():
+    received = []
+    context = multiprocessing.get_context("spawn")
+    with ProgressServer(host="127.0.0.1", sink=received.append) as server:
+        clients = [
+            context.Process(target=_client_main, args=(server.address, server.token, rank))
+            for rank in (0, 1)
+        ]
+        for process in clients:
+            process.start()
+        try:
+            arrived = server.wait_for(lambda events: _finished_ranks(events) == {0, 1}, WAIT_S)
+        finally:
+            for process in clients:
+                process.join(timeout=WAIT_S)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=10)
+        assert arrived, f"only ranks {_finished_ranks(server.events())} finished"
+        assert [process.exitcode for process in clients] == [0, 0]
+        history = server.events()
+    assert server.rejected == 0
+    assert received == history  # the sink saw every event, in the same order
+    for rank in (0, 1):
+        mine = [event for event in history if event["rank"] == rank]
+        assert [event["kind"] for event in mine] == ["step"] * STEPS + ["epoch"]
+        assert [event["step"] for event in mine[:-1]] == list(range(STEPS))
+        assert [event["seq"] for event in mine] == list(range(STEPS + 1))
+    assert len(server.events("epoch")) == 2
+
+
+def _raw_frame(size: int, payload: bytes) -> bytes:
+    return size.to_bytes(4, "big") + payload
+
+
+def test_wrong_token_and_garbage_are_rejected_without_harm():
+    with ProgressServer(host="127.0.0.1") as server:
+        with ProgressClient(server.address, "not-the-token", rank=0, timeout_s=5) as intruder:
+            intruder.send({"kind": "log", "text": "let me in"})
+        assert server.wait_for(lambda _: server.rejected >= 1, WAIT_S)
+        for garbage in (_raw_frame(40, b"\x00" * 40), _raw_frame(1 << 30, b"")):
+            with socket.create_connection(server.address, timeout=5) as raw:
+                raw.sendall(garbage)
+        assert server.wait_for(lambda _: server.rejected >= 3, WAIT_S)
+        assert server.events() == []
+        # The server still serves the job's own ranks.
+        with ProgressClient(server.address, server.token, rank=1, timeout_s=5) as client:
+            client.send({"kind": "log", "text": "hello"})
+        assert server.wait_for(lambda events: len(events) == 1, WAIT_S)
+    assert server.events()[0]["text"] == "hello"
+
+
+def test_stopping_with_connected_clients_does_not_hang(caplog):
+    server = ProgressServer(host="127.0.0.1").start()
+    clients = [ProgressClient(server.address, server.token, rank, timeout_s=5) for rank in (0, 1)]
+    for client in clients:
+        client.send({"kind": "log", "text": "connected"})
+    assert server.wait_for(lambda events: len(events) == 2, WAIT_S)
+    with caplog.at_level(logging.WARNING, logger="deepspark.training.progress"):
+        server.stop(timeout_s=10)
+        assert not server._thread.is_alive()
+        with pytest.raises(OSError):
+            socket.create_connection(server.address, timeout=5).close()
+        for client in clients:
+            for step in range(50):  # the first sends may still reach the closed socket's buffer
+                client.send({"kind": "step", "epoch": 0, "step": step})
+            client.close(timeout_s=10)
+    assert all(client.dropped >= 1 for client in clients)
+    warnings = [record for record in caplog.records if "progress channel" in record.getMessage()]
+    assert sorted(record.getMessage().split(":")[0] for record in warnings) == ["rank 0", "rank 1"]
+
+
+def test_client_without_a_driver_warns_once_and_drops(caplog):
+    address = ("127.0.0.1", free_port())  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="deepspark.training.progress"):
+        client = ProgressClient(address, "token", rank=3, timeout_s=5)
+        for step in range(5):
+            client.send({"kind": "step", "step": step})
+        client.close(timeout_s=10)
+    assert client.dropped == 5
+    assert len([r for r in caplog.records if "could not connect" in r.getMessage()]) == 1
+    with pytest.raises(ValueError, match="string 'kind'"):
+        client.send({"step": 1})
+
+
+def test_sink_errors_are_logged_once_and_serving_goes_on(caplog):
+    def failing_sink(event):
+        raise RuntimeError("sink bug")
+
+    with (
+        caplog.at_level(logging.ERROR, logger="deepspark.training.progress"),
+        ProgressServer(host="127.0.0.1", sink=failing_sink) as server,
+    ):
+        with ProgressClient(server.address, server.token, rank=0) as client:
+            for step in range(3):
+                client.send({"kind": "step", "step": step})
+        assert server.wait_for(lambda events: len(events) == 3, WAIT_S)
+    assert len([r for r in caplog.records if "progress sink failed" in r.getMessage()]) == 1
+
+
+EPOCH_EVENTS = [
+    {
+        "kind": "step",
+        "rank": 0,
+        "epoch": 0,
+        "epochs": 2,
+        "step": 5,
+        "steps": 10,
+        "loss": 0.7,
+        "samples_per_s": 1234.5,
+    },
+    {"kind": "step", "rank": 1, "epoch": 0, "epochs": 2, "step": 6, "steps": 10, "loss": 9.0},
+    {
+        "kind": "step",
+        "rank": 0,
+        "epoch": 0,
+        "epochs": 2,
+        "step": 10,
+        "steps": 10,
+        "loss": 0.6,
+        "samples_per_s": 1500.0,
+    },
+    {
+        "kind": "epoch",
+        "rank": 0,
+        "epoch": 0,
+        "metrics": {"epoch": 0, "train_loss": 0.61234, "val_accuracy": 0.9, "train_rows": 640},
+    },
+    {"kind": "log", "rank": 1, "text": "spilled 640 rows"},
+    {"kind": "error", "rank": 1, "error": "RuntimeError: boom", "traceback": "..."},
+]
+
+
+def test_progress_bar_writes_one_line_per_epoch_without_a_terminal():
+    out = io.StringIO()
+    bar = ProgressBar(file=out)  # a StringIO is no terminal: no per-step output
+    for event in EPOCH_EVENTS:
+        bar(event)
+    bar.close()
+    assert out.getvalue().splitlines() == [
+        "epoch 1/2: train_loss=0.6123, val_accuracy=0.9, train_rows=640",
+        "[rank 1] spilled 640 rows",
+        "[rank 1] failed: RuntimeError: boom",
+    ]
+
+
+def test_progress_bar_shows_steps_with_tqdm():
+    out = io.StringIO()
+    bar = ProgressBar(file=out, use_tqdm=True)
+    for event in EPOCH_EVENTS:
+        bar(event)
+    bar.close()
+    text = out.getvalue()
+    assert "epoch 1/2" in text and "10/10" in text
+    assert "loss=0.6" in text and "samples/s=1500" in text
+    assert "loss=9" not in text  # only rank 0's steps drive the bar
+    assert "epoch 1/2: train_loss=0.6123" in text
