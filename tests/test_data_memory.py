@@ -37,12 +37,13 @@ SCRIPT = textwrap.dedent(
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
 
+    noise = np.random.default_rng(0).standard_normal(batch_rows * features, dtype=np.float32)
+
     def input_batches():
         # Generated on the fly, like a task's input streaming in from the JVM.
-        rng = np.random.default_rng(0)
         for start in range(0, rows, batch_rows):
             count = min(batch_rows, rows - start)
-            values = rng.standard_normal(count * features, dtype=np.float32)
+            values = noise[: count * features] + np.float32(start)
             offsets = np.arange(0, values.size + 1, features, dtype=np.int32)
             yield pa.record_batch({
                 "x": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),

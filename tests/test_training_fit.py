@@ -105,10 +105,25 @@ def test_uneven_and_empty_partitions_train_without_hanging(spark):
         seed=1,
     )
     assert history["train_rows"].tolist() == [train_df.count()] * 3
-    # uneven but not empty: 1/4 and 3/4
-    first, second = train_df.randomSplit([0.25, 0.75], seed=3)
-    uneven = first.coalesce(1).union(second.coalesce(1))
-    assert uneven.rdd.getNumPartitions() == 2
+    # uneven but not empty: about 1/4 and 3/4, by two keys that hash to different partitions
+    keys = [
+        r.k
+        for r in spark.range(8)
+        .where(F.pmod(F.hash("id"), F.lit(2)) == 0)
+        .selectExpr("id AS k")
+        .collect()
+    ]
+    other = [
+        r.k
+        for r in spark.range(8)
+        .where(F.pmod(F.hash("id"), F.lit(2)) == 1)
+        .selectExpr("id AS k")
+        .collect()
+    ]
+    key = F.when(F.rand(seed=3) < 0.25, F.lit(keys[0])).otherwise(F.lit(other[0]))
+    uneven = train_df.withColumn("k", key.cast("long")).repartition(2, "k").drop("k")
+    sizes = sorted(len(p) for p in uneven.rdd.glom().collect())
+    assert 0 < sizes[0] < sizes[1] / 2, sizes
     history = est.fit(
         uneven,
         feature_cols="features",
@@ -178,7 +193,13 @@ def test_rank_killed_mid_fit_resumes_from_checkpoint(spark, tmp_path):
     assert history["epoch"].tolist() == [0, 1, 2, 3]
     assert history["val_accuracy"].iloc[-1] >= 0.9
     assert est.attempts_ == 2
-    assert not (_listening_ports() - ports_before) & set(est.job_ports_)
+    leaked = (_listening_ports() - ports_before) & set(est.job_ports_)
+    owners = [
+        (c.laddr, c.pid, psutil.Process(c.pid).cmdline() if c.pid else None)
+        for c in psutil.net_connections("tcp")
+        if c.status == "LISTEN" and c.laddr.port in leaked
+    ]
+    assert not leaked, (est.job_ports_, owners)
 
 
 def test_rank_killed_without_max_failures_fails_fast_with_its_rank(spark, tmp_path):

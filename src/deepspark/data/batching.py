@@ -110,16 +110,18 @@ class _RowReader:
         needed = count
         while needed > 0:
             if self._window is None or self._position >= self._window.rows:
-                # Copy out the rows already taken from this window so that it can be freed
-                # before the next one is loaded: memory then holds one window, not two.
-                if pieces and self._detach and self._only_window is None:
-                    pieces = [_detach(window, rows) for window, rows in pieces]
                 self._window = None
                 if not self._advance():
                     break
                 continue
             stop = min(self._window.rows, self._position + needed)
-            pieces.append((self._window, self._window.index(self._position, stop)))
+            piece = (self._window, self._window.index(self._position, stop))
+            if stop == self._window.rows and self._detach and self._only_window is None:
+                # The rows that finish a window are copied out, so that no batch (nor a
+                # caller holding one) keeps the window alive while the next one loads:
+                # memory holds one window, not two.
+                piece = _detach(*piece)
+            pieces.append(piece)
             needed -= stop - self._position
             self._position = stop
         return pieces

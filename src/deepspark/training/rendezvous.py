@@ -10,12 +10,14 @@ master address and its rank instead of a hang.
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 __all__ = [
     "RendezvousError",
@@ -120,6 +122,9 @@ class RendezvousSpec:
         ``"gloo"`` for CPU training, ``"nccl"`` for GPUs.
     timeout_s : float, default 120
         Bound on joining and on every later collective.
+    store_path : str, optional
+        When every rank runs on one machine (Spark's local modes): a file the ranks meet in
+        (a ``FileStore``), so no port is opened for the rendezvous at all.
 
     Examples
     --------
@@ -132,6 +137,7 @@ class RendezvousSpec:
     world_size: int
     backend: str = "gloo"
     timeout_s: float = 120.0
+    store_path: str | None = None
 
     def __post_init__(self) -> None:
         if not self.master_addr:
@@ -152,6 +158,9 @@ class RendezvousSpec:
         """The ``tcp://`` URL handed to ``torch.distributed.init_process_group``."""
         host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
         return f"tcp://{host}:{self.master_port}"
+
+
+_store: Any = None  # this process's rendezvous store, while it is in a group
 
 
 def init_process_group(spec: RendezvousSpec, rank: int) -> None:
@@ -195,10 +204,26 @@ def init_process_group(spec: RendezvousSpec, rank: int) -> None:
             "this process already belongs to a torch.distributed process group; call "
             "destroy_process_group() first"
         )
+    global _store
     try:
+        # The store is made here, not by torch's init_method, so that it can be dropped at
+        # destroy time: torch's own (libuv) TCP store keeps listening for the life of the
+        # process, and Spark reuses its Python workers across jobs.
+        if spec.store_path is not None:
+            _store = dist.FileStore(spec.store_path, spec.world_size)
+        else:
+            _store = dist.TCPStore(
+                spec.master_addr,
+                spec.master_port,
+                spec.world_size,
+                is_master=rank == 0,
+                timeout=timedelta(seconds=spec.timeout_s),
+                wait_for_workers=False,
+                use_libuv=False,
+            )
         dist.init_process_group(
             backend=spec.backend,
-            init_method=spec.init_method,
+            store=_store,
             world_size=spec.world_size,
             rank=rank,
             timeout=timedelta(seconds=spec.timeout_s),
@@ -230,8 +255,12 @@ def destroy_process_group() -> None:
     """
     import torch.distributed as dist
 
+    global _store
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if _store is not None:
+        _store = None
+        gc.collect()  # closes the TCP store's listening socket now
 
 
 @contextlib.contextmanager

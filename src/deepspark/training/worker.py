@@ -7,13 +7,15 @@ and yields the result rows rank 0 sends back to the driver.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 import logging
 import os
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
@@ -48,6 +50,7 @@ class RankContext:
     spill_dir: str
     task_cpus: int = 1
     gpu_ids: tuple[str, ...] = ()
+    cleanup: list[str] = field(default_factory=list)  # files removed when the rank ends
 
 
 def run_rank(
@@ -77,11 +80,19 @@ def run_rank(
                     "traceback": traceback.format_exc()[-4000:],
                 }
             )
+        # The traceback's frames hold the DDP model, and through it the process group and
+        # rank 0's rendezvous store: clear them so the store's port closes now, not whenever
+        # this (reused) Python worker happens to collect garbage.
+        traceback.clear_frames(error.__traceback__)
         raise
     finally:
         from deepspark.training.rendezvous import destroy_process_group
 
         destroy_process_group()
+        gc.collect()
+        for path in context.cleanup:
+            with contextlib.suppress(OSError):
+                os.remove(path)
         if progress is not None:
             progress.close()
 
@@ -100,8 +111,19 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
     val_rows = spill.num_rows(VALIDATION_SPLIT)
     host = spec.rendezvous_host or local_ip()
     port = free_port(host) if rank == 0 else 0
+    # On one machine (local modes) the ranks meet in a file: no port is opened at all.
+    store_path = None
+    if rank == 0 and host.startswith("127."):
+        store_path = os.path.join(context.spill_dir, f"deepspark-{spec.job_id}-{port}.store")
     hello = json.dumps(
-        {"rank": rank, "host": host, "port": port, "train": train_rows, "val": val_rows}
+        {
+            "rank": rank,
+            "host": host,
+            "port": port,
+            "store": store_path,
+            "train": train_rows,
+            "val": val_rows,
+        }
     )
     peers = sorted((json.loads(message) for message in context.all_gather(hello)), key=_rank_of)
     if len(peers) != spec.world_size:
@@ -124,11 +146,14 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
             world_size=spec.world_size,
             backend=backend,
             timeout_s=spec.collective_timeout_s,
+            store_path=master.get("store"),
         ),
         rank,
     )
+    if rank == 0 and store_path is not None:
+        context.cleanup.append(store_path)
 
-    if rank == 0 and progress is not None:
+    if rank == 0 and progress is not None and store_path is None:
         progress.send({"kind": "log", "text": "process group ready", "rendezvous_port": port})
     model = build_model(spec)
     model.to(device)
