@@ -42,8 +42,10 @@ def make_data(rows: int, seed: int = 0):
 
 def make_model() -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(FEATURES, HIDDEN), torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+        torch.nn.Linear(FEATURES, HIDDEN),
+        torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN, HIDDEN),
+        torch.nn.ReLU(),
         torch.nn.Linear(HIDDEN, CLASSES),
     )
 
@@ -83,8 +85,16 @@ def deepspark_run(spark, df, test_x, test_y, epochs: int, batch: int, lr: float)
         loss=torch.nn.CrossEntropyLoss(),
     )
     started = time.perf_counter()
-    history = est.fit(df, feature_cols="features", label_cols="label", epochs=epochs,
-                      batch_size=batch, num_workers=2, seed=0, progress=False)
+    history = est.fit(
+        df,
+        feature_cols="features",
+        label_cols="label",
+        epochs=epochs,
+        batch_size=batch,
+        num_workers=2,
+        seed=0,
+        progress=False,
+    )
     end_to_end = time.perf_counter() - started
     return history, end_to_end, est.first_step_s_, accuracy(est.get_model(), test_x, test_y)
 

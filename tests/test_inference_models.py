@@ -23,6 +23,7 @@ from deepspark.inference import (
     model_source,
 )
 from deepspark.inference._cache import SizedLRUCache
+from deepspark.inference.runtimes import torchscript_deprecation_silenced
 
 
 def make_mlp(features: int = 6, outputs: int = 3) -> torch.nn.Module:
@@ -65,7 +66,8 @@ def test_in_memory_models_travel_as_bytes_and_predict_like_torch(mlp):
     inputs = torch.randn(9, 6)
     with torch.no_grad():
         expected = mlp(inputs)
-    scripted = torch.jit.trace(mlp, inputs)
+    with torchscript_deprecation_silenced():
+        scripted = torch.jit.trace(mlp, inputs)
     program = torch.export.export(mlp, (inputs,))
     for model, kind in [
         (mlp, ModelKind.TORCH),

@@ -388,7 +388,8 @@ class PartitionSpill:
             cyclic=plan.policy is not StepPolicy.DROP,
         )
         for step in range(plan.steps_per_epoch):
-            yield _PendingBatch(reader.read(batch_size), batch_size, plan.real_rows(rank, step))
+            real_rows = plan.real_rows(rank, step)
+            yield _PendingBatch(reader.read(batch_size), batch_size, real_rows)
 
     def ordered(
         self,

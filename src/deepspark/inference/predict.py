@@ -33,7 +33,6 @@ from deepspark.inference.runtimes import Predictor, TorchModulePredictor
 from deepspark.inference.worker import (
     OutputKind,
     PredictSpec,
-    output_arrow_type,
     output_column,
     predict_partition,
     resolve_output,
@@ -158,6 +157,10 @@ def predict(
         raise ValueError(f"num_threads={num_threads!r}: give a positive integer or None")
     if probe_rows < 1:
         raise ValueError(f"probe_rows={probe_rows!r}: give a positive integer")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: give 'cpu', 'cuda' or 'cuda:<index>'") from err
     requested = OutputKind.parse(output)
     passthrough = tuple(df.columns if passthrough_cols is None else passthrough_cols)
     missing = [name for name in passthrough if name not in df.columns]
@@ -262,12 +265,12 @@ def _columns_of(features: Sequence[Any]) -> list[str]:
 
 
 def _spark_type(kind: OutputKind) -> DataType:
+    """The Spark type of the column `output_column` builds."""
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, IntegerType
 
-    arrow_type = output_arrow_type(kind)
-    if arrow_type == pa.float64():
+    if kind is OutputKind.DOUBLE:
         return DoubleType()
-    if arrow_type == pa.int32():
+    if kind is OutputKind.CLASS:
         return IntegerType()
     return ArrayType(FloatType(), containsNull=False)
 

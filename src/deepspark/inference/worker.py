@@ -18,13 +18,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from deepspark.data import batch_to_tensors
 from deepspark.inference.models import DEFAULT_CACHE_BYTES, ModelSource, load_model
 from deepspark.inference.runtimes import ModelInputError, Predictor
 
 __all__ = [
     "OutputKind",
     "PredictSpec",
-    "output_arrow_type",
     "output_column",
     "predict_batch",
     "predict_partition",
@@ -179,17 +179,12 @@ def resolve_output(output: str | OutputKind, output_shape: Sequence[int]) -> Out
     return kind
 
 
-def output_arrow_type(kind: OutputKind) -> pa.DataType:
-    """The Arrow type of the prediction column (Spark: double, array<float> or int)."""
-    if kind is OutputKind.DOUBLE:
-        return pa.float64()
-    if kind is OutputKind.CLASS:
-        return pa.int32()
-    return pa.list_(pa.float32())
-
-
 def output_column(output: torch.Tensor, kind: OutputKind, rows: int) -> pa.Array:
-    """The model's output for ``rows`` rows as the prediction column's Arrow array."""
+    """The model's output for ``rows`` rows as the prediction column's Arrow array.
+
+    Arrow types: ``float64`` (double), ``int32`` (class), ``list<float32>`` (array,
+    probabilities); Spark sees double, int and array<float>.
+    """
     if output.dim() == 0 or output.shape[0] != rows:
         raise ModelInputError(
             f"the model returned shape {tuple(output.shape)} for a batch of {rows} rows; "
@@ -221,12 +216,9 @@ def predict_batch(
     predictor: Predictor, batch: pa.RecordBatch | pa.Table, spec: PredictSpec
 ) -> pa.RecordBatch:
     """Run one model batch and return its passthrough columns plus the prediction column."""
-    from deepspark.data import batch_to_tensors
-
     inputs = batch_to_tensors(batch, spec.features)
-    output = predictor(
-        inputs, input_names=spec.input_names, column_names=[spec.name for spec in spec.features]
-    )
+    columns_fed = [feature.name for feature in spec.features]
+    output = predictor(inputs, input_names=spec.input_names, column_names=columns_fed)
     columns = [batch.column(name) for name in spec.passthrough_cols]
     columns.append(output_column(output, spec.output, batch.num_rows))
     return pa.RecordBatch.from_arrays(columns, names=[*spec.passthrough_cols, spec.output_col])
@@ -255,7 +247,15 @@ def predict_partition(
     Examples
     --------
     >>> import pyarrow as pa, torch
-    >>> from deepspark.data.validate import resolve_specs  # doctest: +SKIP
+    >>> from deepspark.data import TensorSpec
+    >>> from deepspark.inference import model_source
+    >>> spec = PredictSpec(model=model_source(torch.nn.Linear(2, 1)),
+    ...                    features=(TensorSpec("x", "array", (2,)),), output_col="y",
+    ...                    output=OutputKind.DOUBLE, passthrough_cols=("id",), batch_size=2)
+    >>> batch = pa.record_batch({"id": [7, 8, 9], "x": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]})
+    >>> out = pa.Table.from_batches(predict_partition([batch], spec))
+    >>> out.column_names, out.num_rows
+    (['id', 'y'], 3)
     """
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
