@@ -336,7 +336,8 @@ def main() -> None:
 
     # Python workers must run this interpreter, the one with deepspark installed.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = ds.init_context(cores=2)
+    # 4 GiB of heap: Spark's Parquet writer in (b) runs out of the default 1 GiB on images.
+    spark = ds.init_context(cores=2, driver_memory="4g")
     spark.sparkContext.setLogLevel("ERROR")
     context = multiprocessing.get_context("spawn")
     results = {}

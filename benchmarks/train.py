@@ -120,9 +120,8 @@ def torchdistributor_run(spark, df, test_x, test_y, epochs: int, batch: int, lr:
         torch.set_num_threads(1)
         files = sorted(f for f in os.listdir(path) if f.endswith(".parquet"))
         table = pq.read_table([os.path.join(path, f) for f in files[rank::world]])
-        x = torch.from_numpy(
-            table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, 64)
-        ).float()
+        flat = table.column("features").combine_chunks().flatten().to_numpy()
+        x = torch.from_numpy(flat.reshape(-1, 64).copy()).float()
         y = torch.from_numpy(table.column("label").to_numpy()).long()
         torch.manual_seed(0)
         model = DistributedDataParallel(make_model())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import cloudpickle
 import numpy as np
@@ -28,6 +29,17 @@ def _estimator(seed: int = 0, metrics=("accuracy",)) -> ds.Estimator:
         loss=torch.nn.CrossEntropyLoss(),
         metrics=list(metrics),
     )
+
+
+def _orphans(since: float) -> list[str]:
+    """Spark or deepspark processes started after `since` that lost their parent."""
+    found = []
+    for process in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
+        info = process.info
+        cmdline = " ".join(info["cmdline"] or [])
+        if info["create_time"] >= since and info["ppid"] == 1 and "pyspark" in cmdline:
+            found.append(f"{info['pid']}: {cmdline}")
+    return found
 
 
 def _listening_ports() -> set[int]:
@@ -173,6 +185,7 @@ class _ModelWithLock(DigitsNet):
 def test_rank_killed_mid_fit_resumes_from_checkpoint(spark, tmp_path):
     train_df, test_df = digits_frames(spark)
     ports_before = _listening_ports()
+    started = time.time()
     est = _estimator()
     killer = helpers.KillRankOnce(str(tmp_path / "killed"), rank=1, epoch=2, step=3)
     history = est.fit(
@@ -200,10 +213,12 @@ def test_rank_killed_mid_fit_resumes_from_checkpoint(spark, tmp_path):
         if c.status == "LISTEN" and c.laddr.port in leaked
     ]
     assert not leaked, (est.job_ports_, owners)
+    assert not _orphans(started)
 
 
 def test_rank_killed_without_max_failures_fails_fast_with_its_rank(spark, tmp_path):
     train_df, _ = digits_frames(spark)
+    started = time.time()
     est = _estimator()
     killer = helpers.KillRankOnce(str(tmp_path / "killed"), rank=1, epoch=0, step=2)
     with pytest.raises(ds.TrainingError, match=r"failed after 1 attempt") as failure:
@@ -216,17 +231,19 @@ def test_rank_killed_without_max_failures_fails_fast_with_its_rank(spark, tmp_pa
             num_workers=2,
             callbacks=[killer],
         )
-    assert "worker" in str(failure.value).lower() or "rank 1" in str(failure.value)
+    message = str(failure.value)
+    assert "rank 1 failed first: Python worker exited unexpectedly" in message, message
+    assert not _orphans(started)
 
 
 def test_python_worker_killed_from_outside_resumes(spark, tmp_path):
     import os
     import signal
-    import time
 
     train_df, _ = digits_frames(spark)
     pid_file = tmp_path / "pid"
     stop = threading.Event()
+    started = time.time()
 
     def kill_when_ready():
         deadline = time.monotonic() + 120
@@ -262,6 +279,7 @@ def test_python_worker_killed_from_outside_resumes(spark, tmp_path):
     )
     assert history["epoch"].tolist() == [0, 1, 2]
     assert est.attempts_ == 2
+    assert not _orphans(started)
 
 
 def test_fit_on_local_cluster(local_cluster_spark):
@@ -296,3 +314,40 @@ def test_fit_on_spark_connect(connect_spark):
     assert history["val_accuracy"].iloc[-1] >= 0.93
     scores = est.evaluate(test_df, feature_cols="features", label_cols="label")
     assert scores["accuracy"] == pytest.approx(history["val_accuracy"].iloc[-1], abs=1e-9)
+
+
+def test_fit_logs_to_tensorboard_and_mlflow(spark, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deepspark.training.callbacks import MLflowCallback, TensorBoardCallback
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracking_uri = (tmp_path / "mlruns").as_uri()
+    train_df, test_df = digits_frames(spark)
+    est = _estimator()
+    mlflow_callback = MLflowCallback(tracking_uri, experiment="digits-fit")
+    history = est.fit(
+        train_df,
+        feature_cols="features",
+        label_cols="label",
+        epochs=3,
+        batch_size=BATCH,
+        validation_data=test_df,
+        num_workers=2,
+        seed=0,
+        callbacks=[TensorBoardCallback(str(tmp_path / "tb")), mlflow_callback],
+    )
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    logged = [point.value for point in events.Scalars("val_accuracy")]
+    assert logged == pytest.approx(history["val_accuracy"].tolist(), abs=1e-6)
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(mlflow_callback.run_id)
+    assert run.info.status == "FINISHED"
+    points = client.get_metric_history(mlflow_callback.run_id, "train_loss")
+    assert [p.value for p in sorted(points, key=lambda p: p.step)] == pytest.approx(
+        history["train_loss"].tolist(), rel=1e-6
+    )
+    assert [a.path for a in client.list_artifacts(mlflow_callback.run_id, "model")]

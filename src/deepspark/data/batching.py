@@ -17,16 +17,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from deepspark.data.columns import (
-    FeedError,
-    Prepared,
-    RowIndex,
-    TensorSpec,
-    column_tensor,
-    filler_tensor,
-    normalize_specs,
-    prepare_column,
-)
+from deepspark.data.columns import column_tensor, filler_tensor
+from deepspark.data.readers import Prepared, RowIndex, prepare_column
+from deepspark.data.spec import FeedError, TensorSpec, normalize_specs
 
 __all__ = ["Batch", "iter_batches"]
 

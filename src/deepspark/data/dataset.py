@@ -11,8 +11,9 @@ import pyarrow as pa
 import torch.utils.data
 
 from deepspark.data.batching import _check_batch_size, _ordered_pending, _PendingBatch, _Window
-from deepspark.data.columns import FeedError, TensorSpec, normalize_specs, prepare_column
 from deepspark.data.plan import StepPolicy, plan_steps
+from deepspark.data.readers import prepare_column
+from deepspark.data.spec import FeedError, TensorSpec, normalize_specs
 from deepspark.data.spill import DEFAULT_SHUFFLE_WINDOW_BYTES, PartitionSpill
 
 __all__ = ["ArrowPartitionDataset"]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from deepspark.data.columns import FeedError
+from deepspark.data.spec import FeedError
 
 __all__ = ["StepPlan", "StepPolicy", "plan_steps"]
 

@@ -39,6 +39,14 @@ def prepare_column(
     on the way, and ``out`` is returned; without it the result is a zero-copy view of the Arrow
     buffers when the type already matches. Binary and string columns return the checked Arrow
     array; ``out`` does not apply to them.
+
+    Examples
+    --------
+    >>> import numpy as np, pyarrow as pa
+    >>> batch = pa.record_batch({"img": pa.array([[1.0, 2.0, 3.0, 4.0]], pa.list_(pa.float32()))})
+    >>> values = prepare_column(batch, TensorSpec("img", "array", (2, 2)))
+    >>> values.shape, np.shares_memory(values, batch.column(0).values.to_numpy())
+    ((1, 2, 2), True)
     """
     arrays = [_column(batch, name) for name in spec.columns]
     rows = batch.num_rows

@@ -12,7 +12,8 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from deepspark.data.columns import ColumnKind, FeedError, TensorSpec, batch_to_tensors
+from deepspark.data.columns import batch_to_tensors
+from deepspark.data.spec import ColumnKind, FeedError, TensorSpec
 
 __all__ = ["resolve_specs"]
 

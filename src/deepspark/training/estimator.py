@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -668,14 +669,29 @@ def _payload(results, kind: ResultKind) -> bytes:
     return b"".join(payload for _, payload in sorted(rows))
 
 
+_BARRIER_TASK = re.compile(r"barrier task ResultTask\(\d+, (\d+)\)")
+_WORKER_CRASH = re.compile(r"(Python worker exited unexpectedly[^\n.]*)")
+
+
 def _failure_summary(error: Exception, errors: list[dict[str, Any]]) -> str:
-    """The failed ranks and their log tails, else the last lines of Spark's error."""
-    if errors:
-        parts = []
-        for event in errors:
-            tail = "\n".join(str(event.get("traceback", "")).strip().splitlines()[-6:])
-            parts.append(f"rank {event.get('rank')}: {event.get('error')}\n{tail}")
-        return "\n".join(parts)
-    text = str(error).strip().splitlines()
-    interesting = [line for line in text if "Error" in line or "error" in line]
-    return (interesting[-1] if interesting else (text[-1] if text else repr(error)))[:2000]
+    """Which rank failed first and why, then every rank's reported error with its log tail."""
+    text = str(error)
+    parts = []
+    first = _BARRIER_TASK.search(text)
+    crash = _WORKER_CRASH.search(text)
+    reported = {int(event.get("rank", -1)) for event in errors}
+    if first is not None:
+        rank = int(first.group(1))
+        if crash is not None and rank not in reported:
+            parts.append(f"rank {rank} failed first: {crash.group(1).strip()}")
+        else:
+            parts.append(f"rank {rank} failed first")
+    elif crash is not None:
+        parts.append(crash.group(1).strip())
+    for event in errors:
+        tail = "\n".join(str(event.get("traceback", "")).strip().splitlines()[-6:])
+        parts.append(f"rank {event.get('rank')}: {event.get('error')}\n{tail}")
+    if not parts:
+        lines = [line for line in text.strip().splitlines() if "Error" in line]
+        parts.append((lines[-1] if lines else text.strip()[-500:] or repr(error))[:2000])
+    return "\n".join(parts)
