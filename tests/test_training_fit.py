@@ -278,6 +278,8 @@ def test_python_worker_killed_from_outside_resumes(spark, tmp_path):
         psutil.Process(int(pid_file.read_text())).status() == psutil.STATUS_ZOMBIE
     )
     assert history["epoch"].tolist() == [0, 1, 2]
+    assert all(torch.isfinite(p).all() for p in est.get_model().parameters())
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert est.attempts_ == 2
     assert not _orphans(started)
 

@@ -54,8 +54,18 @@ class TrainingError(RuntimeError):
 class Estimator:
     """A PyTorch model with the means to train it data-parallel inside Spark.
 
-    Build one with `Estimator.from_torch`. Attributes set by `fit` end with ``_`` in spirit:
-    `history` (a pandas DataFrame, one row per epoch) and the trained weights in `get_model()`.
+    Build one with `Estimator.from_torch`.
+
+    Attributes
+    ----------
+    history : pandas.DataFrame
+        One row per epoch of the last `fit`; the trained weights are in `get_model()`.
+    attempts_ : int
+        How many attempts the last job took (1 when nothing failed).
+    first_step_s_ : float
+        Seconds from the `fit` call to the first training step of its successful attempt.
+    job_ports_ : list of int
+        The ports the last job listened on (progress channel, rendezvous), for diagnostics.
     """
 
     def __init__(
@@ -212,6 +222,7 @@ class Estimator:
         """
         from deepspark.training.launcher import available_task_slots
 
+        fit_started = time.perf_counter()
         spark = df.sparkSession
         _positive("epochs", epochs)
         _positive("batch_size", batch_size)
@@ -301,7 +312,14 @@ class Estimator:
         # pickled after on_fit_begin, so what it set (an MLflow run id) reaches every rank
         spec.callbacks_blob = _pickled("callbacks", callbacks) if callbacks else None
         try:
-            results = self._run(spark, data, spec, max_failures=max_failures, progress=progress)
+            results = self._run(
+                spark,
+                data,
+                spec,
+                max_failures=max_failures,
+                progress=progress,
+                started=fit_started,
+            )
         except BaseException as error:
             call_driver_hook(callbacks, "on_fit_end", [], error)
             raise
@@ -487,13 +505,22 @@ class Estimator:
             **values,
         )
 
-    def _run(self, spark, data, spec: TrainSpec, *, max_failures: int, progress: bool):
+    def _run(
+        self,
+        spark,
+        data,
+        spec: TrainSpec,
+        *,
+        max_failures: int,
+        progress: bool,
+        started: float | None = None,
+    ):
         from deepspark.training.launcher import is_loopback_master, run_barrier_stage
         from deepspark.training.progress import ProgressBar, ProgressServer
 
         loopback = is_loopback_master(spark)
         spec.rendezvous_host = "127.0.0.1" if loopback else None
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         bar = ProgressBar(epochs=spec.epochs) if progress else None
         first_step: list[float] = []
 
