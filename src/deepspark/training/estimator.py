@@ -7,25 +7,28 @@ the latest checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
 import pandas as pd
 import torch
 from torch import nn
 
+from deepspark.training.checks import (
+    check_positive,
+    columns_of,
+    dry_run,
+    optimizer_factory,
+    pickled,
+)
+from deepspark.training.jobs import TrainingError, job_input, run_job
 from deepspark.training.spec import (
-    SPLIT_COLUMN,
     TRAIN_SPLIT,
     VALIDATION_SPLIT,
     JobKind,
@@ -41,14 +44,6 @@ __all__ = ["Estimator", "TrainingError"]
 _log = logging.getLogger(__name__)
 
 ColumnsArg = str | Sequence[str | Sequence[str]]
-
-
-class TrainingError(RuntimeError):
-    """A training job failed (after its allowed retries); `causes` holds one entry per attempt."""
-
-    def __init__(self, message: str, causes: list[str]):
-        super().__init__(message)
-        self.causes = causes
 
 
 class Estimator:
@@ -86,7 +81,7 @@ class Estimator:
                 f"model must be an nn.Module or a function config -> nn.Module; "
                 f"it gave {type(self._model).__name__}"
             )
-        self._optimizer_factory = _optimizer_factory(optimizer)
+        self._optimizer_factory = optimizer_factory(optimizer)
         self.loss = loss
         self.metrics = list(metrics or [])
         self.scheduler = scheduler
@@ -224,15 +219,15 @@ class Estimator:
 
         fit_started = time.perf_counter()
         spark = df.sparkSession
-        _positive("epochs", epochs)
-        _positive("batch_size", batch_size)
-        _positive("checkpoint_every", checkpoint_every)
+        check_positive("epochs", epochs)
+        check_positive("batch_size", batch_size)
+        check_positive("checkpoint_every", checkpoint_every)
         if max_failures < 0:
             raise ValueError(f"max_failures={max_failures}: give 0 or more")
         slots = available_task_slots(spark)
         if num_workers is None:
             num_workers = slots
-        _positive("num_workers", num_workers)
+        check_positive("num_workers", num_workers)
         if num_workers > slots:
             raise ValueError(
                 f"num_workers={num_workers} is more than the {slots} task slots this Spark "
@@ -259,12 +254,15 @@ class Estimator:
                 label_dtypes,
                 decoders,
             )
-        self._dry_run(df, features, labels)
-        columns = _columns_of(features) + _columns_of(labels)
-        data = _with_split(df, columns, TRAIN_SPLIT)
-        if validation_data is not None:
-            data = data.unionByName(_with_split(validation_data, columns, VALIDATION_SPLIT))
-        data = _partitioned(data, num_workers, force=validation_data is not None)
+        dry_run(self._model, self.loss, df, features, labels)
+        data = job_input(
+            df,
+            columns_of(features) + columns_of(labels),
+            num_workers,
+            split=TRAIN_SPLIT,
+            validation=validation_data,
+            validation_split=VALIDATION_SPLIT,
+        )
         if seed is not None:
             torch.manual_seed(seed)
 
@@ -310,9 +308,9 @@ class Estimator:
             },
         )
         # pickled after on_fit_begin, so what it set (an MLflow run id) reaches every rank
-        spec.callbacks_blob = _pickled("callbacks", callbacks) if callbacks else None
+        spec.callbacks_blob = pickled("callbacks", callbacks) if callbacks else None
         try:
-            results = self._run(
+            result = run_job(
                 spark,
                 data,
                 spec,
@@ -326,8 +324,13 @@ class Estimator:
         finally:
             if own_checkpoints is not None:
                 shutil.rmtree(own_checkpoints, ignore_errors=True)
-        self._load_weights(results)
-        history = json.loads(_payload(results, ResultKind.HISTORY))
+        from deepspark.training.worker import weights_from_bytes
+
+        self._model.load_state_dict(weights_from_bytes(result.payload(ResultKind.WEIGHTS)))
+        self.attempts_ = result.attempts
+        self.first_step_s_ = result.first_step_s
+        self.job_ports_ = result.ports
+        history = json.loads(result.payload(ResultKind.HISTORY))
         self.history = pd.DataFrame(history)
         self._feature_cols = feature_cols
         last = history[-1] if history else {}
@@ -368,12 +371,12 @@ class Estimator:
         spark = df.sparkSession
         slots = available_task_slots(spark)
         num_workers = min(slots, num_workers or slots)
-        _positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size)
         features, labels = self._resolve(
             df, feature_cols, label_cols, feature_shapes, feature_dtypes, label_dtypes, decoders
         )
-        columns = _columns_of(features) + _columns_of(labels)
-        data = _partitioned(_with_split(df, columns, VALIDATION_SPLIT), num_workers, force=False)
+        columns = columns_of(features) + columns_of(labels)
+        data = job_input(df, columns, num_workers, split=VALIDATION_SPLIT)
         spec = self._spec(
             JobKind.EVALUATE,
             features,
@@ -383,8 +386,8 @@ class Estimator:
             batch_size=max(batch_size, num_workers),
             collective_timeout_s=collective_timeout_s,
         )
-        results = self._run(spark, data, spec, max_failures=0, progress=False)
-        return json.loads(_payload(results, ResultKind.METRICS))
+        result = run_job(spark, data, spec, progress=False)
+        return json.loads(result.payload(ResultKind.METRICS))
 
     def predict(
         self,
@@ -448,52 +451,15 @@ class Estimator:
         )
         return features, labels
 
-    def _dry_run(self, df, features, labels) -> None:
-        """Run model and loss on a few rows on the driver: shape and label errors surface here."""
-        from deepspark.data import batch_to_tensors
-
-        sample = df.select(*(_columns_of(features) + _columns_of(labels))).limit(4).toArrow()
-        if sample.num_rows == 0:
-            raise ValueError("fit: the training DataFrame has no rows")
-        inputs = batch_to_tensors(sample, features)
-        targets = batch_to_tensors(sample, labels)
-        model = self._model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                try:
-                    outputs = model(*inputs)
-                except Exception as error:
-                    shapes = ", ".join(str(tuple(t.shape[1:])) for t in inputs)
-                    raise ValueError(
-                        f"the model failed on a sample batch with feature shapes {shapes} "
-                        f"(per row): {error}. Check feature_cols and feature_shapes"
-                    ) from error
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", UserWarning)
-                    try:
-                        self.loss(outputs, targets[0] if len(targets) == 1 else targets)
-                    except Exception as error:
-                        raise ValueError(
-                            f"the labels do not suit the loss: {type(self.loss).__name__} on "
-                            f"outputs of shape {tuple(outputs.shape)} and labels of shape "
-                            f"{tuple(targets[0].shape)} and dtype {targets[0].dtype} failed: "
-                            f"{error}. Check label_cols, or set label_dtypes (class ids need "
-                            "int64; regression targets float32 with the output's shape)"
-                        ) from error
-        finally:
-            model.train(was_training)
-
     def _spec(self, kind, features, labels, world_size, **values) -> TrainSpec:
         return TrainSpec(
             kind=kind,
-            model_blob=_pickled("model", self._model),
+            model_blob=pickled("model", self._model),
             model_is_factory=False,
-            loss_blob=_pickled("loss", self.loss),
-            optimizer_blob=_pickled("optimizer", self._optimizer_factory),
-            scheduler_blob=_pickled("scheduler", self.scheduler) if self.scheduler else None,
-            metrics_blob=_pickled("metrics", self.metrics),
+            loss_blob=pickled("loss", self.loss),
+            optimizer_blob=pickled("optimizer", self._optimizer_factory),
+            scheduler_blob=pickled("scheduler", self.scheduler) if self.scheduler else None,
+            metrics_blob=pickled("metrics", self.metrics),
             callbacks_blob=None,
             config=self.config,
             features=tuple(features),
@@ -504,221 +470,3 @@ class Estimator:
             rendezvous_host=None,
             **values,
         )
-
-    def _run(
-        self,
-        spark,
-        data,
-        spec: TrainSpec,
-        *,
-        max_failures: int,
-        progress: bool,
-        started: float | None = None,
-    ):
-        from deepspark.training.launcher import is_loopback_master, run_barrier_stage
-        from deepspark.training.progress import ProgressBar, ProgressServer
-
-        loopback = is_loopback_master(spark)
-        spec.rendezvous_host = "127.0.0.1" if loopback else None
-        started = time.perf_counter() if started is None else started
-        bar = ProgressBar(epochs=spec.epochs) if progress else None
-        first_step: list[float] = []
-
-        def sink(event: dict[str, Any]) -> None:
-            if event.get("kind") == "step" and not first_step:
-                first_step.append(time.perf_counter() - started)
-            if bar is not None:
-                bar(event)
-
-        causes: list[str] = []
-        server = ProgressServer(
-            host="127.0.0.1" if loopback else "0.0.0.0",
-            advertise_host=None if loopback else _driver_host(spark),
-            sink=sink,
-        )
-        with server:
-            spec.progress_address = server.address
-            spec.progress_token = server.token
-            self.job_ports_ = [server.address[1]]
-            try:
-                for attempt in range(max_failures + 1):
-                    errors_before = len(server.events("error"))
-                    try:
-                        result = run_barrier_stage(data, spec)
-                    except Exception as error:
-                        server.wait_for(
-                            lambda events, n=errors_before: (
-                                sum(1 for e in events if e.get("kind") == "error") > n
-                            ),
-                            timeout_s=2.0,
-                        )
-                        cause = _failure_summary(error, server.events("error")[errors_before:])
-                        causes.append(cause)
-                        if attempt == max_failures:
-                            detail = "\n".join(
-                                f"  attempt {i + 1}: {text}" for i, text in enumerate(causes)
-                            )
-                            raise TrainingError(
-                                f"{spec.kind.value} failed after {attempt + 1} attempt(s):\n"
-                                f"{detail}",
-                                causes,
-                            ) from error
-                        _log.warning(
-                            "%s: attempt %d failed (%s); re-running from the latest checkpoint",
-                            spec.kind.value,
-                            attempt + 1,
-                            cause.splitlines()[0],
-                        )
-                        spec.resume = True
-                        continue
-                    self.attempts_ = attempt + 1
-                    self.first_step_s_ = first_step[0] if first_step else float("nan")
-                    for event in server.events("log"):
-                        if "rendezvous_port" in event:
-                            self.job_ports_.append(int(event["rendezvous_port"]))
-                    return result
-            finally:
-                if bar is not None:
-                    bar.close()
-        raise AssertionError("unreachable")
-
-    def _load_weights(self, results) -> None:
-        from deepspark.training.worker import weights_from_bytes
-
-        rows = [
-            (seq, bytes(payload))
-            for kind, seq, payload in zip(
-                results.column("kind").to_pylist(),
-                results.column("seq").to_pylist(),
-                results.column("payload").to_pylist(),
-                strict=True,
-            )
-            if kind == ResultKind.WEIGHTS.value
-        ]
-        if not rows:
-            raise RuntimeError("fit: rank 0 sent no weights back")
-        blob = b"".join(payload for _, payload in sorted(rows))
-        self._model.load_state_dict(weights_from_bytes(blob))
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: give a positive integer")
-
-
-def _optimizer_factory(optimizer: Any) -> Callable[[Any], torch.optim.Optimizer] | None:
-    """Accept `params -> Optimizer`, or an optimizer built on the driver (rebuilt per replica)."""
-    if optimizer is None or (
-        callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer)
-    ):
-        return optimizer
-    if isinstance(optimizer, torch.optim.Optimizer):
-        optimizer_class = type(optimizer)
-        hyperparameters = {
-            key: value for key, value in optimizer.defaults.items() if key != "params"
-        }
-        if len(optimizer.param_groups) > 1:
-            warnings.warn(
-                "the optimizer has several parameter groups; each replica is rebuilt with the "
-                "first group's defaults. Pass optimizer=lambda params: ... to keep the groups",
-                stacklevel=3,
-            )
-
-        def rebuild(params):
-            return optimizer_class(params, **hyperparameters)
-
-        return rebuild
-    raise TypeError(
-        f"optimizer must be a function params -> Optimizer or a torch.optim.Optimizer, "
-        f"not {type(optimizer).__name__}"
-    )
-
-
-def _pickled(what: str, value: Any) -> bytes:
-    try:
-        return cloudpickle.dumps(value)
-    except Exception as error:
-        raise ValueError(
-            f"the {what} could not be pickled to send to the workers: {error}. Define it at "
-            "module level or as a function, and keep open files, locks and sessions out of it"
-        ) from error
-
-
-def _columns_of(specs) -> list[str]:
-    names: list[str] = []
-    for spec in specs:
-        for name in spec.columns:
-            if name not in names:
-                names.append(name)
-    return names
-
-
-def _with_split(df, columns: list[str], split: int):
-    from pyspark.sql import functions as F
-
-    return df.select(*columns, F.lit(split).cast("int").alias(SPLIT_COLUMN))
-
-
-def _partitioned(df, num_workers: int, *, force: bool):
-    """Exactly `num_workers` partitions; kept as they are when they already match."""
-    from deepspark.training.launcher import is_connect
-
-    if not force and not is_connect(df.sparkSession):
-        with contextlib.suppress(Exception):
-            if df.rdd.getNumPartitions() == num_workers:
-                return df
-    return df.repartition(num_workers)
-
-
-def _driver_host(spark) -> str:
-    from deepspark.training.rendezvous import local_ip
-
-    host = spark.conf.get("spark.driver.host", None)
-    return host or local_ip()
-
-
-def _payload(results, kind: ResultKind) -> bytes:
-    rows = [
-        (seq, bytes(payload))
-        for row_kind, seq, payload in zip(
-            results.column("kind").to_pylist(),
-            results.column("seq").to_pylist(),
-            results.column("payload").to_pylist(),
-            strict=True,
-        )
-        if row_kind == kind.value
-    ]
-    if not rows:
-        raise RuntimeError(f"the job sent no {kind.value} back")
-    return b"".join(payload for _, payload in sorted(rows))
-
-
-_BARRIER_TASK = re.compile(r"barrier task ResultTask\(\d+, (\d+)\)")
-_WORKER_CRASH = re.compile(r"(Python worker exited unexpectedly[^\n.]*)")
-
-
-def _failure_summary(error: Exception, errors: list[dict[str, Any]]) -> str:
-    """Which rank failed first and why, then every rank's reported error with its log tail."""
-    text = str(error)
-    parts = []
-    first = _BARRIER_TASK.search(text)
-    crash = _WORKER_CRASH.search(text)
-    reported = {int(event.get("rank", -1)) for event in errors}
-    if first is not None:
-        rank = int(first.group(1))
-        if crash is not None and rank not in reported:
-            parts.append(f"rank {rank} failed first: {crash.group(1).strip()}")
-        else:
-            parts.append(f"rank {rank} failed first")
-    elif crash is not None:
-        parts.append(crash.group(1).strip())
-    for event in errors:
-        tail = "\n".join(str(event.get("traceback", "")).strip().splitlines()[-6:])
-        parts.append(f"rank {event.get('rank')}: {event.get('error')}\n{tail}")
-    if not parts:
-        lines = [line for line in text.strip().splitlines() if "Error" in line]
-        parts.append((lines[-1] if lines else text.strip()[-500:] or repr(error))[:2000])
-    return "\n".join(parts)

@@ -1,0 +1,105 @@
+"""Driver-side checks and conversions that `Estimator` runs before any Spark job."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+__all__ = ["check_positive", "columns_of", "dry_run", "optimizer_factory", "pickled"]
+
+
+def dry_run(model: nn.Module, loss: Any, df: DataFrame, features, labels) -> None:
+    """Run model and loss on a few rows on the driver: shape and label errors surface here."""
+    from deepspark.data import batch_to_tensors
+
+    sample = df.select(*(columns_of(features) + columns_of(labels))).limit(4).toArrow()
+    if sample.num_rows == 0:
+        raise ValueError("fit: the training DataFrame has no rows")
+    inputs = batch_to_tensors(sample, features)
+    targets = batch_to_tensors(sample, labels)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                outputs = model(*inputs)
+            except Exception as error:
+                shapes = ", ".join(str(tuple(t.shape[1:])) for t in inputs)
+                raise ValueError(
+                    f"the model failed on a sample batch with feature shapes {shapes} "
+                    f"(per row): {error}. Check feature_cols and feature_shapes"
+                ) from error
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)
+                try:
+                    loss(outputs, targets[0] if len(targets) == 1 else targets)
+                except Exception as error:
+                    raise ValueError(
+                        f"the labels do not suit the loss: {type(loss).__name__} on "
+                        f"outputs of shape {tuple(outputs.shape)} and labels of shape "
+                        f"{tuple(targets[0].shape)} and dtype {targets[0].dtype} failed: "
+                        f"{error}. Check label_cols, or set label_dtypes (class ids need "
+                        "int64; regression targets float32 with the output's shape)"
+                    ) from error
+    finally:
+        model.train(was_training)
+
+
+def check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: give a positive integer")
+
+
+def optimizer_factory(optimizer: Any) -> Callable[[Any], torch.optim.Optimizer] | None:
+    """Accept `params -> Optimizer`, or an optimizer built on the driver (rebuilt per replica)."""
+    if optimizer is None or (
+        callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer)
+    ):
+        return optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer_class = type(optimizer)
+        hyperparameters = {
+            key: value for key, value in optimizer.defaults.items() if key != "params"
+        }
+        if len(optimizer.param_groups) > 1:
+            warnings.warn(
+                "the optimizer has several parameter groups; each replica is rebuilt with the "
+                "first group's defaults. Pass optimizer=lambda params: ... to keep the groups",
+                stacklevel=3,
+            )
+
+        def rebuild(params):
+            return optimizer_class(params, **hyperparameters)
+
+        return rebuild
+    raise TypeError(
+        f"optimizer must be a function params -> Optimizer or a torch.optim.Optimizer, "
+        f"not {type(optimizer).__name__}"
+    )
+
+
+def pickled(what: str, value: Any) -> bytes:
+    try:
+        return cloudpickle.dumps(value)
+    except Exception as error:
+        raise ValueError(
+            f"the {what} could not be pickled to send to the workers: {error}. Define it at "
+            "module level or as a function, and keep open files, locks and sessions out of it"
+        ) from error
+
+
+def columns_of(specs) -> list[str]:
+    names: list[str] = []
+    for spec in specs:
+        for name in spec.columns:
+            if name not in names:
+                names.append(name)
+    return names
