@@ -25,6 +25,7 @@ from deepspark.training.checkpoint import (
     save_checkpoint,
     save_model_weights,
 )
+from deepspark.training.weights import weights_from_bytes, weights_to_bytes
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -220,3 +221,31 @@ def test_weights_file_is_plain_safetensors(tmp_path):
     path = Path(tmp_path) / "model.safetensors"
     save_model_weights(str(path), nn.Linear(2, 2).state_dict())
     assert sorted(load_file(str(path))) == ["bias", "weight"]
+
+
+def test_weights_bytes_round_trip_keeps_ties_and_matches_the_file(tmp_path):
+    model = TiedNet()
+    state = model.state_dict()
+    state["transposed"] = torch.arange(6.0).reshape(2, 3).T  # non-contiguous
+    data = weights_to_bytes(state)
+    loaded = weights_from_bytes(data)
+    assert set(loaded) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert loaded["out.weight"] is loaded["embed.weight"]
+    del loaded["transposed"]
+    restored = TiedNet()
+    restored.load_state_dict(loaded, strict=True)
+    assert restored.out.weight is restored.embed.weight
+    assert torch.equal(restored.embed.weight, model.embed.weight)
+    # One format: save_model_weights writes the very same bytes.
+    path = Path(tmp_path) / "model.safetensors"
+    save_model_weights(str(path), state)
+    assert path.read_bytes() == data
+
+
+def test_weights_from_bytes_reads_plain_safetensors():
+    from safetensors.torch import save
+
+    loaded = weights_from_bytes(save({"weight": torch.ones(2, 2)}))
+    assert list(loaded) == ["weight"] and torch.equal(loaded["weight"], torch.ones(2, 2))

@@ -19,7 +19,9 @@ rely on the manifest and the ``LATEST`` pointer, both written after the data. Re
 ``LATEST`` when it names a complete checkpoint and otherwise take the complete checkpoint of
 the highest epoch.
 
-Only one process (rank 0) should write to a directory at a time.
+Only one process (rank 0) should write to a directory at a time. The model weights go through
+:mod:`deepspark.training.weights`, whose functions this module re-exports, and the RNG states
+through :mod:`deepspark.training.rng_state`.
 """
 
 from __future__ import annotations
@@ -29,19 +31,19 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
+
+from deepspark.training.rng_state import get_rng_state, set_rng_state
+from deepspark.training.weights import load_model_weights, save_model_weights, unwrap_model
 
 __all__ = [
     "CheckpointInfo",
@@ -65,7 +67,6 @@ RNG_FILE = "rng.pt"
 _FORMAT_VERSION = 1
 _NAME = re.compile(r"epoch-(\d+)")
 _STAGING_PREFIX = ".tmp-"
-_ALIASES_KEY = "deepspark.aliases"
 
 
 @dataclass(frozen=True)
@@ -126,214 +127,6 @@ def _torch_load(fs: fsspec.AbstractFileSystem, path: str, map_location: Any) -> 
     with fs.open(path, "rb") as handle:
         data = handle.read()
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the user's module inside DistributedDataParallel, DataParallel or torch.compile
-    wrappers (the model itself when unwrapped).
-
-    Examples
-    --------
-    >>> import torch
-    >>> layer = torch.nn.Linear(1, 1)
-    >>> unwrap_model(torch.nn.DataParallel(layer)) is layer
-    True
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-# --- model weights ----------------------------------------------------------------------------
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
-    return (tensor.device, tensor.untyped_storage().data_ptr())
-
-
-def _weights_for_safetensors(
-    state_dict: Mapping[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors safetensors accepts (contiguous, CPU, no shared memory) and the aliases of tied
-    entries: ``{name: name_it_is_identical_to}``."""
-    first_view: dict[tuple[Any, ...], str] = {}
-    aliases: dict[str, str] = {}
-    kept: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor; "
-                "safetensors stores tensors only"
-            )
-        tensor = tensor.detach()
-        if tensor.numel() > 0:
-            view = (
-                *_storage_key(tensor),
-                tensor.storage_offset(),
-                tuple(tensor.shape),
-                tuple(tensor.stride()),
-                tensor.dtype,
-            )
-            if view in first_view:  # tied weights: the very same view under a second name
-                aliases[name] = first_view[view]
-                continue
-            first_view[view] = name
-        kept[name] = tensor
-    # Different views of one storage (a slice of a fused buffer, say) are stored as copies.
-    owners: dict[tuple[Any, ...], int] = {}
-    for tensor in kept.values():
-        if tensor.numel() > 0:
-            owners[_storage_key(tensor)] = owners.get(_storage_key(tensor), 0) + 1
-    tensors = {}
-    for name, tensor in kept.items():
-        shared = tensor.numel() > 0 and owners[_storage_key(tensor)] > 1
-        tensor = tensor.to("cpu").contiguous()
-        tensors[name] = tensor.clone() if shared else tensor
-    return tensors, aliases
-
-
-def save_model_weights(path: str, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Write a state dict as one safetensors file at an fsspec URL.
-
-    Tied parameters (one tensor under several names, as in a language model's shared
-    embedding) are stored once and restored under every name; non-contiguous tensors are made
-    contiguous and GPU tensors copied to the CPU.
-
-    Parameters
-    ----------
-    path : str
-        Local path or fsspec URL of the file to write.
-    state_dict : mapping of str to torch.Tensor
-        Usually ``model.state_dict()``.
-
-    Raises
-    ------
-    TypeError
-        When an entry is not a tensor.
-
-    Examples
-    --------
-    >>> import torch
-    >>> layer = torch.nn.Linear(2, 2)
-    >>> save_model_weights("memory://doc/weights.safetensors", layer.state_dict())
-    >>> sorted(load_model_weights("memory://doc/weights.safetensors"))
-    ['bias', 'weight']
-    """
-    from safetensors.torch import save, save_file
-
-    tensors, aliases = _weights_for_safetensors(state_dict)
-    metadata = {_ALIASES_KEY: json.dumps(aliases)}
-    fs, local_path = fsspec.core.url_to_fs(path)
-    parent = os.path.dirname(local_path.rstrip("/"))
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        save_file(tensors, local_path, metadata=metadata)  # streams; no second copy in memory
-    else:
-        _write_bytes(fs, local_path, save(tensors, metadata=metadata))
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    header_size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_size])
-    return dict(header.get("__metadata__") or {})
-
-
-def load_model_weights(path: str) -> dict[str, torch.Tensor]:
-    """Read a safetensors file written by :func:`save_model_weights` into a state dict.
-
-    Loading runs no code. Tied entries come back as the same tensor under each name, so
-    ``model.load_state_dict(..., strict=True)`` accepts the result.
-
-    Parameters
-    ----------
-    path : str
-        Local path or fsspec URL.
-
-    Returns
-    -------
-    dict of str to torch.Tensor
-        CPU tensors.
-
-    Examples
-    --------
-    >>> import torch
-    >>> save_model_weights("memory://doc/w.safetensors", {"w": torch.ones(2)})
-    >>> load_model_weights("memory://doc/w.safetensors")["w"].tolist()
-    [1.0, 1.0]
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load, load_file
-
-    fs, local_path = fsspec.core.url_to_fs(path)
-    if isinstance(fs, LocalFileSystem):
-        tensors = load_file(local_path)
-        with safe_open(local_path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    else:
-        with fs.open(local_path, "rb") as stream:
-            data = stream.read()
-        tensors = load(data)
-        metadata = _safetensors_metadata(data)
-    for alias, target in json.loads(metadata.get(_ALIASES_KEY, "{}")).items():
-        tensors[alias] = tensors[target]
-    return tensors
-
-
-# --- RNG state --------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "python": {
-            "version": int(version),
-            "state": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    saved_numpy = state["numpy"]
-    np.random.set_state(
-        (
-            saved_numpy["kind"],
-            saved_numpy["keys"].numpy().astype(np.uint32),
-            saved_numpy["position"],
-            saved_numpy["has_gauss"],
-            saved_numpy["cached_gaussian"],
-        )
-    )
-    saved_python = state["python"]
-    random.setstate(
-        (
-            saved_python["version"],
-            tuple(int(value) for value in saved_python["state"].tolist()),
-            saved_python["gauss_next"],
-        )
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"][: torch.cuda.device_count()]
-        for device, cuda_state in enumerate(cuda_states):
-            torch.cuda.set_rng_state(cuda_state, device)
 
 
 # --- finding checkpoints ----------------------------------------------------------------------
@@ -554,7 +347,7 @@ def _write_checkpoint_files(
         _write_bytes(fs, _join(folder, OPTIMIZER_FILE), _torch_bytes(optimizer.state_dict()))
     if scheduler is not None:
         _write_bytes(fs, _join(folder, SCHEDULER_FILE), _torch_bytes(scheduler.state_dict()))
-    _write_bytes(fs, _join(folder, RNG_FILE), _torch_bytes(_rng_state()))
+    _write_bytes(fs, _join(folder, RNG_FILE), _torch_bytes(get_rng_state()))
     written = [MODEL_FILE, RNG_FILE]
     written += [OPTIMIZER_FILE] if optimizer is not None else []
     written += [SCHEDULER_FILE] if scheduler is not None else []
@@ -657,7 +450,7 @@ def load_checkpoint(
             )
         target.load_state_dict(_torch_load(fs, _join(folder, file_name), map_location))
     if restore_rng:
-        _restore_rng(_torch_load(fs, _join(folder, RNG_FILE), "cpu"))
+        set_rng_state(_torch_load(fs, _join(folder, RNG_FILE), "cpu"))
     return {"epoch": info.epoch, "extra": info.extra, "path": info.path, "created": info.created}
 
 

@@ -324,7 +324,7 @@ class Estimator:
         finally:
             if own_checkpoints is not None:
                 shutil.rmtree(own_checkpoints, ignore_errors=True)
-        from deepspark.training.worker import weights_from_bytes
+        from deepspark.training.weights import weights_from_bytes
 
         self._model.load_state_dict(weights_from_bytes(result.payload(ResultKind.WEIGHTS)))
         self.attempts_ = result.attempts

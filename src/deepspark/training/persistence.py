@@ -27,7 +27,7 @@ TRAINING = "training.pkl"
 
 
 def save_estimator(estimator: Any, path: str) -> str:
-    from deepspark.training.worker import weights_to_bytes
+    from deepspark.training.weights import weights_to_bytes
 
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root, exist_ok=True)
@@ -40,7 +40,7 @@ def save_estimator(estimator: Any, path: str) -> str:
         "use_gpu": estimator.use_gpu,
         "history": estimator.history.to_dict(orient="records"),
     }
-    _write(fs, f"{root}/{WEIGHTS}", weights_to_bytes(model))
+    _write(fs, f"{root}/{WEIGHTS}", weights_to_bytes(model.state_dict()))
     _write(fs, f"{root}/{MODEL}", cloudpickle.dumps(model))
     training = {
         "loss": estimator.loss,
@@ -56,7 +56,7 @@ def save_estimator(estimator: Any, path: str) -> str:
 
 def load_saved_model(path: str):
     """The model of a saved estimator directory, with its weights (unpickles trusted code)."""
-    from deepspark.training.worker import weights_from_bytes
+    from deepspark.training.weights import weights_from_bytes
 
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(f"{root}/{METADATA}"):

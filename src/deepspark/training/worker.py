@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import json
 import logging
 import os
@@ -18,7 +17,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
 import pyarrow as pa
 import torch
 from torch import nn
@@ -203,30 +201,8 @@ def _result_batch(kind: ResultKind, payload: bytes, seq: int = 0) -> pa.RecordBa
 
 
 def _weights_batches(model: nn.Module) -> Iterator[pa.RecordBatch]:
-    blob = weights_to_bytes(model)
+    from deepspark.training.weights import unwrap_model, weights_to_bytes
+
+    blob = weights_to_bytes(unwrap_model(model).state_dict())
     for seq, start in enumerate(range(0, max(len(blob), 1), RESULT_CHUNK_BYTES)):
         yield _result_batch(ResultKind.WEIGHTS, blob[start : start + RESULT_CHUNK_BYTES], seq)
-
-
-def weights_to_bytes(model: nn.Module) -> bytes:
-    """The model's state as safetensors bytes (shared tensors de-duplicated by cloning)."""
-    from safetensors.torch import save
-
-    state = {
-        name: tensor.detach().cpu().contiguous().clone()
-        for name, tensor in model.state_dict().items()
-    }
-    return save(state)
-
-
-def weights_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(blob)
-
-
-def dumps(obj: Any) -> bytes:
-    """cloudpickle with the error a user can act on."""
-    buffer = io.BytesIO()
-    cloudpickle.dump(obj, buffer)
-    return buffer.getvalue()
