@@ -102,9 +102,33 @@ def local_cluster_spark():
     )
 
 
+CONNECT_PORT = 15002  # where pyspark's client looks for a local Connect server
+
+
+def _wait_for_connect_port(timeout_s: float = 60.0) -> None:
+    """Another test run on this machine may hold the port a local Connect server needs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", CONNECT_PORT))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"port {CONNECT_PORT} stayed busy for {timeout_s:g} s: another Spark "
+                        "Connect server runs on this machine"
+                    ) from None
+        time.sleep(1.0)
+
+
 @pytest.fixture
 def connect_spark():
     """A Spark Connect client talking to a local Connect server (`remote("local[2]")`)."""
+    if _switch.kind != "connect_spark":
+        _switch.stop()
+        _wait_for_connect_port()
     return _switch.get(
         "connect_spark",
         lambda: ds.init_context("connect", master="local[2]", app_name="deepspark-tests-connect"),

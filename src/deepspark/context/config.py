@@ -159,10 +159,14 @@ def resolve_spark_conf(config: ContextConfig) -> dict[str, str]:
     mode = config.cluster_mode
     conf: dict[str, str] = dict(DEEP_LEARNING_DEFAULTS)
     conf["spark.app.name"] = config.app_name
-    if mode in (ClusterMode.LOCAL, ClusterMode.LOCAL_CLUSTER) or (
+    local_connect = bool(
         mode is ClusterMode.CONNECT and config.master and config.master.startswith("local")
-    ):
+    )
+    if mode in (ClusterMode.LOCAL, ClusterMode.LOCAL_CLUSTER) or local_connect:
         conf.update(_LOOPBACK_DEFAULTS)
+    if local_connect:
+        # A Connect server started for this process serves this process only.
+        conf["spark.connect.grpc.binding.address"] = "127.0.0.1"
     if config.master and mode is not ClusterMode.CONNECT:
         conf["spark.master"] = config.master
     if config.executor_cores:
