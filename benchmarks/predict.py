@@ -23,9 +23,7 @@ Usage: python benchmarks/predict.py [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from _common import emit_json, machine, print_table, today
 
 BATCH_SIZE = 1024
 CORES = 2
@@ -184,8 +183,8 @@ def main() -> None:
     import deepspark as ds
 
     cases = [
-        Case("mlp", make_mlp, (64,), 200_000 if args.quick else 1_000_000),
-        Case("cnn", make_cnn, (1, 28, 28), 20_000 if args.quick else 100_000),
+        Case("mlp", make_mlp, (64,), 100_000 if args.quick else 1_000_000),
+        Case("cnn", make_cnn, (1, 28, 28), 10_000 if args.quick else 100_000),
     ]
     spark = ds.init_context(cores=CORES, driver_memory="4g", app_name="benchmark-predict")
     spark.sparkContext.setLogLevel("ERROR")
@@ -194,7 +193,9 @@ def main() -> None:
         "quick": args.quick,
         "cores": CORES,
         "batch_size": BATCH_SIZE,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+        "date": today(),
+        "machine": machine(),
+        "torch": torch.__version__,
     }
     results["load_average_1m_before"] = round(os.getloadavg()[0], 2)
     try:
@@ -207,19 +208,19 @@ def main() -> None:
     results["load_average_1m_after"] = round(os.getloadavg()[0], 2)
 
     print()
-    print(f"{'model':<6}{'rows':>10}{'single process':>17}{'predict_batch_udf':>20}"
-          f"{'deepspark':>12}{'vs single':>11}{'vs udf':>9}")  # fmt: skip
-    for case in cases:
-        r = {key: results[f"{case.name}_{key}"] for key in ("rows", *_RATE_KEYS)}
-        print(
-            f"{case.name:<6}{r['rows']:>10,}{r['single_process_rows_per_s']:>15,}/s"
-            f"{r['predict_batch_udf_rows_per_s']:>18,}/s{r['deepspark_rows_per_s']:>10,}/s"
-            f"{r['ratio_vs_single_process']:>10.2f}x{r['ratio_vs_predict_batch_udf']:>8.2f}x"
-        )
-    print(json.dumps(results))
+    print_table(
+        ["model", "rows", "single process rows/s", "predict_batch_udf rows/s",
+         "deepspark rows/s", "vs single process", "vs predict_batch_udf"],
+        [
+            [case.name, *(results[f"{case.name}_{key}"] for key in _TABLE_KEYS)]
+            for case in cases
+        ],
+    )  # fmt: skip
+    emit_json(results)
 
 
-_RATE_KEYS = (
+_TABLE_KEYS = (
+    "rows",
     "single_process_rows_per_s",
     "predict_batch_udf_rows_per_s",
     "deepspark_rows_per_s",

@@ -13,16 +13,23 @@ deprecated in torch 2.9+ and due to be removed, so it is not the default here; p
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fsspec
 import torch
 
-from deepspark.inference.models import ModelKind, ModelSource, load_model
-from deepspark.inference.runtimes import import_onnxruntime, torchscript_deprecation_silenced
+from deepspark.inference.models import ModelKind, ModelSource, is_local, load_model
+from deepspark.inference.runtimes import (
+    evaluating,
+    import_onnxruntime,
+    torchscript_deprecation_silenced,
+)
 
 __all__ = ["ExportMismatchError", "export_onnx", "export_program", "export_torchscript"]
 
@@ -44,12 +51,13 @@ def _as_tuple(sample_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[tor
     return inputs
 
 
-def _batch_of_two_or_more(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def _dynamic_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], tuple]:
+    """Inputs to trace and ``dynamic_shapes`` for ``torch.export`` with a free batch dimension."""
     # torch.export specialises a dimension of size 1 to a constant; a batch of at least two
     # rows keeps the batch dimension dynamic.
-    if inputs[0].shape[0] >= 2:
-        return inputs
-    return tuple(torch.cat([t, t]) for t in inputs)
+    traced = inputs if inputs[0].shape[0] >= 2 else tuple(torch.cat([t, t]) for t in inputs)
+    batch = torch.export.Dim("batch")
+    return traced, tuple({0: batch} for _ in inputs)
 
 
 def _reference(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -76,9 +84,18 @@ def _verify(path: str, kind: ModelKind, reference: torch.Tensor, inputs, atol: f
         )
 
 
-def _is_local(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's internal notices (torch's own deprecations, absent torchvision ops)."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
 
 
 def _check_writable(path: str | os.PathLike[str]) -> str:
@@ -146,7 +163,6 @@ def export_onnx(
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as err:
         raise ImportError("ONNX export needs onnx: run `pip install deepspark[onnx]`") from err
-    url = _check_writable(path)
     inputs = _as_tuple(sample_inputs)
     names = list(input_names) if input_names else [f"input_{i}" for i in range(len(inputs))]
     if len(names) != len(inputs) or len(set(names)) != len(names):
@@ -154,34 +170,34 @@ def export_onnx(
             f"input_names={list(names)!r} needs one distinct name per sample input "
             f"({len(inputs)} given)"
         )
-    was_training = model.training
-    model.eval()
-    try:
+    url = _check_writable(path)
+    with evaluating(model):
         options: dict[str, Any] = {"external_data": False, "dynamo": True, "verbose": False}
         options.update(export_kwargs)
-        traced_inputs = _batch_of_two_or_more(inputs) if dynamic_batch else inputs
+        traced_inputs = inputs
         if dynamic_batch and options["dynamo"]:
-            batch = torch.export.Dim("batch")
-            options.setdefault("dynamic_shapes", tuple({0: batch} for _ in inputs))
+            traced_inputs, dynamic_shapes = _dynamic_batch(inputs)
+            options.setdefault("dynamic_shapes", dynamic_shapes)
         elif dynamic_batch:
             axes = {name: {0: "batch"} for name in [*names, output_name]}
             options.setdefault("dynamic_axes", axes)
         if not options["dynamo"]:
             options.pop("external_data")
         fs, root = fsspec.core.url_to_fs(url)
-        local = _is_local(fs)
+        local = is_local(fs)
         with tempfile.TemporaryDirectory(prefix="deepspark-onnx-") as scratch:
             # The exporter writes local files only; other URLs get a verified local copy.
             target = root if local else os.path.join(scratch, os.path.basename(root))
             try:
-                torch.onnx.export(
-                    model,
-                    traced_inputs,
-                    target,
-                    input_names=names,
-                    output_names=[output_name],
-                    **options,
-                )
+                with _quiet_exporter():
+                    torch.onnx.export(
+                        model,
+                        traced_inputs,
+                        target,
+                        input_names=names,
+                        output_names=[output_name],
+                        **options,
+                    )
             except ImportError as err:
                 raise ImportError(
                     f"torch.onnx.export needs {err.name or 'onnxscript'}: run "
@@ -190,8 +206,6 @@ def export_onnx(
             _verify(target, ModelKind.ONNX, _reference(model, inputs), inputs, atol)
             if not local:
                 fs.put(target, root)
-    finally:
-        model.train(was_training)
     return url
 
 
@@ -236,9 +250,7 @@ def export_torchscript(
         raise ValueError(f"method={method!r}: use 'trace' or 'script'")
     url = _check_writable(path)
     inputs = _as_tuple(sample_inputs)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         with torch.no_grad(), torchscript_deprecation_silenced():
             if method == "trace":
                 # check_trace=False: the file itself is verified below, in its own runtime.
@@ -248,8 +260,6 @@ def export_torchscript(
         with fsspec.open(url, "wb") as file, torchscript_deprecation_silenced():
             torch.jit.save(scripted, file)
         _verify(url, ModelKind.TORCHSCRIPT, _reference(model, inputs), inputs, atol)
-    finally:
-        model.train(was_training)
     return url
 
 
@@ -291,19 +301,11 @@ def export_program(
     """
     url = _check_writable(path)
     inputs = _as_tuple(sample_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        dynamic_shapes = None
-        traced_inputs = inputs
-        if dynamic_batch:
-            batch = torch.export.Dim("batch")
-            dynamic_shapes = tuple({0: batch} for _ in inputs)
-            traced_inputs = _batch_of_two_or_more(inputs)
-        program = torch.export.export(model, traced_inputs, dynamic_shapes=dynamic_shapes)
+    with evaluating(model):
+        traced_inputs, dynamic_shapes = _dynamic_batch(inputs) if dynamic_batch else (inputs, None)
+        with _quiet_exporter():
+            program = torch.export.export(model, traced_inputs, dynamic_shapes=dynamic_shapes)
         with fsspec.open(url, "wb") as file:
             torch.export.save(program, file)
         _verify(url, ModelKind.TORCH_EXPORT, _reference(model, inputs), inputs, atol)
-    finally:
-        model.train(was_training)
     return url

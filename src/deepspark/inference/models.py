@@ -375,6 +375,12 @@ def _load_uncached(source: ModelSource, device: str, num_threads: int | None) ->
     raise ValueError(f"unknown model kind {kind!r}")
 
 
+def is_local(fs: Any) -> bool:
+    """Whether an fsspec file system is this machine's own disk."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 def _read_bytes(url: str | None) -> bytes:
     assert url is not None
     try:
@@ -388,6 +394,6 @@ def _onnx_model(source: ModelSource) -> str | bytes:
     if source.payload is not None:
         return source.payload
     fs, root = fsspec.core.url_to_fs(source.path)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         return root  # a local path lets ONNX Runtime find external weight files beside it
     return _read_bytes(source.path)

@@ -29,7 +29,7 @@ from deepspark.inference.models import (
     load_model,
     model_source,
 )
-from deepspark.inference.runtimes import Predictor, TorchModulePredictor
+from deepspark.inference.runtimes import Predictor, TorchModulePredictor, evaluating
 from deepspark.inference.worker import (
     OutputKind,
     PredictSpec,
@@ -251,13 +251,9 @@ def _driver_predictor(model: Any, source: ModelSource, cache_bytes: int) -> Iter
     if source.kind is not ModelKind.TORCH or not isinstance(model, torch.nn.Module):
         yield load_model(source, cache_bytes=cache_bytes)
         return
-    modes = [(module, module.training) for module in model.modules()]
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    try:
+    with evaluating(model):
         yield TorchModulePredictor(model, str(device))
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _columns_of(features: Sequence[Any]) -> list[str]:

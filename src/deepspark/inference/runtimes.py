@@ -53,6 +53,18 @@ def torchscript_deprecation_silenced() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode for the block; every submodule's own mode comes back after."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
 def describe_shapes(inputs: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> str:
     """``'features' (N=3, 5) float32`` for each input, the batch dimension shown as ``N=``."""
     parts = []
