@@ -19,7 +19,8 @@ machine does not tilt the ratio; wall-clock figures are reported beside them (``
 with the load average. Speed figures take the best of repeated passes. Peak RSS is the
 high-water mark (``VmHWM``) of a task's Python process while it feeds, reset at task start;
 ``feed_rss_mb`` subtracts the process's resident size before the feed began (interpreter,
-torch and pyarrow already loaded).
+torch and pyarrow already loaded). ``spark_read_s`` (full runs) is Spark reading the source
+alone (a ``noop`` write over the same 2 partitions): the floor under both (b) and (c).
 
 Targets: (c) later epochs >= 0.8x (a) per core; (c) first epoch >= 2x faster than (b);
 a task's peak RSS under 2x one batch + 200 MB with a partition 10x that size (the full image
@@ -76,7 +77,8 @@ def write_source(variant: Variant, directory: str) -> list[str]:
     """The data as it lives before training: Parquet files, features as array<float>."""
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(0)
-    noise = rng.standard_normal(65_536 * variant.width, dtype=np.float32)
+    chunk = min(65_536, variant.rows)
+    noise = rng.standard_normal(chunk * variant.width, dtype=np.float32)
     paths = []
     per_file = -(-variant.rows // FILES)
     for index in range(FILES):
@@ -86,9 +88,9 @@ def write_source(variant: Variant, directory: str) -> list[str]:
         path = os.path.join(directory, f"part-{index:03d}.parquet")
         schema = pa.schema([(variant.column, pa.list_(pa.float32())), ("label", pa.int64())])
         with pq.ParquetWriter(path, schema, compression="snappy") as writer:
-            for first in range(start, stop, 65_536):
-                count = min(65_536, stop - first)
-                shift = rng.integers(0, 65_536 - count + 1) * variant.width
+            for first in range(start, stop, chunk):
+                count = min(chunk, stop - first)
+                shift = rng.integers(0, chunk - count + 1) * variant.width
                 values = noise[shift : shift + count * variant.width]
                 offsets = np.arange(0, values.size + 1, variant.width, dtype=np.int32)
                 column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
@@ -228,8 +230,6 @@ def deepspark_tasks(spark, variant: Variant, source: str, epochs: int) -> dict:
         )
         yield pa.record_batch({"report": [json.dumps(report)]})
 
-    # Warm Python workers (as a warm session would have): start them and import torch.
-    spark.range(0, 2, 1, 2).mapInArrow(_warm_worker, "ok long").collect()
     submitted = time.time()
     reports = df.mapInArrow(task, "report string").collect()
     finished = time.time()
@@ -266,8 +266,17 @@ def _warm_worker(batches):
         yield pa.record_batch({"ok": pa.array([batch.num_rows], pa.int64())})
 
 
+_STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """Progress on stdout, with the seconds since the benchmark started."""
+    print(f"{time.perf_counter() - _STARTED:7.1f}s  {message}", flush=True)
+
+
 def warm_up_spark(spark, source: str, target: str) -> None:
-    """Load the classes both Spark paths use (Parquet scan and write, Arrow to Python)."""
+    """Load the classes both Spark paths use (Parquet scan and write, Arrow to Python) and
+    start the Python workers with torch imported, as a warm session would have them."""
     sample = spark.read.parquet(source).limit(2000)
     sample.write.mode("overwrite").parquet(target)
     sample.mapInArrow(_warm_worker, "ok long").collect()
@@ -277,21 +286,36 @@ def warm_up_spark(spark, source: str, target: str) -> None:
 # --- the run --------------------------------------------------------------------------------
 
 
-def run_variant(spark, variant: Variant, workdir: str, pool, epochs: int, repeats: int) -> dict:
+def run_variant(
+    spark,
+    variant: Variant,
+    workdir: str,
+    pool,
+    epochs: int,
+    repeats: int,
+    *,
+    warm_up: bool,
+    quick: bool,
+) -> dict:
     source = os.path.join(workdir, f"{variant.name}-source")
     started = time.perf_counter()
     write_source(variant, source)
-    print(
-        f"[{variant.name}] wrote {variant.rows:,} rows in {time.perf_counter() - started:.1f} s",
-        flush=True,
-    )
-    warm_up_spark(spark, source, os.path.join(workdir, "warm-up"))
+    log(f"[{variant.name}] wrote {variant.rows:,} rows in {time.perf_counter() - started:.1f} s")
+    if warm_up:
+        warm_up_spark(spark, source, os.path.join(workdir, "warm-up"))
+        log(f"[{variant.name}] Spark warmed up")
     a = limit(variant, source, repeats)
-    print(f"[{variant.name}] (a) {a['rows_per_cpu_s']:,.0f} rows per CPU second", flush=True)
+    log(f"[{variant.name}] (a) {a['rows_per_cpu_s']:,.0f} rows per CPU second")
     b = materialise_then_read(spark, variant, source, os.path.join(workdir, "materialised"), pool)
-    print(f"[{variant.name}] (b) {b['total_s']:.1f} s", flush=True)
+    log(f"[{variant.name}] (b) {b['total_s']:.1f} s")
     c = deepspark_tasks(spark, variant, source, epochs)
-    print(f"[{variant.name}] (c) first epoch {c['first_epoch_s']:.1f} s", flush=True)
+    log(f"[{variant.name}] (c) first epoch {c['first_epoch_s']:.1f} s")
+    spark_read_s = None
+    if not quick:
+        # The floor under (b) and (c): Spark reading the source, rows produced, no output.
+        started = time.perf_counter()
+        spark.read.parquet(source).coalesce(2).write.format("noop").mode("overwrite").save()
+        spark_read_s = time.perf_counter() - started
     expected = variant.rows * (variant.rows - 1) // 2
     assert a["checksum"] == b["checksum"] == c["checksum"] == expected, "rows went missing"
     assert c["checksums_ok"], "an epoch did not see every row exactly once"
@@ -314,6 +338,7 @@ def run_variant(spark, variant: Variant, workdir: str, pool, epochs: int, repeat
         "partition_mb_per_task": c["partition_mb"],
         "rss_target_mb": 2 * batch_mb + 200,
         "spill_s": max(t["spill_s"] for t in c["tasks"]),
+        "spark_read_s": spark_read_s,
     }
 
 
@@ -325,35 +350,49 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs per task (first + later)")
     parser.add_argument("--workdir", help="where the Parquet data and spills go")
     args = parser.parse_args()
-    rows = args.rows or (200_000 if args.quick else 2_000_000)
-    image_rows = args.image_rows or (20_000 if args.quick else 1_400_000)
-    epochs = args.epochs or (3 if args.quick else 4)
-    repeats = 2 if args.quick else 3
+    rows = args.rows or (100_000 if args.quick else 2_000_000)
+    image_rows = args.image_rows or (10_000 if args.quick else 1_400_000)
+    epochs = args.epochs or (2 if args.quick else 4)
+    repeats = 1 if args.quick else 3
     workdir = tempfile.mkdtemp(prefix="deepspark-feed-bench-", dir=args.workdir)
     load_before = os.getloadavg()[0]
 
     import deepspark as ds
 
-    # Python workers must run this interpreter, the one with deepspark installed.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    # 4 GiB of heap: Spark's Parquet writer in (b) runs out of the default 1 GiB on images.
-    spark = ds.init_context(cores=2, driver_memory="4g")
-    spark.sparkContext.setLogLevel("ERROR")
     context = multiprocessing.get_context("spawn")
     results = {}
     try:
         with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
-            # (b)'s readers start before the clock, as its peers' workers would be.
-            assert len(set(pool.map(_warm_up, range(2)))) == 2
+            # (b)'s readers start before the clock, as its peers' workers would be; they
+            # start while Spark does.
+            readers = [pool.submit(_warm_up, index) for index in range(2)]
+            # Python workers must run this interpreter, the one with deepspark installed.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            # 4 GiB of heap: Spark's Parquet writer in (b) runs out of the default 1 GiB on
+            # the images.
+            spark = ds.init_context(cores=2, driver_memory="4g")
+            spark.sparkContext.setLogLevel("ERROR")
+            assert len({reader.result() for reader in readers}) == 2
+            log("Spark and the reader processes started")
             variants = [
                 Variant("features", "features", (FEATURES,), rows),
                 Variant("image", "image", IMAGE_SHAPE, image_rows),
             ]
-            for variant in variants:
-                results[variant.name] = run_variant(spark, variant, workdir, pool, epochs, repeats)
+            for index, variant in enumerate(variants):
+                results[variant.name] = run_variant(
+                    spark,
+                    variant,
+                    workdir,
+                    pool,
+                    epochs,
+                    repeats,
+                    warm_up=index == 0,
+                    quick=args.quick,
+                )
     finally:
         ds.stop_context()
         shutil.rmtree(workdir, ignore_errors=True)
+    log("done")
 
     load_after = os.getloadavg()[0]
     headers = [

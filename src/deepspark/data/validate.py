@@ -91,7 +91,7 @@ def resolve_specs(
         return ()
     fields = {field.name: field for field in df.schema.fields}
     shapes, dtypes, decoders = dict(shapes or {}), dict(dtypes or {}), dict(decoders or {})
-    for option, mapping in (("shapes", shapes), ("decoders", decoders)):
+    for option, mapping in (("shapes", shapes), ("dtypes", dtypes), ("decoders", decoders)):
         _check_keys(option, mapping, fields)
     specs = []
     for names, stacked in groups:
@@ -166,8 +166,13 @@ def _check_exists(name: str, fields: Mapping[str, Any], arg: str) -> None:
     )
 
 
-def _check_keys(option: str, mapping: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
-    unknown = [key for key in mapping if key not in fields]
+def _check_keys(option: str, mapping: Mapping[Any, Any], fields: Mapping[str, Any]) -> None:
+    # A typo in a key would otherwise be ignored silently. Tuple keys name stacked groups.
+    unknown = [
+        key
+        for key in mapping
+        if any(name not in fields for name in (key if isinstance(key, tuple) else (key,)))
+    ]
     if unknown:
         raise FeedError(
             f"{option}: {unknown} {'is' if len(unknown) == 1 else 'are'} not DataFrame columns; "
