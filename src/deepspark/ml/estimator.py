@@ -15,6 +15,7 @@ from pyspark.ml import Model as SparkModel
 from pyspark.ml.util import MLReadable, MLWritable
 
 from deepspark.ml import core
+from deepspark.ml.losses import default_output_kind, loss_task
 from deepspark.ml.params import _TorchEstimatorParams, _TorchParams
 from deepspark.ml.persistence import TorchStageReader, TorchStageWriter, join
 
@@ -94,7 +95,7 @@ class TorchEstimator(
     >>> est.setEpochs(3).getEpochs()
     3
 
-    In a Pipeline, with a Spark session and a DataFrame of pixel columns and a label:
+    In a Pipeline, with a Spark session ``spark`` and DataFrames of pixel columns and a label:
 
     >>> from pyspark.ml import Pipeline, PipelineModel
     >>> from pyspark.ml.feature import VectorAssembler, StandardScaler
@@ -185,21 +186,9 @@ class TorchEstimator(
         """Set `metrics`."""
         return self._set(metrics=value)
 
-    def setFeaturesCol(self, value: str) -> TorchEstimator:
-        """Set `featuresCol`."""
-        return self._set(featuresCol=value)
-
     def setLabelCol(self, value: str) -> TorchEstimator:
         """Set `labelCol`."""
         return self._set(labelCol=value)
-
-    def setPredictionCol(self, value: str) -> TorchEstimator:
-        """Set `predictionCol`."""
-        return self._set(predictionCol=value)
-
-    def setProbabilityCol(self, value: str) -> TorchEstimator:
-        """Set `probabilityCol` (``""`` leaves the column out)."""
-        return self._set(probabilityCol=value)
 
     def setEpochs(self, value: int) -> TorchEstimator:
         """Set `epochs`."""
@@ -241,18 +230,6 @@ class TorchEstimator(
         """Set `showProgress`."""
         return self._set(showProgress=value)
 
-    def setOutputKind(self, value: str) -> TorchEstimator:
-        """Set `outputKind`."""
-        return self._set(outputKind=value)
-
-    def setFeatureShape(self, value: list[int]) -> TorchEstimator:
-        """Set `featureShape`."""
-        return self._set(featureShape=value)
-
-    def setPredictBatchSize(self, value: int) -> TorchEstimator:
-        """Set `predictBatchSize`."""
-        return self._set(predictBatchSize=value)
-
     # --- Estimator --------------------------------------------------------------------------
 
     def _fit(self, dataset: DataFrame) -> TorchModel:
@@ -262,7 +239,7 @@ class TorchEstimator(
         self._copyValues(fitted)
         if self.getOutputKind() == "auto":
             # the model records what "auto" meant for this loss, as its default
-            fitted._setDefault(outputKind=core.default_output_kind(core.loss_task(self.getLoss())))
+            fitted._setDefault(outputKind=default_output_kind(loss_task(self.getLoss())))
             fitted.clear(fitted.outputKind)
         return fitted
 
@@ -326,8 +303,8 @@ class TorchModel(SparkModel, _TorchParams, MLWritable, MLReadable["TorchModel"])
     ...                    featuresCol="x", probabilityCol="")
     >>> model.getOutputKind(), model.getFeaturesCol(), type(model.module).__name__
     ('class', 'x', 'Linear')
-    >>> df = spark.createDataFrame([([0.5] * 4,)], "x array<float>")  # doctest: +SKIP
-    >>> model.transform(df).columns  # doctest: +SKIP
+    >>> df = spark.createDataFrame([([0.5] * 4,)], "x array<float>")
+    >>> model.transform(df).columns
     ['x', 'prediction']
     >>> model.write().overwrite().save("/tmp/linear-model")  # doctest: +SKIP
     >>> TorchModel.load("/tmp/linear-model").module  # doctest: +SKIP
@@ -363,30 +340,6 @@ class TorchModel(SparkModel, _TorchParams, MLWritable, MLReadable["TorchModel"])
     def history(self) -> pd.DataFrame:
         """The training history: one row per epoch (loss, metrics, samples/s, seconds)."""
         return self._checked_engine().history
-
-    def setFeaturesCol(self, value: str) -> TorchModel:
-        """Set `featuresCol`."""
-        return self._set(featuresCol=value)
-
-    def setPredictionCol(self, value: str) -> TorchModel:
-        """Set `predictionCol`."""
-        return self._set(predictionCol=value)
-
-    def setProbabilityCol(self, value: str) -> TorchModel:
-        """Set `probabilityCol` (``""`` leaves the column out)."""
-        return self._set(probabilityCol=value)
-
-    def setOutputKind(self, value: str) -> TorchModel:
-        """Set `outputKind`."""
-        return self._set(outputKind=value)
-
-    def setFeatureShape(self, value: list[int]) -> TorchModel:
-        """Set `featureShape`."""
-        return self._set(featureShape=value)
-
-    def setPredictBatchSize(self, value: int) -> TorchModel:
-        """Set `predictBatchSize`."""
-        return self._set(predictBatchSize=value)
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         return core.transform(self, self.module, dataset)

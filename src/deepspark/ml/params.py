@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import (
@@ -159,6 +159,9 @@ def _to_metrics(value: Any) -> list[Any]:
     return list(value)
 
 
+_Stage = TypeVar("_Stage", bound="_TorchParams")
+
+
 # --- mixins -----------------------------------------------------------------------------------
 
 
@@ -260,6 +263,32 @@ class _TorchParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbability
             outputKind="auto",
             predictBatchSize=1024,
         )
+
+    # setters of what both stages use in transform; the estimator adds the training ones
+
+    def setFeaturesCol(self: _Stage, value: str) -> _Stage:
+        """Set `featuresCol`."""
+        return self._set(featuresCol=value)
+
+    def setPredictionCol(self: _Stage, value: str) -> _Stage:
+        """Set `predictionCol`."""
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self: _Stage, value: str) -> _Stage:
+        """Set `probabilityCol` (``""`` leaves the column out)."""
+        return self._set(probabilityCol=value)
+
+    def setOutputKind(self: _Stage, value: str) -> _Stage:
+        """Set `outputKind`."""
+        return self._set(outputKind=value)
+
+    def setFeatureShape(self: _Stage, value: list[int]) -> _Stage:
+        """Set `featureShape`."""
+        return self._set(featureShape=value)
+
+    def setPredictBatchSize(self: _Stage, value: int) -> _Stage:
+        """Set `predictBatchSize`."""
+        return self._set(predictBatchSize=value)
 
     def getEpochs(self) -> int:
         """The value of `epochs`."""

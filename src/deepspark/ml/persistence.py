@@ -54,6 +54,17 @@ class TorchStageWriter(MLWriter):
         super().__init__()
         self.instance = instance
 
+    def _handleOverwrite(self, path: str) -> None:
+        from deepspark.training.launcher import is_connect
+
+        if is_connect(self.sparkSession):
+            # pyspark's own handler reaches for the JVM; Connect has a server-side one
+            from pyspark.ml.connect.readwrite import RemoteMLWriter
+
+            RemoteMLWriter.handleOverwrite(path, True)
+            return
+        super()._handleOverwrite(path)
+
     def saveImpl(self, path: str) -> None:
         fs, root = fsspec.core.url_to_fs(path)
         if not self.shouldOverwrite and fs.exists(join(root, "metadata")):
