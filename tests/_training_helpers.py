@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from deepspark.training.callbacks import Callback
 from sklearn.datasets import load_digits
+
+from deepspark.training.callbacks import Callback
 
 
 class DigitsNet(torch.nn.Module):
