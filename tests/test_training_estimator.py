@@ -90,3 +90,31 @@ def test_from_torch_refuses_missing_loss_and_wrong_model():
         ds.Estimator.from_torch(model=lambda config: "not a model", loss=torch.nn.MSELoss())
     with pytest.raises(TypeError, match="optimizer must be"):
         ds.Estimator.from_torch(model=DigitsNet(), optimizer=3, loss=torch.nn.MSELoss())
+
+
+def test_exports_run_in_their_own_runtimes_like_torch(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    est = ds.Estimator.from_torch(
+        model=DigitsNet(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        loss=torch.nn.CrossEntropyLoss(),
+    )
+    sample = torch.rand(6, 64)
+    with torch.no_grad():
+        expected = est.get_model()(sample).numpy()
+
+    onnx_path = est.export_onnx(str(tmp_path / "model.onnx"), sample)
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
+    assert got == pytest.approx(expected, abs=1e-5)
+
+    script_path = est.export_torchscript(str(tmp_path / "model.pt"), sample)
+    with torch.no_grad():
+        scripted = torch.jit.load(script_path)(sample).numpy()
+    assert scripted == pytest.approx(expected, abs=1e-5)
+
+    program_path = est.export_program(str(tmp_path / "model.pt2"), sample)
+    with torch.no_grad():
+        exported = torch.export.load(program_path).module()(sample).numpy()
+    assert exported == pytest.approx(expected, abs=1e-5)

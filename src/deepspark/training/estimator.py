@@ -412,6 +412,30 @@ class Estimator:
             **options,
         )
 
+    # --- export -----------------------------------------------------------------------------
+
+    def export_onnx(self, path: str, sample: Any, **options: Any) -> str:
+        """Export the model to ONNX and check it in onnxruntime against torch on `sample`.
+
+        See `deepspark.inference.export_onnx` for the options (input names, dynamic batch,
+        tolerance). Needs the ``onnx`` extra: ``pip install deepspark[onnx]``.
+        """
+        from deepspark.inference import export_onnx
+
+        return export_onnx(self._model, path, sample, **options)
+
+    def export_torchscript(self, path: str, sample: Any, **options: Any) -> str:
+        """Export the model to TorchScript and check the file against torch on `sample`."""
+        from deepspark.inference import export_torchscript
+
+        return export_torchscript(self._model, path, sample, **options)
+
+    def export_program(self, path: str, sample: Any, **options: Any) -> str:
+        """Export the model as a `torch.export` program (``.pt2``), checked against torch."""
+        from deepspark.inference import export_program
+
+        return export_program(self._model, path, sample, **options)
+
     # --- persistence ------------------------------------------------------------------------
 
     def save(self, path: str) -> str:
