@@ -189,7 +189,7 @@ def _create_session(config: ContextConfig) -> SparkSession:
         with warnings.catch_warnings():
             # A local Connect server takes static confs at start; the client then also tries to
             # set them at run time and warns that it cannot, which is expected.
-            warnings.filterwarnings("ignore", message=".*CANNOT_MODIFY_CONFIG.*")
+            warnings.filterwarnings("ignore", message=".*CANNOT_MODIFY_(STATIC_)?CONFIG.*")
             return builder.getOrCreate()
     _require_java()
     builder = SparkSession.builder
