@@ -33,6 +33,7 @@ def resolve_specs(
     dtypes: Mapping[Any, Any] | None = None,
     decoders: Mapping[str, Callable[[Any], Any]] | None = None,
     check_rows: int = 8,
+    sample: Any = None,
 ) -> tuple[TensorSpec, ...]:
     """Check the requested columns of a DataFrame and describe the tensors they become.
 
@@ -59,6 +60,9 @@ def resolve_specs(
         Decode function by column name; required for binary and string columns.
     check_rows : int
         How many first rows to convert as a check (0 skips the look).
+    sample : pyarrow.Table, optional
+        First rows the caller already fetched (holding the requested columns); saves the
+        look its own Spark job.
 
     Returns
     -------
@@ -127,7 +131,7 @@ def resolve_specs(
         except FeedError as error:
             raise FeedError(f"{arg}: {error}") from None
     if check_rows > 0:
-        specs = _check_first_rows(df, specs, arg, check_rows)
+        specs = _check_first_rows(df, specs, arg, check_rows, sample)
     return tuple(specs)
 
 
@@ -247,7 +251,8 @@ def _shape(shape: Any, name: str, arg: str) -> tuple[int, ...]:
         raise FeedError(f"{arg}: shapes[{name!r}]={shape!r} is not a tuple of ints") from None
 
 
-def _first_rows(df: Any, columns: list[str], rows: int) -> Any:
+def first_rows(df: Any, columns: list[str], rows: int) -> Any:
+    """The first `rows` rows of `columns` as a pyarrow Table (one small Spark job)."""
     sample = df.select(*columns).limit(rows)
     if hasattr(sample, "toArrow"):  # pyspark >= 4.0, classic and Connect
         return sample.toArrow()
@@ -256,9 +261,12 @@ def _first_rows(df: Any, columns: list[str], rows: int) -> Any:
     return pa.Table.from_batches(sample._collect_as_arrow())  # pyspark 3.5, classic
 
 
-def _check_first_rows(df: Any, specs: list[TensorSpec], arg: str, rows: int) -> list[TensorSpec]:
+def _check_first_rows(
+    df: Any, specs: list[TensorSpec], arg: str, rows: int, sample: Any = None
+) -> list[TensorSpec]:
     columns = list(dict.fromkeys(name for spec in specs for name in spec.columns))
-    sample = _first_rows(df, columns, rows)
+    if sample is None or not set(columns) <= set(sample.column_names):
+        sample = first_rows(df, columns, rows)
     if sample.num_rows == 0:
         return specs
     resolved = []

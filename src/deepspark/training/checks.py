@@ -16,11 +16,18 @@ if TYPE_CHECKING:
 __all__ = ["check_positive", "columns_of", "dry_run", "optimizer_factory", "pickled"]
 
 
-def dry_run(model: nn.Module, loss: Any, df: DataFrame, features, labels) -> None:
-    """Run model and loss on a few rows on the driver: shape and label errors surface here."""
-    from deepspark.data import batch_to_tensors
+def dry_run(
+    model: nn.Module, loss: Any, df: DataFrame, features, labels, *, sample: Any = None
+) -> None:
+    """Run model and loss on a few rows on the driver: shape and label errors surface here.
 
-    sample = df.select(*(columns_of(features) + columns_of(labels))).limit(4).toArrow()
+    `sample` is a pyarrow Table of first rows already fetched; without it one is read.
+    """
+    from deepspark.data import batch_to_tensors
+    from deepspark.data.validate import first_rows
+
+    if sample is None:
+        sample = first_rows(df, columns_of(features) + columns_of(labels), 4)
     if sample.num_rows == 0:
         raise ValueError("fit: the training DataFrame has no rows")
     inputs = batch_to_tensors(sample, features)
