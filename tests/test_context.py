@@ -33,7 +33,8 @@ def _wait_for_executors(session, count: int, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     # getExecutorMemoryStatus counts the driver too
     while tracker.getExecutorMemoryStatus().size() < count + 1:
-        assert time.monotonic() < deadline, f"{count} executors did not register in {timeout_s} s"
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} executors did not register within {timeout_s} s")
         time.sleep(0.25)
 
 

@@ -13,7 +13,14 @@ from torch import nn
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-__all__ = ["check_positive", "columns_of", "dry_run", "optimizer_factory", "pickled"]
+__all__ = [
+    "check_positive",
+    "columns_of",
+    "dry_run",
+    "optimizer_factory",
+    "pickled",
+    "resolve_columns",
+]
 
 
 def dry_run(
@@ -109,4 +116,31 @@ def columns_of(specs) -> list[str]:
         for name in spec.columns:
             if name not in names:
                 names.append(name)
+    return names
+
+
+def resolve_columns(df, feature_cols, label_cols, shapes, feature_dtypes, label_dtypes, decoders):
+    """Column specs for features and labels, and the first rows they were checked on.
+
+    One look at the first rows (a small Spark job) serves both checks and the dry run.
+    """
+    from deepspark.data.validate import first_rows, resolve_specs
+
+    names = _flat_names(feature_cols) + _flat_names(label_cols)
+    sample = first_rows(df, names, 8) if set(names) <= set(df.columns) else None
+    options = {"shapes": shapes, "decoders": decoders, "sample": sample}
+    features = resolve_specs(df, feature_cols, role="feature", dtypes=feature_dtypes, **options)
+    labels = resolve_specs(df, label_cols, role="label", dtypes=label_dtypes, **options)
+    return features, labels, sample
+
+
+def _flat_names(cols: Any) -> list[str]:
+    """Column names in a feature_cols / label_cols argument (nested lists flattened)."""
+    if cols is None:
+        return []
+    if isinstance(cols, str):
+        return [cols]
+    names: list[str] = []
+    for item in cols:
+        names.extend([item] if isinstance(item, str) else list(item))
     return names

@@ -26,6 +26,7 @@ from deepspark.training.checks import (
     dry_run,
     optimizer_factory,
     pickled,
+    resolve_columns,
 )
 from deepspark.training.jobs import TrainingError, job_input, run_job
 from deepspark.training.spec import (
@@ -241,11 +242,11 @@ class Estimator:
             )
         if self._optimizer_factory is None:
             raise ValueError("fit needs an optimizer: from_torch(optimizer=lambda p: ...)")
-        features, labels, sample = self._resolve(
+        features, labels, sample = resolve_columns(
             df, feature_cols, label_cols, feature_shapes, feature_dtypes, label_dtypes, decoders
         )
         if validation_data is not None:
-            self._resolve(
+            resolve_columns(
                 validation_data,
                 feature_cols,
                 label_cols,
@@ -372,7 +373,7 @@ class Estimator:
         slots = available_task_slots(spark)
         num_workers = min(slots, num_workers or slots)
         check_positive("batch_size", batch_size)
-        features, labels, _ = self._resolve(
+        features, labels, _ = resolve_columns(
             df, feature_cols, label_cols, feature_shapes, feature_dtypes, label_dtypes, decoders
         )
         columns = columns_of(features) + columns_of(labels)
@@ -457,20 +458,6 @@ class Estimator:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _resolve(
-        self, df, feature_cols, label_cols, shapes, feature_dtypes, label_dtypes, decoders
-    ):
-        """Column specs for features and labels, and the first rows they were checked on."""
-        from deepspark.data.validate import first_rows, resolve_specs
-
-        names = _flat_names(feature_cols) + _flat_names(label_cols)
-        # one look at the first rows serves both checks and the dry run
-        sample = first_rows(df, names, 8) if set(names) <= set(df.columns) else None
-        options = {"shapes": shapes, "decoders": decoders, "sample": sample}
-        features = resolve_specs(df, feature_cols, role="feature", dtypes=feature_dtypes, **options)
-        labels = resolve_specs(df, label_cols, role="label", dtypes=label_dtypes, **options)
-        return features, labels, sample
-
     def _spec(self, kind, features, labels, world_size, **values) -> TrainSpec:
         return TrainSpec(
             kind=kind,
@@ -490,15 +477,3 @@ class Estimator:
             rendezvous_host=None,
             **values,
         )
-
-
-def _flat_names(cols: ColumnsArg | None) -> list[str]:
-    """Column names in a feature_cols / label_cols argument (nested lists flattened)."""
-    if cols is None:
-        return []
-    if isinstance(cols, str):
-        return [cols]
-    names: list[str] = []
-    for item in cols:
-        names.extend([item] if isinstance(item, str) else list(item))
-    return names
