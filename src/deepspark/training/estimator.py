@@ -462,7 +462,6 @@ class Estimator:
         return TrainSpec(
             kind=kind,
             model_blob=pickled("model", self._model),
-            model_is_factory=False,
             loss_blob=pickled("loss", self.loss),
             optimizer_blob=pickled("optimizer", self._optimizer_factory),
             scheduler_blob=pickled("scheduler", self.scheduler) if self.scheduler else None,

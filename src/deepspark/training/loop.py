@@ -18,7 +18,7 @@ from torch import nn
 
 from deepspark.training.spec import TRAIN_SPLIT, VALIDATION_SPLIT, TrainSpec
 
-__all__ = ["EpochRunner", "build_model", "call_model", "make_optimizer", "make_scheduler"]
+__all__ = ["EpochRunner", "build_model", "make_optimizer", "make_scheduler"]
 
 _log = logging.getLogger(__name__)
 
@@ -27,10 +27,9 @@ PROGRESS_INTERVAL_S = 0.5
 
 
 def build_model(spec: TrainSpec) -> nn.Module:
-    created = cloudpickle.loads(spec.model_blob)
-    model = created(spec.config) if spec.model_is_factory else created
+    model = cloudpickle.loads(spec.model_blob)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"the model function returned {type(model).__name__}, not an nn.Module")
+        raise TypeError(f"the job's model is a {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -52,10 +51,6 @@ def make_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer) -> Any:
     if spec.scheduler_blob is None:
         return None
     return cloudpickle.loads(spec.scheduler_blob)(optimizer)
-
-
-def call_model(model: nn.Module, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return model(*features)
 
 
 def _loss_target(labels: tuple[torch.Tensor, ...]) -> Any:
@@ -92,9 +87,6 @@ class EpochRunner:
         self.train_metrics = [get_metric(copy.deepcopy(m)) for m in metric_defs]
         self.callbacks = cloudpickle.loads(spec.callbacks_blob) if spec.callbacks_blob else []
         self.ddp: nn.Module | None = None
-
-    def unwrapped_model(self) -> nn.Module:
-        return self.model
 
     # --- training ---------------------------------------------------------------------------
 

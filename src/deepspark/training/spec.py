@@ -6,7 +6,7 @@ plain values only, so nothing from the driver's objects (sessions, servers) leak
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -40,8 +40,7 @@ class TrainSpec:
     """Everything a rank needs; see `deepspark.training.worker.run_rank`."""
 
     kind: JobKind
-    model_blob: bytes  # cloudpickle of an nn.Module, or of a function config -> nn.Module
-    model_is_factory: bool
+    model_blob: bytes  # cloudpickle of the driver's nn.Module (with its current weights)
     loss_blob: bytes
     optimizer_blob: bytes | None
     scheduler_blob: bytes | None
@@ -65,4 +64,3 @@ class TrainSpec:
     collective_timeout_s: float = 600.0
     use_gpu: bool = False
     job_id: str = ""
-    extra_env: dict[str, str] = field(default_factory=dict)

@@ -62,8 +62,6 @@ def run_rank(
     progress = None
     if spec.progress_address is not None:
         progress = ProgressClient(spec.progress_address, spec.progress_token, rank, timeout_s=10)
-    for key, value in spec.extra_env.items():
-        os.environ.setdefault(key, value)
     torch.set_num_threads(max(1, context.task_cpus))
     try:
         with PartitionSpill.write(batches, context.spill_dir, split_column=SPLIT_COLUMN) as spill:
@@ -166,7 +164,7 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
     history = runner.fit(spill, plan, val_rows_per_rank if spec.has_validation else None)
     if rank == 0:
         yield _result_batch(ResultKind.HISTORY, json.dumps(history).encode())
-        yield from _weights_batches(runner.unwrapped_model())
+        yield from _weights_batches(runner.model)
 
 
 def _rank_of(peer: dict[str, Any]) -> int:
