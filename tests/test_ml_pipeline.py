@@ -31,7 +31,7 @@ from pyspark.ml.tuning import (
 from safetensors.torch import load_file
 
 import _ml_helpers as helpers
-import deepspark.ml.estimator
+import deepspark.ml.stages
 from _ml_helpers import CANCER_FEATURES, MLP, PIXELS, TinyCNN, cancer_frames, digits_pixel_frames
 from deepspark.inference import predict
 from deepspark.ml import TorchEstimator, TorchModel
@@ -317,7 +317,7 @@ def test_torch_model_wraps_a_trained_network_and_matches_torch(spark, tmp_path):
     # the saved network is also a model path for the inference layer
     by_path = predict(df, f"{path}/estimator", "x", output="class").toPandas()
     assert by_path["prediction"].tolist() == logits.argmax(1).tolist()
-    with pytest.raises(ValueError, match=r"holds a saved deepspark.ml.estimator.TorchModel"):
+    with pytest.raises(ValueError, match=r"holds a saved deepspark.ml.stages.TorchModel"):
         TorchEstimator.load(path)
 
 
@@ -344,7 +344,7 @@ def test_estimator_save_and_load_keep_params_and_objects(spark, tmp_path):
     for name, tensor in est.getModel().state_dict().items():
         assert torch.equal(loaded.getModel().state_dict()[name], tensor)
     metadata = json.loads((tmp_path / "est" / "metadata").glob("part-*").__next__().read_text())
-    assert metadata["class"] == "deepspark.ml.estimator.TorchEstimator"
+    assert metadata["class"] == "deepspark.ml.stages.TorchEstimator"
     assert metadata["paramMap"]["batchSize"] == 128
     assert metadata["paramMap"]["metrics"] == ["accuracy", "top5_accuracy"]  # names are JSON
     assert metadata["deepspark"]["pickledParams"] == ["loss", "model", "optimizer"]
@@ -373,7 +373,7 @@ def test_clear_errors_before_any_job(spark):
 
 def test_docstring_examples_run(spark):
     failures, tried = doctest.testmod(
-        deepspark.ml.estimator, extraglobs={"spark": spark}, optionflags=doctest.ELLIPSIS
+        deepspark.ml.stages, extraglobs={"spark": spark}, optionflags=doctest.ELLIPSIS
     )
     assert tried > 10 and failures == 0
 

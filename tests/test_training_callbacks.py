@@ -6,6 +6,7 @@ import cloudpickle
 import pytest
 import torch
 
+from deepspark.persist.weights import load_model_weights
 from deepspark.training.callbacks import (
     Callback,
     CallbackState,
@@ -14,7 +15,6 @@ from deepspark.training.callbacks import (
     call_driver_hook,
     call_worker_hook,
 )
-from deepspark.training.checkpoint import load_model_weights
 
 EPOCHS = 3
 STEPS = 4

@@ -17,15 +17,18 @@ import pytest
 import torch
 from torch import nn
 
-from deepspark.training.checkpoint import (
+from deepspark.persist.weights import (
+    load_model_weights,
+    save_model_weights,
+    weights_from_bytes,
+    weights_to_bytes,
+)
+from deepspark.training.rank.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    load_model_weights,
     save_checkpoint,
-    save_model_weights,
 )
-from deepspark.training.weights import weights_from_bytes, weights_to_bytes
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -141,7 +144,7 @@ def test_save_killed_midway_leaves_the_previous_checkpoint_latest(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, torch
-        from deepspark.training.checkpoint import save_checkpoint
+        from deepspark.training.rank.checkpoint import save_checkpoint
 
         class DieMidSave:
             def state_dict(self):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from deepspark.training.metrics import (
+from deepspark.training.rank.metrics import (
     AUC,
     Accuracy,
     CallableMetric,
@@ -23,7 +23,7 @@ from deepspark.training.metrics import (
     metric_names,
     reduce_metrics,
 )
-from deepspark.training.rendezvous import RendezvousSpec, free_port, process_group
+from deepspark.training.rank.rendezvous import RendezvousSpec, free_port, process_group
 
 ROWS = 100
 CLASSES = 4

@@ -9,8 +9,9 @@ import socket
 
 import pytest
 
-from deepspark.training.progress import ProgressBar, ProgressClient, ProgressServer
-from deepspark.training.rendezvous import free_port
+from deepspark.training.driver.progress_bar import ProgressBar
+from deepspark.training.progress import ProgressClient, ProgressServer
+from deepspark.training.rank.rendezvous import free_port
 
 STEPS = 200
 WAIT_S = 60.0

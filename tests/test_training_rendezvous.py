@@ -10,7 +10,7 @@ import traceback
 
 import pytest
 
-from deepspark.training.rendezvous import (
+from deepspark.training.rank.rendezvous import (
     RendezvousError,
     RendezvousSpec,
     destroy_process_group,

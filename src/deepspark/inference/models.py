@@ -354,7 +354,7 @@ def clear_cache() -> None:
 def _load_uncached(source: ModelSource, device: str, num_threads: int | None) -> Predictor:
     kind = source.kind
     if kind is ModelKind.SAVED:
-        from deepspark.training.persistence import load_saved_model
+        from deepspark.persist.estimator_dir import load_saved_model
 
         module, _ = load_saved_model(source.path)
         return TorchModulePredictor(module, device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deepspark.ml.estimator import TorchEstimator, TorchModel
+    from deepspark.ml.stages import TorchEstimator, TorchModel
 
 __all__ = ["TorchEstimator", "TorchModel"]
 
@@ -26,6 +26,6 @@ def __getattr__(name: str) -> Any:
             f"deepspark.ml.{name} needs pyspark with its ML package (and numpy): "
             "pip install 'pyspark>=3.5'"
         ) from error
-    from deepspark.ml import estimator
+    from deepspark.ml import stages
 
-    return getattr(estimator, name)
+    return getattr(stages, name)

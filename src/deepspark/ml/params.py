@@ -7,7 +7,7 @@ with, as Spark's own models do). Every one of them is JSON-ready, so it goes int
 only the estimator needs: the network, the optimizer, the loss and the metrics. Their type
 converters check the value's kind and keep the object itself, so ``copy()``,
 ``ParamGridBuilder`` and ``CrossValidator`` pass them around like any other value;
-persistence pickles them (see :mod:`deepspark.ml.persistence`).
+persistence pickles them (see :mod:`deepspark.ml.stage_io`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Distributed PyTorch training inside Spark: `Estimator` (driver) and the rank-side engine."""
 
-from deepspark.training.estimator import Estimator, TrainingError
+from deepspark.training.driver.estimator import Estimator, TrainingError
 
 __all__ = ["Estimator", "TrainingError"]

@@ -392,7 +392,7 @@ class MLflowCallback(Callback):
             return
         client = self._client()
         if self.log_model and state.model is not None:
-            from deepspark.training.checkpoint import save_model_weights, unwrap_model
+            from deepspark.persist.weights import save_model_weights, unwrap_model
 
             with tempfile.TemporaryDirectory(prefix="deepspark-mlflow-") as folder:
                 path = os.path.join(folder, "model.safetensors")

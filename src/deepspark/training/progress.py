@@ -3,7 +3,7 @@
 The driver runs a :class:`ProgressServer` for one job and ships its ``address`` and ``token``
 to the workers in the job's spec; each rank opens a :class:`ProgressClient` and sends small
 JSON events. The server keeps the history and hands each event to a sink, such as the
-:class:`~deepspark.training.progress_bar.ProgressBar` (re-exported here).
+:class:`~deepspark.training.driver.progress_bar.ProgressBar`.
 
 Wire format: every message is ``length (4 bytes, big-endian) | HMAC-SHA256 (32 bytes) | JSON``.
 The MAC covers the JSON with the job's secret token, so only the job's own ranks can speak; the
@@ -41,9 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from deepspark.training.progress_bar import ProgressBar
-
-__all__ = ["EVENT_KINDS", "ProgressBar", "ProgressClient", "ProgressServer"]
+__all__ = ["EVENT_KINDS", "ProgressClient", "ProgressServer"]
 
 _log = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ class ProgressServer:
         in sending order). Its exceptions are logged, never raised.
     advertise_host : str, optional
         The host name or address ranks connect to. Defaults to ``host``, or this machine's
-        address (:func:`deepspark.training.rendezvous.local_ip`) when ``host`` is a wildcard.
+        address (:func:`deepspark.training.rank.rendezvous.local_ip`) when ``host`` is a wildcard.
     max_events : int, default 100_000
         History length; older events are forgotten first.
 
@@ -146,7 +144,7 @@ class ProgressServer:
         if self.advertise_host:
             return self.advertise_host, port
         if self.host in ("", "0.0.0.0", "::"):
-            from deepspark.training.rendezvous import local_ip
+            from deepspark.training.rank.rendezvous import local_ip
 
             return local_ip(), port
         return self.host, port

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deepspark.training.spec import TRAIN_SPLIT, VALIDATION_SPLIT, TrainSpec
+from deepspark.training.job_spec import TRAIN_SPLIT, VALIDATION_SPLIT, TrainSpec
 
 __all__ = ["EpochRunner", "build_model", "make_optimizer", "make_scheduler"]
 
@@ -73,7 +73,7 @@ class EpochRunner:
     def __init__(
         self, spec: TrainSpec, model: nn.Module, device: torch.device, rank: int, progress
     ):
-        from deepspark.training.metrics import get_metric
+        from deepspark.training.rank.metrics import get_metric
 
         self.spec = spec
         self.model = model
@@ -93,7 +93,7 @@ class EpochRunner:
     def fit(self, spill, plan, val_rows_per_rank) -> list[dict[str, Any]]:
         from torch.nn.parallel import DistributedDataParallel
 
-        from deepspark.training.checkpoint import (
+        from deepspark.training.rank.checkpoint import (
             latest_checkpoint,
             load_checkpoint,
             save_checkpoint,
@@ -210,7 +210,7 @@ class EpochRunner:
                 )
         dist.all_reduce(loss_sum)
         elapsed = time.perf_counter() - started
-        from deepspark.training.metrics import reduce_metrics
+        from deepspark.training.rank.metrics import reduce_metrics
 
         reduce_metrics(self.train_metrics, world)
         total_rows = float(loss_sum[1])
@@ -229,7 +229,7 @@ class EpochRunner:
 
     @torch.no_grad()
     def evaluate(self, spill, split: int, rows_per_rank) -> dict[str, float]:
-        from deepspark.training.metrics import reduce_metrics
+        from deepspark.training.rank.metrics import reduce_metrics
 
         spec = self.spec
         model = self.model

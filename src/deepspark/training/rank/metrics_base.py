@@ -1,10 +1,10 @@
-"""The base classes of :mod:`deepspark.training.metrics` (worker side; no pyspark).
+"""The base classes of :mod:`deepspark.training.rank.metrics` (worker side; no pyspark).
 
 :class:`Metric` is the protocol every metric follows: accumulate sufficient statistics on this
 rank, reduce them across ranks, compute the value. :class:`SumMetric` is the usual case, whose
 statistics are float64 sums that one ``all_reduce`` combines; :class:`Mean` is the simplest
 such metric, a weighted mean of reported values such as the loss. Import them from
-:mod:`deepspark.training.metrics`, which re-exports them.
+:mod:`deepspark.training.rank.metrics`, which re-exports them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Metric:
     Examples
     --------
     >>> import torch
-    >>> from deepspark.training.metrics import get_metric
+    >>> from deepspark.training.rank.metrics import get_metric
     >>> metric = get_metric("accuracy")
     >>> metric.update(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0]))
     >>> metric.compute()

@@ -1,6 +1,6 @@
 """Driver side of one training or evaluation job: its input DataFrame, its attempts, its results.
 
-`run_job` starts the progress channel, runs the barrier stage (`launcher.run_barrier_stage`),
+`run_job` starts the progress channel, runs the barrier stage (`stage.run_barrier_stage`),
 re-runs failed attempts from the latest checkpoint up to `max_failures`, and returns what rank 0
 sent back. The `Estimator` only validates arguments and interprets results.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from deepspark.training.spec import SPLIT_COLUMN, ResultKind, TrainSpec
+from deepspark.training.job_spec import SPLIT_COLUMN, ResultKind, TrainSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -78,7 +78,7 @@ def job_input(
     """
     from pyspark.sql import functions as F
 
-    from deepspark.training.launcher import is_connect
+    from deepspark.training.driver.stage import is_connect
 
     def tagged(frame: DataFrame, value: int) -> DataFrame:
         return frame.select(*columns, F.lit(value).cast("int").alias(SPLIT_COLUMN))
@@ -110,8 +110,9 @@ def run_job(
         After the last allowed attempt failed; its message names, per attempt, the rank that
         failed first and every rank's reported error with the tail of its traceback.
     """
-    from deepspark.training.launcher import is_loopback_master, run_barrier_stage
-    from deepspark.training.progress import ProgressBar, ProgressServer
+    from deepspark.training.driver.progress_bar import ProgressBar
+    from deepspark.training.driver.stage import is_loopback_master, run_barrier_stage
+    from deepspark.training.progress import ProgressServer
 
     loopback = is_loopback_master(spark)
     spec.rendezvous_host = "127.0.0.1" if loopback else None
@@ -184,7 +185,7 @@ def run_job(
 
 
 def _driver_host(spark: SparkSession) -> str:
-    from deepspark.training.rendezvous import local_ip
+    from deepspark.training.rank.rendezvous import local_ip
 
     return spark.conf.get("spark.driver.host", None) or local_ip()
 

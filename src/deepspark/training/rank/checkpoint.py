@@ -20,8 +20,8 @@ rely on the manifest and the ``LATEST`` pointer, both written after the data. Re
 the highest epoch.
 
 Only one process (rank 0) should write to a directory at a time. The model weights go through
-:mod:`deepspark.training.weights`, whose functions this module re-exports, and the RNG states
-through :mod:`deepspark.training.rng_state`.
+:mod:`deepspark.persist.weights`, and the RNG states
+through :mod:`deepspark.training.rank.rng_state`.
 """
 
 from __future__ import annotations
@@ -42,18 +42,15 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-from deepspark.training.rng_state import get_rng_state, set_rng_state
-from deepspark.training.weights import load_model_weights, save_model_weights, unwrap_model
+from deepspark.persist.weights import load_model_weights, save_model_weights, unwrap_model
+from deepspark.training.rank.rng_state import get_rng_state, set_rng_state
 
 __all__ = [
     "CheckpointInfo",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
-    "load_model_weights",
     "save_checkpoint",
-    "save_model_weights",
-    "unwrap_model",
 ]
 
 _log = logging.getLogger(__name__)

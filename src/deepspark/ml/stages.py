@@ -2,7 +2,7 @@
 
 Driver side. ``fit`` runs the training engine (`deepspark.Estimator`), ``transform`` the
 inference path (`deepspark.inference.predict`); :mod:`deepspark.ml.core` holds the wiring,
-:mod:`deepspark.ml.params` the Params, :mod:`deepspark.ml.persistence` the readers and writers.
+:mod:`deepspark.ml.params` the Params, :mod:`deepspark.ml.stage_io` the readers and writers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pyspark.ml.util import MLReadable, MLWritable
 from deepspark.ml import core
 from deepspark.ml.losses import default_output_kind, loss_task
 from deepspark.ml.params import _TorchEstimatorParams, _TorchParams
-from deepspark.ml.persistence import TorchStageReader, TorchStageWriter, join
+from deepspark.ml.stage_io import TorchStageReader, TorchStageWriter, join
 
 if TYPE_CHECKING:
     import pandas as pd

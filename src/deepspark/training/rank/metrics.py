@@ -25,8 +25,9 @@ Built-in names for :func:`get_metric`:
 installed), or a plain callable ``fn(outputs, targets)`` returning a loss-like tensor.
 
 This module is the one to import from. The base classes live in
-:mod:`~deepspark.training.metrics_base`, the built-in metrics in
-:mod:`~deepspark.training.metrics_classification` and :mod:`~deepspark.training.metrics_regression`;
+:mod:`~deepspark.training.rank.metrics_base`, the built-in metrics in
+:mod:`~deepspark.training.rank.metrics_classification` and
+:mod:`~deepspark.training.rank.metrics_regression`;
 the adapters for callables and torchmetrics live here, beside :func:`get_metric` that makes them.
 """
 
@@ -39,15 +40,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from deepspark.training.metrics_base import (
+from deepspark.training.rank.metrics_base import (
     Mean,
     Metric,
     SumMetric,
     _collective_device,
     _distributed,
 )
-from deepspark.training.metrics_classification import AUC, Accuracy, TopKAccuracy
-from deepspark.training.metrics_regression import MAE, MSE, RMSE
+from deepspark.training.rank.metrics_classification import AUC, Accuracy, TopKAccuracy
+from deepspark.training.rank.metrics_regression import MAE, MSE, RMSE
 
 __all__ = [
     "AUC",

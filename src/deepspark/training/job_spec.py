@@ -37,7 +37,7 @@ VALIDATION_SPLIT = 1
 
 @dataclass
 class TrainSpec:
-    """Everything a rank needs; see `deepspark.training.worker.run_rank`."""
+    """Everything a rank needs; see `deepspark.training.rank.run.run_rank`."""
 
     kind: JobKind
     model_blob: bytes  # cloudpickle of the driver's nn.Module (with its current weights)

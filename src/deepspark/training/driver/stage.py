@@ -1,6 +1,6 @@
 """The Spark layer of training: one barrier stage over `mapInArrow`, and its results.
 
-Only this module (and the estimator) touch pyspark; the ranks' work is `worker.run_rank`.
+The driver-side modules alone touch pyspark; the ranks' work is `rank.run.run_rank`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from deepspark.training.spec import RESULT_SCHEMA, TrainSpec
+from deepspark.training.job_spec import RESULT_SCHEMA, TrainSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -70,7 +70,7 @@ def run_barrier_stage(df: DataFrame, spec: TrainSpec) -> pa.Table:
         # Runs in the Python worker of each barrier task; imports happen there.
         from pyspark import BarrierTaskContext
 
-        from deepspark.training.worker import RankContext, run_rank
+        from deepspark.training.rank.run import RankContext, run_rank
 
         task = BarrierTaskContext.get()
         if task.attemptNumber() > 0:

@@ -21,8 +21,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from deepspark.training.loop import EpochRunner, build_model
-from deepspark.training.spec import (
+from deepspark.training.job_spec import (
     RESULT_CHUNK_BYTES,
     SPLIT_COLUMN,
     TRAIN_SPLIT,
@@ -31,6 +30,7 @@ from deepspark.training.spec import (
     ResultKind,
     TrainSpec,
 )
+from deepspark.training.rank.loop import EpochRunner, build_model
 
 __all__ = ["RankContext", "run_rank"]
 
@@ -82,7 +82,7 @@ def run_rank(
         traceback.clear_frames(error.__traceback__)
         raise
     finally:
-        from deepspark.training.rendezvous import destroy_process_group
+        from deepspark.training.rank.rendezvous import destroy_process_group
 
         destroy_process_group()
         gc.collect()
@@ -95,7 +95,7 @@ def run_rank(
 
 def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.RecordBatch]:
     from deepspark.data import plan_steps
-    from deepspark.training.rendezvous import (
+    from deepspark.training.rank.rendezvous import (
         RendezvousSpec,
         free_port,
         init_process_group,
@@ -199,7 +199,7 @@ def _result_batch(kind: ResultKind, payload: bytes, seq: int = 0) -> pa.RecordBa
 
 
 def _weights_batches(model: nn.Module) -> Iterator[pa.RecordBatch]:
-    from deepspark.training.weights import unwrap_model, weights_to_bytes
+    from deepspark.persist.weights import unwrap_model, weights_to_bytes
 
     blob = weights_to_bytes(unwrap_model(model).state_dict())
     for seq, start in enumerate(range(0, max(len(blob), 1), RESULT_CHUNK_BYTES)):

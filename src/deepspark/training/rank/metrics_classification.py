@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from deepspark.training.metrics_base import Metric, SumMetric, _collective_device, _distributed
+from deepspark.training.rank.metrics_base import Metric, SumMetric, _collective_device, _distributed
 
 __all__ = ["AUC", "Accuracy", "TopKAccuracy"]
 

@@ -27,7 +27,7 @@ TRAINING = "training.pkl"
 
 
 def save_estimator(estimator: Any, path: str) -> str:
-    from deepspark.training.weights import weights_to_bytes
+    from deepspark.persist.weights import weights_to_bytes
 
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root, exist_ok=True)
@@ -56,7 +56,7 @@ def save_estimator(estimator: Any, path: str) -> str:
 
 def load_saved_model(path: str):
     """The model of a saved estimator directory, with its weights (unpickles trusted code)."""
-    from deepspark.training.weights import weights_from_bytes
+    from deepspark.persist.weights import weights_from_bytes
 
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(f"{root}/{METADATA}"):

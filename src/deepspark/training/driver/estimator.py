@@ -1,7 +1,7 @@
 """`Estimator`: train, evaluate, predict, save and load a PyTorch model on Spark DataFrames.
 
 Driver side. Validates everything it can before a job starts, builds a plain `TrainSpec`, runs
-one barrier stage per attempt (`launcher.run_barrier_stage`) and re-runs failed attempts from
+one barrier stage per attempt (`stage.run_barrier_stage`) and re-runs failed attempts from
 the latest checkpoint.
 """
 
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from deepspark.training.checks import (
+from deepspark.training.driver.checks import (
     check_positive,
     columns_of,
     dry_run,
@@ -28,8 +28,8 @@ from deepspark.training.checks import (
     pickled,
     resolve_columns,
 )
-from deepspark.training.jobs import TrainingError, job_input, run_job
-from deepspark.training.spec import (
+from deepspark.training.driver.jobs import TrainingError, job_input, run_job
+from deepspark.training.job_spec import (
     TRAIN_SPLIT,
     VALIDATION_SPLIT,
     JobKind,
@@ -216,7 +216,7 @@ class Estimator:
             The history: one row per epoch (train loss and metrics, validation loss and
             metrics, samples/s, seconds); also kept as `history`.
         """
-        from deepspark.training.launcher import available_task_slots
+        from deepspark.training.driver.stage import available_task_slots
 
         fit_started = time.perf_counter()
         spark = df.sparkSession
@@ -269,7 +269,7 @@ class Estimator:
 
         own_checkpoints = None
         if max_failures > 0 and checkpoint_dir is None:
-            from deepspark.training.launcher import is_loopback_master
+            from deepspark.training.driver.stage import is_loopback_master
 
             if not is_loopback_master(spark):
                 raise ValueError(
@@ -325,7 +325,7 @@ class Estimator:
         finally:
             if own_checkpoints is not None:
                 shutil.rmtree(own_checkpoints, ignore_errors=True)
-        from deepspark.training.weights import weights_from_bytes
+        from deepspark.persist.weights import weights_from_bytes
 
         self._model.load_state_dict(weights_from_bytes(result.payload(ResultKind.WEIGHTS)))
         self.attempts_ = result.attempts
@@ -367,7 +367,7 @@ class Estimator:
         dict
             ``{"loss": ..., "<metric>": ...}``, exact over every row.
         """
-        from deepspark.training.launcher import available_task_slots
+        from deepspark.training.driver.stage import available_task_slots
 
         spark = df.sparkSession
         slots = available_task_slots(spark)
@@ -445,14 +445,14 @@ class Estimator:
         The architecture, loss, optimizer factory and metrics are stored with cloudpickle:
         load only directories you trust, since unpickling runs code.
         """
-        from deepspark.training.persistence import save_estimator
+        from deepspark.persist.estimator_dir import save_estimator
 
         return save_estimator(self, path)
 
     @classmethod
     def load(cls, path: str) -> Estimator:
         """Load an estimator written by `save` (trusted directories only: it unpickles code)."""
-        from deepspark.training.persistence import load_estimator
+        from deepspark.persist.estimator_dir import load_estimator
 
         return load_estimator(cls, path)
 

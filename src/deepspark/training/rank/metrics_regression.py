@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from deepspark.training.metrics_base import SumMetric
+from deepspark.training.rank.metrics_base import SumMetric
 
 __all__ = ["MAE", "MSE", "RMSE"]
 
