@@ -366,8 +366,6 @@ def main() -> None:
             # (b)'s readers start before the clock, as its peers' workers would be; they
             # start while Spark does.
             readers = [pool.submit(_warm_up, index) for index in range(2)]
-            # Python workers must run this interpreter, the one with deepspark installed.
-            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             # 4 GiB of heap: Spark's Parquet writer in (b) runs out of the default 1 GiB on
             # the images.
             spark = ds.init_context(cores=2, driver_memory="4g")

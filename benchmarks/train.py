@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
@@ -161,7 +160,6 @@ def main() -> None:
     epochs = 2 if args.quick else 3
     batch, lr = 256, 1e-3
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     import pandas as pd
 
     import deepspark as ds

@@ -6,7 +6,6 @@ Run with `make demo`. Everything is written under ./out/quickstart (or $DEEPSPAR
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +34,6 @@ class DigitsNet(torch.nn.Module):
 def main() -> None:
     from pyspark.ml.feature import StandardScaler, VectorAssembler
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     started = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
     spark = ds.init_context(cores=2, app_name="deepspark-quickstart")
@@ -47,6 +45,8 @@ def main() -> None:
     df = StandardScaler(inputCol="raw", outputCol="features").fit(df).transform(df)
     train_df, test_df = df.select("features", "label").randomSplit([0.8, 0.2], seed=7)
 
+    # each run checkpoints into its own folder: a used one is refused unless fit(resume=True)
+    checkpoints = OUT / "checkpoints" / time.strftime("run-%Y%m%d-%H%M%S")
     torch.manual_seed(0)
     est = ds.Estimator.from_torch(
         model=DigitsNet(),
@@ -62,7 +62,7 @@ def main() -> None:
         batch_size=64,
         validation_data=test_df,
         num_workers=2,
-        checkpoint_dir=str(OUT / "checkpoints"),
+        checkpoint_dir=str(checkpoints),
         seed=0,
     )
     print(
@@ -82,7 +82,7 @@ def main() -> None:
     ds.stop_context()
     print(f"predictions: {OUT / 'predictions.parquet'}")
     print(f"model:       {OUT / 'model'}")
-    print(f"checkpoints: {OUT / 'checkpoints'}")
+    print(f"checkpoints: {checkpoints}")
     print(f"curve:       {OUT / 'training_curve.png'}")
     print(f"done in {time.perf_counter() - started:.1f} s")
 

@@ -86,7 +86,6 @@ def main() -> None:
     output_path = args.output or os.path.join(workdir, "scored.parquet")
     passthrough = args.passthrough if args.passthrough is not None else ["id", "label"]
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = ds.init_context(cores=2, app_name="score-parquet")
     try:
         table = spark.read.parquet(table_path)

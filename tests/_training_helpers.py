@@ -102,3 +102,18 @@ class WritePidAt(Callback):
             import time
 
             time.sleep(0.05)
+
+
+class FailingOnRank(DigitsNet):
+    """Trains normally on every rank but `rank`, where the first training forward raises."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__()
+        self.failing_rank, self.message = rank, message
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        if self.training and dist.is_initialized() and dist.get_rank() == self.failing_rank:
+            raise RuntimeError(self.message)
+        return super().forward(x)

@@ -8,8 +8,11 @@ kind they use, so each kind starts about once per run.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,11 +29,13 @@ import pytest
 
 import deepspark as ds
 
-# Executors and Python workers must run this interpreter, the one with deepspark installed.
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-
-SESSION_KINDS = ("spark", "local_cluster_spark", "connect_spark", "standalone_spark")
+SESSION_KINDS = (
+    "spark",
+    "local_cluster_spark",
+    "connect_spark",
+    "standalone_spark",
+    "connect_server_spark",
+)
 
 
 class _SessionSwitch:
@@ -79,6 +84,91 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     _switch.stop()
+    if _skipped_dev_modules and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# A test skipped because a module of the dev extra is missing (or fails to import) hides a
+# broken install: the run fails, so CI never passes with such a test left out.
+
+_IMPORT_SKIP = re.compile(r"could not import '([\w.]+)'|No module named '([\w.]+)'")
+# import names whose distribution is named otherwise
+_DISTRIBUTION_OF = {
+    "sklearn": "scikit-learn",
+    "cv2": "opencv-python-headless",
+    "skimage": "scikit-image",
+    "yaml": "pyyaml",
+}
+_skipped_dev_modules: dict[str, str] = {}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _dev_distributions() -> set[str]:
+    """The distributions `pip install -e .[dev]` installs, by canonical name."""
+    requirements = importlib.metadata.requires("deepspark") or []
+    by_extra: dict[str, list[str]] = {}
+    for requirement in requirements:
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
+        if extra is not None:
+            by_extra.setdefault(extra.group(1), []).append(requirement)
+    found: set[str] = set()
+    pending, seen = ["dev"], set()
+    while pending:
+        extra = pending.pop()
+        seen.add(extra)
+        for requirement in by_extra.get(extra, []):
+            name, nested = re.match(
+                r"\s*([A-Za-z0-9_.\-]+)\s*(?:\[([^\]]*)\])?", requirement
+            ).groups()
+            if _canonical(name) == "deepspark":
+                pending += [e.strip() for e in (nested or "").split(",") if e.strip() not in seen]
+            else:
+                found.add(_canonical(name))
+    return found
+
+
+def _is_dev_module(module: str) -> bool:
+    top = module.split(".")[0]
+    if importlib.util.find_spec(top) is not None:
+        return True  # installed, yet its test was skipped: an import inside it fails
+    dist = _canonical(_DISTRIBUTION_OF.get(top, top))
+    return any(name == dist or name.startswith(dist + "_") for name in _dev_distributions())
+
+
+def _note_skip(report) -> None:
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return
+    reason = str(report.longrepr[2])
+    match = _IMPORT_SKIP.search(reason)
+    if match is not None:
+        module = match.group(1) or match.group(2)
+        if _is_dev_module(module):
+            _skipped_dev_modules[report.nodeid] = reason
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_collectreport(report):
+    _note_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _skipped_dev_modules:
+        return
+    terminalreporter.section("skipped for a dev-extra module", red=True)
+    for nodeid, reason in _skipped_dev_modules.items():
+        terminalreporter.line(f"{nodeid}: {reason}", red=True)
+    terminalreporter.line(
+        "These tests need a module that `pip install -e .[dev]` provides; the run fails until "
+        "it imports (reinstall the dev extra).",
+        red=True,
+    )
 
 
 @pytest.fixture
@@ -203,7 +293,6 @@ def start_standalone_cluster(workers: int = 2, startup_timeout_s: float = 90.0):
             "SPARK_LOCAL_IP": "127.0.0.1",
             "SPARK_LOG_DIR": str(root),
             "SPARK_WORKER_DIR": str(root / "work"),
-            "PYSPARK_PYTHON": sys.executable,
         }
     )
     master_port, ui_port = free_port(), free_port()
@@ -258,7 +347,7 @@ def start_standalone_cluster(workers: int = 2, startup_timeout_s: float = 90.0):
             try:
                 if cluster.alive_workers() >= workers:
                     break
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, or an empty page while starting
                 pass
             if any(process.poll() is not None for process in cluster.processes):
                 raise RuntimeError("a standalone cluster process exited:\n" + cluster.logs())
@@ -300,5 +389,131 @@ def standalone_spark(standalone_cluster):
             executor_memory="512m",
             conf={"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"},
             app_name="deepspark-tests-standalone",
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A Spark Connect server started on its own (`sbin/start-connect-server.sh`), as a user runs
+# one, with a local-cluster master: the client in this process is not the server's driver.
+
+
+@dataclass
+class ConnectServer:
+    url: str
+    env: dict[str, str]
+    log_dir: Path
+
+    def logs(self) -> str:
+        parts = [
+            f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
+            for path in sorted(self.log_dir.glob("*.out"))
+        ]
+        return "\n".join(parts)
+
+    def pid(self) -> int | None:
+        for path in self.log_dir.glob("*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                return int(path.read_text().strip())
+        return None
+
+    def stop(self) -> None:
+        pid = self.pid()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(
+                [str(_pyspark_home() / "sbin" / "stop-connect-server.sh")],
+                env=self.env,
+                capture_output=True,
+                timeout=60,
+            )
+        if pid is not None and _process_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _pyspark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).parent
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_connect_server(master: str = "local-cluster[2,1,1024]", startup_timeout_s=180.0):
+    root = Path(tempfile.mkdtemp(prefix="deepspark-connect-server-"))
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("SPARK_REMOTE", None)
+    env.update(
+        {
+            "SPARK_HOME": str(_pyspark_home()),
+            "SPARK_LOG_DIR": str(root),
+            "SPARK_PID_DIR": str(root),
+            "SPARK_LOCAL_IP": "127.0.0.1",
+            # The server's Python workers: a user starts the server with the interpreter that
+            # has deepspark, the same way.
+            "PYSPARK_PYTHON": sys.executable,
+        }
+    )
+    server = ConnectServer(f"sc://127.0.0.1:{port}", env, root)
+    confs = {
+        "spark.connect.grpc.binding.port": str(port),
+        "spark.connect.grpc.binding.address": "127.0.0.1",
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.ui.enabled": "false",
+        "spark.executor.memory": "1024m",
+    }
+    args = [str(_pyspark_home() / "sbin" / "start-connect-server.sh"), "--master", master]
+    for key, value in confs.items():
+        args += ["--conf", f"{key}={value}"]
+    try:
+        subprocess.run(args, env=env, capture_output=True, timeout=120, check=True)
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            pid = server.pid()
+            if pid is not None and not _process_alive(pid):
+                raise RuntimeError("the Spark Connect server exited:\n" + server.logs())
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Spark Connect server did not listen on port {port} within "
+                    f"{startup_timeout_s:g} s:\n" + server.logs()
+                )
+            time.sleep(0.5)
+    except BaseException:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def connect_server() -> Iterator[ConnectServer]:
+    """A Spark Connect server (local-cluster[2,1,1024]) on loopback, stopped at teardown."""
+    server = start_connect_server()
+    try:
+        yield server
+    finally:
+        if _switch.kind == "connect_server_spark":
+            _switch.stop()
+        server.stop()
+        shutil.rmtree(server.log_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def connect_server_spark(connect_server):
+    """A Spark Connect client of `connect_server`, made with `init_context("connect", ...)`."""
+    return _switch.get(
+        "connect_server_spark",
+        lambda: ds.init_context(
+            "connect", master=connect_server.url, app_name="deepspark-tests-connect-server"
         ),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -170,12 +171,15 @@ def test_missing_java_is_reported_with_the_fix():
 
 def test_connect_server_that_does_not_answer_fails_in_bounded_time():
     port = free_port()  # nothing listens here
+    connect_timeout_s = 1.5
     result = _run_python(
         f"""
         import time, deepspark as ds
         start = time.monotonic()
         try:
-            ds.init_context("connect", master="sc://127.0.0.1:{port}", connect_timeout_s=1.5)
+            ds.init_context(
+                "connect", master="sc://127.0.0.1:{port}", connect_timeout_s={connect_timeout_s}
+            )
         except ds.context.ContextError as error:
             print("ERROR:", error)
         print("WAITED", time.monotonic() - start)
@@ -184,6 +188,9 @@ def test_connect_server_that_does_not_answer_fails_in_bounded_time():
     assert f"ERROR: the Spark Connect server at sc://127.0.0.1:{port} did not answer" in (
         result.stdout
     ), result.stderr[-2000:]
+    # a hang guard, not a speed claim: the call gives up soon after its timeout
+    waited = float(result.stdout.split("WAITED", 1)[1].split()[0])
+    assert connect_timeout_s <= waited < connect_timeout_s + 30, waited
 
 
 def test_spark_submit_mode_adopts_the_submitted_session(tmp_path: Path):
@@ -199,13 +206,15 @@ def test_spark_submit_mode_adopts_the_submitted_session(tmp_path: Path):
         )
     )
     submit = Path(spark_class()).with_name("spark-submit")
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    # spark-submit's own way to name the interpreters, as a user gives it
+    command = [str(submit), "--master", "local[1]", "--conf", "spark.ui.enabled=false"]
+    command += ["--conf", f"spark.pyspark.python={sys.executable}"]
+    command += ["--conf", f"spark.pyspark.driver.python={sys.executable}", str(script)]
     result = subprocess.run(
-        [str(submit), "--master", "local[1]", "--conf", "spark.ui.enabled=false", str(script)],
+        command,
         capture_output=True,
         text=True,
         timeout=180,
-        env=env,
     )
     assert "MASTER local[1] COUNT 7" in result.stdout, result.stderr[-3000:]
 
@@ -262,3 +271,46 @@ def test_standalone_tasks_run_on_both_workers(standalone_spark, standalone_clust
         if any(d.startswith(str(work_dir)) for d in dirs)
     }
     assert used_workers == {0, 1}, dirs
+
+
+@pytest.mark.slow
+def test_fit_and_predict_through_a_connect_server_of_its_own(connect_server_spark):
+    """A Connect client whose server (and its executors) runs apart from this process."""
+    import pandas as pd
+    import torch
+    from sklearn.datasets import load_digits
+
+    from deepspark.training.driver.stage import available_task_slots
+
+    spark = connect_server_spark
+    assert type(spark).__module__.startswith("pyspark.sql.connect")
+    assert available_task_slots(spark) == 2
+    digits = load_digits()
+    frame = pd.DataFrame({"features": list(digits.data / 16.0), "label": digits.target})
+    df = spark.createDataFrame(frame, "features array<double>, label long")
+    torch.manual_seed(0)
+    est = ds.Estimator.from_torch(
+        model=torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+        ),
+        optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
+        loss=torch.nn.CrossEntropyLoss(),
+        metrics=["accuracy"],
+    )
+    history = est.fit(
+        df,
+        feature_cols="features",
+        label_cols="label",
+        epochs=3,
+        batch_size=64,
+        num_workers=2,
+        seed=0,
+        progress=False,
+    )
+    assert len(est.history) == 3
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    # step events reached this client over the progress channel
+    assert math.isfinite(est.first_step_s_)
+    scored = est.predict(df.limit(40), feature_cols="features").collect()
+    assert len(scored) == 40
+    assert all(len(row.prediction) == 10 for row in scored)

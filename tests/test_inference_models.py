@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from deepspark.inference import (
     model_source,
 )
 from deepspark.inference._cache import SizedLRUCache
+from deepspark.inference.models import ModelIntegrityError, private_model_dir
 from deepspark.inference.runtimes import torchscript_deprecation_silenced
 
 
@@ -122,6 +125,65 @@ def test_a_large_model_spills_to_the_directory_and_loads_from_there(tmp_path, ml
     clear_cache()
     with torch.no_grad():
         torch.testing.assert_close(load_model(spilled)((inputs,)), mlp(inputs))
+
+
+def test_models_of_the_same_size_spill_to_files_named_by_their_content(tmp_path):
+    first, second = make_mlp(), make_mlp()
+    with torch.no_grad():
+        second[0].weight.add_(1.0)
+    spill = str(tmp_path / "spill")
+    sources = [model_source(m, spill_dir=spill, max_inline_bytes=1024) for m in (first, second)]
+    assert sources[0].nbytes == sources[1].nbytes  # same size, different bytes
+    assert sources[0].path != sources[1].path and sources[0].sha256 != sources[1].sha256
+    for source in sources:
+        assert source.sha256 in os.path.basename(source.path)
+    inputs = torch.randn(3, 6)
+    clear_cache()
+    with torch.no_grad():
+        for model, source in zip((first, second), sources, strict=True):
+            torch.testing.assert_close(load_model(source)((inputs,)), model(inputs))
+
+
+def test_a_spilled_model_file_changed_on_disk_is_refused(tmp_path, mlp):
+    spill = str(tmp_path / "spill")
+    source = model_source(mlp, spill_dir=spill, max_inline_bytes=1024)
+    data = bytearray(Path(source.path).read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes
+    Path(source.path).write_bytes(data)
+    clear_cache()
+    with pytest.raises(ModelIntegrityError, match="changed after it was written.*not loaded"):
+        load_model(source)
+    # Describing the model again rewrites the file, which then loads.
+    again = model_source(mlp, spill_dir=spill, max_inline_bytes=1024)
+    assert again.path == source.path
+    inputs = torch.randn(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(again)((inputs,)), mlp(inputs))
+
+
+def test_the_private_model_directory_is_this_users_alone(tmp_path):
+    path = private_model_dir(str(tmp_path))
+    assert os.path.basename(path).startswith("deepspark-models-")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    assert private_model_dir(str(tmp_path)) == path
+    # Left world-writable (not by deepspark): whatever others put there goes, the mode is fixed.
+    planted = os.path.join(path, "deepspark-model-planted.pkl")
+    Path(planted).write_bytes(b"not a model")
+    os.chmod(path, 0o777)
+    assert private_model_dir(str(tmp_path)) == path
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700 and os.listdir(path) == []
+    # A symlink in its place, e.g. to another user's directory, is refused.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    linked_base = tmp_path / "linked"
+    linked_base.mkdir()
+    os.symlink(elsewhere, os.path.join(linked_base, os.path.basename(path)))
+    with pytest.raises(PermissionError, match="not a plain directory"):
+        private_model_dir(str(linked_base))
+    if os.getuid() == 0:  # root can hand the directory to another user
+        os.chown(path, 12345, -1)
+        with pytest.raises(PermissionError, match="belongs to another user"):
+            private_model_dir(str(tmp_path))
 
 
 def test_the_cache_loads_each_model_once(mlp):

@@ -147,6 +147,29 @@ def test_arguments_are_checked_before_any_job(spark, model_files):
         predict(df, model, "x", output="double")
 
 
+class FailsOnWorkers(torch.nn.Module):
+    """Predicts on the driver (so the probe passes), raises inside Spark's Python workers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp(outputs=1)
+        self.driver_pid = os.getpid()
+
+    def forward(self, x):
+        if os.getpid() != self.driver_pid:
+            raise ValueError("this model refuses to run on a worker")
+        return self.net(x)
+
+
+def test_a_model_failing_on_the_workers_names_its_error_and_partition(spark):
+    scored = predict(feature_frame(spark, rows=20, partitions=2), FailsOnWorkers(), "x")
+    summary = r"deepspark predict: partition [01]: ValueError: this model refuses to run on a"
+    with pytest.raises(Exception, match=summary) as info:
+        scored.collect()
+    # Spark keeps only the last exception of the worker's traceback: the summary carries all.
+    assert "ModelInputError" in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Separate executor JVMs: the model cache per Python worker, and task retries during a write.
 

@@ -16,7 +16,7 @@ from deepspark.inference import (
     model_source,
     predict_partition,
 )
-from deepspark.inference.worker import rebatch, resolve_output
+from deepspark.inference.worker import PredictError, rebatch, resolve_output
 
 FEATURES = 6
 
@@ -142,8 +142,23 @@ def test_a_feature_shape_the_model_cannot_take_is_reported():
         output_col="prediction",
         output=OutputKind.ARRAY,
     )
-    with pytest.raises(ModelInputError, match=r"'x' \(N=3, 6\) float32.*expects \(N, 4\)"):
+    with pytest.raises(PredictError, match=r"'x' \(N=3, 6\) float32.*expects \(N, 4\)") as info:
         run(partition([3]), spec)
+    assert isinstance(info.value.__cause__, ModelInputError)
+
+
+class FailingModel(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"cannot score {x.shape[0]} rows")
+
+
+def test_a_failing_model_is_summed_up_in_one_line_naming_the_partition():
+    spec = spec_for(FailingModel(), OutputKind.ARRAY)
+    with pytest.raises(PredictError) as info:
+        list(predict_partition(iter(partition([3])), spec, partition_id=7))
+    summary = str(info.value).splitlines()[0]
+    assert summary == "deepspark predict: partition 7: ValueError: cannot score 3 rows"
+    assert isinstance(info.value.__cause__.__cause__, ValueError)  # through ModelInputError
 
 
 def test_output_kinds_are_checked_against_the_output_shape():

@@ -137,7 +137,7 @@ def test_pipeline_is_saved_and_loaded_in_a_fresh_session_and_transforms_identica
     result = subprocess.run(
         [sys.executable, str(script), model_path, pipeline_path, data_path, out_path],
         cwd=tmp_path,  # the tests folder is not importable there: the network came by value
-        env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+        env={key: value for key, value in os.environ.items() if key != "PYSPARK_PYTHON"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -196,6 +196,35 @@ def test_cross_validator_picks_the_better_learning_rate(spark, tmp_path):
         3e-3,
     ]
     assert _accuracy(loaded.transform(test)) == accuracy
+
+
+def test_cross_validator_with_checkpoint_dir_scores_every_fit_on_its_own(spark, tmp_path):
+    train, _ = digits_pixel_frames(spark)
+    scaler = Pipeline(stages=_digits_pipeline(TorchEstimator()).getStages()[:2]).fit(train)
+    train = scaler.transform(train).cache()
+
+    def search(checkpoint_dir):
+        torch.manual_seed(0)
+        est = TorchEstimator(
+            model=MLP(64, 10), loss=torch.nn.CrossEntropyLoss(), epochs=2, numWorkers=2
+        )
+        if checkpoint_dir is not None:
+            est.setCheckpointDir(checkpoint_dir)
+        grid = ParamGridBuilder().addGrid(est.learningRate, [1e-2, 1e-7]).build()
+        evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
+        cv = CrossValidator(
+            estimator=est, estimatorParamMaps=grid, evaluator=evaluator, numFolds=2, seed=0
+        )
+        return cv.fit(train).avgMetrics
+
+    without = search(None)
+    with_checkpoints = search(str(tmp_path / "ckpt"))
+    train.unpersist()
+    assert with_checkpoints == pytest.approx(without, abs=0.02), (with_checkpoints, without)
+    assert with_checkpoints[0] >= 0.75 and with_checkpoints[1] <= 0.35, with_checkpoints
+    # one run folder per fit: 2 grid points x 2 folds, and the refit of the best
+    runs = sorted(path.name for path in (tmp_path / "ckpt").iterdir())
+    assert len(runs) == 5 and all(name.startswith("run-") for name in runs), runs
 
 
 def test_train_validation_split_with_string_indexer_and_binary_evaluator(spark):

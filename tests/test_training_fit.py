@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -176,6 +177,77 @@ def test_fit_refuses_bad_arguments_before_any_job(spark):
         unpicklable.fit(train_df, feature_cols="features", label_cols="label", num_workers=2)
 
 
+def test_wrong_inputs_fail_on_the_driver_naming_the_argument(spark, tmp_path):
+    train_df, _ = digits_frames(spark)
+    good = {"feature_cols": "features", "label_cols": "label", "num_workers": 2}
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module.*str"):
+        ds.Estimator.from_torch(model="resnet", loss=torch.nn.CrossEntropyLoss())
+    with pytest.raises(TypeError, match=r"loss must be callable"):
+        ds.Estimator.from_torch(model=DigitsNet(), loss="cross_entropy")
+
+    def two_arguments(params, config):
+        return torch.optim.SGD(params, lr=0.1)
+
+    wrong_signature = ds.Estimator.from_torch(
+        model=DigitsNet(), optimizer=two_arguments, loss=torch.nn.CrossEntropyLoss()
+    )
+    with pytest.raises(TypeError, match=r"optimizer=.*two_arguments failed"):
+        wrong_signature.fit(train_df, **good)
+    with pytest.raises(ValueError, match=r"metrics: 'acuracy' cannot be computed"):
+        _estimator(metrics=["acuracy"]).fit(train_df, **good)
+    est = _estimator()
+    with pytest.raises(ValueError, match=r"checkpoint_dir='nosuchscheme://x'.*protocol"):
+        est.fit(train_df, checkpoint_dir="nosuchscheme://x", **good)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if not os.access(read_only, os.W_OK):  # root may write anywhere
+            with pytest.raises(ValueError, match=r"checkpoint_dir=.*not writable"):
+                est.fit(train_df, checkpoint_dir=str(read_only / "ckpt"), **good)
+    finally:
+        read_only.chmod(0o700)
+
+
+def test_second_fit_into_a_used_checkpoint_dir_resumes_only_when_asked(spark, tmp_path):
+    train_df, test_df = digits_frames(spark)
+    checkpoints = str(tmp_path / "ckpt")
+    args = {"feature_cols": "features", "label_cols": "label", "batch_size": BATCH}
+    first = _estimator()
+    first.fit(train_df, epochs=2, num_workers=2, checkpoint_dir=checkpoints, **args)
+    again = _estimator(seed=1)
+    with pytest.raises(ValueError, match=r"already holds checkpoints.*resume=True.*new"):
+        again.fit(train_df, epochs=3, num_workers=2, checkpoint_dir=checkpoints, **args)
+    # resume=True continues the run: only the third epoch trains, from the saved weights
+    history = again.fit(
+        train_df, epochs=3, num_workers=2, checkpoint_dir=checkpoints, resume=True, **args
+    )
+    assert history["epoch"].tolist() == [0, 1, 2]
+    # the first two epochs are the first run's, restored from its checkpoint
+    assert history["train_loss"].tolist()[:2] == first.history["train_loss"].tolist()
+    assert again.evaluate(test_df, **args)["accuracy"] >= 0.85
+    # a fresh directory trains from the start
+    fresh = _estimator(seed=1).fit(
+        train_df, epochs=1, num_workers=2, checkpoint_dir=str(tmp_path / "new"), **args
+    )
+    assert fresh["epoch"].tolist() == [0]
+
+
+def test_training_error_names_the_failing_rank_and_its_exception(spark):
+    train_df, _ = digits_frames(spark)
+    est = ds.Estimator.from_torch(
+        model=helpers.FailingOnRank(rank=1, message="no data for this shard"),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        loss=torch.nn.CrossEntropyLoss(),
+    )
+    with pytest.raises(ds.TrainingError) as failure:
+        est.fit(train_df, feature_cols="features", label_cols="label", num_workers=2)
+    first_line = str(failure.value).splitlines()[1]
+    assert first_line.strip() == "attempt 1: rank 1: RuntimeError: no data for this shard", str(
+        failure.value
+    )
+
+
 class _ModelWithLock(DigitsNet):
     def __init__(self) -> None:
         super().__init__()
@@ -202,8 +274,10 @@ def test_rank_killed_mid_fit_resumes_from_checkpoint(spark, tmp_path):
         seed=0,
     )
     assert (tmp_path / "killed").exists(), "the callback never killed rank 1"
-    # each epoch exactly once: epochs 0-1 from the first attempt's checkpoints, 2-3 re-run
+    # each epoch exactly once: epochs 0-1 from the first attempt's checkpoints, 2-3 re-run;
+    # a second attempt that did not restore would train all four epochs again
     assert history["epoch"].tolist() == [0, 1, 2, 3]
+    assert history["attempt"].tolist() == [1, 1, 2, 2]
     assert history["val_accuracy"].iloc[-1] >= 0.9
     assert est.attempts_ == 2
     leaked = (_listening_ports() - ports_before) & set(est.job_ports_)
@@ -232,7 +306,7 @@ def test_rank_killed_without_max_failures_fails_fast_with_its_rank(spark, tmp_pa
             callbacks=[killer],
         )
     message = str(failure.value)
-    assert "rank 1 failed first: Python worker exited unexpectedly" in message, message
+    assert "attempt 1: rank 1: Python worker exited unexpectedly" in message, message
     assert not _orphans(started)
 
 
@@ -278,6 +352,8 @@ def test_python_worker_killed_from_outside_resumes(spark, tmp_path):
         psutil.Process(int(pid_file.read_text())).status() == psutil.STATUS_ZOMBIE
     )
     assert history["epoch"].tolist() == [0, 1, 2]
+    # killed in epoch 1: epoch 0 comes from the first attempt's checkpoint, 1-2 are re-run
+    assert history["attempt"].tolist() == [1, 2, 2]
     assert all(torch.isfinite(p).all() for p in est.get_model().parameters())
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert est.attempts_ == 2

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
+import json
 import logging
 import multiprocessing
 import socket
@@ -10,7 +13,7 @@ import socket
 import pytest
 
 from deepspark.training.driver.progress_bar import ProgressBar
-from deepspark.training.progress import ProgressClient, ProgressServer
+from deepspark.training.progress import NONCE_BYTES, ProgressClient, ProgressServer
 from deepspark.training.rank.rendezvous import free_port
 
 STEPS = 200
@@ -80,6 +83,59 @@ def test_wrong_token_and_garbage_are_rejected_without_harm():
             client.send({"kind": "log", "text": "hello"})
         assert server.wait_for(lambda events: len(events) == 1, WAIT_S)
     assert server.events()[0]["text"] == "hello"
+
+
+def _greeted(server) -> tuple[socket.socket, bytes]:
+    """A raw connection to ``server`` and the nonce it was greeted with."""
+    raw = socket.create_connection(server.address, timeout=5)
+    nonce = b""
+    while len(nonce) < NONCE_BYTES:
+        chunk = raw.recv(NONCE_BYTES - len(nonce))
+        assert chunk, "the server closed the connection instead of greeting it"
+        nonce += chunk
+    return raw, nonce
+
+
+def _signed_frame(token: str, nonce: bytes, event: dict) -> bytes:
+    body = json.dumps(event).encode()
+    mac = hmac.new(token.encode(), nonce + body, hashlib.sha256).digest()
+    return _raw_frame(len(mac) + len(body), mac + body)
+
+
+def test_a_frame_recorded_on_one_connection_is_refused_on_another():
+    with ProgressServer(host="127.0.0.1") as server:
+        first, first_nonce = _greeted(server)
+        recorded = _signed_frame(server.token, first_nonce, {"kind": "log", "seq": 0, "text": "a"})
+        with first:
+            first.sendall(recorded)
+            assert server.wait_for(lambda events: len(events) == 1, WAIT_S)
+        second, second_nonce = _greeted(server)
+        assert second_nonce != first_nonce
+        with second:
+            second.sendall(recorded)  # the replay: valid token, valid sequence, wrong connection
+            assert server.wait_for(lambda _: server.rejected == 1, WAIT_S)
+            assert second.recv(1) == b""  # and the server hung up on it
+        assert [event["text"] for event in server.events()] == ["a"]
+
+
+def test_connections_beyond_max_connections_are_closed_and_counted():
+    with pytest.raises(ValueError, match="max_connections"):
+        ProgressServer(max_connections=0)
+    with ProgressServer(host="127.0.0.1", max_connections=2) as server:
+        ranks = [_greeted(server)[0] for _ in range(2)]
+        with socket.create_connection(server.address, timeout=5) as extra:
+            assert extra.recv(NONCE_BYTES) == b""  # closed without a greeting
+        assert server.refused == 1
+        # A rank that leaves frees its place (a retried job reconnects).
+        ranks.pop().close()
+        with ProgressClient(server.address, server.token, rank=1, timeout_s=5) as client:
+            client.send({"kind": "log", "text": "retry"})
+        assert server.wait_for(lambda events: len(events) == 1, WAIT_S)
+        assert client.dropped == 0 and server.refused == 1
+        for raw in ranks:
+            raw.close()
+    with pytest.raises(OSError):  # the port closes with the server
+        socket.create_connection(server.address, timeout=5).close()
 
 
 def test_stopping_with_connected_clients_does_not_hang(caplog):

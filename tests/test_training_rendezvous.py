@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import socket
 import time
@@ -47,6 +48,20 @@ def _all_reduce_main(rank: int, port: int, results) -> None:
 def _lonely_main(rank: int, port: int, results) -> None:
     """Join a world of 2 in which the other rank never shows up."""
     spec = RendezvousSpec("127.0.0.1", port, world_size=2, timeout_s=SHORT_TIMEOUT_S)
+    try:
+        init_process_group(spec, rank)
+        results.put((rank, "joined", ""))
+    except RendezvousError as error:
+        results.put((rank, "error", str(error)))
+    except BaseException:
+        results.put((rank, "unexpected", traceback.format_exc()))
+
+
+def _file_store_main(rank: int, store_path: str, results) -> None:
+    """Join a world of 3 through a file store; only ranks 0 and 1 ever come."""
+    spec = RendezvousSpec(
+        "127.0.0.1", 29500, world_size=3, timeout_s=SHORT_TIMEOUT_S, store_path=store_path
+    )
     try:
         init_process_group(spec, rank)
         results.put((rank, "joined", ""))
@@ -103,6 +118,17 @@ def test_missing_peer_gives_each_rank_a_clear_error_within_the_timeout():
     joiner_status, joiner_message = results[1]
     assert joiner_status == "error", joiner_message
     assert "rank 1 of 2" in joiner_message and "joining the master" in joiner_message
+
+
+def test_a_failed_rendezvous_leaves_no_store_file(tmp_path):
+    store_path = str(tmp_path / "rendezvous.store")
+    results = run_processes(_file_store_main, [(0, store_path), (1, store_path)])
+    for rank in (0, 1):
+        status, message = results[rank]
+        assert status == "error", message
+        assert f"rank {rank} of 3" in message
+    assert not os.path.exists(store_path)
+    assert os.listdir(tmp_path) == []
 
 
 def test_spec_is_validated_and_names_the_problem():

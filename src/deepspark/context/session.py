@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
 from deepspark.context.config import ClusterMode, ContextConfig, ContextError, resolve_spark_conf
+from deepspark.context.workers import (
+    PYTHON_CONF,
+    mark_workers_ready,
+    shares_machine,
+    worker_python,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pyspark.sql import SparkSession
 
 __all__ = ["init_context", "stop_context"]
@@ -149,6 +159,10 @@ def stop_context() -> None:
             session.stop()
         except Exception as error:  # a session whose JVM already died cannot stop cleanly
             _log.warning("stop_context: the session did not stop cleanly: %s", error)
+        if _is_connect_session(session) and "SPARK_REMOTE" not in os.environ:
+            # pyspark marks the process Connect-only for a remote server and leaves the mark
+            # after stop(); a later classic init_context would then fail
+            os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
 
 
 def _is_alive(session: SparkSession) -> bool:
@@ -162,10 +176,62 @@ def _is_connect_session(session: Any) -> bool:
 
 
 def _create_session(config: ContextConfig) -> SparkSession:
+    """Build the session; executors that share this machine run this interpreter."""
+    spark_conf = resolve_spark_conf(config)
+    master = spark_conf.get("spark.master") or config.master or ""
+    python = None
+    if config.cluster_mode is not ClusterMode.SPARK_SUBMIT:
+        python = worker_python(master, spark_conf)
+    if python is not None:
+        spark_conf[PYTHON_CONF] = python
+    with _jvm_python(python):
+        session = _build_session(config, spark_conf)
+    if python is None:
+        return session
+    if not _is_connect_session(session):
+        # PySpark reads PYSPARK_PYTHON once and ignores spark.pyspark.python unless
+        # spark-submit launched it; the SparkContext's own setting reaches every task.
+        session.sparkContext.pythonExec = python
+    if python == sys.executable and shares_machine(master) and _workers_run(session, python):
+        mark_workers_ready(session)
+    return session
+
+
+@contextlib.contextmanager
+def _jvm_python(python: str | None) -> Iterator[None]:
+    """Let a JVM launched now see ``PYSPARK_PYTHON=python``; this process's env is restored.
+
+    A local Spark Connect server plans Python functions with the ``PYSPARK_PYTHON`` of its
+    JVM's environment, which is fixed when the JVM starts.
+    """
+    if python is None or "PYSPARK_PYTHON" in os.environ:
+        yield
+        return
+    os.environ["PYSPARK_PYTHON"] = python
+    try:
+        yield
+    finally:
+        os.environ.pop("PYSPARK_PYTHON", None)
+
+
+def _workers_run(session: SparkSession, python: str) -> bool:
+    """Whether the session's workers start `python`.
+
+    A local Connect server runs in this process's JVM, which may have started before with
+    another environment; then the first job checks the workers instead.
+    """
+    if not _is_connect_session(session):
+        return True
+    from pyspark import SparkContext
+
+    jvm = SparkContext._jvm
+    return jvm is not None and jvm.java.lang.System.getenv("PYSPARK_PYTHON") == python
+
+
+def _build_session(config: ContextConfig, spark_conf: dict[str, str]) -> SparkSession:
     from pyspark.sql import SparkSession
 
     mode = config.cluster_mode
-    spark_conf = resolve_spark_conf(config)
     if mode is ClusterMode.SPARK_SUBMIT:
         active = SparkSession.getActiveSession()
         if active is not None:

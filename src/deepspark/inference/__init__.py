@@ -14,6 +14,7 @@ from deepspark.inference.export import (
     export_torchscript,
 )
 from deepspark.inference.models import (
+    ModelIntegrityError,
     ModelKind,
     ModelSource,
     cache_info,
@@ -23,14 +24,16 @@ from deepspark.inference.models import (
 )
 from deepspark.inference.predict import predict
 from deepspark.inference.runtimes import ModelInputError, Predictor
-from deepspark.inference.worker import OutputKind, PredictSpec, predict_partition
+from deepspark.inference.worker import OutputKind, PredictError, PredictSpec, predict_partition
 
 __all__ = [
     "ExportMismatchError",
     "ModelInputError",
+    "ModelIntegrityError",
     "ModelKind",
     "ModelSource",
     "OutputKind",
+    "PredictError",
     "PredictSpec",
     "Predictor",
     "cache_info",

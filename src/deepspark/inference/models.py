@@ -12,14 +12,23 @@ inside the task closure (Spark broadcasts large closures once per executor); abo
 written once to a driver-given directory (``spill_dir``, any fsspec URL every executor can
 read) and travels by path. 64 MiB keeps a closure well under Spark Connect's 128 MiB default
 gRPC message limit and under the driver-memory cost of re-pickling a plan.
+
+A spilled model's file is named by the SHA-256 of its bytes and the source carries that hash:
+a worker hashes the file before loading it and refuses one that changed, so nobody who can
+write to the directory can swap in other code. On one machine the default directory is
+:func:`private_model_dir`, this user's own (mode 0700).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import posixpath
+import shutil
+import stat
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from enum import Enum
@@ -42,12 +51,14 @@ from deepspark.inference.runtimes import (
 __all__ = [
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_INLINE_LIMIT_BYTES",
+    "ModelIntegrityError",
     "ModelKind",
     "ModelSource",
     "cache_info",
     "clear_cache",
     "load_model",
     "model_source",
+    "private_model_dir",
 ]
 
 DEFAULT_INLINE_LIMIT_BYTES = 64 * 1024 * 1024
@@ -58,6 +69,10 @@ DEFAULT_CACHE_BYTES = 2 * 1024 * 1024 * 1024
 
 # `Estimator.save` writes a directory whose metadata.json marks it complete.
 SAVED_METADATA = "metadata.json"
+
+
+class ModelIntegrityError(ValueError):
+    """A spilled model file's bytes are not the model it was written for (changed on disk)."""
 
 
 class ModelKind(str, Enum):
@@ -76,7 +91,8 @@ class ModelSource:
 
     Exactly one of ``payload`` (the model's bytes, carried with the task) and ``path`` (an
     fsspec URL every worker can read) is set. ``identity`` names the model's content: equal
-    identities load once per Python worker.
+    identities load once per Python worker. ``sha256``, set for models spilled to a file, is
+    the hash of the file's bytes: the loader refuses a file that does not match it.
     """
 
     kind: ModelKind
@@ -84,6 +100,7 @@ class ModelSource:
     path: str | None = None
     payload: bytes | None = field(default=None, repr=False)
     nbytes: int = 0
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.payload is None):
@@ -161,8 +178,10 @@ def model_source(
         their own savers), or a path / fsspec URL (see :meth:`ModelSource.from_path`).
     spill_dir : str, optional
         A directory (fsspec URL) that every executor can read. An in-memory model whose bytes
-        exceed ``max_inline_bytes`` is written there once (named by its content hash) and
-        travels by path. Without it, such a model is refused.
+        exceed ``max_inline_bytes`` is written there once (named by the SHA-256 of its bytes,
+        which workers check before loading) and travels by path. Without it, such a model is
+        refused. Whoever can write there can make predict fail, not run other code; still,
+        prefer a directory only you can write (see :func:`private_model_dir`).
     max_inline_bytes : int
         The largest model carried inside the task closure; 64 MiB by default.
 
@@ -267,12 +286,13 @@ _SPILL_SUFFIXES = {
 
 
 def _spill(source: ModelSource, spill_dir: str) -> ModelSource:
-    """Write the payload once under ``spill_dir``, named by its hash; return a by-path source."""
+    """Write the payload once under ``spill_dir``, named by its SHA-256; a by-path source."""
     assert source.payload is not None
+    sha256 = hashlib.sha256(source.payload).hexdigest()
     fs, root = fsspec.core.url_to_fs(spill_dir)
-    name = f"deepspark-model-{source.identity[:32]}{_SPILL_SUFFIXES[source.kind]}"
+    name = f"deepspark-model-{sha256}{_SPILL_SUFFIXES[source.kind]}"
     target = posixpath.join(root, name)
-    if not (fs.exists(target) and fs.info(target).get("size") == source.nbytes):
+    if not (fs.exists(target) and _file_sha256(fs, target) == sha256):
         fs.makedirs(root, exist_ok=True)
         partial = f"{target}.{os.getpid()}.partial"
         with fs.open(partial, "wb") as file:
@@ -280,7 +300,70 @@ def _spill(source: ModelSource, spill_dir: str) -> ModelSource:
         fs.mv(partial, target)
     url = spill_dir.rstrip("/") + "/" + name
     # The content hash stays the identity: the same model loads once, whichever way it came.
-    return ModelSource(kind=source.kind, identity=source.identity, path=url, nbytes=source.nbytes)
+    return ModelSource(
+        kind=source.kind, identity=source.identity, path=url, nbytes=source.nbytes, sha256=sha256
+    )
+
+
+def _file_sha256(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def private_model_dir(base: str | None = None) -> str:
+    """This user's own directory for large models on this machine, created if needed.
+
+    ``<base>/deepspark-models-<uid>`` with mode 0700, so no other user can read the models or
+    put files there. A directory of that name owned by another user, or a symlink, is refused;
+    one of this user's with a wider mode (not made by deepspark) is emptied and made private.
+
+    Parameters
+    ----------
+    base : str, optional
+        Where to create it; the system's temporary directory by default.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    PermissionError
+        When the path is taken by another user or is not a plain directory.
+
+    Examples
+    --------
+    >>> import os, stat
+    >>> oct(stat.S_IMODE(os.stat(private_model_dir()).st_mode))
+    '0o700'
+    """
+    base = base or tempfile.gettempdir()
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = os.path.join(base, f"deepspark-models-{uid if uid is not None else 'user'}")
+    for _ in range(2):
+        with contextlib.suppress(FileExistsError):  # a file or dangling link: refused below
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise PermissionError(
+                f"{path} is not a plain directory (a symlink or a file); remove it, or pass "
+                "spill_dir='<a directory every executor can read>'"
+            )
+        if uid is not None and info.st_uid != uid:
+            raise PermissionError(
+                f"{path} belongs to another user (uid {info.st_uid}), so models written there "
+                "are not private; remove it, or pass spill_dir='<a directory of yours>'"
+            )
+        if uid is None or stat.S_IMODE(info.st_mode) == 0o700:
+            return path
+        if stat.S_IMODE(info.st_mode) & 0o077:  # others could have written into it: start over
+            shutil.rmtree(path)
+            continue
+        os.chmod(path, 0o700)  # made under a restrictive umask: give this user its rights back
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +443,7 @@ def _load_uncached(source: ModelSource, device: str, num_threads: int | None) ->
         return TorchModulePredictor(module, device)
     if kind is ModelKind.ONNX:
         return OnnxPredictor(_onnx_model(source), nbytes=source.nbytes, num_threads=num_threads)
-    data = source.payload if source.payload is not None else _read_bytes(source.path)
+    data = source.payload if source.payload is not None else _read_checked(source)
     if kind is ModelKind.TORCH:
         module = cloudpickle.loads(data)
         if not isinstance(module, torch.nn.Module):
@@ -390,9 +473,25 @@ def _read_bytes(url: str | None) -> bytes:
         raise FileNotFoundError(f"model path {url!r} does not exist on this worker") from err
 
 
+def _read_checked(source: ModelSource) -> bytes:
+    """The file's bytes, after checking them against the hash the driver wrote them with."""
+    data = _read_bytes(source.path)
+    if source.sha256 is not None:
+        found = hashlib.sha256(data).hexdigest()
+        if found != source.sha256:
+            raise ModelIntegrityError(
+                f"model file {source.path!r} changed after it was written: its SHA-256 is "
+                f"{found}, not {source.sha256}. It is not loaded; run predict again to "
+                "rewrite it, and check who else can write to that directory"
+            )
+    return data
+
+
 def _onnx_model(source: ModelSource) -> str | bytes:
     if source.payload is not None:
         return source.payload
+    if source.sha256 is not None:
+        return _read_checked(source)
     fs, root = fsspec.core.url_to_fs(source.path)
     if is_local(fs):
         return root  # a local path lets ONNX Runtime find external weight files beside it

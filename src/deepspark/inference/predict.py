@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,6 +26,7 @@ from deepspark.inference.models import (
     ModelSource,
     load_model,
     model_source,
+    private_model_dir,
 )
 from deepspark.inference.runtimes import Predictor, TorchModulePredictor, evaluating
 from deepspark.inference.worker import (
@@ -142,8 +141,10 @@ def predict(
     >>> scored.columns  # doctest: +SKIP
     ['id', 'x', 'prediction']
     """
+    from deepspark.context.workers import check_workers
     from deepspark.data.validate import resolve_specs
 
+    check_workers(df.sparkSession)  # once per session: the workers' Python can run the model
     if not isinstance(output_col, str) or not output_col:
         raise ValueError(f"output_col={output_col!r}: give a column name")
     if output_col in df.columns:
@@ -287,7 +288,7 @@ def _default_spill_dir(df: DataFrame) -> str | None:
     except Exception:  # a Connect server may refuse to read confs; then ask the user
         return None
     if master.startswith("local"):
-        return os.path.join(tempfile.gettempdir(), "deepspark-models")
+        return private_model_dir()
     return None
 
 
@@ -297,7 +298,11 @@ def _predict_fn(
     """The ``mapInArrow`` function: it captures the spec and nothing else."""
 
     def predict_fn(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        yield from predict_partition(batches, _with_task_threads(spec))
+        from pyspark import TaskContext
+
+        task = TaskContext.get()
+        partition_id = task.partitionId() if task is not None else None
+        yield from predict_partition(batches, _with_task_threads(spec), partition_id)
 
     return predict_fn
 

@@ -24,6 +24,7 @@ from deepspark.inference.runtimes import ModelInputError, Predictor
 
 __all__ = [
     "OutputKind",
+    "PredictError",
     "PredictSpec",
     "output_column",
     "predict_batch",
@@ -31,6 +32,26 @@ __all__ = [
     "rebatch",
     "resolve_output",
 ]
+
+
+class PredictError(RuntimeError):
+    """A predict task failed. The message is one summary line,
+    ``deepspark predict: partition 3: ValueError: <its message>``; the error the model or the
+    data raised is the ``__cause__``, so its traceback is shown above this one."""
+
+
+def _summary(error: BaseException, partition_id: int | None, loading: str | None) -> str:
+    """The first line names the error the model raised; what predict adds follows it."""
+    where = "" if partition_id is None else f"partition {partition_id}: "
+    headline = error
+    if isinstance(error, ModelInputError) and error.__cause__ is not None:
+        headline = error.__cause__  # the model's own error, which the runtime wrapped
+    text = f"deepspark predict: {where}{type(headline).__name__}: {headline}"
+    if loading:
+        text += f" (while loading the {loading})"
+    if headline is not error:
+        text += f"\n{type(error).__name__}: {error}"
+    return text
 
 
 class OutputKind(str, Enum):
@@ -225,7 +246,7 @@ def predict_batch(
 
 
 def predict_partition(
-    batches: Iterable[pa.RecordBatch], spec: PredictSpec
+    batches: Iterable[pa.RecordBatch], spec: PredictSpec, partition_id: int | None = None
 ) -> Iterator[pa.RecordBatch]:
     """Predict every row of a partition: the body of the ``mapInArrow`` function.
 
@@ -238,11 +259,19 @@ def predict_partition(
         The partition, holding the feature and passthrough columns.
     spec : PredictSpec
         What to predict and how.
+    partition_id : int, optional
+        The Spark partition, named in error messages.
 
     Yields
     ------
     pyarrow.RecordBatch
         The passthrough columns and ``spec.output_col``, rows in input order.
+
+    Raises
+    ------
+    PredictError
+        When loading the model or predicting fails. Spark shows its one-line summary (the
+        partition, the original error's type and message) at the end of the task's trace.
 
     Examples
     --------
@@ -260,12 +289,18 @@ def predict_partition(
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     predictor: Predictor | None = None
-    for batch in rebatch(batches, spec.batch_size):
-        if predictor is None:
-            predictor = load_model(
-                spec.model,
-                device=spec.device,
-                num_threads=spec.num_threads,
-                cache_bytes=spec.cache_bytes,
-            )
-        yield predict_batch(predictor, batch, spec)
+    loading: str | None = None
+    try:
+        for batch in rebatch(batches, spec.batch_size):
+            if predictor is None:
+                loading = spec.model.describe()
+                predictor = load_model(
+                    spec.model,
+                    device=spec.device,
+                    num_threads=spec.num_threads,
+                    cache_bytes=spec.cache_bytes,
+                )
+                loading = None
+            yield predict_batch(predictor, batch, spec)
+    except Exception as error:
+        raise PredictError(_summary(error, partition_id, loading)) from error

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from deepspark.ml.losses import LossTask, TargetShapedLikeOutputs, loss_task
@@ -125,7 +127,7 @@ def fit_estimator(params: _TorchEstimatorParams, dataset: DataFrame) -> Estimato
         batch_size=params.getBatchSize(),
         validation_data=validation,
         num_workers=params.getNumWorkers() or None,
-        checkpoint_dir=params.getCheckpointDir(),
+        checkpoint_dir=_run_directory(params.getCheckpointDir()),
         max_failures=params.getMaxFailures(),
         seed=seed,
         feature_shapes=shapes,
@@ -133,6 +135,15 @@ def fit_estimator(params: _TorchEstimatorParams, dataset: DataFrame) -> Estimato
         progress=params.getShowProgress(),
     )
     return estimator
+
+
+def _run_directory(checkpoint_dir: str | None) -> str | None:
+    """A fresh run folder under `checkpointDir` for each fit (each grid point and fold)."""
+    if checkpoint_dir is None:
+        return None
+    return (
+        f"{checkpoint_dir.rstrip('/')}/run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    )
 
 
 # --- transform ------------------------------------------------------------------------------

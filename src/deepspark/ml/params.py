@@ -208,8 +208,9 @@ class _TorchParams(HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbability
     checkpointDir: Param[str] = Param(
         Params._dummy(),
         "checkpointDir",
-        "fsspec URL every executor can reach where training writes a checkpoint each epoch "
-        "(optional; needed for maxFailures > 0 on a cluster).",
+        "fsspec URL every executor can reach; each fit (every grid point and fold under "
+        "tuning) writes its checkpoints to its own run-* folder in it (optional; needed for "
+        "maxFailures > 0 on a cluster).",
         typeConverter=TypeConverters.toString,
     )
     maxFailures: Param[int] = Param(

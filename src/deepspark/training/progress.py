@@ -5,11 +5,16 @@ to the workers in the job's spec; each rank opens a :class:`ProgressClient` and 
 JSON events. The server keeps the history and hands each event to a sink, such as the
 :class:`~deepspark.training.driver.progress_bar.ProgressBar`.
 
-Wire format: every message is ``length (4 bytes, big-endian) | HMAC-SHA256 (32 bytes) | JSON``.
-The MAC covers the JSON with the job's secret token, so only the job's own ranks can speak; the
+Wire format: on accepting a connection the server sends a fresh random nonce
+(:data:`NONCE_BYTES` bytes); from then on every message from the client is
+``length (4 bytes, big-endian) | HMAC-SHA256 (32 bytes) | JSON``. The MAC covers the
+connection's nonce followed by the JSON, keyed with the job's secret token, so only the job's
+own ranks can speak and a message recorded on one connection is worthless on any other; the
 JSON carries a per-connection sequence number that must grow, so a recorded message cannot be
-replayed on that connection. A bad message is counted in :attr:`ProgressServer.rejected` and
-its connection closed; the server itself never fails because of what a peer sends.
+replayed on its own connection either. A bad message is counted in
+:attr:`ProgressServer.rejected` and its connection closed; connections beyond
+``max_connections`` are closed at once and counted in :attr:`ProgressServer.refused`. The
+server itself never fails because of what a peer sends.
 
 Events are dicts with a ``kind``; the client adds ``rank``, ``seq`` and ``time``. The kinds the
 driver understands:
@@ -34,6 +39,7 @@ import json
 import logging
 import queue
 import secrets
+import select
 import selectors
 import socket
 import threading
@@ -41,18 +47,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EVENT_KINDS", "ProgressClient", "ProgressServer"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "EVENT_KINDS",
+    "NONCE_BYTES",
+    "ProgressClient",
+    "ProgressServer",
+]
 
 _log = logging.getLogger(__name__)
 
 EVENT_KINDS = ("step", "epoch", "log", "error")
 MAX_MESSAGE_BYTES = 1 << 20
+NONCE_BYTES = 16
+DEFAULT_MAX_CONNECTIONS = 1024
 _LENGTH_BYTES = 4
 _MAC_BYTES = hashlib.sha256().digest_size
 
 
-def _mac(key: bytes, body: bytes) -> bytes:
-    return hmac.new(key, body, hashlib.sha256).digest()
+def _mac(key: bytes, nonce: bytes, body: bytes) -> bytes:
+    return hmac.new(key, nonce + body, hashlib.sha256).digest()
+
+
+def _frame(key: bytes, nonce: bytes, body: bytes) -> bytes:
+    size = len(body) + _MAC_BYTES
+    return size.to_bytes(_LENGTH_BYTES, "big") + _mac(key, nonce, body) + body
 
 
 def _jsonable(value: Any) -> Any:
@@ -70,9 +89,10 @@ def _jsonable(value: Any) -> Any:
 
 
 class _Connection:
-    def __init__(self, sock: socket.socket, peer: Any) -> None:
+    def __init__(self, sock: socket.socket, peer: Any, nonce: bytes) -> None:
         self.sock = sock
         self.peer = peer
+        self.nonce = nonce
         self.buffer = bytearray()
         self.last_seq = -1
 
@@ -85,8 +105,10 @@ class ProgressServer:
 
     Parameters
     ----------
-    host : str, default "0.0.0.0"
-        Interface to listen on; all of them by default, so executors on other hosts reach it.
+    host : str, default "127.0.0.1"
+        The one interface to listen on: loopback by default; the driver's cluster-facing
+        address when executors run on other hosts. ``"0.0.0.0"`` (every interface) works but
+        exposes the port more widely than needed.
     port : int, default 0
         0 picks a free port.
     token : str, optional
@@ -99,6 +121,10 @@ class ProgressServer:
         address (:func:`deepspark.training.rank.rendezvous.local_ip`) when ``host`` is a wildcard.
     max_events : int, default 100_000
         History length; older events are forgotten first.
+    max_connections : int, optional
+        The most connections open at once: a job's ``world_size`` (each rank opens one).
+        Further connections are closed at once and counted in :attr:`refused`. ``None``
+        lifts the bound; the default, :data:`DEFAULT_MAX_CONNECTIONS`, is only a backstop.
 
     Examples
     --------
@@ -113,19 +139,25 @@ class ProgressServer:
 
     def __init__(
         self,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
         sink: Callable[[dict[str, Any]], None] | None = None,
         advertise_host: str | None = None,
         max_events: int = 100_000,
+        max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1 or None, got {max_connections}")
         self.host = host
         self.port = port
         self.token = token or secrets.token_hex(32)
         self.sink = sink
         self.advertise_host = advertise_host
+        self.max_connections = max_connections
         self.rejected = 0
+        self.refused = 0
+        self._connections: set[_Connection] = set()
         self._key = self.token.encode()
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_events)
         self._changed = threading.Condition()
@@ -238,9 +270,49 @@ class ProgressServer:
         except (BlockingIOError, InterruptedError):
             return
         sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ, _Connection(sock, peer))
+        if self._full():
+            # A retried job's ranks may connect before their predecessors' goodbyes were read.
+            self._read_pending(selector)
+        if self._full():
+            self.refused += 1
+            _log.warning(
+                "progress server: refused a connection from %s (already %d of at most %d)",
+                peer,
+                len(self._connections),
+                self.max_connections,
+            )
+            with contextlib.suppress(OSError):
+                sock.close()
+            with self._changed:
+                self._changed.notify_all()
+            return
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        try:
+            sent = sock.send(nonce)  # a fresh socket's send buffer is empty: this never blocks
+        except OSError:
+            sent = 0
+        if sent != NONCE_BYTES:
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        connection = _Connection(sock, peer, nonce)
+        self._connections.add(connection)
+        selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _full(self) -> bool:
+        return self.max_connections is not None and len(self._connections) >= self.max_connections
+
+    def _read_pending(self, selector: selectors.BaseSelector) -> None:
+        """Read whatever the open connections have sent, so closed ones are noticed now."""
+        for connection in list(self._connections):
+            while connection in self._connections:
+                ready, _, _ = select.select([connection.sock], [], [], 0)
+                if not ready:
+                    break
+                self._read(connection, selector)
 
     def _close(self, connection: _Connection, selector: selectors.BaseSelector) -> None:
+        self._connections.discard(connection)
         with contextlib.suppress(KeyError, ValueError):
             selector.unregister(connection.sock)
         with contextlib.suppress(OSError):
@@ -275,8 +347,10 @@ class ProgressServer:
             message = bytes(buffer[_LENGTH_BYTES : _LENGTH_BYTES + size])
             del buffer[: _LENGTH_BYTES + size]
             mac, body = message[:_MAC_BYTES], message[_MAC_BYTES:]
-            if not hmac.compare_digest(mac, _mac(self._key, body)):
-                self._reject(connection, selector, "wrong token")
+            if not hmac.compare_digest(mac, _mac(self._key, connection.nonce, body)):
+                self._reject(
+                    connection, selector, "wrong token, or a frame from another connection"
+                )
                 return
             try:
                 event = json.loads(body)
@@ -349,6 +423,7 @@ class ProgressClient:
         self.dropped = 0
         self._key = token.encode()
         self._seq = 0
+        self._nonce = b""
         self._pending: queue.Queue[bytes | None] = queue.Queue(maxsize=max_pending)
         self._sock: socket.socket | None = None
         self._broken = False
@@ -383,13 +458,12 @@ class ProgressClient:
             self._seq += 1
         message.setdefault("time", time.time())
         body = json.dumps(message, default=_jsonable).encode()
-        frame = (len(body) + _MAC_BYTES).to_bytes(_LENGTH_BYTES, "big") + _mac(self._key, body)
         if len(body) + _MAC_BYTES > MAX_MESSAGE_BYTES:
             self.dropped += 1
             _log.warning("progress event of %d bytes dropped: over the limit", len(body))
             return
         try:
-            self._pending.put_nowait(frame + body)
+            self._pending.put_nowait(body)  # framed once the connection's nonce is known
         except queue.Full:
             self.dropped += 1
 
@@ -426,18 +500,36 @@ class ProgressClient:
                 error,
             )
 
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=self.timeout_s)
+        try:
+            nonce = b""
+            while len(nonce) < NONCE_BYTES:
+                chunk = sock.recv(NONCE_BYTES - len(nonce))
+                if not chunk:
+                    raise ConnectionError(
+                        "the driver closed the connection before greeting it (too many "
+                        "connections, or not a deepspark progress server)"
+                    )
+                nonce += chunk
+        except BaseException:
+            sock.close()
+            raise
+        self._nonce = nonce
+        return sock
+
     def _drain(self) -> None:
         while True:
-            frame = self._pending.get()
-            if frame is None:
+            body = self._pending.get()
+            if body is None:
                 break
             if self._broken:
                 self.dropped += 1
                 continue
             try:
                 if self._sock is None:
-                    self._sock = socket.create_connection(self.address, timeout=self.timeout_s)
-                self._sock.sendall(frame)
+                    self._sock = self._connect()
+                self._sock.sendall(_frame(self._key, self._nonce, body))
             except OSError as error:
                 self.dropped += 1
                 self._give_up("could not be used" if self._sock else "could not connect", error)

@@ -13,7 +13,13 @@ from torch import nn
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
+    from deepspark.training.driver.options import ColumnOptions
+
 __all__ = [
+    "check_checkpoint_dir",
+    "check_loss",
+    "check_model",
+    "check_optimizer_factory",
     "check_positive",
     "columns_of",
     "dry_run",
@@ -24,11 +30,21 @@ __all__ = [
 
 
 def dry_run(
-    model: nn.Module, loss: Any, df: DataFrame, features, labels, *, sample: Any = None
+    model: nn.Module,
+    loss: Any,
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None,
+    df: DataFrame,
+    features,
+    labels,
+    *,
+    sample: Any = None,
+    metrics: list[Any] | None = None,
 ) -> None:
-    """Run model and loss on a few rows on the driver: shape and label errors surface here.
+    """Run model, loss, optimizer factory and metrics on a few rows on the driver, first.
 
-    `sample` is a pyarrow Table of first rows already fetched; without it one is read.
+    Shape and label errors, and an optimizer factory with a wrong signature, surface here with
+    the argument's name. `sample` is a pyarrow Table of first rows already fetched; without it
+    one is read.
     """
     from deepspark.data import batch_to_tensors
     from deepspark.data.validate import first_rows
@@ -37,6 +53,8 @@ def dry_run(
         sample = first_rows(df, columns_of(features) + columns_of(labels), 4)
     if sample.num_rows == 0:
         raise ValueError("fit: the training DataFrame has no rows")
+    if optimizer_factory is not None:
+        check_optimizer_factory(optimizer_factory, model)
     inputs = batch_to_tensors(sample, features)
     targets = batch_to_tensors(sample, labels)
     was_training = model.training
@@ -57,14 +75,116 @@ def dry_run(
                     loss(outputs, targets[0] if len(targets) == 1 else targets)
                 except Exception as error:
                     raise ValueError(
-                        f"the labels do not suit the loss: {type(loss).__name__} on "
-                        f"outputs of shape {tuple(outputs.shape)} and labels of shape "
+                        f"the labels do not suit the loss: {_name_of(loss)} on "
+                        f"outputs of shape {_shape_of(outputs)} and labels of shape "
                         f"{tuple(targets[0].shape)} and dtype {targets[0].dtype} failed: "
                         f"{error}. Check label_cols, or set label_dtypes (class ids need "
                         "int64; regression targets float32 with the output's shape)"
                     ) from error
+            _check_metrics(metrics or [], outputs, targets[0] if len(targets) == 1 else targets)
     finally:
         model.train(was_training)
+
+
+def _check_metrics(metrics: list[Any], outputs: Any, targets: Any) -> None:
+    """Each metric updates once on the sample: unknown names and unsuitable shapes fail here."""
+    from deepspark.training.rank.metrics import get_metric
+
+    for metric in metrics:
+        try:
+            get_metric(metric).update(outputs, targets)
+        except Exception as error:
+            raise ValueError(
+                f"metrics: {metric!r} cannot be computed on the model's outputs of shape "
+                f"{_shape_of(outputs)} and the labels: {type(error).__name__}: {error}"
+            ) from error
+
+
+def check_optimizer_factory(factory: Callable[[Any], Any], model: nn.Module) -> None:
+    """Call the optimizer factory once on the driver's model: a wrong signature fails here."""
+    try:
+        optimizer = factory(model.parameters())
+    except Exception as error:
+        raise TypeError(
+            f"optimizer={_name_of(factory)} failed when called with the model's parameters: "
+            f"{type(error).__name__}: {error}. Give a function params -> Optimizer, e.g. "
+            "optimizer=lambda params: torch.optim.Adam(params, lr=1e-3)"
+        ) from error
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer={_name_of(factory)} returned {type(optimizer).__name__}, not a "
+            "torch.optim.Optimizer. Give a function params -> Optimizer"
+        )
+
+
+def check_model(model: Any, config: dict[str, Any]) -> nn.Module:
+    """The driver's `nn.Module`: `model` itself, or what the creator `model(config)` returns."""
+    if isinstance(model, nn.Module):
+        return model
+    if not callable(model):
+        raise TypeError(
+            f"model must be a torch.nn.Module or a function config -> nn.Module, not "
+            f"{type(model).__name__} ({model!r:.60})"
+        )
+    try:
+        built = model(config)
+    except Exception as error:
+        raise TypeError(
+            f"model={_name_of(model)} failed when called with config={config!r}: "
+            f"{type(error).__name__}: {error}. A model creator takes the config dict"
+        ) from error
+    if not isinstance(built, nn.Module):
+        raise TypeError(
+            f"model={_name_of(model)} returned {type(built).__name__}; a model creator must "
+            "return a torch.nn.Module"
+        )
+    return built
+
+
+def check_loss(loss: Any) -> None:
+    if not callable(loss):
+        raise TypeError(
+            f"loss must be callable as loss(outputs, labels), e.g. torch.nn.CrossEntropyLoss(); "
+            f"got {type(loss).__name__} ({loss!r:.60})"
+        )
+
+
+def check_checkpoint_dir(checkpoint_dir: str) -> None:
+    """The URL's protocol is one fsspec knows, and the driver can create and write the folder."""
+    import uuid
+
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(checkpoint_dir)
+    except (ValueError, ImportError) as error:
+        raise ValueError(
+            f"checkpoint_dir={checkpoint_dir!r}: {error}. Give a local path or a URL whose "
+            "protocol fsspec knows (hdfs://, s3://, gs://, abfs://, file://) with its package "
+            "installed"
+        ) from error
+    probe = f"{root.rstrip('/')}/.deepspark-write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as handle:
+            handle.write(b"ok")
+        fs.rm(probe)
+    except Exception as error:
+        raise ValueError(
+            f"checkpoint_dir={checkpoint_dir!r} is not writable from the driver: "
+            f"{type(error).__name__}: {error}. Give a folder every executor and the driver "
+            "can write"
+        ) from error
+
+
+def _name_of(value: Any) -> str:
+    name = getattr(value, "__qualname__", None) or type(value).__name__
+    return "<lambda>" if name.endswith("<lambda>") else name
+
+
+def _shape_of(outputs: Any) -> Any:
+    shape = getattr(outputs, "shape", None)
+    return tuple(shape) if shape is not None else type(outputs).__name__
 
 
 def check_positive(name: str, value: Any) -> None:
@@ -119,7 +239,7 @@ def columns_of(specs) -> list[str]:
     return names
 
 
-def resolve_columns(df, feature_cols, label_cols, shapes, feature_dtypes, label_dtypes, decoders):
+def resolve_columns(df, feature_cols, label_cols, options: ColumnOptions):
     """Column specs for features and labels, and the first rows they were checked on.
 
     One look at the first rows (a small Spark job) serves both checks and the dry run.
@@ -128,9 +248,11 @@ def resolve_columns(df, feature_cols, label_cols, shapes, feature_dtypes, label_
 
     names = _flat_names(feature_cols) + _flat_names(label_cols)
     sample = first_rows(df, names, 8) if set(names) <= set(df.columns) else None
-    options = {"shapes": shapes, "decoders": decoders, "sample": sample}
-    features = resolve_specs(df, feature_cols, role="feature", dtypes=feature_dtypes, **options)
-    labels = resolve_specs(df, label_cols, role="label", dtypes=label_dtypes, **options)
+    shared = {"shapes": options.feature_shapes, "decoders": options.decoders, "sample": sample}
+    features = resolve_specs(
+        df, feature_cols, role="feature", dtypes=options.feature_dtypes, **shared
+    )
+    labels = resolve_specs(df, label_cols, role="label", dtypes=options.label_dtypes, **shared)
     return features, labels, sample
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,6 +19,8 @@ import torch
 from torch import nn
 
 from deepspark.training.driver.checks import (
+    check_loss,
+    check_model,
     check_positive,
     columns_of,
     dry_run,
@@ -28,7 +28,8 @@ from deepspark.training.driver.checks import (
     pickled,
     resolve_columns,
 )
-from deepspark.training.driver.jobs import TrainingError, job_input, run_job
+from deepspark.training.driver.jobs import JobResult, TrainingError, job_input, run_job
+from deepspark.training.driver.options import ColumnOptions, RecoveryOptions
 from deepspark.training.job_spec import (
     TRAIN_SPLIT,
     VALIDATION_SPLIT,
@@ -57,7 +58,9 @@ class Estimator:
     history : pandas.DataFrame
         One row per epoch of the last `fit`; the trained weights are in `get_model()`.
     attempts_ : int
-        How many attempts the last job took (1 when nothing failed).
+        How many attempts the last job took (1 when nothing failed). The history's
+        ``attempt`` column says which attempt trained each epoch: after a resume, the epochs
+        restored from a checkpoint keep the attempt that trained them.
     first_step_s_ : float
         Seconds from the `fit` call to the first training step of its successful attempt.
     job_ports_ : list of int
@@ -76,12 +79,9 @@ class Estimator:
         use_gpu: bool = False,
     ):
         self.config = dict(config or {})
-        self._model = model if isinstance(model, nn.Module) else model(self.config)
-        if not isinstance(self._model, nn.Module):
-            raise TypeError(
-                f"model must be an nn.Module or a function config -> nn.Module; "
-                f"it gave {type(self._model).__name__}"
-            )
+        self._model = check_model(model, self.config)
+        if loss is not None:
+            check_loss(loss)
         self._optimizer_factory = optimizer_factory(optimizer)
         self.loss = loss
         self.metrics = list(metrics or [])
@@ -113,8 +113,10 @@ class Estimator:
         loss : nn.Module or callable
             ``loss(outputs, labels) -> scalar tensor``, mean-reduced over the rows.
         metrics : list, optional
-            Names (``"accuracy"``, ``"mse"``, ``"mae"``, ``"rmse"``, ``"auc"``, …) or metric
-            objects; reduced exactly across ranks.
+            Names (``"accuracy"``, ``"top5_accuracy"``, ``"precision"``, ``"recall"``,
+            ``"f1"``, ``"auc"``, ``"mse"``, ``"mae"``, ``"rmse"``, ``"r2"``; torchmetrics
+            computes them), ``torchmetrics.Metric`` objects or functions
+            ``fn(outputs, labels)``; reduced exactly across ranks.
         scheduler : callable, optional
             ``optimizer -> LRScheduler``, stepped once per epoch.
         config : dict, optional
@@ -163,7 +165,7 @@ class Estimator:
         num_workers: int | None = None,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 1,
-        resume: bool = True,
+        resume: bool = False,
         max_failures: int = 0,
         callbacks: Sequence[Any] | None = None,
         seed: int | None = None,
@@ -194,9 +196,12 @@ class Estimator:
         checkpoint_dir : str, optional
             fsspec URL where rank 0 writes a checkpoint every `checkpoint_every` epochs.
         resume : bool
-            Continue from the latest checkpoint in `checkpoint_dir` if there is one.
+            Continue the run whose checkpoints are in `checkpoint_dir`. Without it, a
+            `checkpoint_dir` that already holds checkpoints is refused (a second `fit` never
+            silently continues an old run); give a new directory to start afresh.
         max_failures : int
-            How many times a failed job is re-run from its latest checkpoint.
+            How many times a failed job is re-run; a re-run always resumes from the latest
+            checkpoint of this `fit`.
         callbacks : list of deepspark.training.callbacks.Callback, optional
         seed : int, optional
             Seeds the model's replicas and the per-epoch shuffle.
@@ -216,46 +221,29 @@ class Estimator:
             The history: one row per epoch (train loss and metrics, validation loss and
             metrics, samples/s, seconds); also kept as `history`.
         """
-        from deepspark.training.driver.stage import available_task_slots
-
-        fit_started = time.perf_counter()
+        started = time.perf_counter()
         spark = df.sparkSession
         check_positive("epochs", epochs)
         check_positive("batch_size", batch_size)
-        check_positive("checkpoint_every", checkpoint_every)
-        if max_failures < 0:
-            raise ValueError(f"max_failures={max_failures}: give 0 or more")
-        slots = available_task_slots(spark)
-        if num_workers is None:
-            num_workers = slots
-        check_positive("num_workers", num_workers)
-        if num_workers > slots:
-            raise ValueError(
-                f"num_workers={num_workers} is more than the {slots} task slots this Spark "
-                "application has; a barrier stage needs all its tasks at once. Lower "
-                "num_workers or add executors/cores"
-            )
-        if batch_size < num_workers:
-            raise ValueError(
-                f"batch_size={batch_size} is smaller than num_workers={num_workers}: every "
-                "worker needs at least one row per step. Raise batch_size or lower num_workers"
-            )
         if self._optimizer_factory is None:
             raise ValueError("fit needs an optimizer: from_torch(optimizer=lambda p: ...)")
-        features, labels, sample = resolve_columns(
-            df, feature_cols, label_cols, feature_shapes, feature_dtypes, label_dtypes, decoders
-        )
+        num_workers = _fit_workers(spark, num_workers, batch_size)
+        columns = ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders)
+        features, labels, sample = resolve_columns(df, feature_cols, label_cols, columns)
         if validation_data is not None:
-            resolve_columns(
-                validation_data,
-                feature_cols,
-                label_cols,
-                feature_shapes,
-                feature_dtypes,
-                label_dtypes,
-                decoders,
-            )
-        dry_run(self._model, self.loss, df, features, labels, sample=sample)
+            resolve_columns(validation_data, feature_cols, label_cols, columns)
+        dry_run(
+            self._model,
+            self.loss,
+            self._optimizer_factory,
+            df,
+            features,
+            labels,
+            sample=sample,
+            metrics=self.metrics,
+        )
+        recovery = RecoveryOptions(checkpoint_dir, checkpoint_every, resume, max_failures)
+        recovery.prepare(spark)
         data = job_input(
             df,
             columns_of(features) + columns_of(labels),
@@ -266,18 +254,6 @@ class Estimator:
         )
         if seed is not None:
             torch.manual_seed(seed)
-
-        own_checkpoints = None
-        if max_failures > 0 and checkpoint_dir is None:
-            from deepspark.training.driver.stage import is_loopback_master
-
-            if not is_loopback_master(spark):
-                raise ValueError(
-                    "max_failures > 0 needs checkpoint_dir= (a URL every executor can reach, "
-                    "e.g. hdfs:// or s3://) so a re-run can resume"
-                )
-            own_checkpoints = tempfile.mkdtemp(prefix="deepspark-ckpt-")
-            checkpoint_dir = own_checkpoints
         spec = self._spec(
             JobKind.FIT,
             features,
@@ -288,52 +264,62 @@ class Estimator:
             step_policy=step_policy,
             seed=0 if seed is None else seed,
             has_validation=validation_data is not None,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
+            checkpoint_dir=recovery.checkpoint_dir,
+            checkpoint_every=recovery.checkpoint_every,
+            resume=recovery.resume,
             collective_timeout_s=collective_timeout_s,
         )
+        fit_params = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+            "step_policy": step_policy,
+            "seed": seed,
+            "checkpoint_dir": recovery.checkpoint_dir,
+        }
+        try:
+            result = self._run_fit(
+                spark, data, spec, recovery, callbacks, fit_params, started, progress
+            )
+        finally:
+            recovery.release()
+        self._feature_cols = feature_cols
+        return self._take_fit_result(result, num_workers, callbacks)
+
+    def _run_fit(self, spark, data, spec, recovery, callbacks, fit_params, started, progress):
+        """The fit job with the callbacks' driver hooks around it."""
         from deepspark.training.callbacks import call_driver_hook
 
         callbacks = list(callbacks or [])
-        call_driver_hook(
-            callbacks,
-            "on_fit_begin",
-            {
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "num_workers": num_workers,
-                "step_policy": step_policy,
-                "seed": seed,
-                "checkpoint_dir": checkpoint_dir,
-            },
-        )
+        call_driver_hook(callbacks, "on_fit_begin", fit_params)
         # pickled after on_fit_begin, so what it set (an MLflow run id) reaches every rank
         spec.callbacks_blob = pickled("callbacks", callbacks) if callbacks else None
         try:
-            result = run_job(
+            return run_job(
                 spark,
                 data,
                 spec,
-                max_failures=max_failures,
+                max_failures=recovery.max_failures,
                 progress=progress,
-                started=fit_started,
+                started=started,
             )
         except BaseException as error:
             call_driver_hook(callbacks, "on_fit_end", [], error)
             raise
-        finally:
-            if own_checkpoints is not None:
-                shutil.rmtree(own_checkpoints, ignore_errors=True)
+
+    def _take_fit_result(self, result: JobResult, num_workers: int, callbacks) -> pd.DataFrame:
+        """Load the trained weights and the history; the end of a successful fit."""
         from deepspark.persist.weights import weights_from_bytes
+        from deepspark.training.callbacks import call_driver_hook
 
         self._model.load_state_dict(weights_from_bytes(result.payload(ResultKind.WEIGHTS)))
         self.attempts_ = result.attempts
         self.first_step_s_ = result.first_step_s
         self.job_ports_ = result.ports
         history = json.loads(result.payload(ResultKind.HISTORY))
+        for record in history:
+            record["attempt"] = result.epoch_attempts.get(int(record["epoch"]), 1)
         self.history = pd.DataFrame(history)
-        self._feature_cols = feature_cols
         last = history[-1] if history else {}
         _log.info(
             "fit: %d epochs on %d workers; %s",
@@ -341,7 +327,7 @@ class Estimator:
             num_workers,
             ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)),
         )
-        call_driver_hook(callbacks, "on_fit_end", history, None)
+        call_driver_hook(list(callbacks or []), "on_fit_end", history, None)
         return self.history
 
     # --- evaluate / predict -----------------------------------------------------------------
@@ -373,9 +359,8 @@ class Estimator:
         slots = available_task_slots(spark)
         num_workers = min(slots, num_workers or slots)
         check_positive("batch_size", batch_size)
-        features, labels, _ = resolve_columns(
-            df, feature_cols, label_cols, feature_shapes, feature_dtypes, label_dtypes, decoders
-        )
+        columns = ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders)
+        features, labels, _ = resolve_columns(df, feature_cols, label_cols, columns)
         columns = columns_of(features) + columns_of(labels)
         data = job_input(df, columns, num_workers, split=VALIDATION_SPLIT)
         spec = self._spec(
@@ -476,3 +461,25 @@ class Estimator:
             rendezvous_host=None,
             **values,
         )
+
+
+def _fit_workers(spark: Any, num_workers: int | None, batch_size: int) -> int:
+    """The ranks of a fit: every free task slot by default, refused when the stage cannot run."""
+    from deepspark.training.driver.stage import available_task_slots
+
+    slots = available_task_slots(spark)
+    if num_workers is None:
+        num_workers = slots
+    check_positive("num_workers", num_workers)
+    if num_workers > slots:
+        raise ValueError(
+            f"num_workers={num_workers} is more than the {slots} task slots this Spark "
+            "application has; a barrier stage needs all its tasks at once. Lower "
+            "num_workers or add executors/cores"
+        )
+    if batch_size < num_workers:
+        raise ValueError(
+            f"batch_size={batch_size} is smaller than num_workers={num_workers}: every "
+            "worker needs at least one row per step. Raise batch_size or lower num_workers"
+        )
+    return num_workers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -28,10 +29,23 @@ _log = logging.getLogger(__name__)
 # What Spark's error says about the barrier task that ended the stage, and why.
 _BARRIER_TASK = re.compile(r"barrier task ResultTask\(\d+, (\d+)\)")
 _WORKER_CRASH = re.compile(r"(Python worker exited unexpectedly[^\n.]*)")
+# Errors a rank sees because another rank failed: the collective lost a peer.
+_COLLECTIVE_SYMPTOM = re.compile(
+    r"gloo|nccl|Connection (?:closed|reset)|Broken pipe|timed? ?out|ProcessGroup", re.I
+)
+# A Python worker's traceback inside Spark's error text, up to Spark's own lines after it.
+_PYTHON_TRACEBACK = re.compile(
+    r"Traceback \(most recent call last\):\n(.*?)(?=\n\s*SQLSTATE|\n\tat |\n\s*JVM stacktrace|\Z)",
+    re.S,
+)
 
 
 class TrainingError(RuntimeError):
-    """A training job failed (after its allowed retries); `causes` holds one entry per attempt."""
+    """A training job failed (after its allowed retries); `causes` holds one entry per attempt.
+
+    The message's first line after the headline names, per attempt, the rank that failed first
+    and its exception (``rank 1: ModuleNotFoundError: No module named 'x'``).
+    """
 
     def __init__(self, message: str, causes: list[str]):
         super().__init__(message)
@@ -46,6 +60,7 @@ class JobResult:
     attempts: int
     first_step_s: float
     ports: list[int] = field(default_factory=list)
+    epoch_attempts: dict[int, int] = field(default_factory=dict)  # epoch -> attempt (1-based)
 
     def payload(self, kind: ResultKind) -> bytes:
         """The bytes rank 0 sent under `kind`, its chunks joined in order."""
@@ -110,33 +125,42 @@ def run_job(
         After the last allowed attempt failed; its message names, per attempt, the rank that
         failed first and every rank's reported error with the tail of its traceback.
     """
+    from deepspark.context.workers import check_workers
     from deepspark.training.driver.progress_bar import ProgressBar
     from deepspark.training.driver.stage import is_loopback_master, run_barrier_stage
     from deepspark.training.progress import ProgressServer
 
+    check_workers(spark)  # once per session: the workers' Python can run this job
     loopback = is_loopback_master(spark)
     spec.rendezvous_host = "127.0.0.1" if loopback else None
+    bind_host, advertise_host = _driver_host(spark)
     started = time.perf_counter() if started is None else started
     bar = ProgressBar(epochs=spec.epochs) if progress else None
     first_step: list[float] = []
+    attempt_number = [1]
+    epoch_attempts: dict[int, int] = {}
 
     def sink(event: dict[str, Any]) -> None:
         if event.get("kind") == "step" and not first_step:
             first_step.append(time.perf_counter() - started)
+        if event.get("kind") == "epoch" and "epoch" in event:
+            epoch_attempts[int(event["epoch"])] = attempt_number[0]
         if bar is not None:
             bar(event)
 
     causes: list[str] = []
     server = ProgressServer(
-        host="127.0.0.1" if loopback else "0.0.0.0",
-        advertise_host=None if loopback else _driver_host(spark),
+        host=bind_host,
+        advertise_host=advertise_host,
         sink=sink,
+        max_connections=spec.world_size,
     )
     try:
         with server:
             spec.progress_address = server.address
             spec.progress_token = server.token
             for attempt in range(max_failures + 1):
+                attempt_number[0] = attempt + 1
                 errors_before = len(server.events("error"))
                 try:
                     table = run_barrier_stage(data, spec)
@@ -176,6 +200,7 @@ def run_job(
                     attempts=attempt + 1,
                     first_step_s=first_step[0] if first_step else float("nan"),
                     ports=ports,
+                    epoch_attempts=dict(epoch_attempts),
                 )
     finally:
         # after the server stopped: its thread no longer calls the sink
@@ -184,31 +209,86 @@ def run_job(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _driver_host(spark: SparkSession) -> str:
+def _driver_host(spark: SparkSession) -> tuple[str, str]:
+    """Where the progress server listens, and the address the ranks dial: one interface only.
+
+    Loopback when every executor runs on this machine. A classic driver uses Spark's own
+    ``spark.driver.bindAddress`` / ``spark.driver.host``. A Spark Connect client is not the
+    server's driver: it listens on its address on the route to the Connect server, which the
+    server's executors can reach.
+    """
+    import socket
+
+    from deepspark.context.workers import is_loopback_host, shares_machine
+    from deepspark.training.driver.stage import is_connect, master_url
     from deepspark.training.rank.rendezvous import local_ip
 
-    return spark.conf.get("spark.driver.host", None) or local_ip()
+    master = master_url(spark)
+    if not is_connect(spark):
+        if shares_machine(master):
+            return "127.0.0.1", "127.0.0.1"
+        advertise = spark.conf.get("spark.driver.host", None) or local_ip()
+        return spark.conf.get("spark.driver.bindAddress", None) or advertise, advertise
+    server = spark.client.host.strip("[]")
+    if is_loopback_host(server):
+        if shares_machine(master):
+            return "127.0.0.1", "127.0.0.1"
+        return local_ip(), local_ip()
+    address = local_ip()
+    if not os.environ.get("SPARK_LOCAL_IP"):
+        # the interface this machine uses towards the server (UDP connect sends nothing)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError), udp:
+            udp.connect((server, 15002))
+            address = udp.getsockname()[0]
+    return address, address
 
 
 def _failure_summary(error: Exception, errors: list[dict[str, Any]]) -> str:
-    """Which rank failed first and why, then every rank's reported error with its log tail."""
+    """The rank that failed first and its exception, then every rank's reported error.
+
+    The first line reads ``rank 1: ValueError: message``. The exception comes from the rank's
+    own report on the progress channel, or, for a rank that died before it could report (an
+    import error, a killed process), from Spark's error text.
+    """
     text = str(error)
-    parts = []
+    reported: dict[int, dict[str, Any]] = {}
+    for event in errors:
+        reported.setdefault(int(event.get("rank", -1)), event)
     first = _BARRIER_TASK.search(text)
     crash = _WORKER_CRASH.search(text)
-    reported = {int(event.get("rank", -1)) for event in errors}
-    if first is not None:
-        rank = int(first.group(1))
-        if crash is not None and rank not in reported:
-            parts.append(f"rank {rank} failed first: {crash.group(1).strip()}")
-        else:
-            parts.append(f"rank {rank} failed first")
-    elif crash is not None:
-        parts.append(crash.group(1).strip())
+    python_error = _python_exception(text)
+    first_rank = int(first.group(1)) if first is not None else None
+    if reported and (first_rank is None or first_rank in reported):
+        # Spark's verdict is a race once the first failure tears down the collectives: the
+        # rank whose own error came first (a symptom of another's failure last) is the cause.
+        first_rank = min(
+            reported,
+            key=lambda rank: (
+                _COLLECTIVE_SYMPTOM.search(str(reported[rank].get("error", ""))) is not None,
+                float(reported[rank].get("time", 0.0)),
+            ),
+        )
+    if first_rank in reported:
+        cause = str(reported[first_rank].get("error"))
+    else:
+        cause = python_error or (crash.group(1).strip() if crash else None)
+    if first_rank is not None:
+        headline = f"rank {first_rank}: {cause or 'failed (no error reported)'}"
+    else:
+        lines = [line for line in text.strip().splitlines() if "Error" in line]
+        headline = cause or (lines[-1] if lines else text.strip()[-500:] or repr(error))[:2000]
+    parts = [headline]
     for event in errors:
         tail = "\n".join(str(event.get("traceback", "")).strip().splitlines()[-6:])
         parts.append(f"rank {event.get('rank')}: {event.get('error')}\n{tail}")
-    if not parts:
-        lines = [line for line in text.strip().splitlines() if "Error" in line]
-        parts.append((lines[-1] if lines else text.strip()[-500:] or repr(error))[:2000])
     return "\n".join(parts)
+
+
+def _python_exception(text: str) -> str | None:
+    """The last line (``Type: message``) of the first Python traceback in Spark's error text."""
+    match = _PYTHON_TRACEBACK.search(text)
+    if match is None:
+        return None
+    lines = [line for line in match.group(1).splitlines() if line and not line[0].isspace()]
+    return lines[-1].strip() if lines else None

@@ -83,8 +83,8 @@ class EpochRunner:
         self.loss_fn = cloudpickle.loads(spec.loss_blob)
         metric_defs = cloudpickle.loads(spec.metrics_blob)
         self.metric_defs = metric_defs
-        self.val_metrics = [get_metric(copy.deepcopy(m)) for m in metric_defs]
-        self.train_metrics = [get_metric(copy.deepcopy(m)) for m in metric_defs]
+        self.val_metrics = [get_metric(copy.deepcopy(m)).to(device) for m in metric_defs]
+        self.train_metrics = [get_metric(copy.deepcopy(m)).to(device) for m in metric_defs]
         self.callbacks = cloudpickle.loads(spec.callbacks_blob) if spec.callbacks_blob else []
         self.ddp: nn.Module | None = None
 
@@ -151,7 +151,7 @@ class EpochRunner:
         self.ddp.train()
         for metric in self.train_metrics:
             metric.reset()
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of per-row losses, rows]
+        loss_total, loss_rows = 0.0, 0  # sum of per-row losses, and rows, on this rank
         started = time.perf_counter()
         last_report = -math.inf  # report the first step at once: it marks time-to-first-step
         world = spec.world_size
@@ -178,13 +178,11 @@ class EpochRunner:
                 # DDP averages gradients over ranks; scaling by this rank's share of the global
                 # batch makes the result the exact mean over every real row of the step.
                 scaled = loss * (real * world / max(global_real, 1))
-                loss_sum[0] += float(loss.detach()) * real
-                loss_sum[1] += real
+                loss_total += float(loss.detach()) * real
+                loss_rows += real
                 with torch.no_grad():
                     for metric in self.train_metrics:
-                        metric.update(
-                            outputs[:real].detach().cpu(), _slice_rows(labels, real)[0].cpu()
-                        )
+                        metric.update(outputs[:real], labels[0][:real])
             else:
                 # Filler step: contribute zero gradient but join every collective.
                 scaled = outputs.sum() * 0.0
@@ -204,19 +202,18 @@ class EpochRunner:
                         "epochs": spec.epochs,
                         "step": step + 1,
                         "steps": steps,
-                        "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                        "loss": loss_total / max(loss_rows, 1),
                         "samples_per_s": rows_done / max(now - started, 1e-9),
                     }
                 )
-        dist.all_reduce(loss_sum)
+        loss_total, total_rows = _sum_over_ranks((loss_total, loss_rows), self.device)
         elapsed = time.perf_counter() - started
         from deepspark.training.rank.metrics import reduce_metrics
 
         reduce_metrics(self.train_metrics, world)
-        total_rows = float(loss_sum[1])
         record: dict[str, Any] = {
             "epoch": epoch,
-            "train_loss": float(loss_sum[0] / max(total_rows, 1.0)),
+            "train_loss": loss_total / max(total_rows, 1.0),
             "train_rows": int(total_rows),
             "seconds": elapsed,
             "samples_per_s": total_rows / max(elapsed, 1e-9),
@@ -237,7 +234,7 @@ class EpochRunner:
         model.eval()
         for metric in self.val_metrics:
             metric.reset()
-        loss_sum = torch.zeros(2, dtype=torch.float64)
+        loss_total, loss_rows = 0.0, 0
         local_batch = max(1, math.ceil(spec.batch_size / spec.world_size))
         for batch in spill.ordered(spec.features, spec.labels, batch_size=local_batch, split=split):
             features = _to_device(batch.features, self.device)
@@ -245,14 +242,14 @@ class EpochRunner:
             outputs = model(*features)
             rows = int(outputs.shape[0])
             loss = self.loss_fn(outputs, _loss_target(labels))
-            loss_sum[0] += float(loss) * rows
-            loss_sum[1] += rows
+            loss_total += float(loss) * rows
+            loss_rows += rows
             for metric in self.val_metrics:
-                metric.update(outputs.detach().cpu(), labels[0].cpu())
-        dist.all_reduce(loss_sum)
+                metric.update(outputs, labels[0])
+        loss_total, total_rows = _sum_over_ranks((loss_total, loss_rows), self.device)
         reduce_metrics(self.val_metrics, spec.world_size)
         model.train(was_training)
-        scores = {"loss": float(loss_sum[0] / max(float(loss_sum[1]), 1.0))}
+        scores = {"loss": loss_total / max(total_rows, 1.0)}
         for metric in self.val_metrics:
             scores[metric.name] = _finite(metric.compute())
         return scores
@@ -277,6 +274,14 @@ class EpochRunner:
             },
         )
         call_worker_hook(self.callbacks, hook, state)
+
+
+def _sum_over_ranks(values: tuple[float, ...], device: torch.device) -> list[float]:
+    """Sum plain numbers over every rank. The tensor lives on the rank's device, because NCCL
+    (``use_gpu=True``) moves only CUDA memory; float64 keeps row counts exact."""
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
 
 
 def _finite(value: Any) -> float:

@@ -1,109 +1,243 @@
-"""Metrics that reduce exactly across ranks (worker side; no pyspark).
+"""Metrics for the epoch loop, built on torchmetrics (worker side; no pyspark).
 
-Every metric accumulates *sufficient statistics* batch by batch on its own rank. At the end of
-an epoch :func:`reduce_metrics` combines them across ranks with ``torch.distributed`` and
-computes the values, so a metric reduced over N ranks equals the same metric computed by one
-process over all the data: no averaging of per-rank averages.
+Every metric is a ``torchmetrics.Metric`` wrapped in an :class:`EpochMetric`, which carries the
+name its value is reported under. :func:`reduce_metrics` combines the metrics of all ranks with
+torchmetrics' own distributed sync (sum states are summed, list states such as AUC's scores are
+all-gathered), so a metric reduced over N ranks equals the same metric computed by one process
+over all the data: no averaging of per-rank averages.
 
-Most metrics are :class:`SumMetric` subclasses: their statistics are a few float64 numbers that
-add up across ranks (``[correct, count]`` for accuracy), and :func:`reduce_metrics` reduces all of
-them with one ``all_reduce``. A metric whose statistics do not add up overrides
-:meth:`Metric.reduce`; :class:`AUC` all-gathers every score, so its value is exact.
-
-Built-in names for :func:`get_metric`:
+Built-in names for :func:`get_metric` (case-insensitive):
 
 =====================  ============================================================
-``"accuracy"``         class accuracy; see :class:`Accuracy` for logits, binary outputs
-``"top5_accuracy"``    target among the 5 highest outputs (any ``"top<k>_accuracy"``)
+``"accuracy"``         fraction of correct predictions (multilabel: all labels right, as
+                       ``sklearn.metrics.accuracy_score``)
+``"top5_accuracy"``    target among the 5 highest outputs (any ``"top<k>_accuracy"``;
+                       multiclass only)
+``"precision"``        also ``"recall"`` and ``"f1"``: of class 1 for binary outputs, the
+                       macro average over classes or labels otherwise
+``"auc"``              exact ROC AUC (alias ``"roc_auc"``); macro one-vs-rest for several
+                       classes or labels
 ``"mse"``              mean squared error over all output elements
 ``"mae"``              mean absolute error over all output elements
 ``"rmse"``             square root of the mean squared error
-``"auc"``              exact binary ROC AUC (alias ``"roc_auc"``)
+``"r2"``               coefficient of determination, averaged over outputs
 =====================  ============================================================
 
-:func:`get_metric` also accepts a :class:`Metric`, a ``torchmetrics.Metric`` (when torchmetrics is
-installed), or a plain callable ``fn(outputs, targets)`` returning a loss-like tensor.
+A classification metric infers its task from the shapes of the first batch:
 
-This module is the one to import from. The base classes live in
-:mod:`~deepspark.training.rank.metrics_base`, the built-in metrics in
-:mod:`~deepspark.training.rank.metrics_classification` and
-:mod:`~deepspark.training.rank.metrics_regression`;
-the adapters for callables and torchmetrics live here, beside :func:`get_metric` that makes them.
+- outputs ``(N,)`` or ``(N, 1)`` are **binary**; targets hold 0/1 (integers, booleans or floats,
+  such as an ``array<float>`` label of length 1).
+- outputs ``(N, C)`` with ``C > 1`` and one class index per row (targets ``(N,)`` or ``(N, 1)``)
+  are **multiclass** with ``C`` classes; the prediction is the argmax. Outputs
+  ``(N, C, d1, ...)`` with targets ``(N, d1, ...)`` count every position.
+- outputs ``(N, C)`` with ``C > 1`` and targets of the same shape are **multilabel** with ``C``
+  labels. (So one-hot targets mean multilabel: pass class indices for multiclass.)
+
+Scores follow torchmetrics' rule: outputs in ``[0, 1]`` are probabilities (a sigmoid with
+``BCELoss``, a softmax), thresholded at 0.5 for binary and multilabel; outputs with any value
+outside ``[0, 1]`` are logits (``BCEWithLogitsLoss``, ``CrossEntropyLoss``) and pass through a
+sigmoid (binary, multilabel) or softmax (multiclass) first. The choice is made once, on the
+first batch, and holds for every later batch: a batch of logits after probabilities raises
+instead of being scored differently. Float targets must be whole numbers (``0.7`` raises
+rather than being truncated). Regression metrics compare outputs and targets element by
+element; ``(N, 1)`` outputs match ``(N,)`` targets.
+
+:func:`get_metric` also accepts a ``torchmetrics.Metric`` (used as it is; it receives the
+outputs and targets unchanged) and a plain function ``fn(outputs, targets)`` returning a batch
+mean or one value per row (averaged exactly over rows by :class:`CallableMetric`).
+
+Examples
+--------
+>>> import torch
+>>> metric = get_metric("accuracy")
+>>> metric.update(torch.tensor([[0.9], [0.2], [0.6]]), torch.tensor([[1.0], [1.0], [0.0]]))
+>>> reduce_metrics([metric], world_size=1)
+{'accuracy': 0.3333333333333333}
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torchmetrics
+from torchmetrics import classification as tmc
+from torchmetrics import regression as tmr
 
-from deepspark.training.rank.metrics_base import (
-    Mean,
-    Metric,
-    SumMetric,
-    _collective_device,
-    _distributed,
-)
-from deepspark.training.rank.metrics_classification import AUC, Accuracy, TopKAccuracy
-from deepspark.training.rank.metrics_regression import MAE, MSE, RMSE
+__all__ = ["CallableMetric", "EpochMetric", "Task", "get_metric", "metric_names", "reduce_metrics"]
 
-__all__ = [
-    "AUC",
-    "MAE",
-    "MSE",
-    "RMSE",
-    "Accuracy",
-    "CallableMetric",
-    "Mean",
-    "Metric",
-    "SumMetric",
-    "TopKAccuracy",
-    "TorchMetricsMetric",
-    "get_metric",
-    "metric_names",
-    "reduce_metrics",
-]
+_KINDS = ("binary", "multiclass", "multilabel", "regression")
 
 
-def _batch_size(outputs: torch.Tensor) -> int:
+@dataclass(frozen=True)
+class Task:
+    """What a built-in metric measures, inferred from the first batch (see the module docstring).
+
+    ``kind`` is ``"binary"``, ``"multiclass"``, ``"multilabel"`` or ``"regression"``; ``width``
+    the number of classes, labels or regression outputs (1 for binary); ``logits`` whether the
+    outputs are logits rather than probabilities.
+    """
+
+    kind: str
+    width: int
+    logits: bool = False
+
+    def encoded(self) -> list[int]:
+        return [_KINDS.index(self.kind) + 1, self.width, int(self.logits)]
+
+
+def _rows(outputs: torch.Tensor) -> int:
     return int(outputs.shape[0]) if outputs.dim() > 0 else 1
 
 
-class CallableMetric(SumMetric):
-    """A metric from a function ``fn(outputs, targets)``, averaged per sample.
+def _classification_task(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> Task:
+    logits = bool(((outputs < 0) | (outputs > 1)).any())
+    if outputs.dim() <= 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
+        if targets.numel() == _rows(outputs):
+            return Task("binary", 1, logits)
+    elif targets.shape == outputs.shape:
+        return Task("multilabel", int(outputs.shape[1]), logits)
+    elif targets.numel() * outputs.shape[1] == outputs.numel():
+        return Task("multiclass", int(outputs.shape[1]), logits)
+    raise ValueError(
+        f"{name}: outputs of shape {tuple(outputs.shape)} do not match targets of shape "
+        f"{tuple(targets.shape)}: binary outputs are (N,) or (N, 1) with one 0/1 target per "
+        "row; (N, C) outputs take one class index per row (multiclass) or (N, C) 0/1 targets "
+        "(multilabel)"
+    )
+
+
+def _regression_task(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> Task:
+    if outputs.numel() != targets.numel():
+        raise ValueError(
+            f"{name}: outputs of shape {tuple(outputs.shape)} and targets of shape "
+            f"{tuple(targets.shape)} have different sizes"
+        )
+    rows = _rows(outputs)
+    return Task("regression", outputs.numel() // rows if rows else 1)
+
+
+def _whole_targets(targets: torch.Tensor, name: str) -> torch.Tensor:
+    if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+        raise ValueError(f"{name}: class targets must be whole numbers, got fractions")
+    return targets.long()
+
+
+def _prepared(
+    task: Task, outputs: torch.Tensor, targets: torch.Tensor, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape and type the batch as the torchmetrics class of ``task`` expects it; logits become
+    probabilities here, so torchmetrics never decides batch by batch."""
+    scores = outputs.double()  # float64 keeps large logits apart after the sigmoid
+    rows = _rows(outputs)
+    if task.kind == "regression":
+        shape = (rows,) if task.width == 1 else (rows, task.width)
+        return scores.reshape(shape), targets.double().reshape(shape)
+    if task.logits:
+        scores = scores.softmax(dim=1) if task.kind == "multiclass" else scores.sigmoid()
+    labels = _whole_targets(targets, name)
+    if task.kind == "binary":
+        return scores.reshape(-1), labels.reshape(-1)
+    if task.kind == "multiclass":
+        return scores, labels.reshape(rows, *outputs.shape[2:])
+    return scores, labels
+
+
+def _empty_batch(task: Task, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of no rows shaped for ``task``: a rank without data joins the sync with it, so
+    list states have the same number of dimensions and dtype on every rank."""
+    width = () if task.kind == "binary" or task.width == 1 else (task.width,)
+    scores = torch.zeros(0, *width, dtype=torch.float64, device=device)
+    if task.kind == "regression":
+        return scores, scores.clone()
+    labels = () if task.kind != "multilabel" else (task.width,)
+    return scores, torch.zeros(0, *labels, dtype=torch.long, device=device)
+
+
+def _accuracy(task: Task) -> torchmetrics.Metric:
+    if task.kind == "multilabel":
+        return tmc.MultilabelExactMatch(num_labels=task.width)
+    if task.kind == "multiclass":
+        return tmc.MulticlassAccuracy(num_classes=task.width, average="micro")
+    return tmc.BinaryAccuracy()
+
+
+def _top_k_accuracy(k: int) -> Callable[[Task], torchmetrics.Metric]:
+    def build(task: Task) -> torchmetrics.Metric:
+        if task.kind != "multiclass":
+            raise ValueError(
+                f"top{k}_accuracy needs multiclass outputs (N, C) with class-index targets, "
+                f"got a {task.kind} task"
+            )
+        return tmc.MulticlassAccuracy(
+            num_classes=task.width, top_k=min(k, task.width), average="micro"
+        )
+
+    return build
+
+
+def _averaged(binary: type, multiclass: type, multilabel: type) -> Callable[[Task], Any]:
+    def build(task: Task) -> torchmetrics.Metric:
+        if task.kind == "multiclass":
+            return multiclass(num_classes=task.width, average="macro")
+        if task.kind == "multilabel":
+            return multilabel(num_labels=task.width, average="macro")
+        return binary()
+
+    return build
+
+
+_CLASSIFICATION: dict[str, Callable[[Task], torchmetrics.Metric]] = {
+    "accuracy": _accuracy,
+    "precision": _averaged(tmc.BinaryPrecision, tmc.MulticlassPrecision, tmc.MultilabelPrecision),
+    "recall": _averaged(tmc.BinaryRecall, tmc.MulticlassRecall, tmc.MultilabelRecall),
+    "f1": _averaged(tmc.BinaryF1Score, tmc.MulticlassF1Score, tmc.MultilabelF1Score),
+    "auc": _averaged(tmc.BinaryAUROC, tmc.MulticlassAUROC, tmc.MultilabelAUROC),
+}
+_CLASSIFICATION["roc_auc"] = _CLASSIFICATION["auc"]
+_REGRESSION: dict[str, Callable[[Task], torchmetrics.Metric]] = {
+    "mse": lambda task: tmr.MeanSquaredError(),
+    "mae": lambda task: tmr.MeanAbsoluteError(),
+    "rmse": lambda task: tmr.MeanSquaredError(squared=False),
+    "r2": lambda task: tmr.R2Score(),
+}
+_TOP_K = re.compile(r"top_?(\d+)_accuracy")
+
+
+class CallableMetric(torchmetrics.Metric):
+    """A metric from a function ``fn(outputs, targets)``, averaged exactly over rows.
 
     ``fn`` returns either a scalar batch mean (as a ``torch.nn`` loss with the default
-    ``reduction="mean"``) or one value per sample; both give the per-sample mean over all
-    ranks.
-
-    Parameters
-    ----------
-    fn : callable
-    name : str, optional
-        Defaults to ``fn.__name__`` (or the class name of a callable object).
+    ``reduction="mean"``) or one value per row; both give the mean over every row of every
+    rank. The states are two float64 sums.
 
     Examples
     --------
     >>> import torch
     >>> metric = CallableMetric(torch.nn.functional.l1_loss)
     >>> metric.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
-    >>> metric.name, metric.compute()
-    ('l1_loss', 1.5)
+    >>> float(metric.compute())
+    1.5
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], name: str | None = None):
-        if name is None:
-            name = getattr(fn, "__name__", None) or type(fn).__name__
-        super().__init__(name)
-        self.fn = fn
+    full_state_update = False
 
-    def batch_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = _batch_size(outputs)
-        if rows == 0:  # the mean of nothing would be nan; an empty batch adds nothing
-            return torch.zeros(2, dtype=torch.float64, device=outputs.device)
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fn = fn
+        self.name = getattr(fn, "__name__", None) or type(fn).__name__
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("rows", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        rows = int(outputs.shape[0]) if outputs.dim() > 0 else 1
+        if rows == 0:  # the mean of nothing is nan; an empty batch adds nothing
+            return
         result = torch.as_tensor(self.fn(outputs, targets)).detach().double()
         if result.numel() == 1:
             total = result.reshape(()) * rows
@@ -114,77 +248,121 @@ class CallableMetric(SumMetric):
                 f"metric {self.name!r} returned shape {tuple(result.shape)} for a batch of "
                 f"{rows} rows: return a scalar batch mean or one value per row"
             )
-        return torch.stack([total, torch.tensor(float(rows), dtype=torch.float64).to(total)])
+        self.total += total.to(self.total.device)
+        self.rows += rows
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.rows if self.rows > 0 else torch.tensor(math.nan)
 
 
-class TorchMetricsMetric(Metric):
-    """Adapter for a ``torchmetrics.Metric``, which synchronises itself across ranks.
+class EpochMetric:
+    """A ``torchmetrics.Metric`` and the name its value is reported under.
 
-    torchmetrics gathers its states inside ``compute()`` when a process group is initialised,
-    so :meth:`reduce` calls it (collectively) and keeps the value. :meth:`state` is not
-    available: torchmetrics states are not flat sums.
+    A built-in metric is made at the first :meth:`update`, once its :class:`Task` is known
+    (see the module docstring); a ``torchmetrics.Metric`` or :class:`CallableMetric` given by
+    the user is used from the start. Make them with :func:`get_metric`.
 
     Parameters
     ----------
-    metric : torchmetrics.Metric
-    name : str, optional
-        Defaults to the metric's class name in snake case (``BinaryF1Score`` →
-        ``"binary_f1_score"``).
-
-    Examples
-    --------
-    >>> import torch
-    >>> from torchmetrics.classification import BinaryF1Score
-    >>> metric = get_metric(BinaryF1Score())
-    >>> metric.update(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0]))
-    >>> metric.name, round(metric.compute(), 4)
-    ('binary_f1_score', 0.6667)
+    name : str
+    metric : torchmetrics.Metric, optional
+        The metric itself, when it does not depend on the task.
+    build : callable, optional
+        ``build(task) -> torchmetrics.Metric`` for a built-in metric.
+    regression : bool
+        Whether ``build`` is a regression metric (elementwise) rather than a classification
+        metric (whose task is inferred).
     """
 
-    def __init__(self, metric: Any, name: str | None = None) -> None:
-        if name is None:
-            name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(metric).__name__).lower()
-        super().__init__(name)
+    def __init__(
+        self,
+        name: str,
+        metric: torchmetrics.Metric | None = None,
+        build: Callable[[Task], torchmetrics.Metric] | None = None,
+        regression: bool = False,
+    ) -> None:
+        if (metric is None) == (build is None):
+            raise ValueError("pass exactly one of metric and build")
+        self.name = name
         self.metric = metric
+        self.task: Task | None = None
+        self._build = build
+        self._regression = regression
+        self._device = torch.device("cpu")
+        self._updated = False  # since the last reset: a rank without rows joins with no rows
         self._value: float | None = None
 
+    def to(self, device: torch.device | str) -> EpochMetric:
+        """Keep the states on ``device`` (the model's); returns ``self``."""
+        self._device = torch.device(device)
+        if self.metric is not None:
+            self.metric.to(self._device)
+        return self
+
+    def _set_task(self, task: Task) -> None:
+        if self.task is None:
+            assert self._build is not None
+            # float64 states: sums stay exact over many rows, values come back unrounded
+            self.metric = self._build(task).set_dtype(torch.float64).to(self._device)
+            self.task = task
+        elif replace(task, logits=self.task.logits) != self.task:
+            raise ValueError(
+                f"{self.name}: a batch looks like {task} but earlier batches like {self.task}"
+            )
+        elif task.logits and not self.task.logits:
+            raise ValueError(
+                f"{self.name}: earlier outputs were probabilities in [0, 1], now some lie outside "
+                "(logits?); give the metric the same kind of outputs in every batch and on "
+                "every rank"
+            )
+
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        self.metric.update(outputs.detach(), targets.detach())
+        """Add one batch of model outputs and targets (real rows only; none is a no-op)."""
+        if _rows(outputs) == 0:
+            return
+        outputs = outputs.detach().to(self._device)
+        targets = targets.detach().to(self._device)
         self._value = None
-
-    def state(self) -> torch.Tensor:
-        raise NotImplementedError(
-            f"{self.name}: torchmetrics metrics keep their own state; use reduce() and compute()"
-        )
-
-    def load_state(self, state: torch.Tensor) -> None:
-        raise NotImplementedError(f"{self.name}: torchmetrics metrics keep their own state")
-
-    def reduce(self, group: Any = None) -> None:
-        if _distributed(group):
-            if group is not None:
-                self.metric.process_group = group
-            self._value = float(self.metric.compute())
+        if self._build is None:
+            assert self.metric is not None
+            self.metric.update(outputs, targets)
+        else:
+            infer = _regression_task if self._regression else _classification_task
+            self._set_task(infer(outputs, targets, self.name))
+            assert self.metric is not None and self.task is not None
+            self.metric.update(*_prepared(self.task, outputs, targets, self.name))
+        self._updated = True
 
     def compute(self) -> float:
+        """The value after :func:`reduce_metrics`; before it, this rank's own value (which
+        torchmetrics syncs, collectively, when a process group is initialised)."""
         if self._value is None:
-            self._value = float(self.metric.compute())
+            self._value = math.nan if self.metric is None else _scalar(self, self.metric.compute())
         return self._value
 
     def reset(self) -> None:
-        self.metric.reset()
+        """Forget all statistics, ready for a new epoch (the task stays)."""
+        if self.metric is not None:
+            self.metric.reset()
+        self._updated = False
         self._value = None
 
+    def __repr__(self) -> str:
+        return f"EpochMetric(name={self.name!r}, metric={self.metric!r})"
 
-_NAMED: dict[str, Callable[[], Metric]] = {
-    "accuracy": Accuracy,
-    "mse": MSE,
-    "mae": MAE,
-    "rmse": RMSE,
-    "auc": AUC,
-    "roc_auc": AUC,
-}
-_TOP_K = re.compile(r"top_?(\d+)_accuracy")
+
+def _scalar(metric: EpochMetric, value: Any) -> float:
+    value = torch.as_tensor(value)
+    if value.numel() != 1:
+        raise ValueError(
+            f"metric {metric.name!r} computed a tensor of shape {tuple(value.shape)}; the "
+            "training loop reports one number per metric (use an averaged torchmetrics metric)"
+        )
+    return float(value)
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
 def metric_names() -> list[str]:
@@ -195,27 +373,19 @@ def metric_names() -> list[str]:
     >>> "accuracy" in metric_names()
     True
     """
-    return sorted([*_NAMED, "top5_accuracy"])
+    return sorted([*_CLASSIFICATION, *_REGRESSION, "top5_accuracy"])
 
 
-def _is_torchmetrics(obj: Any) -> bool:
-    return any(cls.__module__.split(".")[0] == "torchmetrics" for cls in type(obj).__mro__)
-
-
-def get_metric(metric: str | Metric | Callable[..., Any]) -> Metric:
-    """Return a :class:`Metric` for a name, a metric object, or a callable.
+def get_metric(metric: str | torchmetrics.Metric | Callable[..., Any]) -> EpochMetric:
+    """Return an :class:`EpochMetric` for a name, a torchmetrics metric, or a function.
 
     Parameters
     ----------
-    metric : str, Metric, torchmetrics.Metric or callable
-        A built-in name (see :func:`metric_names`; case-insensitive), a :class:`Metric`
-        (returned as it is), a ``torchmetrics.Metric`` (wrapped in :class:`TorchMetricsMetric`),
-        or ``fn(outputs, targets)`` returning a batch mean or per-row values
-        (wrapped in :class:`CallableMetric`).
-
-    Returns
-    -------
-    Metric
+    metric : str, torchmetrics.Metric, EpochMetric or callable
+        A built-in name (see the module docstring; case-insensitive), a ``torchmetrics.Metric``
+        (named after its class in snake case: ``BinaryF1Score`` → ``"binary_f1_score"``), an
+        :class:`EpochMetric` (returned as it is) or ``fn(outputs, targets)`` returning a batch
+        mean or per-row values (wrapped in :class:`CallableMetric`, named after ``fn``).
 
     Raises
     ------
@@ -231,45 +401,83 @@ def get_metric(metric: str | Metric | Callable[..., Any]) -> Metric:
     >>> get_metric(lambda outputs, targets: (outputs - targets).abs()).name
     '<lambda>'
     """
-    if isinstance(metric, Metric):
+    if isinstance(metric, EpochMetric):
         return metric
     if isinstance(metric, str):
         key = metric.strip().lower()
-        if key in _NAMED:
-            return _NAMED[key]()
+        if key in _CLASSIFICATION:
+            return EpochMetric(key, build=_CLASSIFICATION[key])
+        if key in _REGRESSION:
+            return EpochMetric(key, build=_REGRESSION[key], regression=True)
         top_k = _TOP_K.fullmatch(key)
-        if top_k:
-            return TopKAccuracy(int(top_k.group(1)))
+        if top_k and int(top_k.group(1)) >= 1:
+            k = int(top_k.group(1))
+            return EpochMetric(f"top{k}_accuracy", build=_top_k_accuracy(k))
         raise ValueError(
             f"unknown metric {metric!r}; built-in metrics are {', '.join(metric_names())} "
-            "(or top<k>_accuracy); pass a Metric, a torchmetrics metric or a function "
+            "(or top<k>_accuracy); pass a torchmetrics metric or a function "
             "fn(outputs, targets) for others"
         )
-    if _is_torchmetrics(metric):
-        return TorchMetricsMetric(metric)
+    if isinstance(metric, CallableMetric):
+        return EpochMetric(metric.name, metric=metric)
+    if isinstance(metric, torchmetrics.Metric):
+        return EpochMetric(_snake_case(type(metric).__name__), metric=metric)
     if callable(metric):
-        return CallableMetric(metric)
+        wrapped = CallableMetric(metric)
+        return EpochMetric(wrapped.name, metric=wrapped)
     raise TypeError(
-        f"a metric must be a name, a Metric, a torchmetrics metric or a callable, "
+        "a metric must be a name, a torchmetrics metric or a function fn(outputs, targets), "
         f"got {type(metric).__name__}"
     )
 
 
+def _collective_device(group: Any = None) -> torch.device:
+    """The device a collective of ``group`` needs its tensors on (NCCL only moves GPU memory)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree_on_tasks(metrics: list[EpochMetric], group: Any, device: torch.device) -> None:
+    """Give every rank the task the others inferred, so a rank without rows can join the sync,
+    and refuse ranks that read their outputs differently."""
+    lazy = [metric for metric in metrics if metric._build is not None]
+    if not lazy:
+        return
+    local = torch.tensor(
+        [metric.task.encoded() if metric.task else [0, 0, 0] for metric in lazy],
+        dtype=torch.int64,
+        device=device,
+    )
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    per_rank = torch.stack(gathered).cpu().tolist()  # [rank][metric] = Task.encoded()
+    for index, metric in enumerate(lazy):
+        seen = {
+            Task(_KINDS[kind - 1], width, bool(logits))
+            for kind, width, logits in (ranks[index] for ranks in per_rank)
+            if kind > 0
+        }
+        if len(seen) > 1:
+            raise ValueError(f"{metric.name}: the ranks read their outputs differently: {seen}")
+        if seen and metric.task is None:
+            metric._set_task(seen.pop())
+
+
 def reduce_metrics(
-    metrics: Iterable[Metric], world_size: int | None = None, group: Any = None
+    metrics: Iterable[EpochMetric], world_size: int | None = None, group: Any = None
 ) -> dict[str, float]:
     """Reduce metrics across ranks and return their values by name.
 
-    Collective: every rank calls it with the same metrics in the same order. All
-    :class:`SumMetric`-style metrics (those keeping :meth:`Metric.reduce`) travel in a single
-    ``all_reduce``; others run their own :meth:`Metric.reduce`. Without an initialised process
-    group, or with ``world_size == 1``, nothing is communicated and the local values come back.
-    Afterwards each metric holds the statistics of all ranks; :meth:`Metric.reset` it before
-    the next epoch.
+    Collective: every rank calls it with the same metrics in the same order. Each metric is
+    synchronised by torchmetrics (states summed or all-gathered) on the device the backend
+    needs, and its value is kept until :meth:`EpochMetric.reset`. Without an initialised process
+    group, or with ``world_size == 1``, nothing is communicated. A built-in metric that no rank
+    updated is ``nan``.
 
     Parameters
     ----------
-    metrics : iterable of Metric
+    metrics : iterable of EpochMetric
         Metrics with distinct names.
     world_size : int, optional
         The number of ranks the caller expects; when it is above 1 a process group must be
@@ -283,11 +491,10 @@ def reduce_metrics(
     Examples
     --------
     >>> import torch
-    >>> loss, accuracy = Mean("loss"), get_metric("accuracy")
-    >>> loss.update(torch.tensor(0.5), 2)
+    >>> accuracy = get_metric("accuracy")
     >>> accuracy.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
-    >>> reduce_metrics([loss, accuracy], world_size=1)
-    {'loss': 0.5, 'accuracy': 0.5}
+    >>> reduce_metrics([accuracy], world_size=1)
+    {'accuracy': 0.5}
     """
     metrics = list(metrics)
     names = [metric.name for metric in metrics]
@@ -300,23 +507,18 @@ def reduce_metrics(
             f"reduce_metrics was told world_size={world_size} but no torch.distributed process "
             "group is initialised; call init_process_group first"
         )
-    if initialised and (world_size is None or world_size > 1):
-        _reduce_all(metrics, group)
+    distributed = initialised and (world_size is None or world_size > 1)
+    if distributed and dist.get_world_size(group) > 1:
+        device = _collective_device(group)
+        _agree_on_tasks(metrics, group, device)
+        for metric in metrics:
+            if metric.metric is None:
+                continue  # no rank saw a row: nan everywhere, nothing to sync
+            metric.to(device)
+            states = metric.metric.metric_state.values()
+            if metric.task and not metric._updated and any(isinstance(s, list) for s in states):
+                # torchmetrics would stand in a 1-D float tensor for this rank's empty list
+                metric.metric.update(*_empty_batch(metric.task, device))
+            metric.metric.process_group = group
+            metric._value = None
     return {metric.name: metric.compute() for metric in metrics}
-
-
-def _reduce_all(metrics: Sequence[Metric], group: Any) -> None:
-    if not _distributed(group):
-        return
-    summed = [metric for metric in metrics if type(metric).reduce is Metric.reduce]
-    if summed:
-        states = [metric.state() for metric in summed]
-        packed = torch.cat(states).to(_collective_device(group))
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        for metric, part in zip(
-            summed, packed.cpu().split([s.numel() for s in states]), strict=True
-        ):
-            metric.load_state(part)
-    for metric in metrics:
-        if type(metric).reduce is not Metric.reduce:
-            metric.reduce(group)

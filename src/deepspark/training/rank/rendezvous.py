@@ -180,7 +180,8 @@ def init_process_group(spec: RendezvousSpec, rank: int) -> None:
     ------
     RendezvousError
         When the group cannot be formed in time; the message names the master address, the
-        rank and the timeout, and the original error is chained.
+        rank and the timeout, and the original error is chained. A file store
+        (``spec.store_path``) is removed first.
     RuntimeError
         When this process already belongs to a process group.
 
@@ -230,6 +231,11 @@ def init_process_group(spec: RendezvousSpec, rank: int) -> None:
         )
     except Exception as error:  # torch raises RuntimeError, DistStoreError, TimeoutError, ...
         destroy_process_group()
+        if spec.store_path is not None:
+            # torch removes a FileStore's file only once every rank has let go of it, which
+            # never happens when some rank is missing: a failed rendezvous removes it here.
+            with contextlib.suppress(OSError):
+                os.remove(spec.store_path)
         role = "hosting the rendezvous" if rank == 0 else "joining the master"
         raise RendezvousError(
             f"rank {rank} of {spec.world_size} could not form the {spec.backend} process group "

@@ -32,7 +32,7 @@ from deepspark.training.job_spec import (
 )
 from deepspark.training.rank.loop import EpochRunner, build_model
 
-__all__ = ["RankContext", "run_rank"]
+__all__ = ["RankContext", "cuda_device_index", "run_rank"]
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
     store_path = None
     if rank == 0 and host.startswith("127."):
         store_path = os.path.join(context.spill_dir, f"deepspark-{spec.job_id}-{port}.store")
+        context.cleanup.append(store_path)  # removed when the rank ends, however it ends
     hello = json.dumps(
         {
             "rank": rank,
@@ -146,8 +147,6 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
         ),
         rank,
     )
-    if rank == 0 and store_path is not None:
-        context.cleanup.append(store_path)
 
     if rank == 0 and progress is not None and store_path is None:
         progress.send({"kind": "log", "text": "process group ready", "rendezvous_port": port})
@@ -179,9 +178,75 @@ def _device(spec: TrainSpec, context: RankContext) -> torch.device:
             f"rank {context.rank}: use_gpu=True but torch sees no CUDA device on this executor; "
             "install a CUDA build of torch there or train with use_gpu=False"
         )
-    index = int(context.gpu_ids[0]) if context.gpu_ids else context.rank % torch.cuda.device_count()
+    count = torch.cuda.device_count()
+    if context.gpu_ids:
+        try:
+            index = cuda_device_index(
+                context.gpu_ids[0], os.environ.get("CUDA_VISIBLE_DEVICES"), count
+            )
+        except ValueError as error:
+            raise RuntimeError(f"rank {context.rank}: {error}") from None
+    else:  # no GPU resource scheduling: spread the ranks of this machine over its devices
+        index = context.rank % count
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def cuda_device_index(address: str, visible_devices: str | None, device_count: int) -> int:
+    """Torch's CUDA index for the GPU that Spark assigned to a task.
+
+    Spark's addresses (``task.resources()["gpu"].addresses``, from the discovery script) name
+    physical GPUs. When ``CUDA_VISIBLE_DEVICES`` is set, torch numbers only the GPUs listed
+    there, in that order, so the index is the address's position in that list.
+
+    Parameters
+    ----------
+    address : str
+        The assigned GPU, as Spark gives it (``"3"``, or a UUID if discovery reports those).
+    visible_devices : str or None
+        The value of ``CUDA_VISIBLE_DEVICES``, or ``None`` when it is not set.
+    device_count : int
+        ``torch.cuda.device_count()``.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        When the assigned GPU is not among the devices this process can see.
+
+    Examples
+    --------
+    >>> cuda_device_index("3", None, 8)
+    3
+    >>> cuda_device_index("3", "2,3", 2)
+    1
+    """
+    address = str(address).strip()
+    if visible_devices is None:
+        if not address.isdigit():
+            raise ValueError(
+                f"Spark assigned GPU {address!r}, which is not a device index, and "
+                "CUDA_VISIBLE_DEVICES is not set to say which device it is"
+            )
+        index = int(address)
+    else:
+        visible = [entry.strip() for entry in visible_devices.split(",") if entry.strip()]
+        if address not in visible:
+            raise ValueError(
+                f"Spark assigned GPU {address!r}, but this process sees only "
+                f"CUDA_VISIBLE_DEVICES={visible_devices!r}; make the GPU discovery script and "
+                "CUDA_VISIBLE_DEVICES name the same devices (or unset CUDA_VISIBLE_DEVICES)"
+            )
+        index = visible.index(address)
+    if not 0 <= index < device_count:
+        raise ValueError(
+            f"Spark assigned GPU {address!r} (torch index {index}), but torch sees "
+            f"{device_count} CUDA device(s) here; check the executor's GPU discovery script"
+        )
+    return index
 
 
 def _result_batch(kind: ResultKind, payload: bytes, seq: int = 0) -> pa.RecordBatch:

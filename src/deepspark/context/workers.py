@@ -1,0 +1,297 @@
+"""Which Python the Spark workers run, and whether it can run deepspark.
+
+Spark starts its Python workers with ``PYSPARK_PYTHON`` (or ``python3`` on the executors'
+``PATH``), not with the driver's interpreter. Where driver and executors share a machine,
+`init_context` hands the workers the driver's own interpreter (:func:`worker_python`) and the
+workers need no check. Everywhere else the first job of a session runs :func:`check_workers`: one
+small task per slot reports its interpreter and the versions of deepspark, torch and pyarrow it
+can import, and a mismatch raises one `WorkerEnvironmentError` that says what to fix, instead of
+a training job failing with a worker's traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deepspark.context.config import ContextError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    import pyarrow as pa
+    from pyspark.sql import SparkSession
+
+__all__ = [
+    "WorkerEnvironmentError",
+    "WorkerReport",
+    "WorkerSurvey",
+    "check_workers",
+    "is_loopback_host",
+    "mark_workers_ready",
+    "shares_machine",
+    "worker_python",
+]
+
+# What every worker must import, at the driver's version.
+REQUIRED_PACKAGES = ("deepspark", "torch", "pyarrow")
+PYTHON_CONF = "spark.pyspark.python"
+
+_lock = threading.Lock()
+_surveys: dict[str, WorkerSurvey] = {}
+_ready: set[str] = set()
+
+# A failed probe job names the module a worker could not import, or the interpreter Spark
+# could not start, or a Python version the worker does not share with the driver.
+_MISSING_MODULE = re.compile(r"(?:ModuleNotFoundError|ImportError): [^\n]*")
+_NO_PROGRAM = re.compile(r'Cannot run program "([^"]+)"[^\n]*')
+_VERSION_MISMATCH = re.compile(r"[^\n]*(?:PYTHON_VERSION_MISMATCH|different minor versions)[^\n]*")
+
+
+class WorkerEnvironmentError(ContextError):
+    """Spark's Python workers run an interpreter that cannot run deepspark's tasks."""
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What one probe task saw in its Python worker."""
+
+    python: str
+    python_version: str
+    host: str
+    executor: str
+    task_cpus: int
+    versions: dict[str, str | None]
+
+    def problems(self, expected: dict[str, str]) -> list[str]:
+        """One phrase per package that is missing or at another version than the driver's."""
+        found = []
+        for name, wanted in expected.items():
+            version = self.versions.get(name)
+            if version is None:
+                found.append(f"{name} is missing (the driver has {wanted})")
+            elif _release(version) != _release(wanted):
+                found.append(f"{name} {version} (the driver has {wanted})")
+        return found
+
+
+@dataclass(frozen=True)
+class WorkerSurvey:
+    """Every probe task's report: the workers' environment and the executors that ran them."""
+
+    reports: tuple[WorkerReport, ...]
+
+    @property
+    def executors(self) -> int:
+        """Distinct executors (host and working directory) that ran a probe task."""
+        return max(1, len({(report.host, report.executor) for report in self.reports}))
+
+    @property
+    def tasks(self) -> int:
+        return len(self.reports)
+
+
+def worker_python(master: str | None, conf: dict[str, str]) -> str | None:
+    """The interpreter `init_context` gives Spark's Python workers, or None to leave Spark's.
+
+    A ``spark.pyspark.python`` conf wins, then the ``PYSPARK_PYTHON`` environment variable
+    (Spark's own order); without either, executors that share this machine (``local``,
+    ``local-cluster``, a standalone master on loopback) run this very interpreter.
+
+    Examples
+    --------
+    >>> worker_python("yarn", {"spark.pyspark.python": "./environment/bin/python"})
+    './environment/bin/python'
+    >>> worker_python("k8s://https://api:443", {}) is None
+    True
+    """
+    if conf.get(PYTHON_CONF):
+        return conf[PYTHON_CONF]
+    if os.environ.get("PYSPARK_PYTHON"):
+        return None
+    if master is not None and shares_machine(master):
+        return sys.executable
+    return None
+
+
+def shares_machine(master: str) -> bool:
+    """Whether every executor of `master` runs on this machine."""
+    if master.startswith("local"):
+        return True
+    standalone = re.fullmatch(r"spark://([^,/]+):\d+", master)
+    return bool(standalone and is_loopback_host(standalone.group(1)))
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface."""
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
+def session_key(spark: Any) -> str:
+    """Identifies a session's workers: the application, or the Connect session."""
+    if type(spark).__module__.startswith("pyspark.sql.connect"):
+        return f"connect:{spark.session_id}"
+    return f"classic:{spark.sparkContext.applicationId}"
+
+
+def mark_workers_ready(spark: SparkSession) -> None:
+    """Record that `spark`'s workers run this interpreter, so `check_workers` skips them."""
+    with _lock:
+        _ready.add(session_key(spark))
+
+
+def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey | None:
+    """Check, once per session, that Spark's Python workers can run deepspark's tasks.
+
+    Sessions whose workers `init_context` gave this interpreter are not probed (None is
+    returned) unless ``survey`` asks for the executors' report anyway.
+
+    Raises
+    ------
+    WorkerEnvironmentError
+        When a worker lacks deepspark, torch or pyarrow, has another version of one of them,
+        or cannot be started at all; the message names the worker's interpreter and the fix.
+
+    Examples
+    --------
+    >>> import deepspark as ds
+    >>> from deepspark.context import check_workers
+    >>> spark = ds.init_context(cores=2)
+    >>> check_workers(spark) is None  # local: the workers run this interpreter, no probe
+    True
+    >>> check_workers(spark, survey=True).tasks >= 1
+    True
+    >>> ds.stop_context()
+    """
+    key = session_key(spark)
+    with _lock:
+        if key in _surveys:
+            return _surveys[key]
+        if key in _ready and not survey:
+            return None
+    expected = driver_versions()
+    result = _run_probe(spark, expected)
+    bad = [(report, report.problems(expected)) for report in result.reports]
+    bad = [(report, problems) for report, problems in bad if problems]
+    if bad:
+        report, problems = bad[0]
+        raise WorkerEnvironmentError(
+            f"Spark's Python workers cannot run deepspark: the worker on {report.host} runs "
+            f"{report.python} (Python {report.python_version}), where "
+            f"{'; '.join(problems)}. {_fix_hint(expected)}"
+        )
+    with _lock:
+        _surveys[key] = result
+    return result
+
+
+def driver_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in REQUIRED_PACKAGES}
+
+
+def _fix_hint(expected: dict[str, str]) -> str:
+    wanted = ", ".join(f"{name}=={version}" for name, version in expected.items())
+    return (
+        f"Make every executor run a Python with {wanted}: set PYSPARK_PYTHON (or the conf "
+        f"{PYTHON_CONF}) to that interpreter, or ship a packed environment with "
+        "init_context(python_env_archive='env.tar.gz')"
+    )
+
+
+def _release(version: str) -> str:
+    """``2.13.0+cpu`` and ``2.13.0+cu124`` are the same release for a worker."""
+    return version.split("+", 1)[0]
+
+
+def _run_probe(spark: SparkSession, expected: dict[str, str]) -> WorkerSurvey:
+    # As many tasks as the cluster's default parallelism, so the probe reaches every executor.
+    data = spark.range(1 << 16)
+    probe = _probe_task(tuple(expected))
+    try:
+        rows = data.mapInArrow(probe, "report string").collect()
+    except Exception as error:
+        text = str(error)
+        patterns = (_NO_PROGRAM, _MISSING_MODULE, _VERSION_MISMATCH)
+        found = next((match for p in patterns if (match := p.search(text))), None)
+        if found is None:
+            raise
+        raise WorkerEnvironmentError(
+            f"Spark's Python workers cannot run deepspark: the workers run "
+            f"{_configured_python(spark)}, which failed with {found.group(0).strip()!r}. "
+            f"{_fix_hint(expected)}"
+        ) from error
+    reports = []
+    for row in rows:
+        fields = json.loads(row.report)
+        reports.append(WorkerReport(**fields))
+    return WorkerSurvey(tuple(reports))
+
+
+def _configured_python(spark: Any) -> str:
+    """The interpreter this session asks the workers to run, as far as the driver knows."""
+    if not type(spark).__module__.startswith("pyspark.sql.connect"):
+        return repr(spark.sparkContext.pythonExec)
+    try:
+        configured = spark.conf.get(PYTHON_CONF, None)
+    except Exception:  # a Connect server may refuse to show a conf
+        configured = None
+    if configured:
+        return repr(configured)
+    return "the Connect server's PYSPARK_PYTHON (python3 on the executors' PATH by default)"
+
+
+def _probe_task(packages: tuple[str, ...]) -> Callable[[Iterator[pa.RecordBatch]], Any]:
+    """The probe's task function.
+
+    A nested function, so cloudpickle ships it by value: a worker without deepspark can run it
+    and say so. It uses the standard library, pyarrow (which `mapInArrow` itself needs) and
+    pyspark's TaskContext only.
+    """
+
+    def probe(batches):
+        import importlib.metadata
+        import importlib.util
+        import json
+        import os
+        import platform
+        import socket
+        import sys
+        import time
+
+        import pyarrow as pa
+        from pyspark import TaskContext
+
+        for _ in batches:
+            pass
+        time.sleep(0.2)  # long enough that one executor cannot take every probe task
+        versions = {}
+        for name in packages:
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except (ImportError, ValueError):
+                found = False
+            version = None
+            if found:
+                try:
+                    version = importlib.metadata.version(name)
+                except importlib.metadata.PackageNotFoundError:
+                    version = "unknown"
+            versions[name] = version
+        context = TaskContext.get()
+        report = {
+            "python": sys.executable,
+            "python_version": platform.python_version(),
+            "host": socket.gethostname(),
+            "executor": os.getcwd(),
+            "task_cpus": int(context.cpus()) if context is not None else 1,
+            "versions": versions,
+        }
+        yield pa.RecordBatch.from_pydict({"report": [json.dumps(report)]})
+
+    return probe
