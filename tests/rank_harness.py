@@ -5,8 +5,8 @@ Each rank is a spawned process that calls :func:`deepspark.training.rank.run.run
 in a shared directory (what ``BarrierTaskContext.allGather`` does inside Spark). Every rank
 runs two jobs in the same process, as a reused Spark Python worker would: a fit of ``epochs``
 epochs that checkpoints, then a fit of one more epoch that resumes from that checkpoint. A
-:class:`~deepspark.training.progress.ProgressServer` in this process receives the ranks'
-progress. The data is a learnable toy problem made with numpy (three Gaussian classes).
+:class:`~deepspark.training.driver.progress_server.ProgressServer` in this process receives
+the ranks' progress. The data is a learnable toy problem made with numpy (three Gaussian classes).
 
 This module imports neither pyspark nor scikit-learn, so it also runs on a GPU machine that
 has only torch, pyarrow, pandas and numpy::
@@ -222,7 +222,7 @@ def _validation_scores(weights: dict[str, torch.Tensor]) -> tuple[float, float]:
 
 def run_harness(device: str = "cpu", world_size: int = 2, epochs: int = 4) -> dict[str, Any]:
     """Run the ranks, check what came back, and return the findings (see the module doc)."""
-    from deepspark.training.progress import ProgressServer
+    from deepspark.training.driver.progress_server import ProgressServer
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no CUDA device here")

@@ -128,6 +128,7 @@ def test_the_model_loads_once_across_partitions():
 def test_the_task_thread_count_is_applied():
     previous = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)  # so that the check below fails if num_threads is ignored
         spec = spec_for(make_mlp(outputs=2), OutputKind.ARRAY, num_threads=1)
         run(partition([2]), spec)
         assert torch.get_num_threads() == 1

@@ -222,8 +222,11 @@ def test_weights_file_is_plain_safetensors(tmp_path):
     from safetensors.torch import load_file
 
     path = Path(tmp_path) / "model.safetensors"
-    save_model_weights(str(path), nn.Linear(2, 2).state_dict())
-    assert sorted(load_file(str(path))) == ["bias", "weight"]
+    state = nn.Linear(2, 2).state_dict()
+    save_model_weights(str(path), state)
+    loaded = load_file(str(path))
+    assert sorted(loaded) == ["bias", "weight"]
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
 
 
 def test_weights_bytes_round_trip_keeps_ties_and_matches_the_file(tmp_path):

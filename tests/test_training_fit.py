@@ -104,9 +104,10 @@ def test_uneven_and_empty_partitions_train_without_hanging(spark):
     from pyspark.sql import functions as F
 
     train_df, test_df = digits_frames(spark)
+    train_rows = train_df.count()
     # every row hashes to one partition: the other is empty
     lopsided = train_df.repartition(2, F.lit(1))
-    assert sorted(len(p) for p in lopsided.rdd.glom().collect()) == [0, train_df.count()]
+    assert sorted(len(p) for p in lopsided.rdd.glom().collect()) == [0, train_rows]
     est = _estimator()
     history = est.fit(
         lopsided,
@@ -117,7 +118,7 @@ def test_uneven_and_empty_partitions_train_without_hanging(spark):
         num_workers=2,
         seed=1,
     )
-    assert history["train_rows"].tolist() == [train_df.count()] * 3
+    assert history["train_rows"].tolist() == [train_rows] * 3
     # uneven but not empty: about 1/4 and 3/4, by two keys that hash to different partitions
     keys = [
         r.k
@@ -146,6 +147,7 @@ def test_uneven_and_empty_partitions_train_without_hanging(spark):
         num_workers=2,
         seed=1,
     )
+    assert history["train_rows"].tolist() == [train_rows] * 3  # both partitions, every row
     scores = est.evaluate(test_df, feature_cols="features", label_cols="label")
     assert scores["accuracy"] >= 0.9
 
@@ -398,6 +400,7 @@ def test_fit_logs_to_tensorboard_and_mlflow(spark, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from deepspark.persist.weights import load_model_weights
     from deepspark.training.callbacks import MLflowCallback, TensorBoardCallback
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -428,4 +431,11 @@ def test_fit_logs_to_tensorboard_and_mlflow(spark, tmp_path, monkeypatch):
     assert [p.value for p in sorted(points, key=lambda p: p.step)] == pytest.approx(
         history["train_loss"].tolist(), rel=1e-6
     )
-    assert [a.path for a in client.list_artifacts(mlflow_callback.run_id, "model")]
+    artifacts = [a.path for a in client.list_artifacts(mlflow_callback.run_id, "model")]
+    assert artifacts == ["model/model.safetensors"]
+    # the logged model is the trained one that came back to the driver
+    logged_weights = load_model_weights(
+        client.download_artifacts(mlflow_callback.run_id, "model/model.safetensors")
+    )
+    for name, tensor in est.get_model().state_dict().items():
+        assert torch.equal(logged_weights[name], tensor), name

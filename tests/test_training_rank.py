@@ -63,7 +63,7 @@ def test_rank_code_and_harness_import_without_pyspark_or_sklearn():
         "sys.modules['sklearn'] = None\n"
         "import rank_harness\n"
         "import deepspark.training.rank.run, deepspark.training.rank.loop\n"
-        "import deepspark.training.rank.checkpoint, deepspark.training.progress\n"
+        "import deepspark.training.rank.checkpoint, deepspark.training.rank.progress_client\n"
         "rank_harness.make_specs('cpu', 1, 1, '/tmp', type('P', (), {'address': ('h', 1),"
         " 'token': 't'})())\n"
         "rank_harness.rank_batches(0, 2)\n"

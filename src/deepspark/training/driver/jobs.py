@@ -127,8 +127,8 @@ def run_job(
     """
     from deepspark.context.workers import check_workers
     from deepspark.training.driver.progress_bar import ProgressBar
+    from deepspark.training.driver.progress_server import ProgressServer
     from deepspark.training.driver.stage import is_loopback_master, run_barrier_stage
-    from deepspark.training.progress import ProgressServer
 
     check_workers(spark)  # once per session: the workers' Python can run this job
     loopback = is_loopback_master(spark)

@@ -56,7 +56,7 @@ def run_rank(
 ) -> Iterator[pa.RecordBatch]:
     """Train (or evaluate) as one rank of a data-parallel job; rank 0 yields the results."""
     from deepspark.data import PartitionSpill
-    from deepspark.training.progress import ProgressClient
+    from deepspark.training.rank.progress_client import ProgressClient
 
     rank = context.rank
     progress = None

@@ -1,0 +1,118 @@
+"""The documentation runs: every ```python block of README.md and docs/*.md, as written.
+
+The blocks of one page are joined in order into one script (a later block may continue an
+earlier one) and run in a fresh interpreter, in an empty directory. A block fenced as
+```python no-run is illustrative (a cluster that does not exist here) and is skipped, as are
+```text and ```bash; any other info string, or none, fails, so a typo cannot silently turn an
+example off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+RUNNABLE = "python"
+NOT_RUN = {"text", "bash", "python no-run"}
+FENCE = re.compile(r"^(`{3,}|~{3,})(.*)$")
+PAGE_TIMEOUT_S = 480  # a page starts Spark and trains; generous for a busy 2-core machine
+
+
+def code_blocks(text: str) -> list[tuple[int, str, str]]:
+    """(line number, info string, body) of each fenced block; unclosed fences raise."""
+    blocks: list[tuple[int, str, str]] = []
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        opening = FENCE.match(lines[index])
+        if opening is None:
+            index += 1
+            continue
+        fence, info = opening.group(1), opening.group(2).strip()
+        start = index
+        body: list[str] = []
+        index += 1
+        while index < len(lines) and lines[index].rstrip() != fence:
+            body.append(lines[index])
+            index += 1
+        if index == len(lines):
+            raise ValueError(f"line {start + 1}: the fence {fence}{info} is never closed")
+        blocks.append((start + 1, info, "\n".join(body) + "\n"))
+        index += 1
+    return blocks
+
+
+def page_script(page: Path) -> str:
+    """The runnable blocks of `page` joined in order; an unknown info string raises."""
+    parts = []
+    for line, info, body in code_blocks(page.read_text()):
+        if info == RUNNABLE:
+            parts.append(f"# --- {page.name}, block at line {line}\n{body}")
+        elif info not in NOT_RUN:
+            known = ", ".join(repr(name) for name in sorted({RUNNABLE, *NOT_RUN}))
+            raise ValueError(
+                f"{page.name} line {line}: code block info string {info!r} is not known; "
+                f"use one of {known}"
+            )
+    return "\n".join(parts)
+
+
+def test_code_blocks_reads_fences_and_info_strings():
+    text = "a\n```python\nx = 1\n```\n```python no-run\ny\n```\n````\n```\n````\n"
+    assert code_blocks(text) == [
+        (2, "python", "x = 1\n"),
+        (5, "python no-run", "y\n"),
+        (8, "", "```\n"),
+    ]
+    with pytest.raises(ValueError, match="never closed"):
+        code_blocks("```python\nx = 1\n")
+
+
+@pytest.mark.parametrize("info", ["pyhton", "", "py"])
+def test_unknown_info_string_is_refused(tmp_path, info):
+    page = tmp_path / "page.md"
+    page.write_text(f"```{info}\nprint(1)\n```\n")
+    with pytest.raises(ValueError, match=f"{info!r} is not known"):
+        page_script(page)
+
+
+def test_page_script_joins_runnable_blocks_in_order(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nx = 1\n```\n```python no-run\nconnect()\n```\n"
+        "```bash\nmake demo\n```\n```python\nprint(x)\n```\n"
+    )
+    script = page_script(page)
+    assert "connect()" not in script and "make demo" not in script
+    assert script.index("x = 1") < script.index("print(x)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_page_examples_run(page, tmp_path):
+    script = page_script(page)
+    if not script:
+        pytest.skip(f"{page.name} has no runnable python block")
+    path = tmp_path / f"{page.stem}_examples.py"
+    path.write_text(script)
+    # run them as a user would: init_context chooses the workers' Python on its own
+    env = {name: value for name, value in os.environ.items() if name != "PYSPARK_PYTHON"}
+    result = subprocess.run(
+        [sys.executable, str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PAGE_TIMEOUT_S,
+    )
+    assert result.returncode == 0, (
+        f"the examples of {page.name} failed (exit {result.returncode}); script {path}\n"
+        f"--- stdout (tail)\n{result.stdout[-3000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}"
+    )

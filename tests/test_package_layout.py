@@ -1,0 +1,108 @@
+"""The package's layering (DESIGN.md, "Layout"): imports point down, rank code has no pyspark,
+and the docstring examples of the engine's Spark-free modules run."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deepspark
+
+PACKAGE = Path(deepspark.__file__).parent
+IMPORT = re.compile(r"^\s*(?:from|import)\s+(deepspark(?:\.\w+)*)", re.M)
+
+# Spark-free modules of the engine: they run inside tasks, and on machines without Java.
+RANK_SIDE = [
+    "deepspark.persist.weights",
+    "deepspark.persist.estimator_dir",
+    "deepspark.training.job_spec",
+    "deepspark.training.progress",
+    "deepspark.training.callbacks",
+    "deepspark.training.rank.run",
+    "deepspark.training.rank.loop",
+    "deepspark.training.rank.rendezvous",
+    "deepspark.training.rank.checkpoint",
+    "deepspark.training.rank.rng_state",
+    "deepspark.training.rank.metrics",
+    "deepspark.training.rank.progress_client",
+    "deepspark.training.driver.progress_server",
+    "deepspark.training.driver.progress_bar",
+]
+
+
+def _imports(module_path: Path) -> set[str]:
+    """The deepspark modules a source file imports, anywhere in it (not in docstring examples)."""
+    return set(IMPORT.findall(module_path.read_text()))
+
+
+def _sources(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        ("data", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
+        ("persist", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
+        ("context", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
+        ("inference", ("deepspark.training", "deepspark.ml")),
+        ("training/rank", ("deepspark.training.driver", "deepspark.ml")),
+        ("training", ("deepspark.ml",)),
+    ],
+)
+def test_imports_point_down(folder, forbidden):
+    wrong = {
+        f"{path.relative_to(PACKAGE)} imports {name}"
+        for path in _sources(folder)
+        for name in _imports(path)
+        if name.startswith(forbidden)
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_training_reaches_inference_only_through_the_estimator():
+    # est.predict / est.export_* hand the model to the inference engine; nothing else does
+    users = {
+        str(path.relative_to(PACKAGE))
+        for path in _sources("training")
+        if any(name.startswith("deepspark.inference") for name in _imports(path))
+    }
+    assert users <= {"training/driver/estimator.py"}, users
+
+
+def test_no_module_name_means_two_things():
+    stems: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            stems.setdefault(path.stem, []).append(str(path.relative_to(PACKAGE)))
+    assert {stem: paths for stem, paths in stems.items() if len(paths) > 1} == {}
+
+
+def test_rank_side_imports_no_pyspark():
+    code = (
+        "import sys\n"
+        + "".join(f"import {name}\n" for name in RANK_SIDE)
+        + "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'pyspark')\n"
+        + "assert not loaded, loaded\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_every_module_imports():
+    for info in pkgutil.walk_packages([str(PACKAGE)], prefix="deepspark."):
+        importlib.import_module(info.name)
+
+
+@pytest.mark.parametrize("name", RANK_SIDE)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    failures, _ = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert failures == 0
