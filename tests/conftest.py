@@ -450,6 +450,9 @@ def start_connect_server(master: str = "local-cluster[2,1,1024]", startup_timeou
     port = free_port()
     env = dict(os.environ)
     env.pop("SPARK_REMOTE", None)
+    # a local Connect session of this process keeps its token in the environment; a server
+    # started by hand has none
+    env.pop("SPARK_CONNECT_AUTHENTICATE_TOKEN", None)
     env.update(
         {
             "SPARK_HOME": str(_pyspark_home()),

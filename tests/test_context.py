@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -191,6 +192,31 @@ def test_connect_server_that_does_not_answer_fails_in_bounded_time():
     # a hang guard, not a speed claim: the call gives up soon after its timeout
     waited = float(result.stdout.split("WAITED", 1)[1].split()[0])
     assert connect_timeout_s <= waited < connect_timeout_s + 30, waited
+
+
+def test_connect_port_that_accepts_but_never_answers_fails_in_bounded_time():
+    # a listening socket that takes the connection and says nothing, as a server expecting
+    # TLS or a token can look to a client that offers neither
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        result = _run_python(
+            f"""
+            import time, deepspark as ds
+            start = time.monotonic()
+            try:
+                ds.init_context("connect", master="sc://127.0.0.1:{port}", connect_timeout_s=5)
+            except ds.context.ContextError as error:
+                print("ERROR:", error)
+            print("WAITED", time.monotonic() - start)
+            """
+        )
+    assert "accepts connections but did not answer" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-2000:]
+    )
+    waited = float(result.stdout.split("WAITED", 1)[1].split()[0])
+    assert waited < 5 + 60, waited  # a hang guard, not a speed claim
 
 
 def test_spark_submit_mode_adopts_the_submitted_session(tmp_path: Path):

@@ -31,6 +31,9 @@ __all__ = ["init_context", "stop_context"]
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _active: tuple[ContextConfig, SparkSession] | None = None
+# Environment variables pyspark set for a session of ours and leaves behind after stop().
+_leftover_env: set[str] = set()
+_CONNECT_TOKEN = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 
 _JVM_MODES = {
     ClusterMode.LOCAL,
@@ -163,6 +166,8 @@ def stop_context() -> None:
             # pyspark marks the process Connect-only for a remote server and leaves the mark
             # after stop(); a later classic init_context would then fail
             os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+        while _leftover_env:
+            os.environ.pop(_leftover_env.pop(), None)
 
 
 def _is_alive(session: SparkSession) -> bool:
@@ -252,11 +257,17 @@ def _build_session(config: ContextConfig, spark_conf: dict[str, str]) -> SparkSe
         builder = SparkSession.builder.remote(config.master)
         for key, value in spark_conf.items():
             builder = builder.config(key, value)
+        if not config.master.startswith("sc://") and _CONNECT_TOKEN not in os.environ:
+            # pyspark gives the local server a token through the environment and keeps it
+            # there; a later connection to another server would then present it (over TLS)
+            _leftover_env.add(_CONNECT_TOKEN)
         with warnings.catch_warnings():
             # A local Connect server takes static confs at start; the client then also tries to
             # set them at run time and warns that it cannot, which is expected.
             warnings.filterwarnings("ignore", message=".*CANNOT_MODIFY_(STATIC_)?CONFIG.*")
-            return builder.getOrCreate()
+            if not config.master.startswith("sc://"):
+                return builder.getOrCreate()
+            return _connect_bounded(builder, config.master, config.connect_timeout_s)
     _require_java()
     builder = SparkSession.builder
     for key, value in spark_conf.items():
@@ -275,6 +286,59 @@ def _require_java() -> None:
         "(`apt-get install openjdk-17-jre-headless`, `brew install openjdk@17`, or "
         "`conda install openjdk=17`) and put `java` on PATH or set JAVA_HOME"
     )
+
+
+def _connect_bounded(builder: Any, url: str, timeout_s: float) -> SparkSession:
+    """Make the Connect session and ask the server once, within `timeout_s`.
+
+    A port that accepts but never answers (a wrong token, TLS on one side only) would make the
+    client retry for many minutes; here it fails with a message instead.
+    """
+    outcome: list[Any] = []
+
+    def connect() -> None:
+        try:
+            session = builder.getOrCreate()
+            session.version  # noqa: B018 (one request to the server)
+            outcome.append(session)
+        except BaseException as error:
+            outcome.append(error)
+
+    connecting = threading.Thread(target=connect, name="deepspark-connect", daemon=True)
+    connecting.start()
+    connecting.join(timeout_s)
+    if outcome and not isinstance(outcome[0], BaseException):
+        return outcome[0]
+    _close_clients_of(url)
+    cause = outcome[0] if outcome else None
+    if cause is None:
+        detail = f"no answer within {timeout_s:g} s"
+    else:
+        detail = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:300]}"
+    raise ContextError(
+        f"the Spark Connect server at {url} accepts connections but did not answer a request "
+        f"({detail}). Check the URL's token (;token=...) and TLS (;use_ssl=true) against the "
+        "server's settings, and that SPARK_CONNECT_AUTHENTICATE_TOKEN is not left over from "
+        "another server; connect_timeout_s bounds this wait"
+    ) from cause
+
+
+def _close_clients_of(url: str) -> None:
+    """Close the Connect clients a failed connection left retrying, so that neither their
+    retries nor their clean-up at exit wait on a server that does not answer."""
+    import gc
+
+    from pyspark.sql.connect.client import SparkConnectClient
+
+    endpoint = url[len("sc://") :].split("/", 1)[0].split(";", 1)[0]
+    with warnings.catch_warnings():  # isinstance() touches deprecated module attributes
+        warnings.simplefilter("ignore")
+        clients = [obj for obj in gc.get_objects() if isinstance(obj, SparkConnectClient)]
+    for client in clients:
+        builder = getattr(client, "_builder", None)
+        if not client.is_closed and getattr(builder, "endpoint", None) == endpoint:
+            with contextlib.suppress(Exception):
+                client.close()
 
 
 def _wait_for_connect_server(url: str, timeout_s: float) -> None:
