@@ -6,41 +6,18 @@ torchmetrics' own distributed sync (sum states are summed, list states such as A
 all-gathered), so a metric reduced over N ranks equals the same metric computed by one process
 over all the data: no averaging of per-rank averages.
 
-Built-in names for :func:`get_metric` (case-insensitive):
-
-=====================  ============================================================
-``"accuracy"``         fraction of correct predictions (multilabel: all labels right, as
-                       ``sklearn.metrics.accuracy_score``)
-``"top5_accuracy"``    target among the 5 highest outputs (any ``"top<k>_accuracy"``;
-                       multiclass only)
-``"precision"``        also ``"recall"`` and ``"f1"``: of class 1 for binary outputs, the
-                       macro average over classes or labels otherwise
-``"auc"``              exact ROC AUC (alias ``"roc_auc"``); macro one-vs-rest for several
-                       classes or labels
-``"mse"``              mean squared error over all output elements
-``"mae"``              mean absolute error over all output elements
-``"rmse"``             square root of the mean squared error
-``"r2"``               coefficient of determination, averaged over outputs
-=====================  ============================================================
-
-A classification metric infers its task from the shapes of the first batch:
-
-- outputs ``(N,)`` or ``(N, 1)`` are **binary**; targets hold 0/1 (integers, booleans or floats,
-  such as an ``array<float>`` label of length 1).
-- outputs ``(N, C)`` with ``C > 1`` and one class index per row (targets ``(N,)`` or ``(N, 1)``)
-  are **multiclass** with ``C`` classes; the prediction is the argmax. Outputs
-  ``(N, C, d1, ...)`` with targets ``(N, d1, ...)`` count every position.
-- outputs ``(N, C)`` with ``C > 1`` and targets of the same shape are **multilabel** with ``C``
-  labels. (So one-hot targets mean multilabel: pass class indices for multiclass.)
-
-Scores follow torchmetrics' rule: outputs in ``[0, 1]`` are probabilities (a sigmoid with
-``BCELoss``, a softmax), thresholded at 0.5 for binary and multilabel; outputs with any value
-outside ``[0, 1]`` are logits (``BCEWithLogitsLoss``, ``CrossEntropyLoss``) and pass through a
-sigmoid (binary, multilabel) or softmax (multiclass) first. The choice is made once, on the
-first batch, and holds for every later batch: a batch of logits after probabilities raises
-instead of being scored differently. Float targets must be whole numbers (``0.7`` raises
-rather than being truncated). Regression metrics compare outputs and targets element by
-element; ``(N, 1)`` outputs match ``(N,)`` targets.
+Built-in names for :func:`get_metric` (case-insensitive): ``accuracy``, ``top<k>_accuracy``,
+``precision``, ``recall``, ``f1`` (class 1 for binary outputs, macro averages otherwise),
+``auc``/``roc_auc`` (exact; macro one-vs-rest for several classes), ``mse``, ``mae``, ``rmse``
+and ``r2``. A classification metric infers its :class:`Task` from the first batch's shapes:
+outputs ``(N,)`` or ``(N, 1)`` with 0/1 targets are binary; ``(N, C)`` outputs with class
+indices are multiclass (argmax; ``(N, C, d1, ...)`` counts every position); ``(N, C)`` outputs
+with targets of the same shape are multilabel, so one-hot targets mean multilabel. Outputs in
+``[0, 1]`` are probabilities, thresholded at 0.5; any value outside makes them logits, passed
+through a sigmoid or softmax first (torchmetrics' rule). The choice is made on the first batch
+and kept: a batch of logits after probabilities raises instead of being scored differently.
+Float targets must be whole numbers. Regression metrics compare element by element; ``(N, 1)``
+outputs match ``(N,)`` targets. docs/training.md ("Metrics") says the same for users.
 
 :func:`get_metric` also accepts a ``torchmetrics.Metric`` (used as it is; it receives the
 outputs and targets unchanged) and a plain function ``fn(outputs, targets)`` returning a batch
@@ -480,13 +457,9 @@ def reduce_metrics(
     metrics : iterable of EpochMetric
         Metrics with distinct names.
     world_size : int, optional
-        The number of ranks the caller expects; when it is above 1 a process group must be
-        initialised (a guard against silently reporting one rank's values).
+        The number of ranks the caller expects; above 1 a process group must be initialised
+        (a guard against silently reporting one rank's values).
     group : torch.distributed.ProcessGroup, optional
-
-    Returns
-    -------
-    dict of str to float
 
     Examples
     --------
