@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/feed.py --quick
 	$(PY) benchmarks/train.py --quick
 	$(PY) benchmarks/predict.py --quick
+	$(PY) benchmarks/barrier.py --quick
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

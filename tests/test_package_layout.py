@@ -34,6 +34,7 @@ RANK_SIDE = [
     "deepspark.training.rank.progress_client",
     "deepspark.training.driver.progress_server",
     "deepspark.training.driver.progress_bar",
+    "deepspark.training.driver.timeline",
 ]
 
 

@@ -77,6 +77,26 @@ def test_fit_on_local_reaches_accuracy_and_matches_single_process(spark):
         local_accuracy = est.get_model()(torch.from_numpy(test_x)).argmax(1).numpy() == test_y
     assert local_accuracy.mean() == pytest.approx(accuracy, abs=1e-9)
 
+    # the timeline covers the fit: every span was reported, and together they make the total
+    spans = dict(est.timings_)
+    total = spans.pop("total")
+    assert list(spans) == [
+        "driver_checks",
+        "job_submit",
+        "worker_start",
+        "first_batch",
+        "spill",
+        "rendezvous",
+        "first_step",
+        "epochs",
+        "validation",
+        "weights_return",
+        "load_weights",
+    ]
+    assert all(np.isfinite(value) and value >= 0 for value in spans.values()), spans
+    assert sum(spans.values()) == pytest.approx(total, rel=0.02), (spans, total)
+    assert spans["validation"] > 0  # a validation set was given: its passes were counted
+
 
 def test_evaluate_metrics_equal_numpy_on_the_same_predictions(spark):
     train_df, test_df = digits_frames(spark)

@@ -30,6 +30,7 @@ from deepspark.training.driver.checks import (
 )
 from deepspark.training.driver.jobs import JobResult, TrainingError, job_input, run_job
 from deepspark.training.driver.options import ColumnOptions, RecoveryOptions
+from deepspark.training.driver.timeline import fit_timeline
 from deepspark.training.job_spec import (
     TRAIN_SPLIT,
     VALIDATION_SPLIT,
@@ -63,6 +64,13 @@ class Estimator:
         restored from a checkpoint keep the attempt that trained them.
     first_step_s_ : float
         Seconds from the `fit` call to the first training step of its successful attempt.
+    timings_ : dict of str to float
+        Where the last `fit`'s wall time went, in seconds, in order: ``driver_checks``,
+        ``job_submit``, ``worker_start`` (Spark schedules the tasks and starts their Python
+        workers), ``first_batch`` (the first Arrow batch reaches the task), ``spill``,
+        ``rendezvous``, ``first_step``, ``epochs``, ``validation``, ``weights_return``,
+        ``load_weights``, and ``total``. The ranks' moments come from rank 0's clock: on a
+        cluster, clock skew between machines shifts the spans around ``worker_start``.
     job_ports_ : list of int
         The ports the last job listened on (progress channel, rendezvous), for diagnostics.
     """
@@ -222,6 +230,7 @@ class Estimator:
             metrics, samples/s, seconds); also kept as `history`.
         """
         started = time.perf_counter()
+        started_wall = time.time()
         spark = df.sparkSession
         check_positive("epochs", epochs)
         check_positive("batch_size", batch_size)
@@ -277,6 +286,7 @@ class Estimator:
             "seed": seed,
             "checkpoint_dir": recovery.checkpoint_dir,
         }
+        checks_done = time.time()
         try:
             result = self._run_fit(
                 spark, data, spec, recovery, callbacks, fit_params, started, progress
@@ -284,7 +294,10 @@ class Estimator:
         finally:
             recovery.release()
         self._feature_cols = feature_cols
-        return self._take_fit_result(result, num_workers, callbacks)
+        history = self._take_fit_result(result, num_workers, callbacks)
+        self.timings_ = fit_timeline(result.marks, started_wall, checks_done, time.time())
+        _log.debug("fit timeline: %s", ", ".join(f"{k}={v:.3f}s" for k, v in self.timings_.items()))
+        return history
 
     def _run_fit(self, spark, data, spec, recovery, callbacks, fit_params, started, progress):
         """The fit job with the callbacks' driver hooks around it."""

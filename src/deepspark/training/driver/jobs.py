@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from deepspark.training.job_spec import SPLIT_COLUMN, ResultKind, TrainSpec
+from deepspark.training.job_spec import SPLIT_COLUMN, JobKind, ResultKind, TrainSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -61,6 +61,9 @@ class JobResult:
     first_step_s: float
     ports: list[int] = field(default_factory=list)
     epoch_attempts: dict[int, int] = field(default_factory=dict)  # epoch -> attempt (1-based)
+    # wall-clock moments of the successful attempt: the driver's submit and finish, and rank
+    # 0's task start, first batch, spill, rendezvous, first step and end of training
+    marks: dict[str, float] = field(default_factory=dict)
 
     def payload(self, kind: ResultKind) -> bytes:
         """The bytes rank 0 sent under `kind`, its chunks joined in order."""
@@ -163,6 +166,7 @@ def run_job(
                 attempt_number[0] = attempt + 1
                 errors_before = len(server.events("error"))
                 try:
+                    submitted = time.time()
                     table = run_barrier_stage(data, spec)
                 except Exception as error:
                     # a failed rank's report can trail Spark's verdict by a moment
@@ -195,12 +199,24 @@ def run_job(
                     for event in server.events("log")
                     if "rendezvous_port" in event
                 ]
+                if spec.kind is JobKind.FIT:
+                    # rank 0 reports its timeline before its results; the server may lag
+                    server.wait_for(
+                        lambda events: any("timeline" in event for event in events),
+                        timeout_s=2.0,
+                    )
+                marks = [event["timeline"] for event in server.events("log") if "timeline" in event]
                 return JobResult(
                     table=table,
                     attempts=attempt + 1,
                     first_step_s=first_step[0] if first_step else float("nan"),
                     ports=ports,
                     epoch_attempts=dict(epoch_attempts),
+                    marks={
+                        **(marks[-1] if marks else {}),
+                        "submitted": submitted,
+                        "job_done": time.time(),
+                    },
                 )
     finally:
         # after the server stopped: its thread no longer calls the sink

@@ -87,6 +87,9 @@ class EpochRunner:
         self.train_metrics = [get_metric(copy.deepcopy(m)).to(device) for m in metric_defs]
         self.callbacks = cloudpickle.loads(spec.callbacks_blob) if spec.callbacks_blob else []
         self.ddp: nn.Module | None = None
+        # wall-clock moments for the fit's timeline: first step done, training done, and the
+        # seconds spent in validation
+        self.marks: dict[str, float] = {"validation_s": 0.0}
 
     # --- training ---------------------------------------------------------------------------
 
@@ -121,8 +124,10 @@ class EpochRunner:
             if scheduler is not None:
                 scheduler.step()
             if val_rows_per_rank is not None:
+                validation_started = time.perf_counter()
                 scores = self.evaluate(spill, VALIDATION_SPLIT, val_rows_per_rank)
                 record.update({f"val_{name}": value for name, value in scores.items()})
+                self.marks["validation_s"] += time.perf_counter() - validation_started
             history.append(record)
             if self.rank == 0 and self.progress is not None:
                 self.progress.send({"kind": "epoch", "epoch": epoch, "metrics": record})
@@ -140,6 +145,7 @@ class EpochRunner:
                     extra={"history": history},
                 )
             self._callbacks("on_epoch_end", epoch=epoch, step=plan.steps_per_epoch, logs=record)
+        self.marks["train_done"] = time.time()
         self._callbacks(
             "on_train_end", epoch=spec.epochs, step=0, logs=history[-1] if history else {}
         )
@@ -188,6 +194,8 @@ class EpochRunner:
                 scaled = outputs.sum() * 0.0
             scaled.backward()
             optimizer.step()
+            if "first_step" not in self.marks:
+                self.marks["first_step"] = time.time()
             self._callbacks(
                 "on_batch_end", epoch=epoch, step=step, logs={"loss": float(scaled.detach())}
             )

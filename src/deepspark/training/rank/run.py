@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class RankContext:
     task_cpus: int = 1
     gpu_ids: tuple[str, ...] = ()
     cleanup: list[str] = field(default_factory=list)  # files removed when the rank ends
+    # wall-clock moments of this rank's task (time.time()), reported by rank 0 for the
+    # driver's timeline of the fit; "task_start" is when the task function began
+    marks: dict[str, float] = field(default_factory=lambda: {"task_start": time.time()})
 
 
 def run_rank(
@@ -63,8 +67,10 @@ def run_rank(
     if spec.progress_address is not None:
         progress = ProgressClient(spec.progress_address, spec.progress_token, rank, timeout_s=10)
     torch.set_num_threads(max(1, context.task_cpus))
+    arriving = _marking_first(batches, context.marks)
     try:
-        with PartitionSpill.write(batches, context.spill_dir, split_column=SPLIT_COLUMN) as spill:
+        with PartitionSpill.write(arriving, context.spill_dir, split_column=SPLIT_COLUMN) as spill:
+            context.marks["spill_done"] = time.time()
             yield from _run_with_spill(spec, spill, context, progress)
     except BaseException as error:
         if progress is not None and not isinstance(error, GeneratorExit):
@@ -147,6 +153,7 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
         ),
         rank,
     )
+    context.marks["rendezvous_done"] = time.time()
 
     if rank == 0 and progress is not None and store_path is None:
         progress.send({"kind": "log", "text": "process group ready", "rendezvous_port": port})
@@ -162,8 +169,21 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
     plan = plan_steps(rows_per_rank, spec.batch_size, spec.step_policy)
     history = runner.fit(spill, plan, val_rows_per_rank if spec.has_validation else None)
     if rank == 0:
+        if progress is not None:
+            timeline = {**context.marks, **runner.marks}
+            progress.send({"kind": "log", "text": "timeline", "timeline": timeline})
         yield _result_batch(ResultKind.HISTORY, json.dumps(history).encode())
         yield from _weights_batches(runner.model)
+
+
+def _marking_first(
+    batches: Iterable[pa.RecordBatch], marks: dict[str, float]
+) -> Iterator[pa.RecordBatch]:
+    """The task's batches, noting when the first one arrived (or the input ended empty)."""
+    for batch in batches:
+        marks.setdefault("first_batch", time.time())
+        yield batch
+    marks.setdefault("first_batch", time.time())
 
 
 def _rank_of(peer: dict[str, Any]) -> int:
