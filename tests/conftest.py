@@ -342,21 +342,20 @@ def start_standalone_cluster(workers: int = 2, startup_timeout_s: float = 90.0):
                     env,
                 )
             )
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
+
+        def registered() -> bool:
             try:
-                if cluster.alive_workers() >= workers:
-                    break
+                return cluster.alive_workers() >= workers
             except (OSError, ValueError):  # not listening yet, or an empty page while starting
-                pass
-            if any(process.poll() is not None for process in cluster.processes):
-                raise RuntimeError("a standalone cluster process exited:\n" + cluster.logs())
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the standalone cluster did not register {workers} workers within "
-                    f"{startup_timeout_s:g} s:\n" + cluster.logs()
-                )
-            time.sleep(0.5)
+                return False
+
+        _wait_until(
+            registered,
+            exited=lambda: any(process.poll() is not None for process in cluster.processes),
+            what=f"the standalone cluster registering {workers} workers",
+            timeout_s=startup_timeout_s,
+            logs=cluster.logs,
+        )
     except BaseException:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -437,6 +436,17 @@ def _pyspark_home() -> Path:
     return Path(pyspark.__file__).parent
 
 
+def _wait_until(ready, *, exited, what: str, timeout_s: float, logs) -> None:
+    """Poll `ready` until it holds; fail with the logs when a process exited or time ran out."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if exited():
+            raise RuntimeError(f"a process exited before {what}:\n" + logs())
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} within {timeout_s:g} s:\n" + logs())
+        time.sleep(0.5)
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -478,19 +488,23 @@ def start_connect_server(master: str = "local-cluster[2,1,1024]", startup_timeou
         args += ["--conf", f"{key}={value}"]
     try:
         subprocess.run(args, env=env, capture_output=True, timeout=120, check=True)
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
+
+        def listening() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
+                return True
+            return False
+
+        def exited() -> bool:
             pid = server.pid()
-            if pid is not None and not _process_alive(pid):
-                raise RuntimeError("the Spark Connect server exited:\n" + server.logs())
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the Spark Connect server did not listen on port {port} within "
-                    f"{startup_timeout_s:g} s:\n" + server.logs()
-                )
-            time.sleep(0.5)
+            return pid is not None and not _process_alive(pid)
+
+        _wait_until(
+            listening,
+            exited=exited,
+            what=f"the Spark Connect server listening on port {port}",
+            timeout_s=startup_timeout_s,
+            logs=server.logs,
+        )
     except BaseException:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)

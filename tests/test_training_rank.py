@@ -21,9 +21,8 @@ from deepspark.training.rank.run import cuda_device_index
 
 DEVICE = os.environ.get("DEEPSPARK_TEST_DEVICE", "cpu")
 if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytest.skip(
-        "DEEPSPARK_TEST_DEVICE=cuda, but torch sees no CUDA device", allow_module_level=True
-    )
+    # asked for explicitly: a missing device is an error, not a reason to pass quietly
+    raise RuntimeError("DEEPSPARK_TEST_DEVICE=cuda, but torch sees no CUDA device")
 RANKS = [1, 2] if DEVICE == "cpu" else [n for n in (1, 2) if n <= torch.cuda.device_count()]
 
 
