@@ -138,15 +138,9 @@ def _to_optimizer(value: Any) -> Any:
 
 
 def _to_loss(value: Any) -> Any:
-    if not callable(value):
-        raise TypeError(
-            f"loss must be callable as loss(outputs, labels), e.g. torch.nn.CrossEntropyLoss(); "
-            f"got {type(value).__name__}"
-        )
-    if isinstance(value, type):
-        raise TypeError(
-            f"loss is the class {value.__name__}; pass an instance, e.g. {value.__name__}()"
-        )
+    from deepspark.training.driver.checks import check_loss
+
+    check_loss(value)
     return value
 
 

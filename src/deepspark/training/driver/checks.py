@@ -142,10 +142,15 @@ def check_model(model: Any, config: dict[str, Any]) -> nn.Module:
 
 
 def check_loss(loss: Any) -> None:
+    """`loss` is callable as ``loss(outputs, labels)``: a function or a loss instance."""
     if not callable(loss):
         raise TypeError(
             f"loss must be callable as loss(outputs, labels), e.g. torch.nn.CrossEntropyLoss(); "
             f"got {type(loss).__name__} ({loss!r:.60})"
+        )
+    if isinstance(loss, type):
+        raise TypeError(
+            f"loss is the class {loss.__name__}; pass an instance, e.g. {loss.__name__}()"
         )
 
 
