@@ -64,3 +64,5 @@ class TrainSpec:
     collective_timeout_s: float = 600.0
     use_gpu: bool = False
     job_id: str = ""
+    attempt: int = 0  # the driver's attempt number: a rendezvous belongs to one attempt
+    stream_first_epoch: bool = True  # train epoch 0 while the partition arrives

@@ -25,7 +25,17 @@ driver understands:
 ``epoch``  ``epoch``, ``metrics`` (dict of the epoch's reduced values)
 ``log``    ``text``
 ``error``  ``error`` (one line), ``traceback`` (its tail)
+``hello``  ``attempt``, ``world_size``, ``payload``: the rank's part of the rendezvous
 =========  ================================================================================
+
+The rendezvous is the one exchange that goes both ways. Each rank sends a ``hello`` and waits;
+once the server holds ``world_size`` hellos of the same ``attempt``, it answers each of those
+connections with one frame ``{"attempt": ..., "peers": [payload of rank 0, rank 1, ...]}``,
+framed as above but with a MAC over the nonce, :data:`REPLY_TAG` and the JSON (so a client's
+own frame sent back to it is no reply). Hellos are not kept in the history. Spark's own
+``BarrierTaskContext.allGather`` would do the same job, but each call costs about one second
+(``benchmarks/barrier.py``): the driver's channel, which every rank dials anyway, answers in
+milliseconds.
 
 Neither side imports pyspark or torch. This module holds what both sides share: the event
 kinds, the framing and the MAC.
@@ -44,17 +54,19 @@ __all__ = [
     "MAC_BYTES",
     "MAX_MESSAGE_BYTES",
     "NONCE_BYTES",
+    "REPLY_TAG",
     "frame",
     "jsonable",
     "message_mac",
 ]
 
-EVENT_KINDS = ("step", "epoch", "log", "error")
+EVENT_KINDS = ("step", "epoch", "log", "error", "hello")
 MAX_MESSAGE_BYTES = 1 << 20
 NONCE_BYTES = 16
 DEFAULT_MAX_CONNECTIONS = 1024
 LENGTH_BYTES = 4
 MAC_BYTES = hashlib.sha256().digest_size
+REPLY_TAG = b"deepspark-reply"
 
 
 def message_mac(key: bytes, nonce: bytes, body: bytes) -> bytes:

@@ -67,10 +67,14 @@ class Estimator:
     timings_ : dict of str to float
         Where the last `fit`'s wall time went, in seconds, in order: ``driver_checks``,
         ``job_submit``, ``worker_start`` (Spark schedules the tasks and starts their Python
-        workers), ``first_batch`` (the first Arrow batch reaches the task), ``spill``,
-        ``rendezvous``, ``first_step``, ``epochs``, ``validation``, ``weights_return``,
-        ``load_weights``, and ``total``. The ranks' moments come from rank 0's clock: on a
-        cluster, clock skew between machines shifts the spans around ``worker_start``.
+        workers), ``rendezvous`` (until every rank has met the others and the process group
+        exists), ``model_setup`` (model, DDP, optimizer), ``first_step`` (the first window of
+        rows and the first step), ``epochs``, ``validation``, ``weights_return``,
+        ``load_weights``, and ``total``, their sum. Two more spans run alongside those, on the
+        rank's input thread: ``first_batch`` (from the task's start until the first Arrow batch
+        arrived) and ``input_read`` (until the whole partition had arrived and was spilled).
+        The ranks' moments come from rank 0's clock: on a cluster, clock skew between machines
+        shifts the spans around ``worker_start``.
     job_ports_ : list of int
         The ports the last job listened on (progress channel, rendezvous), for diagnostics.
     """
@@ -185,6 +189,7 @@ class Estimator:
         step_policy: str = "pad",
         collective_timeout_s: float = 600.0,
         progress: bool = True,
+        stream_first_epoch: bool = True,
     ) -> pd.DataFrame:
         """Train data-parallel on `df` inside one Spark barrier stage.
 
@@ -222,6 +227,13 @@ class Estimator:
             Longest wait of any rank on the others before the job fails.
         progress : bool
             Show a live progress bar on the driver.
+        stream_first_epoch : bool
+            Train the first epoch while the partitions arrive (the default): the first step
+            waits for one batch of rows, not the whole partition. Its rows are shuffled within
+            each window of arrived rows; every later epoch shuffles the whole spilled
+            partition. ``False`` spills the partition before the first step, so the first
+            epoch is shuffled like the others (for data sorted by label, say).
+            ``step_policy="wrap"`` always spills first.
 
         Returns
         -------
@@ -277,6 +289,7 @@ class Estimator:
             checkpoint_every=recovery.checkpoint_every,
             resume=recovery.resume,
             collective_timeout_s=collective_timeout_s,
+            stream_first_epoch=bool(stream_first_epoch),
         )
         fit_params = {
             "epochs": epochs,

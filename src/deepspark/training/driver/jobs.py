@@ -164,6 +164,7 @@ def run_job(
             spec.progress_token = server.token
             for attempt in range(max_failures + 1):
                 attempt_number[0] = attempt + 1
+                spec.attempt = attempt + 1
                 errors_before = len(server.events("error"))
                 try:
                     submitted = time.time()

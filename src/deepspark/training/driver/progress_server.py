@@ -25,6 +25,8 @@ from deepspark.training.progress import (
     MAC_BYTES,
     MAX_MESSAGE_BYTES,
     NONCE_BYTES,
+    REPLY_TAG,
+    frame,
     message_mac,
 )
 
@@ -112,6 +114,10 @@ class ProgressServer:
         self._bound_port: int | None = None
         self._wake_send: socket.socket | None = None
         self._sink_failed = False
+        # the rendezvous of the newest attempt: rank -> (its connection, its payload)
+        self._hello_attempt = -1
+        self._hellos: dict[int, tuple[_Connection, Any]] = {}
+        self.rendezvous_done = 0  # rendezvous answered, for tests and logs
 
     @property
     def address(self) -> tuple[str, int]:
@@ -259,6 +265,9 @@ class ProgressServer:
 
     def _close(self, connection: _Connection, selector: selectors.BaseSelector) -> None:
         self._connections.discard(connection)
+        for rank, (waiting, _) in list(self._hellos.items()):
+            if waiting is connection:  # a rank that left no longer waits for the others
+                del self._hellos[rank]
         with contextlib.suppress(KeyError, ValueError):
             selector.unregister(connection.sock)
         with contextlib.suppress(OSError):
@@ -308,7 +317,54 @@ class ProgressServer:
                 self._reject(connection, selector, "malformed or replayed message")
                 return
             connection.last_seq = seq
-            self._record(event)
+            if event["kind"] == "hello":
+                self._hello(connection, event, selector)
+                if connection not in self._connections:
+                    return
+            else:
+                self._record(event)
+
+    def _hello(self, connection: _Connection, event: dict[str, Any], selector) -> None:
+        """One rank's part of the rendezvous; the last of an attempt's ranks gets all answered."""
+        try:
+            attempt = int(event["attempt"])
+            world_size = int(event["world_size"])
+            rank = int(event["rank"])
+            payload = event["payload"]
+        except (KeyError, TypeError, ValueError):
+            self._reject(connection, selector, "malformed rendezvous hello")
+            return
+        if not 0 <= rank < world_size or attempt < self._hello_attempt:
+            _log.warning(
+                "progress server: ignored a hello of rank %d, attempt %d (now attempt %d)",
+                rank,
+                attempt,
+                self._hello_attempt,
+            )
+            return
+        if attempt > self._hello_attempt:  # an older attempt's stragglers wait no more
+            self._hello_attempt = attempt
+            self._hellos = {}
+        self._hellos[rank] = (connection, payload)
+        if len(self._hellos) < world_size:
+            return
+        peers = [self._hellos[number][1] for number in range(world_size)]
+        body = json.dumps({"attempt": attempt, "peers": peers}).encode()
+        waiting = [waiter for waiter, _ in self._hellos.values()]
+        self._hellos = {}
+        self.rendezvous_done += 1
+        for waiter in waiting:
+            self._reply(waiter, body, selector)
+
+    def _reply(self, connection: _Connection, body: bytes, selector) -> None:
+        data = frame(self._key, connection.nonce + REPLY_TAG, body)
+        try:
+            connection.sock.settimeout(10.0)  # a few kB; a peer that takes no data is dropped
+            connection.sock.sendall(data)
+            connection.sock.setblocking(False)
+        except OSError as error:
+            _log.warning("progress server: no rendezvous answer to %s (%s)", connection.peer, error)
+            self._close(connection, selector)
 
     def _record(self, event: dict[str, Any]) -> None:
         event["received"] = time.time()

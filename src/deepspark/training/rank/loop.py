@@ -93,7 +93,8 @@ class EpochRunner:
 
     # --- training ---------------------------------------------------------------------------
 
-    def fit(self, spill, plan, val_rows_per_rank) -> list[dict[str, Any]]:
+    def fit(self, source) -> list[dict[str, Any]]:
+        """Train every epoch; ``source`` is the rank's input (see `rank.run.RankInput`)."""
         from torch.nn.parallel import DistributedDataParallel
 
         from deepspark.training.rank.checkpoint import (
@@ -117,15 +118,34 @@ class EpochRunner:
                     _log.info("resuming from %s at epoch %d", info, start_epoch)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.marks["model_ready"] = time.time()
         self._callbacks("on_train_begin", epoch=start_epoch, step=0, logs={})
         for epoch in range(start_epoch, spec.epochs):
             self._callbacks("on_epoch_begin", epoch=epoch, step=0, logs={})
-            record = self._train_epoch(spill, plan, epoch, optimizer)
+            if epoch == 0 and source.can_stream():
+                batches, steps = source.streamed_epoch(self.device), None
+            else:
+                spill, plan = source.spill(), source.plan(self.device)
+                steps = plan.steps_per_epoch
+                batches = _with_divisors(
+                    spill.epoch(
+                        spec.features,
+                        spec.labels,
+                        plan=plan,
+                        rank=self.rank,
+                        epoch=epoch,
+                        seed=spec.seed,
+                        shuffle=True,
+                        split=TRAIN_SPLIT,
+                    ),
+                    plan,
+                )
+            record = self._train_epoch(batches, steps, epoch, optimizer)
             if scheduler is not None:
                 scheduler.step()
-            if val_rows_per_rank is not None:
+            if spec.has_validation:
                 validation_started = time.perf_counter()
-                scores = self.evaluate(spill, VALIDATION_SPLIT, val_rows_per_rank)
+                scores = self.evaluate(source.spill(), VALIDATION_SPLIT)
                 record.update({f"val_{name}": value for name, value in scores.items()})
                 self.marks["validation_s"] += time.perf_counter() - validation_started
             history.append(record)
@@ -144,14 +164,18 @@ class EpochRunner:
                     scheduler,
                     extra={"history": history},
                 )
-            self._callbacks("on_epoch_end", epoch=epoch, step=plan.steps_per_epoch, logs=record)
+            self._callbacks("on_epoch_end", epoch=epoch, step=record["steps"], logs=record)
         self.marks["train_done"] = time.time()
         self._callbacks(
             "on_train_end", epoch=spec.epochs, step=0, logs=history[-1] if history else {}
         )
         return history
 
-    def _train_epoch(self, spill, plan, epoch: int, optimizer) -> dict[str, Any]:
+    def _train_epoch(self, batches, steps: int | None, epoch: int, optimizer) -> dict[str, Any]:
+        """One epoch over ``batches``: pairs of a batch and its step's global real-row count.
+
+        ``steps`` is the epoch's step count when known in advance (``None`` while streaming).
+        """
         assert self.ddp is not None
         spec, rank = self.spec, self.rank
         self.ddp.train()
@@ -161,22 +185,13 @@ class EpochRunner:
         started = time.perf_counter()
         last_report = -math.inf  # report the first step at once: it marks time-to-first-step
         world = spec.world_size
-        steps = plan.steps_per_epoch
-        batches = spill.epoch(
-            spec.features,
-            spec.labels,
-            plan=plan,
-            rank=rank,
-            epoch=epoch,
-            seed=spec.seed,
-            shuffle=True,
-            split=TRAIN_SPLIT,
-        )
-        for step, batch in enumerate(batches):
+        rows_done = 0  # global real rows so far, for the progress rate
+        step = -1
+        for step, (batch, global_real) in enumerate(batches):
             features = _to_device(batch.features, self.device)
             labels = _to_device(batch.labels, self.device)
             real = batch.num_real
-            global_real = plan.global_real_rows(step)
+            rows_done += global_real
             optimizer.zero_grad(set_to_none=True)
             outputs = self.ddp(*features)
             if real > 0:
@@ -202,7 +217,6 @@ class EpochRunner:
             now = time.perf_counter()
             if rank == 0 and self.progress is not None and now - last_report >= PROGRESS_INTERVAL_S:
                 last_report = now
-                rows_done = sum(plan.global_real_rows(s) for s in range(step + 1))
                 self.progress.send(
                     {
                         "kind": "step",
@@ -223,6 +237,7 @@ class EpochRunner:
             "epoch": epoch,
             "train_loss": loss_total / max(total_rows, 1.0),
             "train_rows": int(total_rows),
+            "steps": step + 1,
             "seconds": elapsed,
             "samples_per_s": total_rows / max(elapsed, 1e-9),
         }
@@ -233,7 +248,7 @@ class EpochRunner:
     # --- evaluation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, spill, split: int, rows_per_rank) -> dict[str, float]:
+    def evaluate(self, spill, split: int) -> dict[str, float]:
         from deepspark.training.rank.metrics import reduce_metrics
 
         spec = self.spec
@@ -282,6 +297,12 @@ class EpochRunner:
             },
         )
         call_worker_hook(self.callbacks, hook, state)
+
+
+def _with_divisors(batches, plan):
+    """Each batch of a planned epoch with its step's global real-row count."""
+    for step, batch in enumerate(batches):
+        yield batch, plan.global_real_rows(step)
 
 
 def _sum_over_ranks(values: tuple[float, ...], device: torch.device) -> list[float]:

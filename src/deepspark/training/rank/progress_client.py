@@ -6,20 +6,25 @@ See :mod:`deepspark.training.progress` for the wire format. No pyspark here.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import queue
+import select
 import socket
 import threading
 import time
 from typing import Any
 
 from deepspark.training.progress import (
+    LENGTH_BYTES,
     MAC_BYTES,
     MAX_MESSAGE_BYTES,
     NONCE_BYTES,
+    REPLY_TAG,
     frame,
     jsonable,
+    message_mac,
 )
 
 __all__ = ["ProgressClient"]
@@ -73,9 +78,13 @@ class ProgressClient:
         self._key = token.encode()
         self._seq = 0
         self._nonce = b""
-        self._pending: queue.Queue[bytes | None] = queue.Queue(maxsize=max_pending)
+        # framed bodies, each with the event its sending sets (a rendezvous hello waits on it)
+        self._pending: queue.Queue[tuple[bytes, threading.Event | None] | None] = queue.Queue(
+            maxsize=max_pending
+        )
         self._sock: socket.socket | None = None
         self._broken = False
+        self._failure = ""
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(
@@ -102,19 +111,125 @@ class ProgressClient:
         if self._broken or self._closed:
             self.dropped += 1
             return
-        with self._lock:
-            message = {**event, "rank": event.get("rank", self.rank), "seq": self._seq}
-            self._seq += 1
+        message = {**event, "rank": event.get("rank", self.rank)}
         message.setdefault("time", time.time())
-        body = json.dumps(message, default=jsonable).encode()
-        if len(body) + MAC_BYTES > MAX_MESSAGE_BYTES:
-            self.dropped += 1
-            _log.warning("progress event of %d bytes dropped: over the limit", len(body))
-            return
-        try:
-            self._pending.put_nowait(body)  # framed once the connection's nonce is known
-        except queue.Full:
-            self.dropped += 1
+        with self._lock:  # sequence numbers reach the queue in order: the server checks them
+            message["seq"] = self._seq
+            body = json.dumps(message, default=jsonable).encode()
+            if len(body) + MAC_BYTES > MAX_MESSAGE_BYTES:
+                self.dropped += 1
+                _log.warning("progress event of %d bytes dropped: over the limit", len(body))
+                return
+            try:
+                self._pending.put_nowait((body, None))  # framed once the nonce is known
+            except queue.Full:
+                self.dropped += 1
+                return
+            self._seq += 1
+
+    def exchange(
+        self, payload: dict[str, Any], *, attempt: int, world_size: int, timeout_s: float
+    ) -> list[Any]:
+        """The rendezvous: send this rank's ``payload``, return every rank's, in rank order.
+
+        The driver answers once all ``world_size`` ranks of ``attempt`` have sent theirs.
+
+        Parameters
+        ----------
+        payload : dict
+            JSON-able; what the other ranks need to know of this one.
+        attempt : int
+            The job's attempt; a later attempt's rendezvous replaces an earlier one's.
+        world_size : int
+        timeout_s : float
+            Bound on the whole exchange.
+
+        Returns
+        -------
+        list
+            The payloads of ranks ``0 .. world_size - 1``.
+
+        Raises
+        ------
+        ConnectionError
+            The driver cannot be reached, or closed the channel.
+        TimeoutError
+            Not every rank arrived within ``timeout_s``.
+
+        Examples
+        --------
+        >>> from deepspark.training.driver.progress_server import ProgressServer
+        >>> with ProgressServer(host="127.0.0.1") as server:
+        ...     with ProgressClient(server.address, server.token, rank=0) as client:
+        ...         client.exchange({"port": 1}, attempt=1, world_size=1, timeout_s=10)
+        [{'port': 1}]
+        """
+        deadline = time.monotonic() + timeout_s
+        if self._broken or self._closed:
+            raise ConnectionError(
+                f"rank {self.rank}: the channel to the driver at {self.address[0]}:"
+                f"{self.address[1]} is not usable"
+            )
+        hello = {
+            "kind": "hello",
+            "rank": self.rank,
+            "attempt": int(attempt),
+            "world_size": int(world_size),
+            "payload": payload,
+        }
+        sent = threading.Event()
+        with self._lock:
+            hello["seq"] = self._seq
+            body = json.dumps(hello, default=jsonable).encode()
+            self._pending.put((body, sent), timeout=timeout_s)
+            self._seq += 1
+        if not sent.wait(max(0.0, deadline - time.monotonic())) or self._sock is None:
+            raise ConnectionError(
+                f"rank {self.rank}: could not send the rendezvous to the driver at "
+                f"{self.address[0]}:{self.address[1]} ({self._failure or 'timed out'})"
+            )
+        return self._read_reply(self._sock, int(attempt), deadline)
+
+    def _read_reply(self, sock: socket.socket, attempt: int, deadline: float) -> list[Any]:
+        buffer = b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"rank {self.rank}: not every rank reached the rendezvous at the driver "
+                    "in time (a rank failed to start, or the cluster has fewer free slots)"
+                )
+            readable, _, _ = select.select([sock], [], [], min(remaining, 1.0))
+            if not readable:
+                continue
+            try:
+                chunk = sock.recv(65536)
+            except OSError as error:
+                raise ConnectionError(
+                    f"rank {self.rank}: the driver's channel failed: {error}"
+                ) from error
+            if not chunk:
+                raise ConnectionError(
+                    f"rank {self.rank}: the driver closed the channel during the rendezvous"
+                )
+            buffer += chunk
+            if len(buffer) < LENGTH_BYTES:
+                continue
+            size = int.from_bytes(buffer[:LENGTH_BYTES], "big")
+            if not MAC_BYTES < size <= MAX_MESSAGE_BYTES * 64:
+                raise ConnectionError(f"rank {self.rank}: a bad rendezvous answer ({size} bytes)")
+            if len(buffer) < LENGTH_BYTES + size:
+                continue
+            mac = buffer[LENGTH_BYTES : LENGTH_BYTES + MAC_BYTES]
+            body = buffer[LENGTH_BYTES + MAC_BYTES : LENGTH_BYTES + size]
+            if not hmac.compare_digest(mac, message_mac(self._key, self._nonce + REPLY_TAG, body)):
+                raise ConnectionError(
+                    f"rank {self.rank}: the rendezvous answer did not come from this job's driver"
+                )
+            answer = json.loads(body)
+            if int(answer.get("attempt", -1)) != attempt:
+                raise ConnectionError(f"rank {self.rank}: a rendezvous answer for another attempt")
+            return list(answer["peers"])
 
     def close(self, timeout_s: float | None = None) -> None:
         """Send what is queued (bounded by ``timeout_s``, default the client's), then close."""
@@ -140,6 +255,7 @@ class ProgressClient:
     def _give_up(self, what: str, error: BaseException) -> None:
         if not self._broken:
             self._broken = True
+            self._failure = f"{what}: {error}"
             _log.warning(
                 "rank %d: progress channel to the driver at %s:%d %s (%s); training goes on "
                 "without live progress",
@@ -169,16 +285,21 @@ class ProgressClient:
 
     def _drain(self) -> None:
         while True:
-            body = self._pending.get()
-            if body is None:
+            item = self._pending.get()
+            if item is None:
                 break
+            body, sent = item
             if self._broken:
                 self.dropped += 1
+                if sent is not None:
+                    sent.set()  # the waiting rendezvous sees the failure at once
                 continue
             try:
                 if self._sock is None:
                     self._sock = self._connect()
                 self._sock.sendall(frame(self._key, self._nonce, body))
+                if sent is not None:
+                    sent.set()
             except OSError as error:
                 self.dropped += 1
                 self._give_up("could not be used" if self._sock else "could not connect", error)
@@ -186,6 +307,8 @@ class ProgressClient:
                     with contextlib.suppress(OSError):
                         self._sock.close()
                     self._sock = None
+                if sent is not None:
+                    sent.set()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()

@@ -265,8 +265,10 @@ def destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     if _store is not None:
+        listens = not isinstance(_store, dist.FileStore)
         _store = None
-        gc.collect()  # closes the TCP store's listening socket now
+        if listens:
+            gc.collect()  # closes the TCP store's listening socket now
 
 
 @contextlib.contextmanager

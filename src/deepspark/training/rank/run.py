@@ -1,8 +1,10 @@
 """What one training rank does inside its Spark task. No pyspark here (DESIGN decision 12).
 
-`run_rank` receives the task's Arrow batches and a function that all-gathers a string across
-the ranks (Spark's `BarrierTaskContext.allGather` in production, anything equivalent in tests),
-and yields the result rows rank 0 sends back to the driver.
+`run_rank` receives the task's Arrow batches and yields the result rows rank 0 sends back to
+the driver. The ranks meet through the driver's progress channel (or, in tests without a
+driver, a function that all-gathers a string across them); the input is read and spilled on a
+background thread from the task's start, and the first epoch trains from it as it arrives
+(`rank.first_epoch`).
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ class RankContext:
     """Where this rank runs: given by the Spark layer (or a test)."""
 
     rank: int
-    all_gather: AllGather
     spill_dir: str
+    # How the ranks meet: None (the Spark layer) goes through the driver's progress channel;
+    # tests without a driver pass a function that all-gathers a string across the ranks.
+    all_gather: AllGather | None = None
     task_cpus: int = 1
     gpu_ids: tuple[str, ...] = ()
     cleanup: list[str] = field(default_factory=list)  # files removed when the rank ends
@@ -55,11 +59,88 @@ class RankContext:
     marks: dict[str, float] = field(default_factory=lambda: {"task_start": time.time()})
 
 
+class RankInput:
+    """A rank's input: its first epoch streamed as it arrives, then its spill for the rest.
+
+    The input is read (and spilled) on a background thread from the task's start, while the
+    rank meets the others and builds its model.
+    """
+
+    def __init__(self, spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankContext):
+        from deepspark.data import StepPolicy
+        from deepspark.data.stream import StreamingSpill
+        from deepspark.training.rank.first_epoch import STREAMED_POLICIES
+
+        self.spec = spec
+        self.rank = context.rank
+        self._streams = (
+            spec.kind is JobKind.FIT
+            and spec.stream_first_epoch
+            and StepPolicy(spec.step_policy) in STREAMED_POLICIES
+        )
+        self.stream = StreamingSpill(
+            batches,
+            context.spill_dir,
+            split_column=SPLIT_COLUMN,
+            feed_split=TRAIN_SPLIT if self._streams else None,
+        )
+        self._spill = None
+        self._plan = None
+
+    def can_stream(self) -> bool:
+        """Whether the next epoch can train from the arriving rows (only the first can)."""
+        return self._streams and self._spill is None
+
+    def streamed_epoch(self, device: torch.device):
+        """The first epoch's (batch, global real rows) pairs, from rows as they arrive."""
+        from deepspark.data import plan_steps
+        from deepspark.data.stream import WindowFeed
+        from deepspark.training.rank.first_epoch import streamed_epoch
+
+        spec = self.spec
+        self._streams = False  # once
+        local_sizes = plan_steps([1] * spec.world_size, spec.batch_size).local_batch_sizes
+        feed = WindowFeed(spec.features, spec.labels, seed=spec.seed, epoch=0, rank=self.rank)
+        return streamed_epoch(
+            self.stream,
+            feed,
+            rank=self.rank,
+            local_sizes=local_sizes,
+            policy=spec.step_policy,
+            device=device,
+            timeout_s=spec.collective_timeout_s,
+        )
+
+    def spill(self):
+        """The whole partition's spill; waits for the input to end."""
+        if self._spill is None:
+            self._streams = False
+            self._spill = self.stream.finish(self.spec.collective_timeout_s)
+        return self._spill
+
+    def plan(self, device: torch.device):
+        """Every epoch's steps, from every rank's row count (one all-reduce, the first time)."""
+        if self._plan is None:
+            import torch.distributed as dist
+
+            from deepspark.data import plan_steps
+
+            counts = torch.zeros((self.spec.world_size,), dtype=torch.int64, device=device)
+            counts[self.rank] = self.spill().num_rows(TRAIN_SPLIT)
+            dist.all_reduce(counts)
+            self._plan = plan_steps(counts.tolist(), self.spec.batch_size, self.spec.step_policy)
+        return self._plan
+
+    def close(self) -> None:
+        self.stream.close()
+        if self._spill is not None:
+            self._spill.close()
+
+
 def run_rank(
     spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankContext
 ) -> Iterator[pa.RecordBatch]:
     """Train (or evaluate) as one rank of a data-parallel job; rank 0 yields the results."""
-    from deepspark.data import PartitionSpill
     from deepspark.training.rank.progress_client import ProgressClient
 
     rank = context.rank
@@ -67,11 +148,11 @@ def run_rank(
     if spec.progress_address is not None:
         progress = ProgressClient(spec.progress_address, spec.progress_token, rank, timeout_s=10)
     torch.set_num_threads(max(1, context.task_cpus))
-    arriving = _marking_first(batches, context.marks)
+    source = None
+    failed = False
     try:
-        with PartitionSpill.write(arriving, context.spill_dir, split_column=SPLIT_COLUMN) as spill:
-            context.marks["spill_done"] = time.time()
-            yield from _run_with_spill(spec, spill, context, progress)
+        source = RankInput(spec, batches, context)
+        yield from _run(spec, source, context, progress)
     except BaseException as error:
         if progress is not None and not isinstance(error, GeneratorExit):
             progress.send(
@@ -86,12 +167,16 @@ def run_rank(
         # rank 0's rendezvous store: clear them so the store's port closes now, not whenever
         # this (reused) Python worker happens to collect garbage.
         traceback.clear_frames(error.__traceback__)
+        failed = True
         raise
     finally:
         from deepspark.training.rank.rendezvous import destroy_process_group
 
+        if source is not None:
+            source.close()
         destroy_process_group()
-        gc.collect()
+        if failed:  # what the cleared frames held goes now (a full collection: ~0.2 s)
+            gc.collect()
         for path in context.cleanup:
             with contextlib.suppress(OSError):
                 os.remove(path)
@@ -99,18 +184,11 @@ def run_rank(
             progress.close()
 
 
-def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.RecordBatch]:
-    from deepspark.data import plan_steps
-    from deepspark.training.rank.rendezvous import (
-        RendezvousSpec,
-        free_port,
-        init_process_group,
-        local_ip,
-    )
+def _meet(spec: TrainSpec, context: RankContext, progress) -> list[dict[str, Any]]:
+    """Every rank's address, port and store, in rank order: the rendezvous before torch's."""
+    from deepspark.training.rank.rendezvous import RendezvousError, free_port, local_ip
 
     rank = context.rank
-    train_rows = spill.num_rows(TRAIN_SPLIT)
-    val_rows = spill.num_rows(VALIDATION_SPLIT)
     host = spec.rendezvous_host or local_ip()
     port = free_port(host) if rank == 0 else 0
     # On one machine (local modes) the ranks meet in a file: no port is opened at all.
@@ -118,29 +196,45 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
     if rank == 0 and host.startswith("127."):
         store_path = os.path.join(context.spill_dir, f"deepspark-{spec.job_id}-{port}.store")
         context.cleanup.append(store_path)  # removed when the rank ends, however it ends
-    hello = json.dumps(
-        {
-            "rank": rank,
-            "host": host,
-            "port": port,
-            "store": store_path,
-            "train": train_rows,
-            "val": val_rows,
-        }
-    )
-    peers = sorted((json.loads(message) for message in context.all_gather(hello)), key=_rank_of)
+    hello = {"rank": rank, "host": host, "port": port, "store": store_path}
+    if context.all_gather is not None:
+        gathered = (json.loads(message) for message in context.all_gather(json.dumps(hello)))
+        peers = sorted(gathered, key=_rank_of)
+    elif progress is not None:
+        try:
+            peers = progress.exchange(
+                hello,
+                attempt=spec.attempt,
+                world_size=spec.world_size,
+                timeout_s=spec.collective_timeout_s,
+            )
+        except (ConnectionError, TimeoutError) as error:
+            address = "{}:{}".format(*progress.address)
+            raise RendezvousError(
+                f"rank {rank} of {spec.world_size} could not meet the other ranks through the "
+                f"driver at {address}: {error}. Check that executors can reach the driver "
+                "(spark.driver.host) and that the cluster has a free slot for every worker."
+            ) from error
+    else:
+        raise RuntimeError("a rank needs the driver's progress channel or an all_gather to meet")
     if len(peers) != spec.world_size:
         raise RuntimeError(
             f"rank {rank}: expected {spec.world_size} ranks in the barrier stage, "
             f"found {len(peers)}"
         )
-    master = peers[0]
-    rows_per_rank = [peer["train"] for peer in peers]
-    val_rows_per_rank = [peer["val"] for peer in peers]
+    return peers
 
+
+def _run(spec: TrainSpec, source: RankInput, context: RankContext, progress):
+    from deepspark.training.rank.rendezvous import RendezvousSpec, init_process_group
+
+    rank = context.rank
+    peers = _meet(spec, context, progress)
+    context.marks["ranks_met"] = time.time()
+    master = peers[0]
     device = _device(spec, context)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if host.startswith("127.") and backend == "gloo":
+    if str(master["host"]).startswith("127.") and backend == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     init_process_group(
         RendezvousSpec(
@@ -155,35 +249,25 @@ def _run_with_spill(spec, spill, context: RankContext, progress) -> Iterator[pa.
     )
     context.marks["rendezvous_done"] = time.time()
 
-    if rank == 0 and progress is not None and store_path is None:
+    if rank == 0 and progress is not None and master.get("store") is None:
+        port = int(master["port"])
         progress.send({"kind": "log", "text": "process group ready", "rendezvous_port": port})
     model = build_model(spec)
     model.to(device)
     runner = EpochRunner(spec, model, device, rank, progress)
     if spec.kind is JobKind.EVALUATE:
-        metrics = runner.evaluate(spill, VALIDATION_SPLIT, val_rows_per_rank)
+        metrics = runner.evaluate(source.spill(), VALIDATION_SPLIT)
         if rank == 0:
             yield _result_batch(ResultKind.METRICS, json.dumps(metrics).encode())
         return
 
-    plan = plan_steps(rows_per_rank, spec.batch_size, spec.step_policy)
-    history = runner.fit(spill, plan, val_rows_per_rank if spec.has_validation else None)
+    history = runner.fit(source)
     if rank == 0:
         if progress is not None:
-            timeline = {**context.marks, **runner.marks}
+            timeline = {**context.marks, **source.stream.marks, **runner.marks}
             progress.send({"kind": "log", "text": "timeline", "timeline": timeline})
         yield _result_batch(ResultKind.HISTORY, json.dumps(history).encode())
         yield from _weights_batches(runner.model)
-
-
-def _marking_first(
-    batches: Iterable[pa.RecordBatch], marks: dict[str, float]
-) -> Iterator[pa.RecordBatch]:
-    """The task's batches, noting when the first one arrived (or the input ended empty)."""
-    for batch in batches:
-        marks.setdefault("first_batch", time.time())
-        yield batch
-    marks.setdefault("first_batch", time.time())
 
 
 def _rank_of(peer: dict[str, Any]) -> int:
