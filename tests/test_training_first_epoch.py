@@ -300,3 +300,25 @@ def test_the_first_step_comes_before_the_partition_is_read(spark, tmp_path):
 # through the cloudpickle the estimator uses and the copy inside pyspark (mapInArrow's).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pyspark_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_fit_meets_through_the_driver_not_spark_barrier_calls(spark, monkeypatch):
+    hellos = []
+    original = ProgressServer._hello
+
+    def counting(self, connection, event, selector):
+        hellos.append((event["rank"], event["attempt"]))
+        original(self, connection, event, selector)
+
+    monkeypatch.setattr(ProgressServer, "_hello", counting)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 4)).astype(np.float32)
+    frame = pd.DataFrame({"features": list(x), "label": (x[:, 0] > 0).astype(np.int64)})
+    df = spark.createDataFrame(frame, "features array<float>, label long")
+    est = ds.Estimator.from_torch(
+        model=torch.nn.Linear(4, 2),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        loss=torch.nn.CrossEntropyLoss(),
+    )
+    est.fit(df, "features", "label", epochs=1, batch_size=32, num_workers=2, progress=False)
+    assert sorted(hellos) == [(0, 1), (1, 1)]

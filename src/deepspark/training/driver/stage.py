@@ -132,7 +132,6 @@ def run_barrier_stage(df: DataFrame, spec: TrainSpec) -> pa.Table:
         spill_dir = local_dirs.split(",")[0] if local_dirs else tempfile.gettempdir()
         context = RankContext(
             rank=task.partitionId(),
-            all_gather=lambda message: list(task.allGather(message)),
             spill_dir=spill_dir,
             task_cpus=int(task.cpus()),
             gpu_ids=gpus,
