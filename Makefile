@@ -33,6 +33,8 @@ bench: install
 	$(PY) benchmarks/train.py --quick
 	$(PY) benchmarks/predict.py --quick
 	$(PY) benchmarks/barrier.py --quick
+	$(PY) benchmarks/fixed_cost.py --quick
+	$(PY) benchmarks/epoch.py --quick
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -181,7 +181,8 @@ class EpochRunner:
         self.ddp.train()
         for metric in self.train_metrics:
             metric.reset()
-        loss_total, loss_rows = 0.0, 0  # sum of per-row losses, and rows, on this rank
+        loss_sum: Any = 0.0  # sum of per-row losses on this rank (a tensor after a step)
+        loss_rows = 0
         started = time.perf_counter()
         last_report = -math.inf  # report the first step at once: it marks time-to-first-step
         world = spec.world_size
@@ -199,7 +200,8 @@ class EpochRunner:
                 # DDP averages gradients over ranks; scaling by this rank's share of the global
                 # batch makes the result the exact mean over every real row of the step.
                 scaled = loss * (real * world / max(global_real, 1))
-                loss_total += float(loss.detach()) * real
+                # summed on the device: no host sync per step (a CUDA stream keeps running)
+                loss_sum = loss_sum + loss.detach() * real
                 loss_rows += real
                 with torch.no_grad():
                     for metric in self.train_metrics:
@@ -211,9 +213,10 @@ class EpochRunner:
             optimizer.step()
             if "first_step" not in self.marks:
                 self.marks["first_step"] = time.time()
-            self._callbacks(
-                "on_batch_end", epoch=epoch, step=step, logs={"loss": float(scaled.detach())}
-            )
+            if self.callbacks:
+                self._callbacks(
+                    "on_batch_end", epoch=epoch, step=step, logs={"loss": float(scaled.detach())}
+                )
             now = time.perf_counter()
             if rank == 0 and self.progress is not None and now - last_report >= PROGRESS_INTERVAL_S:
                 last_report = now
@@ -224,11 +227,11 @@ class EpochRunner:
                         "epochs": spec.epochs,
                         "step": step + 1,
                         "steps": steps,
-                        "loss": loss_total / max(loss_rows, 1),
+                        "loss": float(loss_sum) / max(loss_rows, 1),
                         "samples_per_s": rows_done / max(now - started, 1e-9),
                     }
                 )
-        loss_total, total_rows = _sum_over_ranks((loss_total, loss_rows), self.device)
+        loss_total, total_rows = _sum_over_ranks((float(loss_sum), loss_rows), self.device)
         elapsed = time.perf_counter() - started
         from deepspark.training.rank.metrics import reduce_metrics
 

@@ -1,0 +1,175 @@
+"""What a fit costs beyond its epochs (issue #14): fresh and warm sessions, first step, cache.
+
+One run, one machine, the same data and model for every figure:
+
+* fixed cost on a fresh session: the first `fit` after `init_context` in this process,
+  ``total - epochs - validation`` of `Estimator.timings_`;
+* fixed cost on a warm session: the median over three later fits of the same;
+* time to first step with 10x more rows per partition than 1x (both on warm workers, each the
+  median of three fits; the partition is streamed, so the ratio should stay near 1);
+* the first epoch of a fit on a DataFrame kept by `deepspark.cache` against the first epoch of a
+  fit on the same DataFrame uncached (a Parquet read and an array assembly that Spark runs and
+  converts again for every uncached fit); both after the same warm-up fit.
+
+The last line printed is one JSON object with the figures and ratios.
+
+Usage: python benchmarks/fixed_cost.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from _common import emit_json, machine, today
+
+FEATURES, CLASSES = 64, 10
+
+
+def make_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, 128), torch.nn.ReLU(), torch.nn.Linear(128, CLASSES)
+    )
+
+
+def fit(df, epochs: int = 2):
+    import deepspark as ds
+
+    torch.manual_seed(0)
+    est = ds.Estimator.from_torch(
+        model=make_model(),
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
+        loss=torch.nn.CrossEntropyLoss(),
+    )
+    history = est.fit(
+        df, "features", "label", epochs=epochs, batch_size=256, num_workers=2, progress=False
+    )
+    return est, history
+
+
+def fixed_cost(est) -> float:
+    timings = est.timings_
+    return timings["total"] - timings["epochs"] - timings["validation"]
+
+
+def frame(spark, rows: int, seed: int):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, FEATURES)).astype(np.float32)
+    y = (np.abs(x[:, :CLASSES]).argmax(axis=1)).astype(np.int64)
+    pdf = pd.DataFrame({"features": list(x), "label": y})
+    df = spark.createDataFrame(pdf, "features array<float>, label long").repartition(2).cache()
+    df.count()
+    return df
+
+
+def parquet_frame(spark, rows: int, directory: str):
+    """A DataFrame whose every evaluation reads Parquet and assembles the feature array."""
+    from pyspark.sql import functions as F
+
+    rng = np.random.default_rng(3)
+    columns = [f"f{index}" for index in range(FEATURES)]
+    import pandas as pd
+
+    pdf = pd.DataFrame(rng.standard_normal((rows, FEATURES)).astype(np.float32), columns=columns)
+    pdf["label"] = pdf[columns[:CLASSES]].abs().to_numpy().argmax(axis=1)
+    path = os.path.join(directory, "data.parquet")
+    spark.createDataFrame(pdf).repartition(2).write.parquet(path)
+    source = spark.read.parquet(path)
+    return source.select(
+        F.array(*[F.col(name).cast("float") for name in columns]).alias("features"),
+        F.col("label").cast("long").alias("label"),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller data (about 3 minutes)")
+    args = parser.parse_args()
+    rows = 20_000 if args.quick else 100_000
+    cached_rows = 200_000 if args.quick else 1_000_000
+    load_before = os.getloadavg()[0]
+
+    import deepspark as ds
+
+    started = time.perf_counter()
+    spark = ds.init_context(cores=2, app_name="bench-fixed-cost")
+    init_s = time.perf_counter() - started
+    small = frame(spark, rows, seed=0)
+
+    fresh, _ = fit(small)  # the first fit of this session: Python workers start cold
+    warm = [fit(small)[0] for _ in range(3)]
+    warm_costs = [fixed_cost(est) for est in warm]
+    median_est = warm[int(np.argsort(warm_costs)[1])]
+
+    # time to first step against partition size, both on warm workers
+    large = frame(spark, rows * 10, seed=1)
+    fit(large, epochs=1)  # the same warm-up for both sizes: one fit each
+    fit(small, epochs=1)
+    first_small = statistics.median(fit(small, epochs=1)[0].first_step_s_ for _ in range(3))
+    first_large = statistics.median(fit(large, epochs=1)[0].first_step_s_ for _ in range(3))
+    large.unpersist()
+    small.unpersist()
+
+    cache_figures = {}
+    if hasattr(ds, "cache"):
+        with tempfile.TemporaryDirectory() as directory:
+            source = parquet_frame(spark, cached_rows, directory)
+            fit(source, epochs=1)  # warm-up: the same for both paths
+            _, uncached = fit(source, epochs=2)
+            handle = ds.cache(source)
+            _, cached = fit(source, epochs=2)
+            uncached_first = float(uncached["seconds"].iloc[0])
+            cached_first = float(cached["seconds"].iloc[0])
+            cache_figures = {
+                "cache_rows": cached_rows,
+                "uncached_first_epoch_s": round(uncached_first, 3),
+                "cached_first_epoch_s": round(cached_first, 3),
+                "ratio_cached_vs_uncached_first_epoch": round(cached_first / uncached_first, 3),
+                "uncached_later_epoch_s": round(float(uncached["seconds"].iloc[1]), 3),
+                "cached_later_epoch_s": round(float(cached["seconds"].iloc[1]), 3),
+            }
+            handle.unpersist()
+    ds.stop_context()
+
+    figures = {
+        "benchmark": "fixed_cost",
+        "quick": args.quick,
+        "date": today(),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "init_context_s": round(init_s, 3),
+        "fresh_fixed_cost_s": round(fixed_cost(fresh), 3),
+        "fresh_timeline_s": {name: round(value, 3) for name, value in fresh.timings_.items()},
+        "warm_fixed_cost_s": round(statistics.median(warm_costs), 3),
+        "warm_fixed_costs_s": [round(cost, 3) for cost in warm_costs],
+        "warm_timeline_s": {name: round(value, 3) for name, value in median_est.timings_.items()},
+        "first_step_s_1x": round(first_small, 3),
+        "first_step_s_10x": round(first_large, 3),
+        "ratio_first_step_10x_vs_1x": round(first_large / first_small, 3),
+        **cache_figures,
+        "load_average_1m_before": round(load_before, 2),
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
+    }
+    print(f"{'':40}{'seconds':>10}")
+    print(f"{'fixed cost, fresh session':40}{figures['fresh_fixed_cost_s']:>10.3f}")
+    print(f"{'fixed cost, warm session (median of 3)':40}{figures['warm_fixed_cost_s']:>10.3f}")
+    print(f"{'fit() to first step, 1x rows':40}{first_small:>10.3f}")
+    print(f"{'fit() to first step, 10x rows':40}{first_large:>10.3f}")
+    for name, value in cache_figures.items():
+        print(f"{name:40}{value:>10}")
+    print("warm fit timeline:")
+    for name, value in median_est.timings_.items():
+        print(f"  {name:38}{value:>10.3f}")
+    emit_json(figures)
+
+
+if __name__ == "__main__":
+    main()
