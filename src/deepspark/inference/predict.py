@@ -1,10 +1,19 @@
 """``predict(df, model, feature_cols)``: a model's output as a new DataFrame column.
 
 Driver side: validates the arguments, resolves the feature columns through the data layer,
-probes the model on a few rows (output type, shape errors) and wires the worker loop
-(:func:`deepspark.inference.worker.predict_partition`) into a non-barrier
-``DataFrame.mapInArrow``. The task closure captures one plain :class:`PredictSpec`. pyspark is
-imported inside functions only, so importing this package on a worker does not import it.
+probes the model on a few rows (output type, shape errors) and wires the worker loop into
+Spark. Two paths give the same DataFrame:
+
+* ``arrow_udf`` (Spark >= 4.1): an Arrow iterator UDF
+  (:func:`deepspark.inference.worker.predict_arrays`) receives only the feature columns; the
+  passthrough columns stay in the JVM and never cross to Python;
+* ``mapInArrow`` (Spark 3.5 and 4.0): a non-barrier ``DataFrame.mapInArrow``
+  (:func:`deepspark.inference.worker.predict_partition`) carries every column to Python and back.
+
+The session conf ``deepspark.predict.path`` (``auto``, ``arrow_udf``, ``mapInArrow``) chooses
+one; ``auto`` takes ``arrow_udf`` where the session has it. The task closure captures one plain
+:class:`PredictSpec`. pyspark is imported inside functions only, so importing this package on a
+worker does not import it.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from deepspark.inference.worker import (
     OutputKind,
     PredictSpec,
     output_column,
+    predict_arrays,
     predict_partition,
     resolve_output,
 )
@@ -41,7 +51,13 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
     from pyspark.sql.types import DataType
 
-__all__ = ["predict"]
+__all__ = ["PATH_CONF", "predict"]
+
+# The session conf that chooses how predict runs: "auto", "arrow_udf" or "mapInArrow".
+PATH_CONF = "deepspark.predict.path"
+_PATHS = ("auto", "arrow_udf", "mapInArrow")
+# Arrow iterator UDFs (pyspark.sql.functions.arrow_udf) arrived in Spark 4.1.
+_ARROW_UDF_SINCE = (4, 1)
 
 ColumnsArg = str | Sequence[str | Sequence[str]]
 
@@ -68,9 +84,13 @@ def predict(
 ) -> DataFrame:
     """Run ``model`` over every row of ``df`` and return the rows with a prediction column.
 
-    One non-barrier ``mapInArrow`` pass: each Python worker loads the model once (a cache keyed
-    by the model's identity, bounded by ``cache_bytes``) and reuses it across tasks and jobs.
-    Rows keep their order within each partition and the passthrough columns come along, so
+    One pass over the rows: on Spark >= 4.1 an Arrow iterator UDF that receives only the
+    feature columns (the passthrough columns stay in the JVM), on Spark 3.5 and 4.0 a
+    non-barrier ``mapInArrow``; the session conf ``deepspark.predict.path`` (``auto``,
+    ``arrow_udf``, ``mapInArrow``) overrides the choice. Each Python worker loads the model once
+    (a cache keyed by the model's identity, bounded by ``cache_bytes``) and reuses it across
+    tasks and jobs. Rows keep their order within each partition and the passthrough columns
+    come along, so
     writing the result with Spark's writers (Parquet, Delta) is exactly-once even when tasks
     are retried. Works on local, cluster and Spark Connect sessions.
 
@@ -145,6 +165,7 @@ def predict(
     from deepspark.data.validate import resolve_specs
 
     check_workers(df.sparkSession)  # once per session: the workers' Python can run the model
+    path = _choose_path(df.sparkSession)
     if not isinstance(output_col, str) or not output_col:
         raise ValueError(f"output_col={output_col!r}: give a column name")
     if output_col in df.columns:
@@ -202,9 +223,70 @@ def predict(
         num_threads=num_threads,
         cache_bytes=cache_bytes,
     )
+    if path == "arrow_udf":
+        return _predict_with_arrow_udf(df, spec)
     schema = _output_schema(df, passthrough, output_col, kind)
     selected = list(dict.fromkeys([*passthrough, *_columns_of(features)]))
     return df.select(*selected).mapInArrow(_predict_fn(spec), schema)
+
+
+def _choose_path(session: Any) -> str:
+    """``arrow_udf`` or ``mapInArrow``, from the ``deepspark.predict.path`` conf and the session."""
+    try:
+        requested = session.conf.get(PATH_CONF, "auto") or "auto"
+    except Exception:  # a Connect server may refuse to read confs: choose by version
+        requested = "auto"
+    if requested not in _PATHS:
+        raise ValueError(f"{PATH_CONF}={requested!r}: use one of {', '.join(_PATHS)}")
+    supported = _arrow_udf_supported(session)
+    if requested == "arrow_udf" and not supported:
+        raise ValueError(
+            f"{PATH_CONF}=arrow_udf needs Spark >= 4.1 (pyspark.sql.functions.arrow_udf); this "
+            f"session runs Spark {session.version}. Unset the conf or set it to mapInArrow"
+        )
+    if requested == "auto":
+        return "arrow_udf" if supported else "mapInArrow"
+    return requested
+
+
+def _arrow_udf_supported(session: Any) -> bool:
+    """Both this pyspark and the session's Spark (a Connect server may be older) have it."""
+    from pyspark.sql import functions
+
+    if not hasattr(functions, "arrow_udf"):
+        return False
+    try:
+        major, minor = (int(part) for part in session.version.split(".")[:2])
+    except (AttributeError, ValueError):
+        return False
+    return (major, minor) >= _ARROW_UDF_SINCE
+
+
+def _predict_with_arrow_udf(df: DataFrame, spec: PredictSpec) -> DataFrame:
+    """The passthrough columns as they are, and the prediction from an Arrow iterator UDF."""
+    from pyspark.sql.functions import arrow_udf
+
+    columns = tuple(_columns_of(spec.features))
+    udf = arrow_udf(_predict_udf_fn(spec, columns), _spark_type(spec.output))
+    prediction = _declared_not_null(udf(*columns), spec.output)
+    return df.select(*spec.passthrough_cols, prediction.alias(spec.output_col))
+
+
+def _declared_not_null(column: Any, kind: OutputKind) -> Any:
+    """The column, declared non-nullable as the ``mapInArrow`` schema declares it.
+
+    A UDF's result is always nullable to Spark; the predictions never hold a null, so the
+    fallback of this ``coalesce`` is never taken and only makes the schemas of both paths equal.
+    """
+    from pyspark.sql import functions
+
+    if kind is OutputKind.DOUBLE:
+        fallback = functions.lit(0.0)
+    elif kind is OutputKind.CLASS:
+        fallback = functions.lit(0)
+    else:
+        fallback = functions.array().cast(_spark_type(kind))
+    return functions.coalesce(column, fallback)
 
 
 def _probe_output(
@@ -305,6 +387,27 @@ def _predict_fn(
         yield from predict_partition(batches, _with_task_threads(spec), partition_id)
 
     return predict_fn
+
+
+def _predict_udf_fn(spec: PredictSpec, columns: tuple[str, ...]) -> Callable[..., Any]:
+    """The ``arrow_udf`` function: it captures the spec and the feature column names.
+
+    Spark picks the UDF's kind from the type hints: one column arrives as an iterator of
+    arrays, several as an iterator of tuples of arrays.
+    """
+    spec = dataclasses.replace(spec, passthrough_cols=())
+
+    def predict_column(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
+        from pyspark import TaskContext
+
+        task = TaskContext.get()
+        partition_id = task.partitionId() if task is not None else None
+        yield from predict_arrays(arrays, _with_task_threads(spec), columns, partition_id)
+
+    def predict_columns(arrays: Iterator[tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
+        yield from predict_column(arrays)  # type: ignore[arg-type]
+
+    return predict_column if len(columns) == 1 else predict_columns
 
 
 def _with_task_threads(spec: PredictSpec) -> PredictSpec:

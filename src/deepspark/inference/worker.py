@@ -9,6 +9,7 @@ model's output.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -27,6 +28,7 @@ __all__ = [
     "PredictError",
     "PredictSpec",
     "output_column",
+    "predict_arrays",
     "predict_batch",
     "predict_partition",
     "rebatch",
@@ -304,3 +306,56 @@ def predict_partition(
             yield predict_batch(predictor, batch, spec)
     except Exception as error:
         raise PredictError(_summary(error, partition_id, loading)) from error
+
+
+def predict_arrays(
+    arrays: Iterable[pa.Array | tuple[pa.Array, ...]],
+    spec: PredictSpec,
+    column_names: Sequence[str],
+    partition_id: int | None = None,
+) -> Iterator[pa.Array]:
+    """Predict from the feature columns alone: the body of the ``arrow_udf`` path.
+
+    Spark's Arrow UDFs send a task only the UDF's input columns, one array per column (a
+    tuple when there are several), and keep the other columns in the JVM. This is
+    :func:`predict_partition` on those arrays, without passthrough columns; it yields the
+    prediction column only, rows in input order.
+
+    Parameters
+    ----------
+    arrays : iterable of pyarrow.Array or of tuples of pyarrow.Array
+        The feature columns, batch by batch, in the order of ``column_names``.
+    spec : PredictSpec
+        What to predict and how; its ``passthrough_cols`` are ignored.
+    column_names : sequence of str
+        The names of the arrays, as ``spec.features`` refers to them.
+    partition_id : int, optional
+        The Spark partition, named in error messages.
+
+    Yields
+    ------
+    pyarrow.Array
+        The prediction column, one array per model batch.
+
+    Examples
+    --------
+    >>> import pyarrow as pa, torch
+    >>> from deepspark.data import TensorSpec
+    >>> from deepspark.inference import model_source
+    >>> spec = PredictSpec(model=model_source(torch.nn.Linear(2, 1)),
+    ...                    features=(TensorSpec("x", "array", (2,)),), output_col="y",
+    ...                    output=OutputKind.DOUBLE, batch_size=2)
+    >>> column = pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    >>> [len(array) for array in predict_arrays([column], spec, ["x"])]
+    [2, 1]
+    """
+    names = list(column_names)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for item in arrays:
+            columns = list(item) if isinstance(item, tuple) else [item]
+            yield pa.RecordBatch.from_arrays(columns, names=names)
+
+    columnar = dataclasses.replace(spec, passthrough_cols=())
+    for batch in predict_partition(batches(), columnar, partition_id):
+        yield batch.column(0)

@@ -1,0 +1,151 @@
+"""Where a predict task spends its time: deepspark's worker loop, part by part, beside an expert's.
+
+No Spark here: one thread runs, on the Arrow batches a Spark task would receive (10,000 rows,
+Spark's ``maxRecordsPerBatch``), deepspark's ``predict_partition`` and its parts (re-cutting
+into model batches, Arrow to tensors, the model, the output column, the output batch), and the
+loop of the expert ``mapInArrow`` function in ``benchmarks/predict.py``. What the model takes
+and what the rest takes tells whether a Spark path can still gain: every path runs the same
+model, so when the model is most of a task, no path can be much faster than another.
+
+Usage: python benchmarks/predict_parts.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+from _common import emit_json, machine, print_table, today
+from predict import BATCH_SIZE, make_cnn, make_mlp
+
+from deepspark.data import TensorSpec, batch_to_tensors
+from deepspark.inference import OutputKind, PredictSpec, model_source, predict_partition
+from deepspark.inference.worker import output_column, rebatch
+
+ARROW_BATCH_ROWS = 10_000
+
+
+def arrow_batches(rows: int, row_shape: tuple[int, ...]) -> list[pa.RecordBatch]:
+    width = int(np.prod(row_shape))
+    values = np.random.default_rng(0).standard_normal((rows, width), dtype=np.float32)
+    offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(rows, dtype=np.int64)),
+            "features": pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1))),
+        }
+    )
+    return table.to_batches(max_chunksize=ARROW_BATCH_ROWS)
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(name: str, model: torch.nn.Module, row_shape, rows: int, repeats: int) -> dict:
+    batches = arrow_batches(rows, row_shape)
+    feature = TensorSpec("features", "array", row_shape)
+    spec = PredictSpec(
+        model=model_source(model),
+        features=(feature,),
+        output_col="prediction",
+        output=OutputKind.ARRAY,
+        passthrough_cols=("id",),
+        batch_size=BATCH_SIZE,
+        num_threads=1,
+    )
+    torch.set_num_threads(1)
+    model_batches = list(rebatch(batches, BATCH_SIZE))
+    inputs = [batch_to_tensors(batch, (feature,))[0] for batch in model_batches]
+    with torch.inference_mode():
+        outputs = [model(tensor) for tensor in inputs]
+    columns = [output_column(out, OutputKind.ARRAY, len(out)) for out in outputs]
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for tensor in inputs:
+                model(tensor)
+
+    def assemble() -> None:
+        for batch, column in zip(model_batches, columns, strict=True):
+            pa.RecordBatch.from_arrays([batch.column("id"), column], names=["id", "prediction"])
+
+    def expert() -> None:
+        for batch in batches:
+            count = batch.num_rows
+            flat = batch.column("features").flatten().to_numpy(zero_copy_only=False)
+            tensor = torch.from_numpy(flat).reshape(count, *row_shape)
+            with torch.inference_mode():
+                out = torch.cat(
+                    [model(tensor[i : i + BATCH_SIZE]) for i in range(0, count, BATCH_SIZE)]
+                )
+            width = out.shape[1]
+            offsets = pa.array(np.arange(0, count * width + 1, width, dtype=np.int32))
+            prediction = pa.ListArray.from_arrays(offsets, pa.array(out.numpy().reshape(-1)))
+            pa.RecordBatch.from_arrays([batch.column("id"), prediction], ["id", "prediction"])
+
+    seconds = {
+        "deepspark_loop": best_seconds(lambda: list(predict_partition(batches, spec)), repeats),
+        "rebatch": best_seconds(lambda: list(rebatch(batches, BATCH_SIZE)), repeats),
+        "to_tensors": best_seconds(
+            lambda: [batch_to_tensors(batch, (feature,)) for batch in model_batches], repeats
+        ),
+        "model": best_seconds(forward, repeats),
+        "output_column": best_seconds(
+            lambda: [output_column(out, OutputKind.ARRAY, len(out)) for out in outputs], repeats
+        ),
+        "output_batch": best_seconds(assemble, repeats),
+        "expert_loop": best_seconds(expert, repeats),
+    }
+    result = {f"{name}_{part}_ms": round(value * 1000, 2) for part, value in seconds.items()}
+    result[f"{name}_model_share_of_deepspark_loop"] = round(
+        seconds["model"] / seconds["deepspark_loop"], 3
+    )
+    result[f"{name}_deepspark_loop_vs_expert_loop"] = round(
+        seconds["expert_loop"] / seconds["deepspark_loop"], 3
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows")
+    args = parser.parse_args()
+    cases = [("mlp", make_mlp(), (64,), 50_000), ("cnn", make_cnn(), (1, 28, 28), 10_000)]
+    results: dict[str, object] = {
+        "benchmark": "predict_parts",
+        "quick": args.quick,
+        "threads": 1,
+        "batch_size": BATCH_SIZE,
+        "date": today(),
+        "machine": machine(),
+        "torch": torch.__version__,
+    }
+    for name, model, row_shape, rows in cases:
+        rows = rows // 5 if args.quick else rows
+        results[f"{name}_rows"] = rows
+        results.update(measure(name, model, row_shape, rows, repeats=3 if args.quick else 5))
+    parts = ("deepspark_loop", "rebatch", "to_tensors", "model", "output_column", "output_batch")
+    print_table(
+        ["model", *parts, "expert_loop"],
+        [
+            [name, *(results[f"{name}_{part}_ms"] for part in (*parts, "expert_loop"))]
+            for name, *_ in cases
+        ],
+    )
+    print("(milliseconds, one thread)")
+    emit_json(results)
+
+
+if __name__ == "__main__":
+    main()
