@@ -340,3 +340,32 @@ def test_fit_and_predict_through_a_connect_server_of_its_own(connect_server_spar
     scored = est.predict(df.limit(40), feature_cols="features").collect()
     assert len(scored) == 40
     assert all(len(row.prediction) == 10 for row in scored)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_init_context_warms_the_python_workers_that_later_tasks_reuse(warm):
+    # a fresh process: the session's workers have run nothing before
+    result = _run_python(
+        f"""
+        import threading
+        import pyarrow as pa
+        import deepspark as ds
+
+        spark = ds.init_context(cores=2, warm_workers={warm})
+        for thread in threading.enumerate():
+            if thread.name == "deepspark-warm-workers":
+                thread.join(90)
+
+        def imported(batches):
+            import sys
+            for _ in batches:
+                pass
+            yield pa.RecordBatch.from_pydict({{"torch": ["torch" in sys.modules]}})
+
+        rows = spark.range(0, 2, 1, 2).mapInArrow(imported, "torch boolean", barrier=True)
+        print("TORCH", sorted(row.torch for row in rows.collect()))
+        ds.stop_context()
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"TORCH {[warm, warm]}" in result.stdout, result.stdout[-2000:]

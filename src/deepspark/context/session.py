@@ -20,13 +20,14 @@ from deepspark.context.workers import (
     shares_machine,
     worker_python,
 )
+from deepspark.context.workers import warm_workers as _warm_workers
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from pyspark.sql import SparkSession
 
-__all__ = ["init_context", "stop_context"]
+__all__ = ["init_context", "on_stop_context", "stop_context"]
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -34,6 +35,8 @@ _active: tuple[ContextConfig, SparkSession] | None = None
 # Environment variables pyspark set for a session of ours and leaves behind after stop().
 _leftover_env: set[str] = set()
 _CONNECT_TOKEN = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
+# Called with the session in stop_context, before it stops (e.g. to free deepspark's caches).
+_stop_hooks: list[Callable[[SparkSession], None]] = []
 
 _JVM_MODES = {
     ClusterMode.LOCAL,
@@ -58,6 +61,7 @@ def init_context(
     container_image: str | None = None,
     python_env_archive: str | None = None,
     connect_timeout_s: float = 30.0,
+    warm_workers: bool = True,
 ) -> SparkSession:
     """Start (or reuse) the SparkSession that deepspark runs on.
 
@@ -90,6 +94,9 @@ def init_context(
         every container and used as the workers' Python.
     connect_timeout_s : float
         How long to wait for a Spark Connect server to answer.
+    warm_workers : bool
+        Start Spark's Python workers right away and have them import torch, in a background
+        job, so that the session's first fit or predict does not wait seconds for that.
 
     Returns
     -------
@@ -140,6 +147,8 @@ def init_context(
             _active = None
         session = _create_session(config)
         _active = (config, session)
+        if warm_workers:
+            _warm_workers(session)
         return session
 
 
@@ -158,6 +167,11 @@ def stop_context() -> None:
             return
         _, session = _active
         _active = None
+        for hook in list(_stop_hooks):
+            try:
+                hook(session)
+            except Exception as error:  # the session stops anyway, and frees what it holds
+                _log.warning("stop_context: %s failed: %s", getattr(hook, "__name__", hook), error)
         try:
             session.stop()
         except Exception as error:  # a session whose JVM already died cannot stop cleanly
@@ -168,6 +182,17 @@ def stop_context() -> None:
             os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
         while _leftover_env:
             os.environ.pop(_leftover_env.pop(), None)
+
+
+def on_stop_context(hook: Callable[[SparkSession], None]) -> None:
+    """Have `stop_context` call ``hook(session)`` before it stops the session (once per hook).
+
+    Modules that keep something per session (`deepspark.data.cache`) register here, so that
+    what they hold is freed with the session.
+    """
+    with _lock:
+        if hook not in _stop_hooks:
+            _stop_hooks.append(hook)
 
 
 def _is_alive(session: SparkSession) -> bool:

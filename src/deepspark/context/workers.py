@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import sys
@@ -36,6 +37,7 @@ __all__ = [
     "is_loopback_host",
     "mark_workers_ready",
     "shares_machine",
+    "warm_workers",
     "worker_python",
 ]
 
@@ -43,6 +45,7 @@ __all__ = [
 REQUIRED_PACKAGES = ("deepspark", "torch", "pyarrow")
 PYTHON_CONF = "spark.pyspark.python"
 
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _surveys: dict[str, WorkerSurvey] = {}
 _ready: set[str] = set()
@@ -189,6 +192,51 @@ def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey 
     with _lock:
         _surveys[key] = result
     return result
+
+
+def warm_workers(spark: SparkSession) -> threading.Thread | None:
+    """Start the session's Python workers and have them import torch, in a background job.
+
+    A fresh worker spends seconds importing torch and torchmetrics before its first task can
+    start; Spark keeps idle workers and hands them later tasks, so a worker that has imported
+    them once serves every later job warm. One task per default-parallelism slot runs on a
+    daemon thread; a failure only logs (the first job's own check reports a broken worker
+    environment). Spark Connect sessions are not warmed: their workers are the server's.
+
+    Returns
+    -------
+    threading.Thread or None
+        The thread running the job, or ``None`` for a Connect session.
+    """
+    if type(spark).__module__.startswith("pyspark.sql.connect"):
+        return None
+    tasks = max(1, int(spark.sparkContext.defaultParallelism))
+
+    def warm() -> None:
+        try:
+            spark.range(0, tasks, 1, tasks).mapInArrow(_warm_task, "ready long").collect()
+        except Exception as error:  # a stopped session, a broken worker environment
+            _log.debug("warming the Python workers did not finish: %s", error)
+
+    thread = threading.Thread(target=warm, name="deepspark-warm-workers", daemon=True)
+    thread.start()
+    return thread
+
+
+def _warm_task(batches):
+    """Import what every training and inference task imports (run in a worker)."""
+    import pyarrow as pa
+    import torch
+    import torch.distributed
+    import torch.nn.parallel
+    import torchmetrics
+
+    import deepspark.data
+
+    for _ in batches:
+        pass
+    del torch, torchmetrics, deepspark
+    yield pa.RecordBatch.from_pydict({"ready": [1]})
 
 
 def driver_versions() -> dict[str, str]:

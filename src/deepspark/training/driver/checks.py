@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -244,21 +245,41 @@ def columns_of(specs) -> list[str]:
     return names
 
 
+# The first rows each DataFrame object showed, per column list. A fit repeated on the same
+# DataFrame (a search's trials, a notebook cell run again) checks against them without another
+# Spark job; only the driver's checks read them, every job reads the data afresh.
+_first_rows_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def resolve_columns(df, feature_cols, label_cols, options: ColumnOptions):
     """Column specs for features and labels, and the first rows they were checked on.
 
-    One look at the first rows (a small Spark job) serves both checks and the dry run.
+    One look at the first rows (a small Spark job, once per DataFrame object and columns)
+    serves both checks and the dry run.
     """
-    from deepspark.data.validate import first_rows, resolve_specs
+    from deepspark.data.validate import resolve_specs
 
     names = _flat_names(feature_cols) + _flat_names(label_cols)
-    sample = first_rows(df, names, 8) if set(names) <= set(df.columns) else None
+    sample = _first_rows_once(df, names) if set(names) <= set(df.columns) else None
     shared = {"shapes": options.feature_shapes, "decoders": options.decoders, "sample": sample}
     features = resolve_specs(
         df, feature_cols, role="feature", dtypes=options.feature_dtypes, **shared
     )
     labels = resolve_specs(df, label_cols, role="label", dtypes=options.label_dtypes, **shared)
     return features, labels, sample
+
+
+def _first_rows_once(df, names: list[str]):
+    from deepspark.data.validate import first_rows
+
+    try:
+        seen = _first_rows_seen.setdefault(df, {})
+    except TypeError:  # an object that cannot be weakly referenced: no memory of it
+        seen = {}
+    key = tuple(names)
+    if key not in seen:
+        seen[key] = first_rows(df, names, 8)
+    return seen[key]
 
 
 def _flat_names(cols: Any) -> list[str]:
