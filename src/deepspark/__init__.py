@@ -1,11 +1,20 @@
 """deepspark: distributed deep learning directly on Apache Spark DataFrames."""
 
 from deepspark.context import init_context, stop_context
+from deepspark.data.cache import cache, uncache
 from deepspark.training import Estimator, TrainingError
 
 __version__ = "0.1.0"
 
-__all__ = ["Estimator", "TrainingError", "__version__", "init_context", "stop_context"]
+__all__ = [
+    "Estimator",
+    "TrainingError",
+    "__version__",
+    "cache",
+    "init_context",
+    "stop_context",
+    "uncache",
+]
 
 
 def __getattr__(name: str):

@@ -1,13 +1,15 @@
 """Columnar data feed: DataFrame partitions become torch batches inside the Spark tasks.
 
-Worker-side names (every module here but `validate`) import no pyspark; `resolve_specs` is the
-driver-side check that turns column names into `TensorSpec` objects before any job starts (it
-imports pyspark only when called).
+Worker-side names (every module here but `validate` and `cache`) import no pyspark;
+`resolve_specs` is the driver-side check that turns column names into `TensorSpec` objects
+before any job starts, and `cache.CachedFrame` is what `deepspark.cache` returns (both import
+pyspark only when called).
 """
 
 from __future__ import annotations
 
 from deepspark.data.batching import Batch, iter_batches
+from deepspark.data.chunks import rows_from_chunks
 from deepspark.data.columns import ColumnKind, FeedError, TensorSpec, batch_to_tensors
 from deepspark.data.dataset import ArrowPartitionDataset
 from deepspark.data.plan import StepPlan, StepPolicy, plan_steps
@@ -16,6 +18,7 @@ from deepspark.data.spill import PartitionSpill, spill_directory
 __all__ = [
     "ArrowPartitionDataset",
     "Batch",
+    "CachedFrame",
     "ColumnKind",
     "FeedError",
     "PartitionSpill",
@@ -26,14 +29,20 @@ __all__ = [
     "iter_batches",
     "plan_steps",
     "resolve_specs",
+    "rows_from_chunks",
     "spill_directory",
 ]
 
+_DRIVER_SIDE = {
+    "resolve_specs": "deepspark.data.validate",
+    "CachedFrame": "deepspark.data.cache",
+}
+
 
 def __getattr__(name: str):
-    # The driver-side check lives apart so that worker code never loads it.
-    if name == "resolve_specs":
-        from deepspark.data.validate import resolve_specs
+    # The driver-side names live apart so that worker code never loads them.
+    if name in _DRIVER_SIDE:
+        import importlib
 
-        return resolve_specs
+        return getattr(importlib.import_module(_DRIVER_SIDE[name]), name)
     raise AttributeError(f"module 'deepspark.data' has no attribute {name!r}")

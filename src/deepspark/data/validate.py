@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from deepspark.data.cache import cached_frame_of
 from deepspark.data.columns import batch_to_tensors
 from deepspark.data.spec import ColumnKind, FeedError, TensorSpec
 
@@ -252,7 +253,16 @@ def _shape(shape: Any, name: str, arg: str) -> tuple[int, ...]:
 
 
 def first_rows(df: Any, columns: list[str], rows: int) -> Any:
-    """The first `rows` rows of `columns` as a pyarrow Table (one small Spark job)."""
+    """The first `rows` rows of `columns` as a pyarrow Table (one small Spark job).
+
+    For a DataFrame kept by `deepspark.cache`, the rows come from the cache's sample, with
+    no Spark job.
+    """
+    cached = cached_frame_of(df)
+    if cached is not None:
+        kept = cached.first_rows(columns, rows)
+        if kept is not None:
+            return kept
     sample = df.select(*columns).limit(rows)
     if hasattr(sample, "toArrow"):  # pyspark >= 4.0, classic and Connect
         return sample.toArrow()

@@ -92,11 +92,21 @@ def job_input(
     """The rows a job reads: the needed columns, a split tag, exactly `num_workers` partitions.
 
     A DataFrame that already has `num_workers` partitions (and no validation rows to mix in)
-    keeps them as they are: no shuffle.
+    keeps them as they are: no shuffle. When `df` or `validation` is kept by
+    `deepspark.cache`, the job reads chunk rows instead (``__deepspark_chunk`` and the split
+    column, balanced over the ranks; the ranks decode them with
+    `deepspark.data.chunks.rows_from_chunks`), and a part that is not cached is converted to
+    chunk rows on the fly.
     """
     from pyspark.sql import functions as F
 
+    from deepspark.data.cache import chunk_input
     from deepspark.training.driver.stage import is_connect
+
+    parts = [(df, split)] + ([(validation, validation_split)] if validation is not None else [])
+    chunks = chunk_input(parts, columns, num_workers, tag_column=SPLIT_COLUMN)
+    if chunks is not None:
+        return chunks
 
     def tagged(frame: DataFrame, value: int) -> DataFrame:
         return frame.select(*columns, F.lit(value).cast("int").alias(SPLIT_COLUMN))

@@ -141,6 +141,7 @@ def run_rank(
     spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankContext
 ) -> Iterator[pa.RecordBatch]:
     """Train (or evaluate) as one rank of a data-parallel job; rank 0 yields the results."""
+    from deepspark.data import rows_from_chunks
     from deepspark.training.rank.progress_client import ProgressClient
 
     rank = context.rank
@@ -151,7 +152,8 @@ def run_rank(
     source = None
     failed = False
     try:
-        source = RankInput(spec, batches, context)
+        needed = [name for tensor in (*spec.features, *spec.labels) for name in tensor.columns]
+        source = RankInput(spec, rows_from_chunks(batches, list(dict.fromkeys(needed))), context)
         yield from _run(spec, source, context, progress)
     except BaseException as error:
         if progress is not None and not isinstance(error, GeneratorExit):
