@@ -68,7 +68,7 @@ class StreamingSpill:
     >>> import pyarrow as pa
     >>> data = [pa.record_batch({"x": [1.0, 2.0, 3.0]}), pa.record_batch({"x": [4.0, 5.0]})]
     >>> stream = StreamingSpill(data)
-    >>> stream.wait_rows(4, timeout_s=10)
+    >>> stream.wait_rows(6, timeout_s=10)  # more than there are: waits for the input's end
     (5, True)
     >>> [part.num_rows for part in stream.take(4)]
     [3, 1]
