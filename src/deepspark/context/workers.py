@@ -37,6 +37,7 @@ __all__ = [
     "is_loopback_host",
     "mark_workers_ready",
     "shares_machine",
+    "warm_modules",
     "warm_workers",
     "worker_python",
 ]
@@ -194,14 +195,41 @@ def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey 
     return result
 
 
-def warm_workers(spark: SparkSession) -> threading.Thread | None:
-    """Start the session's Python workers and have them import torch, in a background job.
+# What the first fit or predict of a session would otherwise import, seconds of it on a small
+# machine: torch's first optimizer imports torch._dynamo, the first metric torchmetrics. The
+# workers import these ahead of time (`warm_workers`), the driver those marked for it; the
+# engines add their own task modules with `warm_modules`.
+_warm_worker_modules = [
+    "torch",
+    "torch.distributed",
+    "torch.nn.parallel",
+    "torch._dynamo",
+    "torchmetrics",
+    "deepspark.data",
+]
+_warm_driver_modules = ["torch._dynamo"]
 
-    A fresh worker spends seconds importing torch and torchmetrics before its first task can
-    start; Spark keeps idle workers and hands them later tasks, so a worker that has imported
-    them once serves every later job warm. One task per default-parallelism slot runs on a
-    daemon thread; a failure only logs (the first job's own check reports a broken worker
-    environment). Spark Connect sessions are not warmed: their workers are the server's.
+
+def warm_modules(*names: str, driver: bool = False) -> None:
+    """Have `warm_workers` import `names` in the workers (and on the driver, with ``driver``)."""
+    with _lock:
+        for name in names:
+            if name not in _warm_worker_modules:
+                _warm_worker_modules.append(name)
+            if driver and name not in _warm_driver_modules:
+                _warm_driver_modules.append(name)
+
+
+def warm_workers(spark: SparkSession) -> threading.Thread | None:
+    """Start the session's Python workers and import torch and the tasks' modules in them.
+
+    A fresh worker spends seconds importing torch, torch._dynamo (the first optimizer) and
+    torchmetrics before its first task can start; Spark keeps idle workers and hands them later
+    tasks, so a worker that has imported them once serves every later job warm. One task per
+    default-parallelism slot runs in a background job, on a daemon thread; another imports the
+    driver's share of the same modules meanwhile. A failure only logs (the first job's own check
+    reports a broken worker environment). Spark Connect sessions are not warmed: their workers
+    are the server's.
 
     Returns
     -------
@@ -211,32 +239,48 @@ def warm_workers(spark: SparkSession) -> threading.Thread | None:
     if type(spark).__module__.startswith("pyspark.sql.connect"):
         return None
     tasks = max(1, int(spark.sparkContext.defaultParallelism))
+    with _lock:
+        on_workers, on_driver = tuple(_warm_worker_modules), tuple(_warm_driver_modules)
 
     def warm() -> None:
         try:
-            spark.range(0, tasks, 1, tasks).mapInArrow(_warm_task, "ready long").collect()
+            job = spark.range(0, tasks, 1, tasks).mapInArrow(_warm_task(on_workers), "ready long")
+            job.collect()
         except Exception as error:  # a stopped session, a broken worker environment
             _log.debug("warming the Python workers did not finish: %s", error)
 
+    def warm_driver() -> None:
+        for name in on_driver:  # while the user's program goes on
+            try:
+                importlib.import_module(name)
+            except Exception as error:
+                _log.debug("warming the driver: %s did not import: %s", name, error)
+
+    threading.Thread(target=warm_driver, name="deepspark-warm-driver", daemon=True).start()
     thread = threading.Thread(target=warm, name="deepspark-warm-workers", daemon=True)
     thread.start()
     return thread
 
 
-def _warm_task(batches):
-    """Import what every training and inference task imports (run in a worker)."""
-    import pyarrow as pa
-    import torch
-    import torch.distributed
-    import torch.nn.parallel
-    import torchmetrics
+def _warm_task(modules: tuple[str, ...]) -> Callable[[Iterator[pa.RecordBatch]], Any]:
+    """The warm-up job's task: import ``modules`` in a worker (a nested function, shipped by
+    value)."""
 
-    import deepspark.data
+    def warm(batches):
+        import contextlib
+        import importlib
 
-    for _ in batches:
-        pass
-    del torch, torchmetrics, deepspark
-    yield pa.RecordBatch.from_pydict({"ready": [1]})
+        import pyarrow as pa
+
+        for _ in batches:
+            pass
+        for name in modules:
+            # a module a worker lacks is for the real job's check to report
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+        yield pa.RecordBatch.from_pydict({"ready": [1]})
+
+    return warm
 
 
 def driver_versions() -> dict[str, str]:

@@ -89,6 +89,8 @@ def dry_run(
 
 def _check_metrics(metrics: list[Any], outputs: Any, targets: Any) -> None:
     """Each metric updates once on the sample: unknown names and unsuitable shapes fail here."""
+    if not metrics:
+        return  # and torchmetrics need not be imported
     from deepspark.training.rank.metrics import get_metric
 
     for metric in metrics:
