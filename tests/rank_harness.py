@@ -2,7 +2,7 @@
 
 Each rank is a spawned process that calls :func:`deepspark.training.rank.run.run_rank` with a
 :class:`~deepspark.training.rank.run.RankContext` whose ``all_gather`` meets the other ranks
-in a shared directory (what ``BarrierTaskContext.allGather`` does inside Spark). Every rank
+in a shared directory (inside Spark the ranks meet through the driver's progress channel). Every rank
 runs two jobs in the same process, as a reused Spark Python worker would: a fit of ``epochs``
 epochs that checkpoints, then a fit of one more epoch that resumes from that checkpoint. A
 :class:`~deepspark.training.driver.progress_server.ProgressServer` in this process receives
