@@ -2,9 +2,9 @@
 
 Each rank is a spawned process that calls :func:`deepspark.training.rank.run.run_rank` with a
 :class:`~deepspark.training.rank.run.RankContext` whose ``all_gather`` meets the other ranks
-in a shared directory (inside Spark the ranks meet through the driver's progress channel). Every rank
-runs two jobs in the same process, as a reused Spark Python worker would: a fit of ``epochs``
-epochs that checkpoints, then a fit of one more epoch that resumes from that checkpoint. A
+in a shared directory (inside Spark the ranks meet through the driver's progress channel).
+Every rank runs two jobs in the same process, as a reused Spark Python worker would: a fit of
+``epochs`` epochs that checkpoints, then a fit of one more epoch that resumes from it. A
 :class:`~deepspark.training.driver.progress_server.ProgressServer` in this process receives
 the ranks' progress. The data is a learnable toy problem made with numpy (three Gaussian classes).
 

@@ -294,3 +294,25 @@ def _flat_names(cols: Any) -> list[str]:
     for item in cols:
         names.extend([item] if isinstance(item, str) else list(item))
     return names
+
+
+def fit_workers(spark: Any, num_workers: int | None, batch_size: int) -> int:
+    """The ranks of a fit: every free task slot by default, refused when the stage cannot run."""
+    from deepspark.training.driver.stage import available_task_slots
+
+    slots = available_task_slots(spark)
+    if num_workers is None:
+        num_workers = slots
+    check_positive("num_workers", num_workers)
+    if num_workers > slots:
+        raise ValueError(
+            f"num_workers={num_workers} is more than the {slots} task slots this Spark "
+            "application has; a barrier stage needs all its tasks at once. Lower "
+            "num_workers or add executors/cores"
+        )
+    if batch_size < num_workers:
+        raise ValueError(
+            f"batch_size={batch_size} is smaller than num_workers={num_workers}: every "
+            "worker needs at least one row per step. Raise batch_size or lower num_workers"
+        )
+    return num_workers

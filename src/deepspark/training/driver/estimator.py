@@ -24,6 +24,7 @@ from deepspark.training.driver.checks import (
     check_positive,
     columns_of,
     dry_run,
+    fit_workers,
     optimizer_factory,
     pickled,
     resolve_columns,
@@ -248,7 +249,7 @@ class Estimator:
         check_positive("batch_size", batch_size)
         if self._optimizer_factory is None:
             raise ValueError("fit needs an optimizer: from_torch(optimizer=lambda p: ...)")
-        num_workers = _fit_workers(spark, num_workers, batch_size)
+        num_workers = fit_workers(spark, num_workers, batch_size)
         columns = ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders)
         features, labels, sample = resolve_columns(df, feature_cols, label_cols, columns)
         if validation_data is not None:
@@ -487,25 +488,3 @@ class Estimator:
             rendezvous_host=None,
             **values,
         )
-
-
-def _fit_workers(spark: Any, num_workers: int | None, batch_size: int) -> int:
-    """The ranks of a fit: every free task slot by default, refused when the stage cannot run."""
-    from deepspark.training.driver.stage import available_task_slots
-
-    slots = available_task_slots(spark)
-    if num_workers is None:
-        num_workers = slots
-    check_positive("num_workers", num_workers)
-    if num_workers > slots:
-        raise ValueError(
-            f"num_workers={num_workers} is more than the {slots} task slots this Spark "
-            "application has; a barrier stage needs all its tasks at once. Lower "
-            "num_workers or add executors/cores"
-        )
-    if batch_size < num_workers:
-        raise ValueError(
-            f"batch_size={batch_size} is smaller than num_workers={num_workers}: every "
-            "worker needs at least one row per step. Raise batch_size or lower num_workers"
-        )
-    return num_workers
