@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/barrier.py --quick
 	$(PY) benchmarks/fixed_cost.py --quick
 	$(PY) benchmarks/epoch.py --quick
+	$(PY) benchmarks/rank_vs_ddp.py --quick
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
