@@ -26,17 +26,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 from _common import emit_json, machine, today
+from epoch import make_cnn as epoch_cnn
 
 WORLD, BATCH, EPOCHS, IMAGE = 2, 256, 3, 28 * 28
 
 
 def make_cnn() -> torch.nn.Module:
+    """`benchmarks/epoch.py`'s conv net, with the same weights in every process."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(64 * 5 * 5, 10),
-    )  # fmt: skip
+    return epoch_cnn()
 
 
 def rank_data(rank: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
