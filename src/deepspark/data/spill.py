@@ -17,9 +17,7 @@ window it falls in (see ``docs/data.md``).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,11 +43,9 @@ from deepspark.data.spill_files import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_SHUFFLE_WINDOW_BYTES,
     _MappedFile,
-    _record_batches,
     _remove_tree,
-    _split_rows,
     _SplitInfo,
-    _SplitWriter,
+    _write_splits,
     spill_directory,
 )
 
@@ -139,27 +135,7 @@ class PartitionSpill:
         parent = spill_directory(directory)
         os.makedirs(parent, exist_ok=True)
         root = tempfile.mkdtemp(prefix="deepspark-spill-", dir=parent)
-        writers: dict[int, _SplitWriter] = {}
-        schema: pa.Schema | None = None
-        try:
-            for batch in _record_batches(batches):
-                for split, part in _split_rows(batch, split_column):
-                    if schema is None:
-                        schema = part.schema
-                    writer = writers.get(split)
-                    if writer is None:
-                        path = os.path.join(root, f"split-{split}.arrow")
-                        writer = writers[split] = _SplitWriter(_SplitInfo(path), block_bytes)
-                    writer.write(part)
-            for writer in writers.values():
-                writer.close()
-        except BaseException:
-            for writer in writers.values():
-                with contextlib.suppress(Exception):
-                    writer.close()
-            shutil.rmtree(root, ignore_errors=True)
-            raise
-        splits = {split: w.info for split, w in writers.items() if w.info.block_rows}
+        splits, schema = _write_splits(batches, root, split_column, block_bytes)
         return cls(root, splits, schema)
 
     # -- facts ------------------------------------------------------------------------------

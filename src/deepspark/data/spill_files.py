@@ -11,7 +11,7 @@ import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,6 +146,44 @@ class _MappedFile:
 def _remove_tree(path: str, owner_pid: int) -> None:
     if os.getpid() == owner_pid:  # not from a forked child (e.g. a DataLoader worker)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_splits(
+    batches: Iterable[pa.RecordBatch],
+    root: str,
+    split_column: str | None,
+    block_bytes: int,
+    on_part: Callable[[int, pa.RecordBatch], None] | None = None,
+) -> tuple[dict[int, _SplitInfo], pa.Schema | None]:
+    """Write a task's input into one IPC file per split under ``root``, in one pass.
+
+    ``on_part(split, part)`` sees every written part as it goes (the streamed first epoch
+    queues the training rows). Returns the splits that hold rows and the columns' schema; on
+    an error the writers are closed and ``root`` is removed before it propagates.
+    """
+    writers: dict[int, _SplitWriter] = {}
+    schema: pa.Schema | None = None
+    try:
+        for batch in _record_batches(batches):
+            for split, part in _split_rows(batch, split_column):
+                if schema is None:
+                    schema = part.schema
+                writer = writers.get(split)
+                if writer is None:
+                    path = os.path.join(root, f"split-{split}.arrow")
+                    writer = writers[split] = _SplitWriter(_SplitInfo(path), block_bytes)
+                writer.write(part)
+                if on_part is not None:
+                    on_part(split, part)
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            with contextlib.suppress(Exception):
+                writer.close()
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return {split: w.info for split, w in writers.items() if w.info.block_rows}, schema
 
 
 def _record_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -14,9 +14,7 @@ permutation, so the first epoch mixes rows within each window.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -30,14 +28,7 @@ from deepspark.data.batching import Batch, _PendingBatch, _Window
 from deepspark.data.readers import check_column, prepare_column
 from deepspark.data.spec import FeedError, TensorSpec, normalize_specs
 from deepspark.data.spill import PartitionSpill
-from deepspark.data.spill_files import (
-    DEFAULT_BLOCK_BYTES,
-    _record_batches,
-    _split_rows,
-    _SplitInfo,
-    _SplitWriter,
-    spill_directory,
-)
+from deepspark.data.spill_files import DEFAULT_BLOCK_BYTES, _write_splits, spill_directory
 
 __all__ = ["DEFAULT_QUEUE_BYTES", "StreamingSpill", "WindowFeed"]
 
@@ -117,30 +108,17 @@ class StreamingSpill:
     # -- the reader thread --------------------------------------------------------------------
 
     def _read(self) -> None:
-        writers: dict[int, _SplitWriter] = {}
-        schema: pa.Schema | None = None
+        def arrived(split: int, part: pa.RecordBatch) -> None:
+            self.marks.setdefault("first_batch", time.time())
+            if self._feeding and split == self._feed_split and part.num_rows:
+                self._enqueue(part)
+
         try:
-            for batch in _record_batches(self._batches):
-                self.marks.setdefault("first_batch", time.time())
-                for split, part in _split_rows(batch, self._split_column):
-                    if schema is None:
-                        schema = part.schema
-                    writer = writers.get(split)
-                    if writer is None:
-                        path = os.path.join(self._root, f"split-{split}.arrow")
-                        writer = writers[split] = _SplitWriter(_SplitInfo(path), self._block_bytes)
-                    writer.write(part)
-                    if self._feeding and split == self._feed_split and part.num_rows:
-                        self._enqueue(part)
-            for writer in writers.values():
-                writer.close()
-            splits = {split: w.info for split, w in writers.items() if w.info.block_rows}
+            splits, schema = _write_splits(
+                self._batches, self._root, self._split_column, self._block_bytes, arrived
+            )
             spill = PartitionSpill(self._root, splits, schema)
         except BaseException as error:  # handed to the consumer by wait_rows and finish
-            for writer in writers.values():
-                with contextlib.suppress(Exception):
-                    writer.close()
-            shutil.rmtree(self._root, ignore_errors=True)
             with self._changed:
                 self._error = error
                 self._done = True
