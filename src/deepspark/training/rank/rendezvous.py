@@ -231,6 +231,7 @@ def init_process_group(spec: RendezvousSpec, rank: int) -> None:
         )
     except Exception as error:  # torch raises RuntimeError, DistStoreError, TimeoutError, ...
         destroy_process_group()
+        gc.collect()  # a failed group's store (a file store too) goes now, as before
         if spec.store_path is not None:
             # torch removes a FileStore's file only once every rank has let go of it, which
             # never happens when some rank is missing: a failed rendezvous removes it here.
