@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from pyspark.sql import SparkSession
 
-__all__ = ["init_context", "on_stop_context", "stop_context"]
+__all__ = ["current_session", "init_context", "on_stop_context", "stop_context"]
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -193,6 +193,19 @@ def on_stop_context(hook: Callable[[SparkSession], None]) -> None:
     with _lock:
         if hook not in _stop_hooks:
             _stop_hooks.append(hook)
+
+
+def current_session() -> SparkSession | None:
+    """The running session `init_context` started, or ``None`` when there is none.
+
+    For code that needs a session without being handed a DataFrame (converting a pandas
+    DataFrame or numpy arrays to Spark, say).
+    """
+    with _lock:
+        active = _active
+    if active is None or not _is_alive(active[1]):
+        return None
+    return active[1]
 
 
 def _is_alive(session: SparkSession) -> bool:

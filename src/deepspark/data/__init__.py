@@ -13,6 +13,7 @@ from deepspark.data.chunks import rows_from_chunks
 from deepspark.data.columns import ColumnKind, FeedError, TensorSpec, batch_to_tensors
 from deepspark.data.dataset import ArrowPartitionDataset
 from deepspark.data.plan import StepPlan, StepPolicy, plan_steps
+from deepspark.data.spec import assemble
 from deepspark.data.spill import PartitionSpill, spill_directory
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "StepPlan",
     "StepPolicy",
     "TensorSpec",
+    "assemble",
     "batch_to_tensors",
     "iter_batches",
     "plan_steps",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,26 +20,34 @@ import torch
 
 from deepspark.data.columns import column_tensor, filler_tensor
 from deepspark.data.readers import Prepared, RowIndex, prepare_column
-from deepspark.data.spec import FeedError, TensorSpec, normalize_specs
+from deepspark.data.spec import FeedError, TensorSpec, assemble, normalize_specs
 
 __all__ = ["Batch", "iter_batches"]
 
 
 @dataclass
 class Batch:
-    """One batch: a tensor per feature spec and per label spec.
+    """One batch: the model's arguments and the labels, built from the feature and label specs.
+
+    ``features`` holds one tensor per feature spec, or, where the specs have places (a
+    ``feature_cols`` dict, struct columns), the arguments `deepspark.data.assemble` builds
+    from them, dicts of tensors; so ``model(*batch.features)`` always calls the model.
+    ``labels`` is arranged the same way from the label specs.
 
     Rows ``[0, num_real)`` are real data; rows after it are filler that keeps every rank's
     batch the same size (see `StepPolicy`); training masks them out of the loss and metrics.
     """
 
-    features: tuple[torch.Tensor, ...]
-    labels: tuple[torch.Tensor, ...]
+    features: tuple[Any, ...]
+    labels: tuple[Any, ...]
     num_real: int
 
     def __len__(self) -> int:
-        tensors = self.features or self.labels
-        return int(tensors[0].shape[0]) if tensors else 0
+        for value in (*self.features, *self.labels):
+            tensor = _first_tensor(value)
+            if tensor is not None:
+                return int(tensor.shape[0])
+        return 0
 
     def real(self) -> Batch:
         """The batch without its filler rows (views, no copy)."""
@@ -46,19 +55,39 @@ class Batch:
             return self
         keep = self.num_real
         return Batch(
-            tuple(t[:keep] for t in self.features), tuple(t[:keep] for t in self.labels), keep
+            tuple(_head(value, keep) for value in self.features),
+            tuple(_head(value, keep) for value in self.labels),
+            keep,
         )
 
     def as_pair(self) -> tuple[object, object]:
-        """``(features, labels)`` as a PyTorch loop expects them: a tensor where there is one
-        spec, a tuple where there are several, ``None`` where there are none."""
+        """``(features, labels)`` as a PyTorch loop expects them: the one argument (a tensor or
+        a dict) where there is one, a tuple where there are several, ``None`` where there are
+        none."""
         return _collapse(self.features), _collapse(self.labels)
 
 
-def _collapse(tensors: tuple[torch.Tensor, ...]) -> object:
-    if not tensors:
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    for item in value.values() if isinstance(value, dict) else value:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _head(value: Any, rows: int) -> Any:
+    """The first ``rows`` rows of a tensor, or of every tensor in a dict of them."""
+    if isinstance(value, torch.Tensor):
+        return value[:rows]
+    return {key: _head(item, rows) for key, item in value.items()}
+
+
+def _collapse(values: tuple[Any, ...]) -> object:
+    if not values:
         return None
-    return tensors[0] if len(tensors) == 1 else tensors
+    return values[0] if len(values) == 1 else values
 
 
 @dataclass
@@ -166,8 +195,8 @@ class _PendingBatch:
         pieces, self.pieces = self.pieces, []
         if not pieces:
             return Batch(
-                tuple(filler_tensor(spec, self.rows) for spec in features),
-                tuple(filler_tensor(spec, self.rows) for spec in labels),
+                assemble(features, [filler_tensor(spec, self.rows) for spec in features]),
+                assemble(labels, [filler_tensor(spec, self.rows) for spec in labels]),
                 0,
             )
         tensors = []
@@ -175,7 +204,9 @@ class _PendingBatch:
             parts = [column_tensor(w.prepared[position], spec, rows) for w, rows in pieces]
             tensors.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         return Batch(
-            tuple(tensors[: len(features)]), tuple(tensors[len(features) :]), self.num_real
+            assemble(features, tensors[: len(features)]),
+            assemble(labels, tensors[len(features) :]),
+            self.num_real,
         )
 
 

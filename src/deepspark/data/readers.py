@@ -48,12 +48,12 @@ def prepare_column(
     >>> values.shape, np.shares_memory(values, batch.column(0).values.to_numpy())
     ((1, 2, 2), True)
     """
-    arrays = [_column(batch, name) for name in spec.columns]
+    arrays = _arrays(batch, spec)
     rows = batch.num_rows
     if spec.kind is ColumnKind.SCALAR:
         target = _numpy_dtype(spec)
         if len(arrays) == 1:
-            values = _numeric(arrays[0], spec.columns[0]).reshape((rows, *spec.shape))
+            values = _numeric(arrays[0], spec.name).reshape((rows, *spec.shape))
             if out is not None:
                 out[...] = values
                 return out
@@ -77,9 +77,10 @@ def check_column(batch: pa.RecordBatch, spec: TensorSpec) -> tuple[int, ...]:
     Cheap: it reads validity counts and list offsets, never the values themselves, so a whole
     spilled partition can be checked before the first step.
     """
-    arrays = [_column(batch, name) for name in spec.columns]
+    arrays = _arrays(batch, spec)
     if spec.kind is ColumnKind.SCALAR:
-        for name, array in zip(spec.columns, arrays, strict=True):
+        names = spec.columns if len(arrays) > 1 else (spec.name,)
+        for name, array in zip(names, arrays, strict=True):
             _check_numeric_type(array.type, name)
             _check_no_nulls(array, name, "values")
         return spec.shape
@@ -90,6 +91,25 @@ def check_column(batch: pa.RecordBatch, spec: TensorSpec) -> tuple[int, ...]:
         return (_vector_layout(arrays[0], spec).dim,)
     _prepare_encoded(arrays[0], spec)
     return spec.shape
+
+
+def _arrays(batch: pa.RecordBatch, spec: TensorSpec) -> list[pa.Array]:
+    """The Arrow arrays ``spec`` reads: its columns, or the struct field it names."""
+    if not spec.field:
+        return [_column(batch, name) for name in spec.columns]
+    array = _column(batch, spec.columns[0])
+    path = [spec.columns[0]]
+    for name in spec.field:
+        where = ".".join(path)
+        if not pa.types.is_struct(array.type):
+            raise FeedError(f"column {where!r} has type {array.type}, not a struct")
+        if array.type.get_field_index(name) < 0:
+            fields = ", ".join(f.name for f in array.type) or "(none)"
+            raise FeedError(f"struct column {where!r} has no field {name!r}; its fields: {fields}")
+        _check_no_nulls(array, where, "structs")
+        array = array.field(name)
+        path.append(name)
+    return [array]
 
 
 def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
@@ -139,7 +159,7 @@ def _is_list(arrow_type: pa.DataType) -> bool:
 
 def _array_layout(array: pa.Array, spec: TensorSpec) -> tuple[pa.Array, int, tuple[int, ...]]:
     """Walk the list levels of an array column: (flat values, rows, row shape), all checked."""
-    name = spec.columns[0]
+    name = spec.name
     if not _is_list(array.type):
         raise FeedError(
             f"column {name!r} has type {array.type}, not an array of numbers; declare it as a "
@@ -219,7 +239,7 @@ class _VectorLayout:
 
 def _vector_layout(array: pa.Array, spec: TensorSpec) -> _VectorLayout:
     """Read the (type, size, indices, values) struct that Spark ML vectors arrive as."""
-    name = spec.columns[0]
+    name = spec.name
     arrow_type = array.type
     fields = (
         {arrow_type.field(i).name for i in range(arrow_type.num_fields)}
@@ -309,7 +329,7 @@ def _prepare_vector(array: pa.Array, spec: TensorSpec, out: np.ndarray | None) -
 
 
 def _prepare_encoded(array: pa.Array, spec: TensorSpec) -> pa.Array:
-    name = spec.columns[0]
+    name = spec.name
     arrow_type = array.type
     if spec.kind is ColumnKind.BINARY:
         ok = (

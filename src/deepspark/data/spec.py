@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ColumnKind", "FeedError", "TensorSpec", "normalize_specs"]
+__all__ = ["ColumnKind", "FeedError", "TensorSpec", "assemble", "normalize_specs"]
 
 
 class FeedError(ValueError):
@@ -76,13 +76,23 @@ class TensorSpec:
     decode : callable, optional
         Required for binary (``bytes -> array``) and string (``str -> array or list``) columns;
         called once per row; every row must decode to the same shape.
+    field : tuple of str
+        For a field of a struct column: the path of field names inside ``columns[0]``
+        (``("b",)`` for ``s.b``); empty for a top-level column.
+    place : tuple
+        Where the tensor goes among the model's arguments (see `assemble`): empty for the
+        next positional argument (every spec of a set, or none, has a place); otherwise the
+        argument's position followed by the dict keys leading to the tensor, e.g. ``(0,
+        "image")`` for ``forward({"image": ...})``.
 
     Examples
     --------
     >>> TensorSpec("image", "array", (1, 28, 28))
-    TensorSpec(columns=('image',), kind=<ColumnKind.ARRAY: 'array'>, shape=(1, 28, 28), dtype='float32', decode=None)
+    TensorSpec(columns=('image',), kind=<ColumnKind.ARRAY: 'array'>, shape=(1, 28, 28), dtype='float32', decode=None, field=(), place=())
     >>> TensorSpec(("x1", "x2"), "scalar").shape
     (2,)
+    >>> TensorSpec("meta", "array", field=("box",), place=(1, "box")).name
+    'meta.box'
     """  # noqa: E501
 
     columns: tuple[str, ...]
@@ -90,11 +100,29 @@ class TensorSpec:
     shape: tuple[int, ...] = ()
     dtype: str = "float32"
     decode: Callable[[Any], Any] | None = None
+    field: tuple[str, ...] = ()
+    place: tuple[int | str, ...] = ()
 
     def __post_init__(self) -> None:
         columns = (self.columns,) if isinstance(self.columns, str) else tuple(self.columns)
         if not columns or not all(isinstance(name, str) and name for name in columns):
             raise FeedError(f"TensorSpec columns must be non-empty names, got {self.columns!r}")
+        field = (self.field,) if isinstance(self.field, str) else tuple(self.field)
+        if not all(isinstance(name, str) and name for name in field):
+            raise FeedError(f"column {columns[0]!r}: field must be field names, got {self.field!r}")
+        if field and len(columns) > 1:
+            raise FeedError(f"columns {list(columns)}: a struct field is read from one column")
+        place = tuple(self.place)
+        if place and not (
+            isinstance(place[0], int)
+            and not isinstance(place[0], bool)
+            and place[0] >= 0
+            and all(isinstance(key, str) for key in place[1:])
+        ):
+            raise FeedError(
+                f"column {columns[0]!r}: place must be an argument position followed by dict "
+                f"keys, e.g. (0, 'image'), got {self.place!r}"
+            )
         try:
             kind = ColumnKind(self.kind)
         except ValueError:
@@ -144,10 +172,14 @@ class TensorSpec:
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "dtype", _dtype_name(self.dtype, columns[0]))
+        object.__setattr__(self, "field", field)
+        object.__setattr__(self, "place", place)
 
     @property
     def name(self) -> str:
-        """The column name, or the stacked names joined by ``+``, for messages."""
+        """The column name (``s.b`` for a struct field), or stacked names joined by ``+``."""
+        if self.field:
+            return ".".join((self.columns[0], *self.field))
         return "+".join(self.columns)
 
     @property
@@ -175,6 +207,46 @@ def normalize_specs(specs: TensorSpec | Sequence[TensorSpec] | None) -> tuple[Te
                 f"expected TensorSpec objects (from deepspark.data.resolve_specs), got {spec!r}"
             )
     return result
+
+
+def assemble(specs: Sequence[TensorSpec], tensors: Sequence[Any]) -> tuple[Any, ...]:
+    """Arrange one tensor per spec into the model's positional arguments.
+
+    Specs without a place give one argument each, in order (the tuple of tensors itself).
+    Specs with places build each argument from them: ``(1,)`` is argument 1 itself,
+    ``(0, "text")`` the key ``"text"`` of argument 0, a dict; deeper keys nest dicts (the fields
+    of a struct column). `deepspark.data.resolve_specs` gives places to every spec of a
+    ``feature_cols`` (or ``label_cols``) dict and of a list holding struct columns.
+
+    Examples
+    --------
+    >>> import torch
+    >>> specs = [TensorSpec("a", "scalar", place=(0, "x")), TensorSpec("b", "scalar",
+    ...                                                                place=(0, "y"))]
+    >>> (arguments,) = assemble(specs, [torch.zeros(2), torch.ones(2)])
+    >>> sorted(arguments)
+    ['x', 'y']
+    """
+    if not any(spec.place for spec in specs):
+        return tuple(tensors)
+    arguments: dict[int, Any] = {}
+    for spec, tensor in zip(specs, tensors, strict=True):
+        if not spec.place:
+            raise FeedError(
+                f"column {spec.name!r} has no place while other specs have one; give every "
+                "spec of a set a place, or none"
+            )
+        position, *keys = spec.place
+        if not keys:
+            arguments[int(position)] = tensor
+            continue
+        node = arguments.setdefault(int(position), {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = tensor
+    if sorted(arguments) != list(range(len(arguments))):
+        raise FeedError(f"the specs' places skip argument positions: {sorted(arguments)}")
+    return tuple(arguments[position] for position in range(len(arguments)))
 
 
 def _dtype_name(dtype: Any, column: str) -> str:

@@ -17,6 +17,8 @@ window it falls in (see ``docs/data.md``).
 
 from __future__ import annotations
 
+import itertools
+
 import os
 import tempfile
 import weakref
@@ -174,6 +176,7 @@ class PartitionSpill:
         shuffle: bool = True,
         split: int = 0,
         shuffle_window_bytes: int = DEFAULT_SHUFFLE_WINDOW_BYTES,
+        start_step: int = 0,
     ) -> Iterator[Batch]:
         """One epoch of this rank: exactly ``plan.steps_per_epoch`` batches.
 
@@ -198,6 +201,9 @@ class PartitionSpill:
             Which split to read.
         shuffle_window_bytes : int
             Memory for one window of prepared rows; bigger mixes better.
+        start_step : int
+            Skip the epoch's first steps (a resume mid-epoch): the batches that follow are
+            those the whole epoch would have yielded from there; skipped ones are not built.
 
         Returns
         -------
@@ -221,6 +227,8 @@ class PartitionSpill:
         features, labels = specs[: len(features)], specs[len(features) :]
         order_seed = (seed, epoch, rank) if shuffle else None
         pending = self._epoch_pending(specs, plan, rank, split, order_seed, shuffle_window_bytes)
+        if start_step:
+            pending = itertools.islice(pending, start_step, None)
         return _built(pending, features, labels)
 
     def _epoch_pending(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from deepspark.data.cache import cached_frame_of
@@ -18,11 +19,20 @@ from deepspark.data.spec import ColumnKind, FeedError, TensorSpec
 
 __all__ = ["resolve_specs"]
 
-ColumnsArg = str | Sequence[str | Sequence[str]] | None
+ColumnsArg = str | Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]] | None
 
 _ROLES = {"feature": "feature_cols", "label": "label_cols"}
 _INTEGRAL = ("ByteType", "ShortType", "IntegerType", "LongType")
 _FLOATING = ("FloatType", "DoubleType")
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One entry of a columns argument: the columns of one tensor (or of one struct's dict)."""
+
+    names: tuple[str, ...]
+    stacked: bool  # a list of scalar columns stacked into one (n, k) tensor
+    key: str | None  # the entry's key in a dict argument
 
 
 def resolve_specs(
@@ -42,23 +52,31 @@ def resolve_specs(
     ----------
     df : pyspark.sql.DataFrame
         Classic or Spark Connect.
-    cols : str or list
+    cols : str, list or dict
         A column name, or a list whose items are names or nested lists of scalar column
-        names; a nested list stacks its columns into one ``(n, k)`` tensor. For labels,
-        ``None`` or ``[]`` means none.
+        names; a nested list stacks its columns into one ``(n, k)`` tensor (a nested list of
+        one non-scalar column is that column). A dict ``{name: column or list}`` makes one
+        argument, a dict of tensors under those names: ``feature_cols={"text": "tokens",
+        "image": ["pixels"]}`` calls ``forward({"text": ..., "image": ...})``. A struct column
+        becomes a dict of its fields' tensors at its place (nested structs nest dicts); its
+        fields follow the rules of top-level columns. For labels, ``None`` or ``[]`` means
+        none.
     role : {"feature", "label"}
         Sets the default dtypes and the argument named in messages (``feature_cols`` or
         ``label_cols``).
     shapes : dict, optional
-        Per-row shape by column name, e.g. ``{"image": (1, 28, 28)}``. Arrays without one
-        take their length (or nested lengths) from the first row; decoded columns take the
-        decoder's output shape on the first row.
+        Per-row shape by column name, e.g. ``{"image": (1, 28, 28)}``; a struct field is
+        named by its path, ``"meta.box"``. Arrays without one take their length (or nested
+        lengths) from the first row; decoded columns take the decoder's output shape on the
+        first row.
     dtypes : dict, optional
-        Torch dtype name by column name (a stacked group: its first name, or the tuple).
+        Torch dtype name by column name (a stacked group: its first name, or the tuple; a
+        struct field: its path, or the struct's name for all its fields).
         Defaults: ``float32`` for features; for labels ``int64`` when the values are integers
         (class ids), ``float32`` otherwise.
     decoders : dict, optional
-        Decode function by column name; required for binary and string columns.
+        Decode function by column name (or struct field path); required for binary and
+        string columns.
     check_rows : int
         How many first rows to convert as a check (0 skips the look).
     sample : pyarrow.Table, optional
@@ -68,14 +86,15 @@ def resolve_specs(
     Returns
     -------
     tuple of TensorSpec
-        With every shape filled in (when the DataFrame has rows).
+        With every shape filled in (when the DataFrame has rows). With a dict or a struct
+        column every spec has a place (see `deepspark.data.assemble`); otherwise none has.
 
     Raises
     ------
     FeedError
-        A missing column (the message lists the available ones), an unsupported type, a
-        binary or string column without a decoder, a shape the first rows do not match, nulls
-        or ragged arrays in the first rows.
+        A missing column (the message lists the available ones), an unsupported type (of a
+        column or of a struct field), a binary or string column without a decoder, a shape
+        the first rows do not match, nulls or ragged arrays in the first rows.
 
     Examples
     --------
@@ -87,6 +106,8 @@ def resolve_specs(
     [(('x',), 'array', (4,), 'float32')]
     >>> resolve_specs(df, "y", role="label")[0].dtype  # doctest: +SKIP
     'int64'
+    >>> [s.place for s in resolve_specs(df, {"pixels": "x"}, role="feature")]  # doctest: +SKIP
+    [(0, 'pixels')]
     """
     if role not in _ROLES:
         raise ValueError(f"role={role!r}: use 'feature' or 'label'")
@@ -96,17 +117,31 @@ def resolve_specs(
         return ()
     fields = {field.name: field for field in df.schema.fields}
     shapes, dtypes, decoders = dict(shapes or {}), dict(dtypes or {}), dict(decoders or {})
+    known = _known_names(fields)
     for option, mapping in (("shapes", shapes), ("dtypes", dtypes), ("decoders", decoders)):
-        _check_keys(option, mapping, fields)
-    specs = []
-    for names, stacked in groups:
-        for name in names:
-            _check_exists(name, fields, arg)
+        _check_keys(option, mapping, known)
+    for group in groups:
+        for name in group.names:
+            _check_exists(name, fields, arg if group.key is None else f"{arg}[{group.key!r}]")
+    structured = isinstance(cols, Mapping) or any(
+        _is_struct(fields[name].dataType) for group in groups for name in group.names
+    )
+    options = _Options(role, arg, shapes, dtypes, decoders)
+    specs: list[TensorSpec] = []
+    for position, group in enumerate(groups):
+        place: tuple[int | str, ...] = ()
+        if structured:
+            place = (0, group.key) if group.key is not None else (position,)
+        names = group.names
         data_types = [fields[name].dataType for name in names]
+        if len(names) == 1 and _is_struct(data_types[0]):
+            specs.extend(_struct_specs(names[0], (), data_types[0], place, options))
+            continue
         kinds = [
             _kind_of(name, data_type, arg)
             for name, data_type in zip(names, data_types, strict=True)
         ]
+        stacked = group.stacked and not (len(names) == 1 and kinds[0] is not ColumnKind.SCALAR)
         if stacked and any(kind is not ColumnKind.SCALAR for kind in kinds):
             bad = [n for n, k in zip(names, kinds, strict=True) if k is not ColumnKind.SCALAR]
             raise FeedError(
@@ -117,45 +152,138 @@ def resolve_specs(
         kind = kinds[0]
         dtype = _dtype_for(names, stacked, dtypes, role, data_types)
         shape = shapes.get(names[0], ()) if not stacked else (len(names),)
-        try:
-            specs.append(
-                TensorSpec(
-                    names,
-                    kind,
-                    _shape(shape, names[0], arg),
-                    dtype,
-                    decoders.get(names[0])
-                    if kind in (ColumnKind.BINARY, ColumnKind.STRING)
-                    else None,
-                )
-            )
-        except FeedError as error:
-            raise FeedError(f"{arg}: {error}") from None
+        specs.append(_spec(names, kind, shape, dtype, decoders.get(names[0]), arg, place=place))
     if check_rows > 0:
         specs = _check_first_rows(df, specs, arg, check_rows, sample)
     return tuple(specs)
 
 
-def _column_groups(
-    cols: ColumnsArg, arg: str, *, allow_empty: bool
-) -> list[tuple[tuple[str, ...], bool]]:
-    if cols is None or (isinstance(cols, Sequence) and not isinstance(cols, str) and not cols):
+@dataclass(frozen=True)
+class _Options:
+    role: str
+    arg: str
+    shapes: Mapping[str, Any]
+    dtypes: Mapping[Any, Any]
+    decoders: Mapping[str, Callable[[Any], Any]]
+
+
+def _spec(
+    names: tuple[str, ...],
+    kind: ColumnKind,
+    shape: Any,
+    dtype: Any,
+    decoder: Callable[[Any], Any] | None,
+    arg: str,
+    **where: Any,
+) -> TensorSpec:
+    label = ".".join((names[0], *where.get("field", ())))
+    try:
+        return TensorSpec(
+            names,
+            kind,
+            _shape(shape, label, arg),
+            dtype,
+            decoder if kind in (ColumnKind.BINARY, ColumnKind.STRING) else None,
+            **where,
+        )
+    except FeedError as error:
+        raise FeedError(f"{arg}: {error}") from None
+
+
+def _struct_specs(
+    column: str,
+    path: tuple[str, ...],
+    data_type: Any,
+    place: tuple[int | str, ...],
+    options: _Options,
+) -> list[TensorSpec]:
+    """One spec per (nested) field of a struct column, placed under the field names."""
+    label = ".".join((column, *path))
+    if not data_type.fields:
+        raise FeedError(f"{options.arg}: struct column {label!r} has no fields")
+    specs: list[TensorSpec] = []
+    for field in data_type.fields:
+        field_path = (*path, field.name)
+        full = ".".join((column, *field_path))
+        if _is_struct(field.dataType):
+            specs.extend(
+                _struct_specs(column, field_path, field.dataType, (*place, field.name), options)
+            )
+            continue
+        kind = _kind_of(full, field.dataType, options.arg, what="struct field")
+        dtype = options.dtypes.get(full) or options.dtypes.get(column)
+        if dtype is None:
+            dtype = _dtype_for((full,), False, {}, options.role, [field.dataType])
+        specs.append(
+            _spec(
+                (column,),
+                kind,
+                options.shapes.get(full, ()),
+                dtype,
+                options.decoders.get(full),
+                options.arg,
+                field=field_path,
+                place=(*place, field.name),
+            )
+        )
+    return specs
+
+
+def _is_struct(data_type: Any) -> bool:
+    return _type_name(data_type) == "StructType"
+
+
+def _known_names(fields: Mapping[str, Any]) -> set[str]:
+    """Top-level column names and the dotted paths of struct fields (``meta.box``)."""
+    known: set[str] = set()
+
+    def visit(prefix: str, data_type: Any) -> None:
+        known.add(prefix)
+        if _is_struct(data_type):
+            for field in data_type.fields:
+                visit(f"{prefix}.{field.name}", field.dataType)
+
+    for name, field in fields.items():
+        visit(name, field.dataType)
+    return known
+
+
+def _column_groups(cols: ColumnsArg, arg: str, *, allow_empty: bool) -> list[_Group]:
+    if cols is None or (
+        isinstance(cols, (Sequence, Mapping)) and not isinstance(cols, str) and not cols
+    ):
         if allow_empty:
             return []
         raise FeedError(f"{arg} is empty: name at least one column")
+    if isinstance(cols, Mapping):
+        groups = []
+        for key, item in cols.items():
+            if not isinstance(key, str) or not key:
+                raise FeedError(
+                    f"{arg}: the dict's keys name the model's inputs and must be non-empty "
+                    f"strings, got {key!r}"
+                )
+            group = _group(item, f"{arg}[{key!r}]", key)
+            groups.append(group)
+        return groups
     items = [cols] if isinstance(cols, str) else list(cols)
-    groups = []
-    for item in items:
-        if isinstance(item, str):
-            groups.append(((item,), False))
-        elif isinstance(item, Sequence) and item and all(isinstance(n, str) for n in item):
-            groups.append((tuple(item), True))
-        else:
-            raise FeedError(
-                f"{arg}: {item!r} is neither a column name nor a non-empty list of names "
-                "(a nested list stacks scalar columns into one tensor)"
-            )
-    return groups
+    return [_group(item, arg, None) for item in items]
+
+
+def _group(item: Any, where: str, key: str | None) -> _Group:
+    if isinstance(item, str):
+        return _Group((item,), False, key)
+    if (
+        isinstance(item, Sequence)
+        and not isinstance(item, str)
+        and item
+        and all(isinstance(n, str) for n in item)
+    ):
+        return _Group(tuple(item), True, key)
+    raise FeedError(
+        f"{where}: {item!r} is neither a column name nor a non-empty list of names "
+        "(a nested list stacks scalar columns into one tensor)"
+    )
 
 
 def _check_exists(name: str, fields: Mapping[str, Any], arg: str) -> None:
@@ -165,23 +293,30 @@ def _check_exists(name: str, fields: Mapping[str, Any], arg: str) -> None:
     close = [field for field in fields if field.lower() == name.lower()]
     hint = f" (did you mean {close[0]!r}? names are matched exactly)" if close else ""
     if "." in name and not close:
-        hint = " (nested fields are not read directly: select them as top-level columns)"
+        hint = (
+            f" (a struct field is not read on its own: name the struct column "
+            f"{name.split('.')[0]!r} for a dict of all its fields, or select the field as a "
+            "top-level column)"
+        )
     raise FeedError(
         f"{arg}: column {name!r} is not in the DataFrame{hint}; available columns: {available}"
     )
 
 
-def _check_keys(option: str, mapping: Mapping[Any, Any], fields: Mapping[str, Any]) -> None:
-    # A typo in a key would otherwise be ignored silently. Tuple keys name stacked groups.
+def _check_keys(option: str, mapping: Mapping[Any, Any], known: set[str]) -> None:
+    # A typo in a key would otherwise be ignored silently. Tuple keys name stacked groups;
+    # dotted keys name struct fields.
     unknown = [
         key
         for key in mapping
-        if any(name not in fields for name in (key if isinstance(key, tuple) else (key,)))
+        if any(name not in known for name in (key if isinstance(key, tuple) else (key,)))
     ]
     if unknown:
+        top_level = sorted(name for name in known if "." not in name)
         raise FeedError(
-            f"{option}: {unknown} {'is' if len(unknown) == 1 else 'are'} not DataFrame columns; "
-            f"available columns: {', '.join(fields)}"
+            f"{option}: {unknown} {'is' if len(unknown) == 1 else 'are'} not DataFrame columns "
+            f"(nor struct fields such as 'column.field'); available columns: "
+            f"{', '.join(top_level)}"
         )
 
 
@@ -189,14 +324,14 @@ def _type_name(data_type: Any) -> str:
     return type(data_type).__name__
 
 
-def _kind_of(name: str, data_type: Any, arg: str) -> ColumnKind:
+def _kind_of(name: str, data_type: Any, arg: str, what: str = "column") -> ColumnKind:
     type_name = _type_name(data_type)
     if type_name in _INTEGRAL or type_name in _FLOATING or type_name == "BooleanType":
         return ColumnKind.SCALAR
     if type_name == "DecimalType":
         raise FeedError(
-            f"{arg}: column {name!r} is {data_type.simpleString()}; cast it to double first "
-            f"(df.withColumn({name!r}, F.col({name!r}).cast('double')))"
+            f"{arg}: {what} {name!r} is {data_type.simpleString()}; cast it to double first "
+            f"(F.col({name!r}).cast('double'))"
         )
     if type_name == "ArrayType":
         element = data_type.elementType
@@ -206,7 +341,7 @@ def _kind_of(name: str, data_type: Any, arg: str) -> ColumnKind:
         if element_name in _INTEGRAL or element_name in _FLOATING or element_name == "BooleanType":
             return ColumnKind.ARRAY
         raise FeedError(
-            f"{arg}: column {name!r} is {data_type.simpleString()}; arrays must hold numbers "
+            f"{arg}: {what} {name!r} is {data_type.simpleString()}; arrays must hold numbers "
             "(for text, use a string column with a decoder)"
         )
     if type_name == "BinaryType":
@@ -216,9 +351,9 @@ def _kind_of(name: str, data_type: Any, arg: str) -> ColumnKind:
     if hasattr(data_type, "sqlType") and data_type.simpleString() == "vector":
         return ColumnKind.VECTOR
     raise FeedError(
-        f"{arg}: column {name!r} has type {data_type.simpleString()}, which cannot become a "
+        f"{arg}: {what} {name!r} has type {data_type.simpleString()}, which cannot become a "
         "tensor; supported: numeric and boolean scalars, arrays of numbers, ML vectors, "
-        "binary (with a decoder) and string (with a decoder)"
+        "binary (with a decoder), string (with a decoder) and structs of these"
     )
 
 

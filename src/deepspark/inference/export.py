@@ -71,6 +71,11 @@ def _reference(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torc
 def _verify(path: str, kind: ModelKind, reference: torch.Tensor, inputs, atol: float) -> None:
     predictor = load_model(ModelSource.from_path(path, kind), cached=False)
     output = predictor(inputs)
+    # the first output, as `_reference` takes it (a dict keeps the model's order)
+    if isinstance(output, dict):
+        output = next(iter(output.values()))
+    elif isinstance(output, tuple):
+        output = output[0]
     if output.shape != reference.shape:
         raise ExportMismatchError(
             f"the exported {kind.value} model at {path!r} returns shape {tuple(output.shape)}, "

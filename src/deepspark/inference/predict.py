@@ -21,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -37,14 +36,21 @@ from deepspark.inference.models import (
     model_source,
     private_model_dir,
 )
-from deepspark.inference.runtimes import Predictor, TorchModulePredictor, evaluating
+from deepspark.inference.outputs import (
+    OutputArg,
+    OutputColsArg,
+    check_column_names,
+    check_output_cols,
+    output_columns,
+    requested_kinds,
+)
+from deepspark.inference.runtimes import Outputs, Predictor, TorchModulePredictor, evaluating
 from deepspark.inference.worker import (
+    OutputColumn,
     OutputKind,
     PredictSpec,
-    output_column,
     predict_arrays,
     predict_partition,
-    resolve_output,
 )
 
 if TYPE_CHECKING:
@@ -59,7 +65,7 @@ _PATHS = ("auto", "arrow_udf", "mapInArrow")
 # Arrow iterator UDFs (pyspark.sql.functions.arrow_udf) arrived in Spark 4.1.
 _ARROW_UDF_SINCE = (4, 1)
 
-ColumnsArg = str | Sequence[str | Sequence[str]]
+ColumnsArg = str | Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]]
 
 
 def predict(
@@ -68,9 +74,10 @@ def predict(
     feature_cols: ColumnsArg,
     output_col: str = "prediction",
     batch_size: int = 1024,
-    output: str | OutputKind = "auto",
+    output: OutputArg = "auto",
     passthrough_cols: Sequence[str] | None = None,
     *,
+    output_cols: OutputColsArg = None,
     feature_shapes: dict[str, Sequence[int]] | None = None,
     feature_dtypes: dict[str, str] | None = None,
     decoders: dict[str, Callable[[Any], Any]] | None = None,
@@ -104,20 +111,30 @@ def predict(
         In-memory models and saved directories are unpickled on the workers (trusted models
         only). A model whose pickle exceeds ``max_inline_bytes`` travels by path (see
         ``spill_dir``).
-    feature_cols : str or sequence
+    feature_cols : str, sequence or dict
         One entry per model input: a column name, or a list of numeric scalar columns stacked
         into one tensor (the data layer's column kinds: numbers, arrays, ML vectors, binary
-        and strings with ``decoders``).
+        and strings with ``decoders``; a struct column gives a dict of its fields). A dict
+        ``{name: column or list}`` makes one dict argument, ``forward({name: tensor})``, as
+        in ``Estimator.fit``.
     output_col : str
-        Name of the new column; must not exist in ``df``.
+        Name of the new column for a model with one output; for a tuple output the prefix
+        of the default names ``prediction_0``, ``prediction_1``, ... Must not exist in ``df``.
     batch_size : int
         Rows per model call.
-    output : {"auto", "double", "array", "class", "probabilities"}
+    output : {"auto", "double", "array", "class", "probabilities"} or dict
         ``double`` (one value per row), ``array`` (``array<float>``), ``class`` (argmax as
         ``int``), ``probabilities`` (softmax as ``array<float>``); ``auto`` picks ``double``
-        for one output per row, else ``array``.
+        for one output per row, else ``array``. One kind applies to every output; a dict
+        gives it per output (dict key or tuple position), e.g. ``{"logits": "class"}``, the
+        others ``auto``.
     passthrough_cols : sequence of str, optional
         Input columns kept in the result (default: all of them).
+    output_cols : list or dict, optional
+        Column names for a model with several outputs, which writes one column per output:
+        a dict output's columns are named by its keys, a tuple's (or list's)
+        ``f"{output_col}_{i}"``. A list names every output in order; a dict renames some,
+        by dict key or position, e.g. ``{"logits": "scores"}``.
     feature_shapes, feature_dtypes, decoders : dict, optional
         Per-column tensor shape (e.g. ``{"image": (1, 28, 28)}``), dtype and decode function,
         as in ``Estimator.fit``.
@@ -141,7 +158,7 @@ def predict(
     Returns
     -------
     pyspark.sql.DataFrame
-        ``passthrough_cols`` followed by ``output_col``.
+        ``passthrough_cols`` followed by ``output_col`` (or one column per model output).
 
     Raises
     ------
@@ -160,6 +177,17 @@ def predict(
     >>> scored = predict(df, torch.nn.Linear(4, 1), "x")  # doctest: +SKIP
     >>> scored.columns  # doctest: +SKIP
     ['id', 'x', 'prediction']
+
+    A model with two outputs writes two columns:
+
+    >>> class TwoHeads(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 1)
+    ...     def forward(self, x):
+    ...         return {"scores": self.a(x), "value": self.b(x)}
+    >>> predict(df, TwoHeads(), "x").columns  # doctest: +SKIP
+    ['id', 'x', 'scores', 'value']
     """
     from deepspark.context.workers import check_workers
     from deepspark.data.validate import resolve_specs
@@ -168,11 +196,6 @@ def predict(
     path = _choose_path(df.sparkSession)
     if not isinstance(output_col, str) or not output_col:
         raise ValueError(f"output_col={output_col!r}: give a column name")
-    if output_col in df.columns:
-        raise ValueError(
-            f"output_col={output_col!r} already exists in the DataFrame; choose another name "
-            "or drop the column first"
-        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: give a positive integer")
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
@@ -183,7 +206,8 @@ def predict(
         torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device={device!r}: give 'cpu', 'cuda' or 'cuda:<index>'") from err
-    requested = OutputKind.parse(output)
+    requested, requested_by_key = requested_kinds(output)
+    check_output_cols(output_cols)
     passthrough = tuple(df.columns if passthrough_cols is None else passthrough_cols)
     missing = [name for name in passthrough if name not in df.columns]
     if missing:
@@ -208,14 +232,17 @@ def predict(
     )
     names = tuple(input_names) if input_names else None
 
-    kind = _probe_output(
-        df, model, source, features, names, requested, rows=probe_rows, cache_bytes=cache_bytes
+    probe, probe_rows_seen = _probe_outputs(
+        df, model, source, features, names, rows=probe_rows, cache_bytes=cache_bytes
     )
+    outputs = output_columns(
+        probe, probe_rows_seen, output_col, output_cols, requested, requested_by_key
+    )
+    check_column_names(outputs, df.columns, output_cols)
     spec = PredictSpec(
         model=source,
         features=features,
-        output_col=output_col,
-        output=kind,
+        outputs=outputs,
         passthrough_cols=passthrough,
         batch_size=batch_size,
         input_names=names,
@@ -225,7 +252,7 @@ def predict(
     )
     if path == "arrow_udf":
         return _predict_with_arrow_udf(df, spec)
-    schema = _output_schema(df, passthrough, output_col, kind)
+    schema = _output_schema(df, passthrough, outputs)
     selected = list(dict.fromkeys([*passthrough, *_columns_of(features)]))
     return df.select(*selected).mapInArrow(_predict_fn(spec), schema)
 
@@ -263,13 +290,42 @@ def _arrow_udf_supported(session: Any) -> bool:
 
 
 def _predict_with_arrow_udf(df: DataFrame, spec: PredictSpec) -> DataFrame:
-    """The passthrough columns as they are, and the prediction from an Arrow iterator UDF."""
+    """The passthrough columns as they are, and the predictions from an Arrow iterator UDF.
+
+    With several output columns the UDF returns one struct of them, which is then split into
+    columns (Spark evaluates the UDF once per row: the struct is not a cheap expression to
+    repeat, so the projections are not collapsed into one per field).
+    """
+    from pyspark.sql import functions
     from pyspark.sql.functions import arrow_udf
+    from pyspark.sql.types import StructField, StructType
 
     columns = tuple(_columns_of(spec.features))
-    udf = arrow_udf(_predict_udf_fn(spec, columns), _spark_type(spec.output))
-    prediction = _declared_not_null(udf(*columns), spec.output)
-    return df.select(*spec.passthrough_cols, prediction.alias(spec.output_col))
+    if len(spec.outputs) == 1:
+        (only,) = spec.outputs
+        udf = arrow_udf(_predict_udf_fn(spec, columns), _spark_type(only.kind))
+        prediction = _declared_not_null(udf(*columns), only.kind)
+        return df.select(*spec.passthrough_cols, prediction.alias(only.column))
+    packed_type = StructType(
+        [StructField(out.column, _spark_type(out.kind), False) for out in spec.outputs]
+    )
+    udf = arrow_udf(_predict_udf_fn(spec, columns), packed_type)
+    packed = _unused_name(df.columns, "__deepspark_outputs")
+    unpacked = [
+        _declared_not_null(functions.col(packed).getField(out.column), out.kind).alias(out.column)
+        for out in spec.outputs
+    ]
+    passthrough = [functions.col(name) for name in spec.passthrough_cols]
+    with_outputs = df.select(*passthrough, udf(*columns).alias(packed))
+    return with_outputs.select(*passthrough, *unpacked)
+
+
+def _unused_name(taken: Sequence[str], base: str) -> str:
+    name, number = base, 0
+    while name in taken:
+        number += 1
+        name = f"{base}_{number}"
+    return name
 
 
 def _declared_not_null(column: Any, kind: OutputKind) -> Any:
@@ -289,38 +345,29 @@ def _declared_not_null(column: Any, kind: OutputKind) -> Any:
     return functions.coalesce(column, fallback)
 
 
-def _probe_output(
+def _probe_outputs(
     df: DataFrame,
     model: Any,
     source: ModelSource,
     features: tuple[Any, ...],
     input_names: tuple[str, ...] | None,
-    requested: OutputKind,
     *,
     rows: int,
     cache_bytes: int,
-) -> OutputKind:
-    """Run the model on a few rows here on the driver: the output kind, and errors before a job."""
-    from deepspark.data import batch_to_tensors
+) -> tuple[Outputs | None, int]:
+    """Run the model on a few rows here on the driver: its outputs (None without rows) and
+    the number of rows, so shape errors show before a job."""
+    from deepspark.data import assemble, batch_to_tensors
 
     with _driver_predictor(model, source, cache_bytes) as predictor:
         predictor.check_input_names(input_names)
         sample = df.select(*_columns_of(features)).limit(rows).toArrow()
         if not sample.num_rows:
-            if requested is OutputKind.AUTO:
-                warnings.warn(
-                    "predict: the DataFrame has no rows, so output='auto' cannot see the "
-                    "model's output; it writes 'array'. Pass output= to choose the column type",
-                    stacklevel=3,
-                )
-                return OutputKind.ARRAY
-            return requested
-        inputs = batch_to_tensors(sample, features)
+            return None, 0
+        inputs = assemble(features, batch_to_tensors(sample, features))
         column_names = [spec.name for spec in features]
         probe = predictor(inputs, input_names=input_names, column_names=column_names)
-    kind = resolve_output(requested, tuple(probe.shape))
-    output_column(probe, kind, sample.num_rows)  # the column converts as declared
-    return kind
+    return probe, sample.num_rows
 
 
 @contextlib.contextmanager
@@ -354,12 +401,17 @@ def _spark_type(kind: OutputKind) -> DataType:
     return ArrayType(FloatType(), containsNull=False)
 
 
-def _output_schema(df: DataFrame, passthrough: Sequence[str], output_col: str, kind: OutputKind):
+def _output_schema(
+    df: DataFrame, passthrough: Sequence[str], outputs: Sequence[OutputColumn]
+) -> Any:
     from pyspark.sql.types import StructField, StructType
 
     fields = {field.name: field for field in df.schema.fields}
     return StructType(
-        [*(fields[name] for name in passthrough), StructField(output_col, _spark_type(kind), False)]
+        [
+            *(fields[name] for name in passthrough),
+            *(StructField(out.column, _spark_type(out.kind), False) for out in outputs),
+        ]
     )
 
 

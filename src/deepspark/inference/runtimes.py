@@ -1,7 +1,9 @@
 """One predictor class per runtime: eager torch, TorchScript, ``torch.export`` and ONNX Runtime.
 
-Worker side: no pyspark here. A predictor maps a tuple of input tensors (one per feature
-column) to one output tensor, in eval mode under ``torch.inference_mode``. When the runtime
+Worker side: no pyspark here. A predictor maps the model's positional arguments (tensors, or
+dicts of tensors for a ``feature_cols`` dict or struct columns) to its outputs on the CPU: one
+tensor, or a dict or tuple of tensors for a model with several outputs, in eval mode under
+``torch.inference_mode``. When the runtime
 rejects the inputs, the predictor raises :class:`ModelInputError` naming the shapes it was
 given and what the model expects, so a user sees "column 'features' gives (N, 5), the model
 expects (N, 4)" instead of a matrix-multiplication message from deep inside the model.
@@ -23,10 +25,13 @@ __all__ = [
     "ExportedProgramPredictor",
     "ModelInputError",
     "OnnxPredictor",
+    "Outputs",
     "Predictor",
     "TorchModulePredictor",
     "TorchScriptPredictor",
     "import_onnxruntime",
+    "input_leaves",
+    "outputs_on_cpu",
 ]
 
 
@@ -65,11 +70,46 @@ def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
             submodule.training = training
 
 
-def describe_shapes(inputs: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> str:
-    """``'features' (N=3, 5) float32`` for each input, the batch dimension shown as ``N=``."""
+Outputs = torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
+"""What a predictor returns: one tensor, or a model's several outputs (a dict or a tuple)."""
+
+
+def input_leaves(inputs: Sequence[Any]) -> list[tuple[str, torch.Tensor]]:
+    """Every input tensor with where it sits: ``""`` for an argument, ``"['text']"`` in a dict.
+
+    Tensors come in the order the feature specs list them (dicts keep that order).
+    """
+    leaves: list[tuple[str, torch.Tensor]] = []
+
+    def visit(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, f"{where}[{key!r}]")
+        else:
+            leaves.append((where, value))
+
+    for value in inputs:
+        visit(value, "")
+    return leaves
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, dict):
+        return {key: _on_device(item, device) for key, item in value.items()}
+    return value.to(device, non_blocking=True)
+
+
+def describe_shapes(inputs: Sequence[Any], names: Sequence[str] | None = None) -> str:
+    """``'features' (N=3, 5) float32`` for each input, the batch dimension shown as ``N=``.
+
+    ``names`` are the columns of the input tensors in order; a tensor inside a dict argument
+    also shows its key, ``'tokens' as ['text']``.
+    """
     parts = []
-    for index, tensor in enumerate(inputs):
+    for index, (where, tensor) in enumerate(input_leaves(inputs)):
         label = repr(names[index]) if names and index < len(names) else f"input {index}"
+        if where:
+            label += f" as {where}"
         dims = list(tensor.shape)
         shape = ", ".join([f"N={dims[0]}", *map(str, dims[1:])]) if dims else "scalar"
         parts.append(f"{label} ({shape}) {str(tensor.dtype).removeprefix('torch.')}")
@@ -77,10 +117,11 @@ def describe_shapes(inputs: Sequence[torch.Tensor], names: Sequence[str] | None 
 
 
 class Predictor(ABC):
-    """A loaded model, ready to run batches: ``predictor(inputs) -> Tensor``.
+    """A loaded model, ready to run batches: ``predictor(inputs) -> Outputs``.
 
     Subclasses hold the runtime's object and know how to describe its expected inputs.
-    Models with several outputs give their first one.
+    Models with several outputs give them all: a dict by name (a model's dict or named tuple,
+    an ONNX model's output names) or a tuple.
     """
 
     runtime: ClassVar[str]
@@ -98,11 +139,12 @@ class Predictor(ABC):
         """What the model takes, in words, for error messages."""
 
     @abstractmethod
-    def _run(self, inputs: tuple[torch.Tensor, ...], input_names: Sequence[str] | None) -> Any:
+    def _run(self, inputs: tuple[Any, ...], input_names: Sequence[str] | None) -> Any:
         """Run the runtime on one batch; may raise the runtime's own errors."""
 
     def input_count(self) -> int | None:
-        """How many input tensors the model takes, when the runtime says so."""
+        """How many input tensors the model takes (dict arguments flattened), when the
+        runtime says so."""
         return None
 
     def check_input_names(self, input_names: Sequence[str] | None) -> None:
@@ -115,27 +157,34 @@ class Predictor(ABC):
 
     def __call__(
         self,
-        inputs: Sequence[torch.Tensor],
+        inputs: Sequence[Any],
         *,
         input_names: Sequence[str] | None = None,
         column_names: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        """Run one batch and return the (first) output on the CPU.
+    ) -> Outputs:
+        """Run one batch and return the outputs on the CPU.
 
         Parameters
         ----------
-        inputs : sequence of Tensor
-            One tensor per model input, batch dimension first.
+        inputs : sequence of Tensor or dict
+            The model's positional arguments, batch dimension first: one tensor per feature
+            column, or dicts of them (`deepspark.data.assemble`).
         input_names : sequence of str, optional
             ONNX only: the model inputs the tensors feed, in order.
         column_names : sequence of str, optional
-            The columns the tensors came from, to name them in error messages.
+            The columns the tensors came from, in order, to name them in error messages.
+
+        Returns
+        -------
+        Tensor, dict of Tensor or tuple of Tensor
+            The model's output; a one-element tuple or list is its one tensor.
         """
         inputs = tuple(inputs)
         count = self.input_count()
-        if count is not None and count != len(inputs):
+        given = len(input_leaves(inputs))
+        if count is not None and count != given:
             raise ModelInputError(
-                f"the model takes {count} input(s) but {len(inputs)} feature tensor(s) were "
+                f"the model takes {count} input(s) but {given} feature tensor(s) were "
                 f"given ({describe_shapes(inputs, column_names)}); the model expects "
                 f"{self.expected_inputs()}"
             )
@@ -152,7 +201,7 @@ class Predictor(ABC):
                 f"{describe_shapes(inputs, column_names)}; the model expects "
                 f"{self.expected_inputs()}. {type(err).__name__}: {_first_lines(err)}"
             ) from err
-        return _first_output(output)
+        return outputs_on_cpu(output)
 
 
 def _first_lines(err: BaseException) -> str:
@@ -163,19 +212,50 @@ def _first_lines(err: BaseException) -> str:
     return f"{lines[0]} … {lines[-1]}"
 
 
-def _first_output(output: Any) -> torch.Tensor:
-    while isinstance(output, (tuple, list)):
+def outputs_on_cpu(output: Any) -> Outputs:
+    """A model's return value as predict writes it: a tensor, a dict or a tuple of tensors.
+
+    Lists become tuples, named tuples dicts; a one-element tuple or list is its tensor.
+    Numpy arrays (ONNX Runtime) become tensors.
+
+    Examples
+    --------
+    >>> sorted(outputs_on_cpu({"a": torch.zeros(2), "b": torch.ones(2)}))
+    ['a', 'b']
+    >>> outputs_on_cpu([torch.zeros(2)]).shape
+    torch.Size([2])
+    """
+    if isinstance(output, tuple) and hasattr(output, "_asdict"):
+        output = output._asdict()
+    if isinstance(output, (tuple, list)):
         if not output:
             raise ModelInputError("the model returned an empty tuple; it must return a tensor")
-        output = output[0]
-    if isinstance(output, np.ndarray):
-        return torch.from_numpy(output)
-    if not isinstance(output, torch.Tensor):
+        if len(output) == 1:
+            return outputs_on_cpu(output[0])
+        return tuple(_tensor_on_cpu(item, f"position {i}") for i, item in enumerate(output))
+    if isinstance(output, dict):
+        if not output:
+            raise ModelInputError("the model returned an empty dict; it must return tensors")
+        for key in output:
+            if not isinstance(key, str):
+                raise ModelInputError(
+                    f"the model returned a dict with key {key!r}; predict names a column "
+                    "after each key, so the keys must be strings"
+                )
+        return {key: _tensor_on_cpu(item, repr(key)) for key, item in output.items()}
+    return _tensor_on_cpu(output, None)
+
+
+def _tensor_on_cpu(value: Any, where: str | None) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        found = f"a {type(value).__name__}" + (f" at output {where}" if where else "")
         raise ModelInputError(
-            f"the model returned a {type(output).__name__}; predict needs a tensor "
-            "(or a tuple whose first element is one)"
+            f"the model returned {found}; predict needs a tensor, or a dict, tuple or list "
+            "of tensors (one column each)"
         )
-    return output.detach().cpu()
+    return value.detach().cpu()
 
 
 def _tensor_bytes(tensors: Any) -> int:
@@ -219,8 +299,8 @@ class _ModulePredictor(Predictor):
     def expected_inputs(self) -> str:
         return _first_layer_inputs(self.module)
 
-    def _run(self, inputs: tuple[torch.Tensor, ...], input_names: Sequence[str] | None) -> Any:
-        return self.module(*(tensor.to(self.device, non_blocking=True) for tensor in inputs))
+    def _run(self, inputs: tuple[Any, ...], input_names: Sequence[str] | None) -> Any:
+        return self.module(*(_on_device(value, self.device) for value in inputs))
 
 
 class TorchModulePredictor(_ModulePredictor):
@@ -266,8 +346,8 @@ class ExportedProgramPredictor(Predictor):
                     shapes[node.name] = f"'{node.name}' ({', '.join(dims)}) {dtype}"
         return "; ".join(shapes.get(name, repr(name)) for name in self._user_inputs)
 
-    def _run(self, inputs: tuple[torch.Tensor, ...], input_names: Sequence[str] | None) -> Any:
-        return self.module(*(tensor.to(self.device) for tensor in inputs))
+    def _run(self, inputs: tuple[Any, ...], input_names: Sequence[str] | None) -> Any:
+        return self.module(*(_on_device(value, self.device) for value in inputs))
 
 
 _ONNX_DTYPES = {
@@ -299,7 +379,7 @@ class OnnxPredictor(Predictor):
             model, sess_options=options, providers=["CPUExecutionProvider"]
         )
         self._inputs = {arg.name: arg for arg in self.session.get_inputs()}
-        self._output_name = self.session.get_outputs()[0].name
+        self._output_names = [arg.name for arg in self.session.get_outputs()]
         self._nbytes = nbytes
 
     @property
@@ -331,12 +411,16 @@ class OnnxPredictor(Predictor):
                 + (f" (unknown: {unknown!r})" if unknown else " (each input exactly once)")
             )
 
-    def _run(self, inputs: tuple[torch.Tensor, ...], input_names: Sequence[str] | None) -> Any:
+    def _run(self, inputs: tuple[Any, ...], input_names: Sequence[str] | None) -> Any:
         self.check_input_names(input_names)
         names = tuple(input_names) if input_names else tuple(self._inputs)
+        tensors = [tensor for _, tensor in input_leaves(inputs)]
         feed = {}
-        for name, tensor in zip(names, inputs, strict=True):
+        for name, tensor in zip(names, tensors, strict=True):
             dtype = _ONNX_DTYPES.get(self._inputs[name].type)
             array = tensor.numpy(force=True)
             feed[name] = array if dtype is None else array.astype(dtype, copy=False)
-        return self.session.run([self._output_name], feed)
+        arrays = self.session.run(self._output_names, feed)
+        if len(arrays) == 1:
+            return arrays[0]
+        return dict(zip(self._output_names, arrays, strict=True))

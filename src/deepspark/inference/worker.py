@@ -19,15 +19,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from deepspark.data import batch_to_tensors
+from deepspark.data import assemble, batch_to_tensors
 from deepspark.inference.models import DEFAULT_CACHE_BYTES, ModelSource, load_model
-from deepspark.inference.runtimes import ModelInputError, Predictor
+from deepspark.inference.runtimes import ModelInputError, Outputs, Predictor
 
 __all__ = [
+    "OutputColumn",
     "OutputKind",
     "PredictError",
     "PredictSpec",
     "output_column",
+    "output_tensor",
     "predict_arrays",
     "predict_batch",
     "predict_partition",
@@ -85,6 +87,19 @@ class OutputKind(str, Enum):
 
 
 @dataclass(frozen=True)
+class OutputColumn:
+    """One prediction column: which model output it holds, its name and what it holds.
+
+    ``key`` is a dict key or a tuple position of the model's output; None for a model that
+    returns one tensor. ``kind`` is never ``AUTO`` (the driver resolves it).
+    """
+
+    key: str | int | None
+    column: str
+    kind: OutputKind
+
+
+@dataclass(frozen=True)
 class PredictSpec:
     """Everything a task needs to predict: plain values, pickled into the task closure.
 
@@ -93,11 +108,15 @@ class PredictSpec:
     model : ModelSource
         The model (bytes or a path); loaded once per Python worker.
     features : tuple
-        The data layer's ``TensorSpec`` for each model input, in order.
-    output_col : str
-        Name of the prediction column.
-    output : OutputKind
-        What the prediction column holds (never ``AUTO`` here: the driver resolves it).
+        The data layer's ``TensorSpec`` for each model input, in order (with places, they
+        are assembled into dict arguments; see `deepspark.data.assemble`).
+    output_col : str, optional
+        Name of the prediction column of a model with one output.
+    output : OutputKind, optional
+        What that column holds (never ``AUTO`` here: the driver resolves it).
+    outputs : tuple of OutputColumn
+        The prediction columns; given instead of ``output_col`` and ``output`` for a model with
+        several outputs, and filled in from them otherwise.
     passthrough_cols : tuple of str
         Input columns copied to the output, before the prediction column.
     batch_size : int
@@ -114,17 +133,29 @@ class PredictSpec:
 
     model: ModelSource
     features: tuple[Any, ...]
-    output_col: str
-    output: OutputKind
+    output_col: str | None = None
+    output: OutputKind | None = None
     passthrough_cols: tuple[str, ...] = ()
     batch_size: int = 1024
     input_names: tuple[str, ...] | None = None
     device: str = "cpu"
     num_threads: int | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    outputs: tuple[OutputColumn, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.output is OutputKind.AUTO:
+        single = self.output_col is not None or self.output is not None
+        if single:
+            if self.output_col is None or self.output is None:
+                raise ValueError("PredictSpec needs both output_col and output")
+            column = OutputColumn(None, self.output_col, OutputKind.parse(self.output))
+            # dataclasses.replace passes the filled-in outputs back: they must agree
+            if self.outputs not in ((), (column,)):
+                raise ValueError("PredictSpec takes output_col and output, or outputs, not both")
+            object.__setattr__(self, "outputs", (column,))
+        elif not self.outputs:
+            raise ValueError("PredictSpec needs output_col and output, or outputs")
+        if any(column.kind is OutputKind.AUTO for column in self.outputs):
             raise ValueError("PredictSpec.output must be resolved (see resolve_output)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size!r}: give a positive integer")
@@ -235,16 +266,48 @@ def output_column(output: torch.Tensor, kind: OutputKind, rows: int) -> pa.Array
     return pa.ListArray.from_arrays(offsets, pa.array(values))
 
 
+def output_tensor(outputs: Outputs, key: str | int | None) -> torch.Tensor:
+    """The tensor of a model's outputs that one prediction column holds.
+
+    Examples
+    --------
+    >>> output_tensor({"logits": torch.zeros(2, 3)}, "logits").shape
+    torch.Size([2, 3])
+    """
+    if key is None and isinstance(outputs, torch.Tensor):
+        return outputs
+    in_dict = isinstance(outputs, dict) and isinstance(key, str) and key in outputs
+    in_tuple = isinstance(outputs, tuple) and isinstance(key, int) and 0 <= key < len(outputs)
+    if in_dict or in_tuple:
+        return outputs[key]  # type: ignore[index]
+    raise ModelInputError(
+        f"the model returned {_describe_outputs(outputs)} where the first rows gave output "
+        f"{'a single tensor' if key is None else repr(key)}; a model must return the same "
+        "structure for every batch"
+    )
+
+
+def _describe_outputs(outputs: Outputs) -> str:
+    if isinstance(outputs, dict):
+        return f"a dict with keys {list(outputs)}"
+    if isinstance(outputs, tuple):
+        return f"a tuple of {len(outputs)} tensors"
+    return "a single tensor"
+
+
 def predict_batch(
     predictor: Predictor, batch: pa.RecordBatch | pa.Table, spec: PredictSpec
 ) -> pa.RecordBatch:
-    """Run one model batch and return its passthrough columns plus the prediction column."""
-    inputs = batch_to_tensors(batch, spec.features)
+    """Run one model batch and return its passthrough columns plus the prediction columns."""
+    inputs = assemble(spec.features, batch_to_tensors(batch, spec.features))
     columns_fed = [feature.name for feature in spec.features]
-    output = predictor(inputs, input_names=spec.input_names, column_names=columns_fed)
+    outputs = predictor(inputs, input_names=spec.input_names, column_names=columns_fed)
     columns = [batch.column(name) for name in spec.passthrough_cols]
-    columns.append(output_column(output, spec.output, batch.num_rows))
-    return pa.RecordBatch.from_arrays(columns, names=[*spec.passthrough_cols, spec.output_col])
+    for column in spec.outputs:
+        tensor = output_tensor(outputs, column.key)
+        columns.append(output_column(tensor, column.kind, batch.num_rows))
+    names = [*spec.passthrough_cols, *(column.column for column in spec.outputs)]
+    return pa.RecordBatch.from_arrays(columns, names=names)
 
 
 def predict_partition(
@@ -335,7 +398,8 @@ def predict_arrays(
     Yields
     ------
     pyarrow.Array
-        The prediction column, one array per model batch.
+        The prediction column, one array per model batch; with several output columns, a
+        struct array holding them as fields.
 
     Examples
     --------
@@ -358,4 +422,7 @@ def predict_arrays(
 
     columnar = dataclasses.replace(spec, passthrough_cols=())
     for batch in predict_partition(batches(), columnar, partition_id):
-        yield batch.column(0)
+        if batch.num_columns == 1:
+            yield batch.column(0)
+        else:
+            yield pa.StructArray.from_arrays(batch.columns, names=batch.schema.names)

@@ -5,12 +5,16 @@ Layout of a saved directory::
     metadata.json        format version, class names, config, feature columns, history
     weights.safetensors  the model's state dict
     model.pkl            the architecture (cloudpickle; trusted code only)
-    training.pkl         loss, optimizer factory, scheduler factory, metrics (cloudpickle)
+    training.pkl         loss, optimizer and scheduler factories, metrics, custom steps
+                         (cloudpickle)
+    optimizer.pt         the last fit's optimizer state, when there is one (torch.save of
+                         tensors and plain values; read with weights_only=True)
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
@@ -24,6 +28,7 @@ METADATA = "metadata.json"
 WEIGHTS = "weights.safetensors"
 MODEL = "model.pkl"
 TRAINING = "training.pkl"
+OPTIMIZER = "optimizer.pt"
 
 
 def save_estimator(estimator: Any, path: str) -> str:
@@ -39,6 +44,7 @@ def save_estimator(estimator: Any, path: str) -> str:
         "feature_cols": estimator._feature_cols,
         "use_gpu": estimator.use_gpu,
         "history": estimator.history.to_dict(orient="records"),
+        "optimizer_state": None if estimator._optimizer_state is None else OPTIMIZER,
     }
     _write(fs, f"{root}/{WEIGHTS}", weights_to_bytes(model.state_dict()))
     _write(fs, f"{root}/{MODEL}", cloudpickle.dumps(model))
@@ -47,8 +53,13 @@ def save_estimator(estimator: Any, path: str) -> str:
         "optimizer": estimator._optimizer_factory,
         "scheduler": estimator.scheduler,
         "metrics": estimator.metrics,
+        "steps": estimator.steps,
     }
     _write(fs, f"{root}/{TRAINING}", cloudpickle.dumps(training))
+    if estimator._optimizer_state is not None:
+        _write(fs, f"{root}/{OPTIMIZER}", estimator._optimizer_state)
+    elif fs.exists(f"{root}/{OPTIMIZER}"):  # an earlier save's, into the same directory
+        fs.rm(f"{root}/{OPTIMIZER}")
     # metadata last: a directory with metadata.json is complete
     _write(fs, f"{root}/{METADATA}", json.dumps(metadata, indent=2, default=str).encode())
     return path
@@ -74,7 +85,14 @@ def load_saved_model(path: str):
     return model, metadata
 
 
-def load_estimator(cls: type, path: str):
+def load_estimator(cls: type, path: str, metrics: Sequence[Any] | None = None):
+    """An estimator of class ``cls`` from a saved directory (unpickles trusted code).
+
+    ``metrics``, when given, replace the saved ones. The optimizer state is checked to read as
+    tensors and plain values before the estimator keeps it.
+    """
+    from deepspark.persist.optimizer_state import optimizer_state_from_bytes
+
     model, metadata = load_saved_model(path)
     fs, root = fsspec.core.url_to_fs(path)
     training = cloudpickle.loads(fs.cat_file(f"{root}/{TRAINING}"))
@@ -82,13 +100,18 @@ def load_estimator(cls: type, path: str):
         model=model,
         optimizer=training["optimizer"],
         loss=training["loss"],
-        metrics=training["metrics"],
+        metrics=training["metrics"] if metrics is None else metrics,
         scheduler=training["scheduler"],
         config=metadata.get("config") or {},
         use_gpu=bool(metadata.get("use_gpu", False)),
+        steps=training.get("steps"),  # saves before custom steps were stored have none
     )
     estimator.history = pd.DataFrame(metadata.get("history") or [])
     estimator._feature_cols = metadata.get("feature_cols")
+    if metadata.get("optimizer_state"):
+        state = fs.cat_file(f"{root}/{metadata['optimizer_state']}")
+        optimizer_state_from_bytes(state, map_location="meta")  # weights_only: no code runs
+        estimator._optimizer_state = state
     return estimator
 
 

@@ -1,5 +1,9 @@
 """Training callbacks, with TensorBoard and MLflow integrations.
 
+Built in: :class:`EarlyStopping`, :class:`ModelCheckpoint` and :class:`CSVLogger` (defined in
+:mod:`deepspark.training.builtin_callbacks`), :class:`TensorBoardCallback` and
+:class:`MLflowCallback`.
+
 A callback object lives in two places during ``Estimator.fit``:
 
 * **on the driver**, the object the user passed: :meth:`Callback.on_fit_begin` runs before the
@@ -33,16 +37,33 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
+    from deepspark.training.builtin_callbacks import CSVLogger, EarlyStopping, ModelCheckpoint
+
 __all__ = [
     "DRIVER_HOOKS",
     "WORKER_HOOKS",
+    "CSVLogger",
     "Callback",
     "CallbackState",
+    "EarlyStopping",
     "MLflowCallback",
+    "ModelCheckpoint",
     "TensorBoardCallback",
     "call_driver_hook",
     "call_worker_hook",
 ]
+
+# defined beside their base class's module, which they import: resolved on first use
+_BUILT_IN = ("CSVLogger", "EarlyStopping", "ModelCheckpoint")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BUILT_IN:
+        from deepspark.training import builtin_callbacks
+
+        return getattr(builtin_callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 WORKER_HOOKS = (
     "on_train_begin",
@@ -73,6 +94,10 @@ class CallbackState:
         Epochs in the whole fit.
     params : dict
         The fit's parameters (``epochs``, ``batch_size``, ``num_workers``, ...), for logging.
+    stop_training : bool
+        Set it to True in ``on_epoch_end`` to end the fit after this epoch. The decision is
+        taken once for all ranks: when any rank's callbacks ask, every rank stops after the
+        same epoch (no rank stops alone and leaves the others waiting).
 
     Examples
     --------
@@ -89,6 +114,7 @@ class CallbackState:
     model: nn.Module | None = None
     epochs: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    stop_training: bool = False
 
 
 class Callback:

@@ -24,6 +24,8 @@ class ResultKind(str, Enum):
     WEIGHTS = "weights"  # safetensors bytes, in bounded chunks
     HISTORY = "history"  # JSON list of per-epoch records
     METRICS = "metrics"  # JSON dict (evaluate)
+    STEP_HISTORY = "step_history"  # JSON list of validations every N steps
+    OPTIMIZER = "optimizer"  # torch.save of the optimizers' state, in bounded chunks
 
 
 # One output row per result chunk; Spark's own result path carries them to the driver.
@@ -41,7 +43,7 @@ class TrainSpec:
 
     kind: JobKind
     model_blob: bytes  # cloudpickle of the driver's nn.Module (with its current weights)
-    loss_blob: bytes
+    loss_blob: bytes | None  # None: an estimator built for inference (evaluate: metrics only)
     optimizer_blob: bytes | None
     scheduler_blob: bytes | None
     metrics_blob: bytes  # cloudpickle of a list of metric names / objects
@@ -66,3 +68,23 @@ class TrainSpec:
     job_id: str = ""
     attempt: int = 0  # the driver's attempt number: a rendezvous belongs to one attempt
     stream_first_epoch: bool = True  # train epoch 0 while the partition arrives
+    # control of the loop (see Estimator.fit)
+    max_steps: int | None = None
+    steps_per_epoch: int | None = None
+    validate_every_steps: int | None = None
+    checkpoint_every_steps: int | None = None
+    accumulate_steps: int = 1
+    clip_grad_norm: float | None = None
+    precision: str = "fp32"
+    scheduler_interval: str = "epoch"  # or "step"
+    scheduler_monitor: str | None = None  # what ReduceLROnPlateau reads
+    # the user's own steps and batch hook (cloudpickle), see Estimator.from_torch
+    train_step_blob: bytes | None = None
+    eval_step_blob: bytes | None = None
+    collate_blob: bytes | None = None
+    # the last fit's optimizer state (deepspark.persist.optimizer_state), loaded into the
+    # fresh optimizers so that this fit continues it; a checkpoint resumed from wins
+    optimizer_state_blob: bytes | None = None
+    # data the ranks make themselves: creator(config, batch_size) -> DataLoader, per split
+    creator_blobs: dict[int, bytes] | None = None
+    creator_keys: tuple[Any, Any] | None = None  # dict batches: (feature keys, label keys)

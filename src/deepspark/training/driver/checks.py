@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -39,16 +39,21 @@ def dry_run(
     labels,
     *,
     sample: Any = None,
-    metrics: list[Any] | None = None,
+    metrics: Any = None,
+    collate: Callable[[Any, Any], Any] | None = None,
 ) -> None:
     """Run model, loss, optimizer factory and metrics on a few rows on the driver, first.
 
     Shape and label errors, and an optimizer factory with a wrong signature, surface here with
-    the argument's name. `sample` is a pyarrow Table of first rows already fetched; without it
-    one is read.
+    the argument's name. The model gets its arguments as a job's batches hold them (dicts for
+    a ``feature_cols`` dict or struct columns), may return a tensor or a dict, tuple or list
+    of them, and the loss gets that output whole with the labels (one tensor, or a tuple or
+    dict of several). `sample` is a pyarrow Table of first rows already fetched; without it
+    one is read. `metrics` is a list or a dict (see `deepspark.training.rank.metrics`).
     """
-    from deepspark.data import batch_to_tensors
+    from deepspark.data import assemble, batch_to_tensors
     from deepspark.data.validate import first_rows
+    from deepspark.training.rank.structure import num_rows
 
     if sample is None:
         sample = first_rows(df, columns_of(features) + columns_of(labels), 4)
@@ -56,8 +61,13 @@ def dry_run(
         raise ValueError("fit: the training DataFrame has no rows")
     if optimizer_factory is not None:
         check_optimizer_factory(optimizer_factory, model)
-    inputs = batch_to_tensors(sample, features)
-    targets = batch_to_tensors(sample, labels)
+    inputs = assemble(features, batch_to_tensors(sample, features))
+    targets = assemble(labels, batch_to_tensors(sample, labels))
+    if collate is not None:  # the user's batch hook, as the ranks apply it
+        inputs, targets = collate(tuple(inputs), tuple(targets))
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        targets = targets if isinstance(targets, tuple) else (targets,)
+    target = targets[0] if len(targets) == 1 else targets
     was_training = model.training
     model.eval()
     try:
@@ -65,59 +75,99 @@ def dry_run(
             try:
                 outputs = model(*inputs)
             except Exception as error:
-                shapes = ", ".join(str(tuple(t.shape[1:])) for t in inputs)
                 raise ValueError(
-                    f"the model failed on a sample batch with feature shapes {shapes} "
-                    f"(per row): {error}. Check feature_cols and feature_shapes"
+                    f"the model failed on a sample batch with features of shape "
+                    f"{_shapes_text(inputs)} (batch first): {error}. Check feature_cols and "
+                    "feature_shapes"
                 ) from error
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", UserWarning)
+            if not isinstance(outputs, torch.Tensor):
                 try:
-                    loss(outputs, targets[0] if len(targets) == 1 else targets)
-                except Exception as error:
-                    raise ValueError(
-                        f"the labels do not suit the loss: {_name_of(loss)} on "
-                        f"outputs of shape {_shape_of(outputs)} and labels of shape "
-                        f"{tuple(targets[0].shape)} and dtype {targets[0].dtype} failed: "
-                        f"{error}. Check label_cols, or set label_dtypes (class ids need "
-                        "int64; regression targets float32 with the output's shape)"
-                    ) from error
-            _check_metrics(metrics or [], outputs, targets[0] if len(targets) == 1 else targets)
+                    num_rows(outputs)
+                except ValueError as error:
+                    raise ValueError(f"the model's output on a sample batch: {error}") from None
+            if loss is not None:
+                _check_loss_on(loss, outputs, target)
+            _check_metrics(metrics, outputs, targets)
     finally:
         model.train(was_training)
 
 
-def _check_metrics(metrics: list[Any], outputs: Any, targets: Any) -> None:
-    """Each metric updates once on the sample: unknown names and unsuitable shapes fail here."""
-    if not metrics:
-        return  # and torchmetrics need not be imported
-    from deepspark.training.rank.metrics import get_metric
-
-    for metric in metrics:
+def _check_loss_on(loss: Any, outputs: Any, target: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         try:
-            get_metric(metric).update(outputs, targets)
+            loss(outputs, target)
         except Exception as error:
             raise ValueError(
-                f"metrics: {metric!r} cannot be computed on the model's outputs of shape "
-                f"{_shape_of(outputs)} and the labels: {type(error).__name__}: {error}"
+                f"the labels do not suit the loss: {_name_of(loss)} on outputs of shape "
+                f"{_shapes_text(outputs)} and labels of shape {_shapes_text(target)} "
+                f"({_dtypes_text(target)}) failed: {error}. Check label_cols, or set "
+                "label_dtypes (class ids need int64; regression targets float32 with the "
+                "output's shape)"
             ) from error
+
+
+def _check_metrics(metrics: Any, outputs: Any, targets: Any) -> None:
+    """Each metric updates once on the sample: unknown names, outputs or labels that do not
+    exist, and unsuitable shapes fail here."""
+    if not metrics:
+        return  # and torchmetrics need not be imported
+    from deepspark.training.rank.metric_routing import build_metrics, update_metrics
+
+    for metric in build_metrics(metrics):
+        try:
+            update_metrics([metric], outputs, targets)
+        except Exception as error:
+            raise ValueError(
+                f"metrics: {metric.name!r} cannot be computed on the model's outputs of shape "
+                f"{_shapes_text(outputs)} and the labels: {type(error).__name__}: {error}"
+            ) from error
+
+
+def _shapes_text(value: Any) -> str:
+    """The per-tensor shapes of a tensor or a nested dict, tuple or list of them."""
+
+    def shapes(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return tuple(item.shape)
+        if isinstance(item, dict):
+            return {key: shapes(inner) for key, inner in item.items()}
+        if isinstance(item, (tuple, list)):
+            return tuple(shapes(inner) for inner in item)
+        return type(item).__name__
+
+    return str(shapes(value))
+
+
+def _dtypes_text(value: Any) -> str:
+    from deepspark.training.rank.structure import map_tensors
+
+    found: list[str] = []
+    map_tensors(value, lambda tensor: found.append(str(tensor.dtype).removeprefix("torch.")))
+    return "dtype " + ", ".join(dict.fromkeys(found)) if found else "no tensors"
 
 
 def check_optimizer_factory(factory: Callable[[Any], Any], model: nn.Module) -> None:
     """Call the optimizer factory once on the driver's model: a wrong signature fails here."""
+    from deepspark.training.rank.step import takes_model
+
+    gets_model = takes_model(factory)
     try:
-        optimizer = factory(model.parameters())
+        built = factory(model) if gets_model else factory(model.parameters())
     except Exception as error:
+        given = "the model" if gets_model else "the model's parameters"
         raise TypeError(
-            f"optimizer={_name_of(factory)} failed when called with the model's parameters: "
+            f"optimizer={_name_of(factory)} failed when called with {given}: "
             f"{type(error).__name__}: {error}. Give a function params -> Optimizer, e.g. "
-            "optimizer=lambda params: torch.optim.Adam(params, lr=1e-3)"
+            "optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), or model -> a list "
+            "of optimizers"
         ) from error
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer={_name_of(factory)} returned {type(optimizer).__name__}, not a "
-            "torch.optim.Optimizer. Give a function params -> Optimizer"
-        )
+    for optimizer in built if gets_model and isinstance(built, (list, tuple)) else [built]:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer={_name_of(factory)} returned {type(optimizer).__name__}, not a "
+                "torch.optim.Optimizer. Give a function params -> Optimizer"
+            )
 
 
 def check_model(model: Any, config: dict[str, Any]) -> nn.Module:
@@ -188,11 +238,6 @@ def check_checkpoint_dir(checkpoint_dir: str) -> None:
 def _name_of(value: Any) -> str:
     name = getattr(value, "__qualname__", None) or type(value).__name__
     return "<lambda>" if name.endswith("<lambda>") else name
-
-
-def _shape_of(outputs: Any) -> Any:
-    shape = getattr(outputs, "shape", None)
-    return tuple(shape) if shape is not None else type(outputs).__name__
 
 
 def check_positive(name: str, value: Any) -> None:
@@ -285,15 +330,20 @@ def _first_rows_once(df, names: list[str]):
 
 
 def _flat_names(cols: Any) -> list[str]:
-    """Column names in a feature_cols / label_cols argument (nested lists flattened)."""
+    """Column names in a feature_cols / label_cols argument (nested lists and dicts
+    flattened; resolve_specs checks the form)."""
     if cols is None:
         return []
     if isinstance(cols, str):
         return [cols]
+    items = cols.values() if isinstance(cols, Mapping) else cols
     names: list[str] = []
-    for item in cols:
-        names.extend([item] if isinstance(item, str) else list(item))
-    return names
+    for item in items:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, (list, tuple)):
+            names.extend(name for name in item if isinstance(name, str))
+    return list(dict.fromkeys(names))
 
 
 def fit_workers(spark: Any, num_workers: int | None, batch_size: int) -> int:

@@ -22,26 +22,26 @@ from deepspark.training.driver.checks import (
     check_loss,
     check_model,
     check_positive,
-    columns_of,
-    dry_run,
-    fit_workers,
     optimizer_factory,
     pickled,
-    resolve_columns,
 )
-from deepspark.training.driver.jobs import JobResult, TrainingError, job_input, run_job
-from deepspark.training.driver.options import ColumnOptions, RecoveryOptions
+from deepspark.training.driver.jobs import JobResult, TrainingError, run_job
+from deepspark.training.driver.model_io import ModelIO
+from deepspark.training.driver.options import (
+    ColumnOptions,
+    LoopOptions,
+    RecoveryOptions,
+    StepOptions,
+)
 from deepspark.training.driver.timeline import fit_timeline
 from deepspark.training.job_spec import (
-    TRAIN_SPLIT,
-    VALIDATION_SPLIT,
     JobKind,
     ResultKind,
     TrainSpec,
 )
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from deepspark.training.driver.inputs import InputData, Predictions
 
 __all__ = ["Estimator", "TrainingError"]
 
@@ -50,10 +50,11 @@ _log = logging.getLogger(__name__)
 ColumnsArg = str | Sequence[str | Sequence[str]]
 
 
-class Estimator:
+class Estimator(ModelIO):
     """A PyTorch model with the means to train it data-parallel inside Spark.
 
-    Build one with `Estimator.from_torch`.
+    Build one with `Estimator.from_torch`, or `Estimator.load` a saved one. Its weights and
+    optimizer state, exports, `save` and `load` are `model_io.ModelIO`'s.
 
     Attributes
     ----------
@@ -90,6 +91,7 @@ class Estimator:
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         config: dict[str, Any] | None = None,
         use_gpu: bool = False,
+        steps: StepOptions | None = None,
     ):
         self.config = dict(config or {})
         self._model = check_model(model, self.config)
@@ -100,6 +102,9 @@ class Estimator:
         self.metrics = list(metrics or [])
         self.scheduler = scheduler
         self.use_gpu = use_gpu
+        self.steps = steps or StepOptions()
+        self.steps.check()
+        self.step_history: pd.DataFrame = pd.DataFrame()
         self.history: pd.DataFrame = pd.DataFrame()
         self._feature_cols: ColumnsArg | None = None
 
@@ -113,6 +118,12 @@ class Estimator:
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         config: dict[str, Any] | None = None,
         use_gpu: bool = False,
+        *,
+        train_step: Callable[..., dict[str, Any]] | None = None,
+        eval_step: Callable[..., dict[str, Any]] | None = None,
+        collate_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str | None = None,
     ) -> Estimator:
         """Wrap a PyTorch model for distributed training on Spark.
 
@@ -120,22 +131,48 @@ class Estimator:
         ----------
         model : nn.Module or callable
             The network, or a function ``config -> nn.Module``.
-        optimizer : callable or torch.optim.Optimizer
+        optimizer : callable or torch.optim.Optimizer, optional
             A function ``params -> Optimizer``; an optimizer built on the driver's model is also
-            accepted and rebuilt for each replica with the same class and hyperparameters.
-        loss : nn.Module or callable
-            ``loss(outputs, labels) -> scalar tensor``, mean-reduced over the rows.
+            accepted and rebuilt for each replica with the same class and hyperparameters. A
+            function whose one parameter is named ``model`` gets the module and may return a
+            list of optimizers (one per part of the model: a GAN's generator and critic).
+            Without one (and without ``loss``) the estimator is for inference: `predict` and
+            `evaluate` (metrics only) work, `fit` refuses.
+        loss : nn.Module or callable, optional
+            ``loss(outputs, labels) -> scalar tensor``, mean-reduced over the rows. The model's
+            outputs may be a tensor, or a dict, tuple or list of tensors; the labels are one
+            tensor, or a tuple of them for several label columns.
         metrics : list, optional
             Names (``"accuracy"``, ``"top5_accuracy"``, ``"precision"``, ``"recall"``,
             ``"f1"``, ``"auc"``, ``"mse"``, ``"mae"``, ``"rmse"``, ``"r2"``; torchmetrics
             computes them), ``torchmetrics.Metric`` objects or functions
             ``fn(outputs, labels)``; reduced exactly across ranks.
         scheduler : callable, optional
-            ``optimizer -> LRScheduler``, stepped once per epoch.
+            ``optimizer -> LRScheduler`` (given the list when there are several optimizers; it
+            may return a list), stepped once per epoch, or per optimizer step with
+            ``scheduler_interval="step"``. ``ReduceLROnPlateau`` is stepped after each epoch
+            with the value named by ``scheduler_monitor`` (default ``val_loss``, or
+            ``train_loss`` without validation data).
         config : dict, optional
             Passed to a model function.
         use_gpu : bool
             Train with CUDA and NCCL on the GPUs Spark assigns to each task.
+        train_step : callable, optional
+            ``train_step(model, batch, optimizers, loss) -> {"loss": ..., ...}`` replaces the
+            built-in step (GANs, multi-task, contrastive losses). ``batch`` is ``(features,
+            labels)`` of this rank's real rows; ``model`` is the plain module; ``optimizers``
+            (one, or a list) average the gradients over the ranks when stepped. The returned
+            values are row means; each becomes ``train_<name>`` in the history. Its fits use
+            ``step_policy="wrap"`` (every rank has rows at every step).
+        eval_step : callable, optional
+            ``eval_step(model, batch, loss) -> {"loss": ..., ...}`` for validation and
+            `evaluate`; an ``"outputs"`` entry feeds the metrics.
+        collate_fn : callable, optional
+            ``collate_fn(features, labels) -> (features, labels)`` on each batch inside the
+            rank, on its device (padding, masks, augmentation), in `fit` and `evaluate`.
+        scheduler_interval : {"epoch", "step"}
+        scheduler_monitor : str, optional
+            The history value ``ReduceLROnPlateau`` reads, e.g. ``"val_accuracy"``.
 
         Examples
         --------
@@ -149,8 +186,6 @@ class Estimator:
         >>> type(est.get_model()).__name__
         'Linear'
         """
-        if loss is None:
-            raise ValueError("from_torch needs loss=, e.g. torch.nn.CrossEntropyLoss()")
         return cls(
             model=model,
             optimizer=optimizer,
@@ -159,22 +194,21 @@ class Estimator:
             scheduler=scheduler,
             config=config,
             use_gpu=use_gpu,
+            steps=StepOptions(
+                train_step, eval_step, collate_fn, scheduler_interval, scheduler_monitor
+            ),
         )
-
-    def get_model(self) -> nn.Module:
-        """The driver's model; after `fit` it holds the trained weights."""
-        return self._model
 
     # --- fit --------------------------------------------------------------------------------
 
     def fit(
         self,
-        df: DataFrame,
-        feature_cols: ColumnsArg,
-        label_cols: ColumnsArg,
+        df: InputData,
+        feature_cols: ColumnsArg | None = None,
+        label_cols: ColumnsArg | None = None,
         epochs: int = 1,
         batch_size: int = 32,
-        validation_data: DataFrame | None = None,
+        validation_data: InputData | None = None,
         num_workers: int | None = None,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 1,
@@ -187,23 +221,32 @@ class Estimator:
         feature_dtypes: dict[str, str] | None = None,
         label_dtypes: dict[str, str] | None = None,
         decoders: dict[str, Callable[[Any], Any]] | None = None,
-        step_policy: str = "pad",
+        step_policy: str | None = None,
         collective_timeout_s: float = 600.0,
         progress: bool = True,
         stream_first_epoch: bool = True,
+        max_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+        validate_every_steps: int | None = None,
+        checkpoint_every_steps: int | None = None,
+        accumulate_steps: int = 1,
+        clip_grad_norm: float | None = None,
+        precision: str = "fp32",
     ) -> pd.DataFrame:
         """Train data-parallel on `df` inside one Spark barrier stage.
 
         Parameters
         ----------
-        df : pyspark.sql.DataFrame
-            Training rows.
+        df : Spark DataFrame, pandas DataFrame, pandas-on-Spark DataFrame or dict of arrays
+            Training rows. A pandas DataFrame or a dict of numpy arrays (``{column: array}``,
+            one row per example) is sent to the workers through Arrow, once; a dict value of
+            shape ``(N, d1, d2, ...)`` becomes an array column of that per-row shape.
         feature_cols, label_cols : str or list
             Columns; a nested list of scalar columns stacks them into one tensor.
         epochs : int
         batch_size : int
             The global batch size, split over the workers.
-        validation_data : DataFrame, optional
+        validation_data : same types as `df`, optional
             Evaluated after every epoch, in the same stage, each rank on its share.
         num_workers : int, optional
             Ranks (Spark tasks); default: every free task slot.
@@ -222,8 +265,9 @@ class Estimator:
         feature_shapes, feature_dtypes, label_dtypes, decoders : dict, optional
             Per column: the shape of an array column, tensor dtypes, and decode functions for
             binary or string columns.
-        step_policy : {"pad", "drop", "wrap"}
-            How ranks with fewer rows keep in step (see docs/data.md).
+        step_policy : {"pad", "drop", "wrap"}, optional
+            How ranks with fewer rows keep in step (see docs/data.md); default ``"pad"``, or
+            ``"wrap"`` with a custom ``train_step``.
         collective_timeout_s : float
             Longest wait of any rank on the others before the job fails.
         progress : bool
@@ -235,6 +279,25 @@ class Estimator:
             partition. ``False`` spills the partition before the first step, so the first
             epoch is shuffled like the others (for data sorted by label, say).
             ``step_policy="wrap"`` always spills first.
+        max_steps : int, optional
+            Stop after this many optimizer-batch steps over the whole fit (mid-epoch if need
+            be); ``epochs`` stays an upper bound.
+        steps_per_epoch : int, optional
+            End each epoch after at most this many steps (the rest of the partition waits for
+            a later epoch's new order).
+        validate_every_steps : int, optional
+            Also validate every N steps (needs ``validation_data``); the results are in
+            `step_history`.
+        checkpoint_every_steps : int, optional
+            Also checkpoint every N steps; a resumed fit continues mid-epoch with the data in
+            the order it would have had (the first epoch is then spilled before it starts).
+        accumulate_steps : int
+            Apply the gradients of this many batches at once (the loss is their mean).
+        clip_grad_norm : float, optional
+            Clip the gradients' total norm before each optimizer step.
+        precision : {"fp32", "bf16", "fp16"}
+            ``"bf16"`` runs forward and loss under autocast (CPU or GPU); ``"fp16"`` also
+            scales the gradients (GPU only).
 
         Returns
         -------
@@ -242,55 +305,62 @@ class Estimator:
             The history: one row per epoch (train loss and metrics, validation loss and
             metrics, samples/s, seconds); also kept as `history`.
         """
+        from deepspark.training.driver.fit_data import job_data
+
         started = time.perf_counter()
         started_wall = time.time()
-        spark = df.sparkSession
         check_positive("epochs", epochs)
         check_positive("batch_size", batch_size)
-        if self._optimizer_factory is None:
-            raise ValueError("fit needs an optimizer: from_torch(optimizer=lambda p: ...)")
-        num_workers = fit_workers(spark, num_workers, batch_size)
-        columns = ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders)
-        features, labels, sample = resolve_columns(df, feature_cols, label_cols, columns)
-        if validation_data is not None:
-            resolve_columns(validation_data, feature_cols, label_cols, columns)
-        dry_run(
-            self._model,
-            self.loss,
-            self._optimizer_factory,
-            df,
-            features,
-            labels,
-            sample=sample,
-            metrics=self.metrics,
+        self.steps.check_trainable(self.loss, self._optimizer_factory)
+        optimizer_state = self._carried_optimizer_state()  # the last fit's, if it fits
+        step_policy = self.steps.policy(step_policy)
+        loop = LoopOptions(
+            max_steps,
+            steps_per_epoch,
+            validate_every_steps,
+            checkpoint_every_steps,
+            accumulate_steps,
+            clip_grad_norm,
+            precision,
         )
+        job = job_data(
+            self,
+            df,
+            validation_data,
+            feature_cols,
+            label_cols,
+            ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders),
+            num_workers=num_workers,
+            batch_size=batch_size,
+            training=True,
+        )
+        spark, num_workers = job.spark, job.num_workers
         recovery = RecoveryOptions(checkpoint_dir, checkpoint_every, resume, max_failures)
         recovery.prepare(spark)
-        data = job_input(
-            df,
-            columns_of(features) + columns_of(labels),
-            num_workers,
-            split=TRAIN_SPLIT,
-            validation=validation_data,
-            validation_split=VALIDATION_SPLIT,
+        loop.check(
+            has_validation=job.has_validation,
+            has_checkpoints=recovery.checkpoint_dir is not None,
+            use_gpu=self.use_gpu,
         )
         if seed is not None:
             torch.manual_seed(seed)
         spec = self._spec(
             JobKind.FIT,
-            features,
-            labels,
+            job.features,
+            job.labels,
             num_workers,
             epochs=epochs,
             batch_size=batch_size,
             step_policy=step_policy,
             seed=0 if seed is None else seed,
-            has_validation=validation_data is not None,
+            has_validation=job.has_validation,
             checkpoint_dir=recovery.checkpoint_dir,
             checkpoint_every=recovery.checkpoint_every,
             resume=recovery.resume,
             collective_timeout_s=collective_timeout_s,
-            stream_first_epoch=bool(stream_first_epoch),
+            optimizer_state_blob=optimizer_state,
+            **{"stream_first_epoch": bool(stream_first_epoch), **loop.spec_values()},
+            **job.spec_values,
         )
         fit_params = {
             "epochs": epochs,
@@ -303,7 +373,7 @@ class Estimator:
         checks_done = time.time()
         try:
             result = self._run_fit(
-                spark, data, spec, recovery, callbacks, fit_params, started, progress
+                spark, job.frame, spec, recovery, callbacks, fit_params, started, progress
             )
         finally:
             recovery.release()
@@ -340,10 +410,16 @@ class Estimator:
         from deepspark.training.callbacks import call_driver_hook
 
         self._model.load_state_dict(weights_from_bytes(result.payload(ResultKind.WEIGHTS)))
+        if result.has(ResultKind.OPTIMIZER):  # for the next fit to continue
+            self._optimizer_state = result.payload(ResultKind.OPTIMIZER)
         self.attempts_ = result.attempts
         self.first_step_s_ = result.first_step_s
         self.job_ports_ = result.ports
         history = json.loads(result.payload(ResultKind.HISTORY))
+        if result.has(ResultKind.STEP_HISTORY):
+            self.step_history = pd.DataFrame(json.loads(result.payload(ResultKind.STEP_HISTORY)))
+        else:
+            self.step_history = pd.DataFrame()
         for record in history:
             record["attempt"] = result.epoch_attempts.get(int(record["epoch"]), 1)
         self.history = pd.DataFrame(history)
@@ -361,9 +437,9 @@ class Estimator:
 
     def evaluate(
         self,
-        df: DataFrame,
-        feature_cols: ColumnsArg,
-        label_cols: ColumnsArg,
+        df: InputData,
+        feature_cols: ColumnsArg | None = None,
+        label_cols: ColumnsArg | None = None,
         batch_size: int = 256,
         num_workers: int | None = None,
         *,
@@ -375,107 +451,92 @@ class Estimator:
     ) -> dict[str, float]:
         """Loss and metrics of the current model on `df`, computed distributed.
 
+        `df` takes the same types as in `fit`: a Spark, pandas or pandas-on-Spark DataFrame,
+        or a dict of numpy arrays.
+
         Returns
         -------
         dict
             ``{"loss": ..., "<metric>": ...}``, exact over every row.
         """
-        from deepspark.training.driver.stage import available_task_slots
+        from deepspark.training.driver.fit_data import job_data
 
-        spark = df.sparkSession
-        slots = available_task_slots(spark)
-        num_workers = min(slots, num_workers or slots)
         check_positive("batch_size", batch_size)
-        columns = ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders)
-        features, labels, _ = resolve_columns(df, feature_cols, label_cols, columns)
-        columns = columns_of(features) + columns_of(labels)
-        data = job_input(df, columns, num_workers, split=VALIDATION_SPLIT)
+        job = job_data(
+            self,
+            df,
+            None,
+            feature_cols,
+            label_cols,
+            ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders),
+            num_workers=num_workers,
+            batch_size=batch_size,
+            training=False,
+        )
+        spark, data, num_workers = job.spark, job.frame, job.num_workers
         spec = self._spec(
             JobKind.EVALUATE,
-            features,
-            labels,
+            job.features,
+            job.labels,
             num_workers,
             epochs=0,
             batch_size=max(batch_size, num_workers),
             collective_timeout_s=collective_timeout_s,
+            **job.spec_values,
         )
         result = run_job(spark, data, spec, progress=False)
         return json.loads(result.payload(ResultKind.METRICS))
 
     def predict(
         self,
-        df: DataFrame,
+        df: InputData,
         feature_cols: ColumnsArg | None = None,
         batch_size: int = 1024,
         output_col: str = "prediction",
         **options: Any,
-    ) -> DataFrame:
-        """Add the model's output to `df` as `output_col` (see `deepspark.predict`)."""
-        from deepspark.inference import predict
+    ) -> Predictions:
+        """Add the model's output to `df` as `output_col` (see `deepspark.predict`).
 
+        The result has `df`'s type: a Spark DataFrame; for a pandas DataFrame, a pandas
+        DataFrame with its rows, order and index and the prediction column(s) added; for a
+        dict of numpy arrays, a numpy array of predictions (a dict of arrays when predict adds
+        several columns); for a pandas-on-Spark DataFrame, a pandas-on-Spark DataFrame.
+        """
+        from deepspark.inference import predict
+        from deepspark.training.driver.fit_data import is_creator, predict_creator
+        from deepspark.training.driver.inputs import prediction_input
+
+        if is_creator(df):
+            return predict_creator(
+                self,
+                df,
+                batch_size=batch_size,
+                num_workers=options.pop("num_workers", None),
+                feature_cols=feature_cols,
+            )
         cols = feature_cols if feature_cols is not None else self._feature_cols
         if cols is None:
             raise ValueError("predict needs feature_cols= (fit was not called on this estimator)")
-        return predict(
-            df,
+        source = prediction_input(df, cols, output_col=output_col, options=options)
+        result = predict(
+            source.frame,
             self._model,
             feature_cols=cols,
             output_col=output_col,
             batch_size=batch_size,
-            **options,
+            **source.options,
         )
-
-    # --- export -----------------------------------------------------------------------------
-
-    def export_onnx(self, path: str, sample: Any, **options: Any) -> str:
-        """Export the model to ONNX and check it in onnxruntime against torch on `sample`.
-
-        See `deepspark.inference.export_onnx` for the options (input names, dynamic batch,
-        tolerance). Needs the ``onnx`` extra: ``pip install deepspark[onnx]``.
-        """
-        from deepspark.inference import export_onnx
-
-        return export_onnx(self._model, path, sample, **options)
-
-    def export_torchscript(self, path: str, sample: Any, **options: Any) -> str:
-        """Export the model to TorchScript and check the file against torch on `sample`."""
-        from deepspark.inference import export_torchscript
-
-        return export_torchscript(self._model, path, sample, **options)
-
-    def export_program(self, path: str, sample: Any, **options: Any) -> str:
-        """Export the model as a `torch.export` program (``.pt2``), checked against torch."""
-        from deepspark.inference import export_program
-
-        return export_program(self._model, path, sample, **options)
-
-    # --- persistence ------------------------------------------------------------------------
-
-    def save(self, path: str) -> str:
-        """Save the model at an fsspec URL: safetensors weights, JSON metadata, pickled code.
-
-        The architecture, loss, optimizer factory and metrics are stored with cloudpickle:
-        load only directories you trust, since unpickling runs code.
-        """
-        from deepspark.persist.estimator_dir import save_estimator
-
-        return save_estimator(self, path)
-
-    @classmethod
-    def load(cls, path: str) -> Estimator:
-        """Load an estimator written by `save` (trusted directories only: it unpickles code)."""
-        from deepspark.persist.estimator_dir import load_estimator
-
-        return load_estimator(cls, path)
+        return source.restore(result)
 
     # --- internals --------------------------------------------------------------------------
 
     def _spec(self, kind, features, labels, world_size, **values) -> TrainSpec:
+        factory = self._optimizer_factory
         return TrainSpec(
             kind=kind,
             model_blob=pickled("model", self._model),
-            loss_blob=pickled("loss", self.loss),
-            optimizer_blob=pickled("optimizer", self._optimizer_factory),
+            loss_blob=None if self.loss is None else pickled("loss", self.loss),
+            optimizer_blob=None if factory is None else pickled("optimizer", factory),
             scheduler_blob=pickled("scheduler", self.scheduler) if self.scheduler else None,
             metrics_blob=pickled("metrics", self.metrics),
             callbacks_blob=None,
@@ -486,5 +547,6 @@ class Estimator:
             use_gpu=self.use_gpu,
             job_id=uuid.uuid4().hex[:12],
             rendezvous_host=None,
+            **self.steps.spec_values(),
             **values,
         )

@@ -65,6 +65,10 @@ class JobResult:
     # 0's task start, first batch, spill, rendezvous, first step and end of training
     marks: dict[str, float] = field(default_factory=dict)
 
+    def has(self, kind: ResultKind) -> bool:
+        """Whether rank 0 sent anything under `kind`."""
+        return kind.value in self.table.column("kind").to_pylist()
+
     def payload(self, kind: ResultKind) -> bytes:
         """The bytes rank 0 sent under `kind`, its chunks joined in order."""
         kinds = self.table.column("kind").to_pylist()

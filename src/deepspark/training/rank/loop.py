@@ -1,14 +1,20 @@
 """The epoch loop of one rank: DDP training with exact global-batch losses, and evaluation.
 
-No pyspark here (DESIGN decision 12).
+`EpochRunner` walks the epochs and their steps: where each epoch's batches come from (the
+streamed first epoch, or the spill), the step and epoch limits, validation and checkpoints at
+epoch ends or every N steps, a resume in the middle of an epoch, callbacks and their shared
+decision to stop. What one step does is `step.StepRunner`'s. No pyspark here (DESIGN
+decision 12).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
@@ -16,9 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deepspark.training.job_spec import TRAIN_SPLIT, VALIDATION_SPLIT, TrainSpec
+from deepspark.training.job_spec import VALIDATION_SPLIT, TrainSpec
+from deepspark.training.rank.step import StepRunner
+from deepspark.training.rank.structure import select_output
 
-__all__ = ["EpochRunner", "build_model", "make_optimizer", "make_scheduler"]
+__all__ = ["EpochRunner", "build_model"]
 
 _log = logging.getLogger(__name__)
 
@@ -33,38 +41,17 @@ def build_model(spec: TrainSpec) -> nn.Module:
     return model
 
 
-def make_optimizer(spec: TrainSpec, model: nn.Module) -> torch.optim.Optimizer:
-    if spec.optimizer_blob is None:
-        raise ValueError(
-            "fit needs an optimizer: pass optimizer=lambda params: torch.optim.Adam(params)"
-        )
-    factory = cloudpickle.loads(spec.optimizer_blob)
-    optimizer = factory(model.parameters())
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer(params) returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
-        )
-    return optimizer
+@dataclass
+class _Position:
+    """Where training stands: the epoch to run, the steps of it already done, and so on."""
 
-
-def make_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer) -> Any:
-    if spec.scheduler_blob is None:
-        return None
-    return cloudpickle.loads(spec.scheduler_blob)(optimizer)
-
-
-def _loss_target(labels: tuple[torch.Tensor, ...]) -> Any:
-    return labels[0] if len(labels) == 1 else labels
-
-
-def _slice_rows(tensors: tuple[torch.Tensor, ...], rows: int) -> tuple[torch.Tensor, ...]:
-    return tuple(tensor[:rows] for tensor in tensors)
-
-
-def _to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    if device.type == "cpu":
-        return tensors
-    return tuple(tensor.to(device, non_blocking=True) for tensor in tensors)
+    epoch: int = 0
+    step: int = 0  # steps of `epoch` done before this attempt (a resume mid-epoch)
+    global_step: int = 0  # steps over the whole fit
+    loss_sum: float = 0.0  # of the steps of `epoch` done before this attempt
+    loss_rows: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
 
 
 class EpochRunner:
@@ -80,13 +67,15 @@ class EpochRunner:
         self.device = device
         self.rank = rank
         self.progress = progress
-        self.loss_fn = cloudpickle.loads(spec.loss_blob)
         metric_defs = cloudpickle.loads(spec.metrics_blob)
         self.metric_defs = metric_defs
         self.val_metrics = [get_metric(copy.deepcopy(m)).to(device) for m in metric_defs]
         self.train_metrics = [get_metric(copy.deepcopy(m)).to(device) for m in metric_defs]
         self.callbacks = cloudpickle.loads(spec.callbacks_blob) if spec.callbacks_blob else []
         self.ddp: nn.Module | None = None
+        self.steps: StepRunner | None = None
+        # validation every N steps: one record per validation, besides the epoch records
+        self.step_history: list[dict[str, Any]] = []
         # wall-clock moments for the fit's timeline: first step done, training done, and the
         # seconds spent in validation
         self.marks: dict[str, float] = {"validation_s": 0.0}
@@ -94,128 +83,154 @@ class EpochRunner:
     # --- training ---------------------------------------------------------------------------
 
     def fit(self, source) -> list[dict[str, Any]]:
-        """Train every epoch; ``source`` is the rank's input (see `rank.run.RankInput`)."""
+        """Train every epoch; ``source`` is the rank's input (see `rank.sources`)."""
         from torch.nn.parallel import DistributedDataParallel
 
-        from deepspark.training.rank.checkpoint import (
-            latest_checkpoint,
-            load_checkpoint,
-            save_checkpoint,
-        )
-
         spec = self.spec
-        optimizer = make_optimizer(spec, self.model)
-        scheduler = make_scheduler(spec, optimizer)
-        history: list[dict[str, Any]] = []
-        start_epoch = 0
-        if spec.checkpoint_dir and spec.resume:
-            info = latest_checkpoint(spec.checkpoint_dir)
-            if info is not None:
-                restored = load_checkpoint(info, self.model, optimizer, scheduler)
-                start_epoch = int(restored["epoch"]) + 1
-                history = list((restored.get("extra") or {}).get("history", []))
-                if self.rank == 0:
-                    _log.info("resuming from %s at epoch %d", info, start_epoch)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.source = source
+        if spec.train_step_blob is None:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        else:  # a custom step: gradients are averaged when its optimizers step
+            self.ddp = self.model
+        self.steps = StepRunner(spec, self.model, self.ddp, self.device)
+        position = self._restore()
+        history = position.history
         self.marks["model_ready"] = time.time()
-        self._callbacks("on_train_begin", epoch=start_epoch, step=0, logs={})
-        for epoch in range(start_epoch, spec.epochs):
-            self._callbacks("on_epoch_begin", epoch=epoch, step=0, logs={})
-            if epoch == 0 and source.can_stream():
-                batches, steps = source.streamed_epoch(self.device), None
-            else:
-                spill, plan = source.spill(), source.plan(self.device)
-                steps = plan.steps_per_epoch
-                batches = _with_divisors(
-                    spill.epoch(
-                        spec.features,
-                        spec.labels,
-                        plan=plan,
-                        rank=self.rank,
-                        epoch=epoch,
-                        seed=spec.seed,
-                        shuffle=True,
-                        split=TRAIN_SPLIT,
-                    ),
-                    plan,
-                )
-            record = self._train_epoch(batches, steps, epoch, optimizer)
-            if scheduler is not None:
-                scheduler.step()
+        self._callbacks("on_train_begin", epoch=position.epoch, step=0, logs={})
+        epoch = position.epoch
+        while epoch < spec.epochs and not position.stopped:
+            if spec.max_steps is not None and position.global_step >= spec.max_steps:
+                break
+            self._callbacks("on_epoch_begin", epoch=epoch, step=position.step, logs={})
+            batches, steps = self._epoch_batches(source, epoch, position.step)
+            record = self._train_epoch(batches, steps, epoch, position)
             if spec.has_validation:
-                validation_started = time.perf_counter()
-                scores = self.evaluate(source.spill(), VALIDATION_SPLIT)
-                record.update({f"val_{name}": value for name, value in scores.items()})
-                self.marks["validation_s"] += time.perf_counter() - validation_started
+                record.update({f"val_{k}": v for k, v in self._validate().items()})
+            self.steps.end_of_epoch(record)
             history.append(record)
             if self.rank == 0 and self.progress is not None:
                 self.progress.send({"kind": "epoch", "epoch": epoch, "metrics": record})
-            if (
-                self.rank == 0
-                and spec.checkpoint_dir
-                and ((epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs)
-            ):
-                save_checkpoint(
-                    spec.checkpoint_dir,
-                    epoch,
-                    self.model,
-                    optimizer,
-                    scheduler,
-                    extra={"history": history},
-                )
-            self._callbacks("on_epoch_end", epoch=epoch, step=record["steps"], logs=record)
+            state = self._callbacks("on_epoch_end", epoch=epoch, step=record["steps"], logs=record)
+            position.stopped = state is not None and self._any_rank(state.stop_training)
+            last = (
+                epoch + 1 == spec.epochs
+                or position.stopped
+                or (spec.max_steps is not None and position.global_step >= spec.max_steps)
+            )
+            if (epoch + 1) % spec.checkpoint_every == 0 or last:
+                self._checkpoint(epoch, position, mid_epoch=False)
+            epoch += 1
+            position.step, position.loss_sum, position.loss_rows = 0, 0.0, 0
         self.marks["train_done"] = time.time()
         self._callbacks(
             "on_train_end", epoch=spec.epochs, step=0, logs=history[-1] if history else {}
         )
         return history
 
-    def _train_epoch(self, batches, steps: int | None, epoch: int, optimizer) -> dict[str, Any]:
-        """One epoch over ``batches``: pairs of a batch and its step's global real-row count.
+    def _restore(self) -> _Position:
+        """The position of a resumed run, from the latest checkpoint (epoch end or step)."""
+        from deepspark.training.rank.checkpoint import latest_checkpoint, load_checkpoint
 
-        ``steps`` is the epoch's step count when known in advance (``None`` while streaming).
-        """
-        assert self.ddp is not None
+        spec = self.spec
+        position = _Position()
+        if not (spec.checkpoint_dir and spec.resume):
+            return position
+        info = latest_checkpoint(spec.checkpoint_dir)
+        if info is None:
+            return position
+        assert self.steps is not None
+        restored = load_checkpoint(
+            info, self.model, self.steps.optimizer_state, self.steps.scheduler_state
+        )
+        extra = restored.get("extra") or {}
+        position.history = list(extra.get("history", []))
+        position.global_step = int(extra.get("global_step", 0)) or sum(
+            int(record.get("steps", 0)) for record in position.history
+        )
+        position.stopped = bool(extra.get("stopped"))
+        if extra.get("step") is not None:  # saved in the middle of this epoch
+            position.epoch = int(restored["epoch"])
+            position.step = int(extra["step"])
+            if self.rank == 0:  # the sums are over every rank: counted once, here
+                position.loss_sum = float(extra.get("loss_sum", 0.0))
+                position.loss_rows = int(extra.get("loss_rows", 0))
+        else:
+            position.epoch = int(restored["epoch"]) + 1
+        if self.rank == 0:
+            _log.info("resuming from %s at epoch %d step %d", info, position.epoch, position.step)
+        return position
+
+    def _checkpoint(self, epoch: int, position: _Position, *, mid_epoch: bool) -> None:
+        """Rank 0 saves the model, optimizers, schedulers and where training stands."""
+        from deepspark.training.rank.checkpoint import save_checkpoint
+
+        if self.rank != 0 or not self.spec.checkpoint_dir:
+            return
+        assert self.steps is not None
+        extra: dict[str, Any] = {
+            "history": position.history,
+            "stopped": position.stopped,
+            "global_step": position.global_step,
+        }
+        if mid_epoch:
+            extra.update(
+                step=position.step, loss_sum=position.loss_sum, loss_rows=position.loss_rows
+            )
+        save_checkpoint(
+            self.spec.checkpoint_dir,
+            epoch,
+            self.model,
+            self.steps.optimizer_state,
+            self.steps.scheduler_state,
+            extra=extra,
+        )
+
+    def _epoch_batches(self, source, epoch: int, start: int):
+        """(batch, global real rows) pairs of ``epoch`` from step ``start``, and its steps
+        (``None`` while the first epoch streams in), within ``steps_per_epoch``."""
+        limit = self.spec.steps_per_epoch
+        batches, steps = source.epoch(epoch, start, self.device)
+        if limit is not None:
+            steps = limit if steps is None else min(steps, limit)
+        if steps is not None:
+            batches = itertools.islice(batches, max(0, steps - start))
+        return batches, steps
+
+    def _train_epoch(self, batches, steps: int | None, epoch: int, position: _Position):
+        """One epoch; ``steps`` is its step count when known (``None`` while streaming)."""
+        assert self.steps is not None
         spec, rank = self.spec, self.rank
         self.ddp.train()
         for metric in self.train_metrics:
             metric.reset()
-        loss_sum: Any = 0.0  # sum of per-row losses on this rank (a tensor after a step)
-        loss_rows = 0
+        loss_sum: Any = position.loss_sum  # sum of per-row losses on this rank
+        loss_rows = position.loss_rows
+        extra_sums: dict[str, float] = {}
         started = time.perf_counter()
         last_report = -math.inf  # report the first step at once: it marks time-to-first-step
-        world = spec.world_size
         rows_done = 0  # global real rows so far, for the progress rate
-        step = -1
-        for step, (batch, global_real) in enumerate(batches):
-            features = _to_device(batch.features, self.device)
-            labels = _to_device(batch.labels, self.device)
-            real = batch.num_real
+        step = position.step
+        for batch, global_real in batches:
             rows_done += global_real
-            optimizer.zero_grad(set_to_none=True)
-            outputs = self.ddp(*features)
-            if real > 0:
-                loss = self.loss_fn(outputs[:real], _loss_target(_slice_rows(labels, real)))
-                # DDP averages gradients over ranks; scaling by this rank's share of the global
-                # batch makes the result the exact mean over every real row of the step.
-                scaled = loss * (real * world / max(global_real, 1))
-                # summed on the device: no host sync per step (a CUDA stream keeps running)
-                loss_sum = loss_sum + loss.detach() * real
-                loss_rows += real
+            loss_part, real, outputs, extra = self.steps.train(batch, global_real)
+            loss_sum = loss_sum + loss_part  # summed on the device: no host sync per step
+            loss_rows += real
+            for name, value in extra.items():
+                extra_sums[name] = extra_sums.get(name, 0.0) + value
+            if outputs is not None and self.train_metrics:
                 with torch.no_grad():
-                    for metric in self.train_metrics:
-                        metric.update(outputs[:real], labels[0][:real])
-            else:
-                # Filler step: contribute zero gradient but join every collective.
-                scaled = outputs.sum() * 0.0
-            scaled.backward()
-            optimizer.step()
+                    _update_metrics(self.train_metrics, outputs, batch.labels, real)
+            step += 1
+            position.global_step += 1
             if "first_step" not in self.marks:
                 self.marks["first_step"] = time.time()
             if self.callbacks:
                 self._callbacks(
-                    "on_batch_end", epoch=epoch, step=step, logs={"loss": float(scaled.detach())}
+                    "on_batch_end",
+                    epoch=epoch,
+                    step=step - 1,
+                    logs={"loss": float(loss_part) / max(real, 1)},
                 )
             now = time.perf_counter()
             if rank == 0 and self.progress is not None and now - last_report >= PROGRESS_INTERVAL_S:
@@ -225,64 +240,122 @@ class EpochRunner:
                         "kind": "step",
                         "epoch": epoch,
                         "epochs": spec.epochs,
-                        "step": step + 1,
+                        "step": step,
                         "steps": steps,
                         "loss": float(loss_sum) / max(loss_rows, 1),
                         "samples_per_s": rows_done / max(now - started, 1e-9),
                     }
                 )
-        loss_total, total_rows = _sum_over_ranks((float(loss_sum), loss_rows), self.device)
+            if spec.max_steps is not None and position.global_step >= spec.max_steps:
+                break
+            if self._every(spec.validate_every_steps, position.global_step):
+                self._validate_at_step(epoch, step, position.global_step)
+            if self._every(spec.checkpoint_every_steps, position.global_step):
+                # the epoch's loss so far, over every rank: rank 0's checkpoint carries it
+                partial = _sum_over_ranks((float(loss_sum), loss_rows), self.device)
+                position.step, position.loss_sum = step, partial[0]
+                position.loss_rows = int(partial[1])
+                self._checkpoint(epoch, position, mid_epoch=True)
+        self.steps.flush()
+        names = sorted(extra_sums)
+        totals = _sum_over_ranks(
+            (float(loss_sum), loss_rows, *(extra_sums[name] for name in names)), self.device
+        )
+        loss_total, total_rows = totals[0], totals[1]
         elapsed = time.perf_counter() - started
         from deepspark.training.rank.metrics import reduce_metrics
 
-        reduce_metrics(self.train_metrics, world)
+        reduce_metrics(self.train_metrics, spec.world_size)
         record: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss_total / max(total_rows, 1.0),
             "train_rows": int(total_rows),
-            "steps": step + 1,
+            "steps": step,
             "seconds": elapsed,
             "samples_per_s": total_rows / max(elapsed, 1e-9),
+            **self.steps.learning_rates(),  # the rates this epoch trained with
         }
+        for name, total in zip(names, totals[2:], strict=True):
+            record[f"train_{name}"] = total / max(total_rows, 1.0)
         for metric in self.train_metrics:
             record[f"train_{metric.name}"] = _finite(metric.compute())
         return record
 
+    @staticmethod
+    def _every(interval: int | None, global_step: int) -> bool:
+        return interval is not None and global_step % interval == 0
+
+    def _validate(self) -> dict[str, float]:
+        started = time.perf_counter()
+        scores = self.evaluate(self.source, VALIDATION_SPLIT)
+        self.marks["validation_s"] += time.perf_counter() - started
+        return scores
+
+    def _validate_at_step(self, epoch: int, step: int, global_step: int) -> None:
+        """Validation every N steps: a record of its own, and back to training."""
+        scores = self._validate()
+        record = {"epoch": epoch, "step": step, "global_step": global_step}
+        record.update({f"val_{name}": value for name, value in scores.items()})
+        self.step_history.append(record)
+        if self.rank == 0 and self.progress is not None:
+            text = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("val_"))
+            self.progress.send({"kind": "log", "text": f"step {global_step}: {text}"})
+        self.ddp.train()
+
     # --- evaluation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, spill, split: int) -> dict[str, float]:
+    def evaluate(self, source, split: int) -> dict[str, float]:
+        """Loss and metrics over every rank's rows of ``split`` (exact: summed, then reduced)."""
         from deepspark.training.rank.metrics import reduce_metrics
 
         spec = self.spec
+        if self.steps is None:  # an evaluate job: no optimizer to build
+            self.steps = StepRunner(spec, self.model, self.model, self.device, train=False)
         model = self.model
         was_training = model.training
         model.eval()
         for metric in self.val_metrics:
             metric.reset()
-        loss_total, loss_rows = 0.0, 0
+        sums: dict[str, float] = {}
+        rows_total = 0
         local_batch = max(1, math.ceil(spec.batch_size / spec.world_size))
-        for batch in spill.ordered(spec.features, spec.labels, batch_size=local_batch, split=split):
-            features = _to_device(batch.features, self.device)
-            labels = _to_device(batch.labels, self.device)
-            outputs = model(*features)
-            rows = int(outputs.shape[0])
-            loss = self.loss_fn(outputs, _loss_target(labels))
-            loss_total += float(loss) * rows
-            loss_rows += rows
-            for metric in self.val_metrics:
-                metric.update(outputs, labels[0])
-        loss_total, total_rows = _sum_over_ranks((loss_total, loss_rows), self.device)
+        for batch in source.ordered(split, local_batch):
+            outputs, rows, values = self.steps.evaluate(batch)
+            rows_total += rows
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if outputs is not None and self.val_metrics:
+                _update_metrics(self.val_metrics, outputs, batch.labels, rows)
+        names = sorted(sums) if spec.world_size == 1 else self._value_names(sums)
+        totals = _sum_over_ranks((rows_total, *(sums.get(n, 0.0) for n in names)), self.device)
         reduce_metrics(self.val_metrics, spec.world_size)
         model.train(was_training)
-        scores = {"loss": loss_total / max(total_rows, 1.0)}
+        scores = {
+            name: total / max(totals[0], 1.0) for name, total in zip(names, totals[1:], strict=True)
+        }
         for metric in self.val_metrics:
             scores[metric.name] = _finite(metric.compute())
         return scores
 
-    def _callbacks(self, hook: str, *, epoch: int, step: int, logs: dict[str, Any]) -> None:
+    def _value_names(self, sums: dict[str, float]) -> list[str]:
+        """The value names of an evaluation over every rank: a rank without rows has none."""
+        if self.steps is not None and self.steps.custom_eval is None:
+            return ["loss"] if self.steps.loss_fn is not None else []
+        gathered: list[Any] = [None] * self.spec.world_size
+        dist.all_gather_object(gathered, sorted(sums))
+        return sorted({name for names in gathered for name in names})
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any: one decision for all ranks."""
+        vote = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        return bool(vote.item() > 0)
+
+    def _callbacks(self, hook: str, *, epoch: int, step: int, logs: dict[str, Any]):
+        """Run the rank's callbacks for ``hook``; returns their state (None without any)."""
         if not self.callbacks:
-            return
+            return None
         from deepspark.training.callbacks import CallbackState, call_worker_hook
 
         state = CallbackState(
@@ -300,12 +373,17 @@ class EpochRunner:
             },
         )
         call_worker_hook(self.callbacks, hook, state)
+        return state
 
 
-def _with_divisors(batches, plan):
-    """Each batch of a planned epoch with its step's global real-row count."""
-    for step, batch in enumerate(batches):
-        yield batch, plan.global_real_rows(step)
+def _update_metrics(metrics, outputs: Any, labels: tuple[Any, ...], rows: int) -> None:
+    """Feed each metric the output it reads and the first label, real rows only."""
+    from deepspark.training.rank.structure import take_rows
+
+    target = take_rows(labels[0], rows)
+    for metric in metrics:
+        key = getattr(metric, "output_key", None)
+        metric.update(select_output(outputs, key, metric.name), target)
 
 
 def _sum_over_ranks(values: tuple[float, ...], device: torch.device) -> list[float]:

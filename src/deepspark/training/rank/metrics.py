@@ -23,6 +23,17 @@ outputs match ``(N,)`` targets. docs/training.md ("Metrics") says the same for u
 outputs and targets unchanged) and a plain function ``fn(outputs, targets)`` returning a batch
 mean or one value per row (averaged exactly over rows by :class:`CallableMetric`).
 
+Models with several outputs or labels. Each metric reads one output tensor and one label
+tensor. ``metrics=["accuracy"]`` reads the model's one output and the first label. A dict
+names what each metric reads: ``{"accuracy": "logits"}`` reads the dict output ``"logits"``,
+``{"mse": 1}`` position 1 of a tuple output, ``{"accuracy": ("logits", 1)}`` that output and
+label 1 (a position among ``label_cols``, or a key of a ``label_cols`` dict), and
+``{"accuracy": ["logits", "parity"]}`` makes one metric per output, reported as
+``logits_accuracy`` and ``parity_accuracy`` (``output_1_mse`` for a position). The keys are
+what a list holds: names, torchmetrics metrics or functions.
+`deepspark.training.rank.metric_routing` makes the metrics from either form
+(``build_metrics``) and feeds them one batch (``update_metrics``).
+
 Examples
 --------
 >>> import torch
@@ -46,7 +57,19 @@ import torchmetrics
 from torchmetrics import classification as tmc
 from torchmetrics import regression as tmr
 
-__all__ = ["CallableMetric", "EpochMetric", "Task", "get_metric", "metric_names", "reduce_metrics"]
+__all__ = [
+    "CallableMetric",
+    "EpochMetric",
+    "Task",
+    "get_metric",
+    "metric_names",
+    "reduce_metrics",
+]
+
+OutputKey = str | int | None
+"""Which model output a metric reads: a dict key, a tuple position, or None for the only one."""
+LabelKey = str | int | None
+"""Which label a metric reads: a position among the labels, a label dict key, None: the first."""
 
 _KINDS = ("binary", "multiclass", "multilabel", "regression")
 
@@ -249,6 +272,10 @@ class EpochMetric:
     regression : bool
         Whether ``build`` is a regression metric (elementwise) rather than a classification
         metric (whose task is inferred).
+    output : str, int or None
+        The model output it reads (see :func:`update_metrics`); None for the only one.
+    label : str, int or None
+        The label it reads; None for the first.
     """
 
     def __init__(
@@ -257,10 +284,15 @@ class EpochMetric:
         metric: torchmetrics.Metric | None = None,
         build: Callable[[Task], torchmetrics.Metric] | None = None,
         regression: bool = False,
+        *,
+        output: OutputKey = None,
+        label: LabelKey = None,
     ) -> None:
         if (metric is None) == (build is None):
             raise ValueError("pass exactly one of metric and build")
         self.name = name
+        self.output = output
+        self.label = label
         self.metric = metric
         self.task: Task | None = None
         self._build = build
@@ -325,7 +357,9 @@ class EpochMetric:
         self._value = None
 
     def __repr__(self) -> str:
-        return f"EpochMetric(name={self.name!r}, metric={self.metric!r})"
+        reads = "" if self.output is None else f", output={self.output!r}"
+        reads += "" if self.label is None else f", label={self.label!r}"
+        return f"EpochMetric(name={self.name!r}, metric={self.metric!r}{reads})"
 
 
 def _scalar(metric: EpochMetric, value: Any) -> float:
@@ -353,7 +387,11 @@ def metric_names() -> list[str]:
     return sorted([*_CLASSIFICATION, *_REGRESSION, "top5_accuracy"])
 
 
-def get_metric(metric: str | torchmetrics.Metric | Callable[..., Any]) -> EpochMetric:
+def get_metric(
+    metric: str | torchmetrics.Metric | Callable[..., Any],
+    output: OutputKey = None,
+    label: LabelKey = None,
+) -> EpochMetric:
     """Return an :class:`EpochMetric` for a name, a torchmetrics metric, or a function.
 
     Parameters
@@ -361,8 +399,15 @@ def get_metric(metric: str | torchmetrics.Metric | Callable[..., Any]) -> EpochM
     metric : str, torchmetrics.Metric, EpochMetric or callable
         A built-in name (see the module docstring; case-insensitive), a ``torchmetrics.Metric``
         (named after its class in snake case: ``BinaryF1Score`` → ``"binary_f1_score"``), an
-        :class:`EpochMetric` (returned as it is) or ``fn(outputs, targets)`` returning a batch
-        mean or per-row values (wrapped in :class:`CallableMetric`, named after ``fn``).
+        :class:`EpochMetric` (returned as it is, reading ``output`` and ``label`` when they
+        are given) or ``fn(outputs, targets)`` returning a batch mean or per-row values
+        (wrapped in :class:`CallableMetric`, named after ``fn``).
+    output : str, int or None
+        The model output the metric reads: a dict key or a tuple position; None for a model
+        with one output.
+    label : str, int or None
+        The label the metric reads: a position among the labels or a key of a label dict;
+        None for the first.
 
     Raises
     ------
@@ -377,7 +422,29 @@ def get_metric(metric: str | torchmetrics.Metric | Callable[..., Any]) -> EpochM
     'top3_accuracy'
     >>> get_metric(lambda outputs, targets: (outputs - targets).abs()).name
     '<lambda>'
+    >>> get_metric("accuracy", output="logits").output
+    'logits'
     """
+    _check_key("output", output, metric)
+    _check_key("label", label, metric)
+    built = _make_metric(metric)
+    if output is not None:
+        built.output = output
+    if label is not None:
+        built.label = label
+    return built
+
+
+def _check_key(what: str, key: Any, metric: Any) -> None:
+    if key is None or isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool)):
+        return
+    raise TypeError(
+        f"metrics: {metric!r} reads {what} {key!r}; name the {what} by its dict key (a str) or "
+        "its position (an int)"
+    )
+
+
+def _make_metric(metric: Any) -> EpochMetric:
     if isinstance(metric, EpochMetric):
         return metric
     if isinstance(metric, str):

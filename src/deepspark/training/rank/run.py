@@ -26,14 +26,13 @@ from torch import nn
 
 from deepspark.training.job_spec import (
     RESULT_CHUNK_BYTES,
-    SPLIT_COLUMN,
-    TRAIN_SPLIT,
     VALIDATION_SPLIT,
     JobKind,
     ResultKind,
     TrainSpec,
 )
 from deepspark.training.rank.loop import EpochRunner, build_model
+from deepspark.training.rank.sources import CreatorInput, RankInput
 
 __all__ = ["RankContext", "cuda_device_index", "run_rank"]
 
@@ -59,89 +58,10 @@ class RankContext:
     marks: dict[str, float] = field(default_factory=lambda: {"task_start": time.time()})
 
 
-class RankInput:
-    """A rank's input: its first epoch streamed as it arrives, then its spill for the rest.
-
-    The input is read (and spilled) on a background thread from the task's start, while the
-    rank meets the others and builds its model.
-    """
-
-    def __init__(self, spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankContext):
-        from deepspark.data import StepPolicy
-        from deepspark.data.stream import StreamingSpill
-        from deepspark.training.rank.first_epoch import STREAMED_POLICIES
-
-        self.spec = spec
-        self.rank = context.rank
-        self._streams = (
-            spec.kind is JobKind.FIT
-            and spec.stream_first_epoch
-            and StepPolicy(spec.step_policy) in STREAMED_POLICIES
-        )
-        self.stream = StreamingSpill(
-            batches,
-            context.spill_dir,
-            split_column=SPLIT_COLUMN,
-            feed_split=TRAIN_SPLIT if self._streams else None,
-        )
-        self._spill = None
-        self._plan = None
-
-    def can_stream(self) -> bool:
-        """Whether the next epoch can train from the arriving rows (only the first can)."""
-        return self._streams and self._spill is None
-
-    def streamed_epoch(self, device: torch.device):
-        """The first epoch's (batch, global real rows) pairs, from rows as they arrive."""
-        from deepspark.data import plan_steps
-        from deepspark.data.stream import WindowFeed
-        from deepspark.training.rank.first_epoch import streamed_epoch
-
-        spec = self.spec
-        self._streams = False  # once
-        local_sizes = plan_steps([1] * spec.world_size, spec.batch_size).local_batch_sizes
-        feed = WindowFeed(spec.features, spec.labels, seed=spec.seed, epoch=0, rank=self.rank)
-        return streamed_epoch(
-            self.stream,
-            feed,
-            rank=self.rank,
-            local_sizes=local_sizes,
-            policy=spec.step_policy,
-            device=device,
-            timeout_s=spec.collective_timeout_s,
-        )
-
-    def spill(self):
-        """The whole partition's spill; waits for the input to end."""
-        if self._spill is None:
-            self._streams = False
-            self._spill = self.stream.finish(self.spec.collective_timeout_s)
-        return self._spill
-
-    def plan(self, device: torch.device):
-        """Every epoch's steps, from every rank's row count (one all-reduce, the first time)."""
-        if self._plan is None:
-            import torch.distributed as dist
-
-            from deepspark.data import plan_steps
-
-            counts = torch.zeros((self.spec.world_size,), dtype=torch.int64, device=device)
-            counts[self.rank] = self.spill().num_rows(TRAIN_SPLIT)
-            dist.all_reduce(counts)
-            self._plan = plan_steps(counts.tolist(), self.spec.batch_size, self.spec.step_policy)
-        return self._plan
-
-    def close(self) -> None:
-        self.stream.close()
-        if self._spill is not None:
-            self._spill.close()
-
-
 def run_rank(
     spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankContext
 ) -> Iterator[pa.RecordBatch]:
     """Train (or evaluate) as one rank of a data-parallel job; rank 0 yields the results."""
-    from deepspark.data import rows_from_chunks
     from deepspark.training.rank.progress_client import ProgressClient
 
     rank = context.rank
@@ -152,8 +72,7 @@ def run_rank(
     source = None
     failed = False
     try:
-        needed = [name for tensor in (*spec.features, *spec.labels) for name in tensor.columns]
-        source = RankInput(spec, rows_from_chunks(batches, list(dict.fromkeys(needed))), context)
+        source = _source(spec, batches, context)
         yield from _run(spec, source, context, progress)
     except BaseException as error:
         if progress is not None and not isinstance(error, GeneratorExit):
@@ -184,6 +103,21 @@ def run_rank(
                 os.remove(path)
         if progress is not None:
             progress.close()
+
+
+def _source(spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankContext):
+    """The rank's input: its partition's rows, or the batches of the user's data creator."""
+    from deepspark.data import rows_from_chunks
+
+    if spec.creator_blobs:
+        import cloudpickle
+
+        for _ in batches:  # the stage's one row per task says only which rank this is
+            pass
+        creators = {split: cloudpickle.loads(blob) for split, blob in spec.creator_blobs.items()}
+        return CreatorInput(spec, context.rank, creators)
+    needed = [name for tensor in (*spec.features, *spec.labels) for name in tensor.columns]
+    return RankInput(spec, rows_from_chunks(batches, list(dict.fromkeys(needed))), context)
 
 
 def _meet(spec: TrainSpec, context: RankContext, progress) -> list[dict[str, Any]]:
@@ -258,7 +192,7 @@ def _run(spec: TrainSpec, source: RankInput, context: RankContext, progress):
     model.to(device)
     runner = EpochRunner(spec, model, device, rank, progress)
     if spec.kind is JobKind.EVALUATE:
-        metrics = runner.evaluate(source.spill(), VALIDATION_SPLIT)
+        metrics = runner.evaluate(source, VALIDATION_SPLIT)
         if rank == 0:
             yield _result_batch(ResultKind.METRICS, json.dumps(metrics).encode())
         return
@@ -266,10 +200,14 @@ def _run(spec: TrainSpec, source: RankInput, context: RankContext, progress):
     history = runner.fit(source)
     if rank == 0:
         if progress is not None:
-            timeline = {**context.marks, **source.stream.marks, **runner.marks}
+            timeline = {**context.marks, **source.marks, **runner.marks}
             progress.send({"kind": "log", "text": "timeline", "timeline": timeline})
         yield _result_batch(ResultKind.HISTORY, json.dumps(history).encode())
+        if runner.step_history:
+            payload = json.dumps(runner.step_history).encode()
+            yield _result_batch(ResultKind.STEP_HISTORY, payload)
         yield from _weights_batches(runner.model)
+        yield from _optimizer_batches(runner.steps)
 
 
 def _rank_of(peer: dict[str, Any]) -> int:
@@ -373,5 +311,19 @@ def _weights_batches(model: nn.Module) -> Iterator[pa.RecordBatch]:
     from deepspark.persist.weights import unwrap_model, weights_to_bytes
 
     blob = weights_to_bytes(unwrap_model(model).state_dict())
+    yield from _chunk_batches(ResultKind.WEIGHTS, blob)
+
+
+def _optimizer_batches(steps: Any) -> Iterator[pa.RecordBatch]:
+    """The optimizers' state (a `StepRunner`'s), for the estimator's next fit to continue."""
+    from deepspark.persist.optimizer_state import optimizer_state_to_bytes
+
+    state = None if steps is None else steps.optimizer_state
+    if state is not None:
+        blob = optimizer_state_to_bytes(state.state_dict())
+        yield from _chunk_batches(ResultKind.OPTIMIZER, blob)
+
+
+def _chunk_batches(kind: ResultKind, blob: bytes) -> Iterator[pa.RecordBatch]:
     for seq, start in enumerate(range(0, max(len(blob), 1), RESULT_CHUNK_BYTES)):
-        yield _result_batch(ResultKind.WEIGHTS, blob[start : start + RESULT_CHUNK_BYTES], seq)
+        yield _result_batch(kind, blob[start : start + RESULT_CHUNK_BYTES], seq)
