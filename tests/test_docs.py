@@ -22,7 +22,7 @@ PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 RUNNABLE = "python"
 NOT_RUN = {"text", "bash", "python no-run"}
 FENCE = re.compile(r"^(`{3,}|~{3,})(.*)$")
-PAGE_TIMEOUT_S = 480  # a page starts Spark and trains; generous for a busy 2-core machine
+PAGE_TIMEOUT_S = 900  # a page starts Spark and trains many times, on a busy 2-core machine
 
 
 def code_blocks(text: str) -> list[tuple[int, str, str]]:

@@ -64,7 +64,7 @@ def dict_batches(config, batch_size):
     x, y, _, _ = digits_arrays()
     rows = [
         {"pixels": pixels, "digit": int(label), "id": i}
-        for i, (pixels, label) in enumerate(zip(x, y))
+        for i, (pixels, label) in enumerate(zip(x, y, strict=True))
     ]
     return DataLoader(rows, batch_size=batch_size, shuffle=True)
 

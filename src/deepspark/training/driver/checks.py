@@ -109,19 +109,31 @@ def _check_loss_on(loss: Any, outputs: Any, target: Any) -> None:
 
 def _check_metrics(metrics: Any, outputs: Any, targets: Any) -> None:
     """Each metric updates once on the sample: unknown names, outputs or labels that do not
-    exist, and unsuitable shapes fail here."""
+    exist, and unsuitable shapes fail here, naming the metric."""
     if not metrics:
         return  # and torchmetrics need not be imported
-    from deepspark.training.rank.metric_routing import build_metrics, update_metrics
+    from deepspark.training.rank.metric_routing import (
+        build_metrics,
+        metric_definitions,
+        update_metrics,
+    )
 
-    for metric in build_metrics(metrics):
+    definitions = metric_definitions(metrics)
+    entries = (
+        [({metric: reads}, metric) for metric, reads in definitions.items()]
+        if isinstance(definitions, dict)
+        else [([metric], metric) for metric in definitions]
+    )
+    for single, metric in entries:
         try:
-            update_metrics([metric], outputs, targets)
+            update_metrics(build_metrics(single), outputs, targets)
         except Exception as error:
+            name = metric if isinstance(metric, str) else _name_of(metric)
             raise ValueError(
-                f"metrics: {metric.name!r} cannot be computed on the model's outputs of shape "
+                f"metrics: {name!r} cannot be computed on the model's outputs of shape "
                 f"{_shapes_text(outputs)} and the labels: {type(error).__name__}: {error}"
             ) from error
+    build_metrics(definitions)  # and no two report under one name
 
 
 def _shapes_text(value: Any) -> str:

@@ -48,8 +48,8 @@ INDEX_COLUMN_PREFIX = "__deepspark_index_"
 
 ACCEPTED = (
     "a Spark DataFrame, a pandas DataFrame, a pandas-on-Spark DataFrame "
-    "(pyspark.pandas.DataFrame) or a dict of numpy arrays {column name: array with one row "
-    "per example}"
+    "(pyspark.pandas.DataFrame), a dict of numpy arrays {column name: array with one row "
+    "per example}, or a data creator: a function (config, batch_size) -> DataLoader"
 )
 
 # Spark has no unsigned integers and no half floats: the smallest exact wider type.

@@ -30,24 +30,36 @@ MetricsArg = Sequence[Any] | Mapping[Any, Any] | None
 
 
 def metric_definitions(metrics: MetricsArg) -> list[Any] | dict[Any, Any]:
-    """Check a ``metrics=`` argument on the driver and return it as a list or a dict.
+    """A ``metrics=`` argument as a list or a dict (a copy), its form checked.
 
-    The result is what travels to the ranks (pickled), where :func:`build_metrics` makes
-    fresh metrics from it.
+    Cheap, for a constructor: the metrics themselves (unknown names, outputs the model does
+    not have) are checked by building and updating them on sample rows, as the driver's dry
+    run does. The result is what travels to the ranks (pickled), where :func:`build_metrics`
+    makes fresh metrics from it.
 
     Raises
     ------
-    ValueError, TypeError
-        An unknown metric name, a malformed dict value, or two metrics of the same name.
+    TypeError, ValueError
+        Neither a list nor a dict, or a dict value that names no output.
 
     Examples
     --------
     >>> metric_definitions({"accuracy": ["logits", "parity"]})
     {'accuracy': ['logits', 'parity']}
+    >>> metric_definitions(None)
+    []
     """
-    definitions = dict(metrics) if isinstance(metrics, Mapping) else list(metrics or [])
-    build_metrics(definitions)
-    return definitions
+    if isinstance(metrics, Mapping):
+        definitions: list[Any] | dict[Any, Any] = dict(metrics)
+        for metric, value in definitions.items():
+            _reads(metric, value)
+        return definitions
+    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Iterable | None):
+        raise TypeError(
+            f"metrics={metrics!r}: give a list, e.g. ['accuracy'], or a dict metric -> the "
+            "output it reads, e.g. {'accuracy': 'logits'}"
+        )
+    return list(metrics or [])
 
 
 def build_metrics(metrics: MetricsArg, device: torch.device | str = "cpu") -> list[EpochMetric]:
@@ -69,17 +81,11 @@ def build_metrics(metrics: MetricsArg, device: torch.device | str = "cpu") -> li
     ...                                                      "mse": [0, 1]})]
     [('accuracy', 'logits', 1), ('output_0_mse', 0, None), ('output_1_mse', 1, None)]
     """
-    if metrics is None:
-        return []
-    if isinstance(metrics, Mapping):
-        reads = [(metric, _reads(metric, value)) for metric, value in metrics.items()]
-    elif isinstance(metrics, (str, bytes)) or not isinstance(metrics, Iterable):
-        raise TypeError(
-            f"metrics={metrics!r}: give a list, e.g. ['accuracy'], or a dict metric -> the "
-            "output it reads, e.g. {'accuracy': 'logits'}"
-        )
+    definitions = metric_definitions(metrics)
+    if isinstance(definitions, dict):
+        reads = [(metric, _reads(metric, value)) for metric, value in definitions.items()]
     else:
-        reads = [(metric, [(None, None)]) for metric in metrics]
+        reads = [(metric, [(None, None)]) for metric in definitions]
     built = []
     for metric, pairs in reads:
         for output, label in pairs:
