@@ -28,6 +28,7 @@ RANK_SIDE = [
     "deepspark.training.builtin_callbacks",
     "deepspark.training.rank.step",
     "deepspark.training.rank.structure",
+    "deepspark.training.rank.metric_routing",
     "deepspark.training.rank.sources",
     "deepspark.training.rank.run",
     "deepspark.training.rank.loop",

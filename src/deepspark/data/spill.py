@@ -18,7 +18,6 @@ window it falls in (see ``docs/data.md``).
 from __future__ import annotations
 
 import itertools
-
 import os
 import tempfile
 import weakref

@@ -39,6 +39,7 @@ from deepspark.training.job_spec import (
     ResultKind,
     TrainSpec,
 )
+from deepspark.training.rank.metric_routing import metric_definitions
 
 if TYPE_CHECKING:
     from deepspark.training.driver.inputs import InputData, Predictions
@@ -47,7 +48,7 @@ __all__ = ["Estimator", "TrainingError"]
 
 _log = logging.getLogger(__name__)
 
-ColumnsArg = str | Sequence[str | Sequence[str]]
+ColumnsArg = str | Sequence[str | Sequence[str]] | dict[str, str | Sequence[str]]
 
 
 class Estimator(ModelIO):
@@ -99,7 +100,7 @@ class Estimator(ModelIO):
             check_loss(loss)
         self._optimizer_factory = optimizer_factory(optimizer)
         self.loss = loss
-        self.metrics = list(metrics or [])
+        self.metrics = metric_definitions(metrics)
         self.scheduler = scheduler
         self.use_gpu = use_gpu
         self.steps = steps or StepOptions()
@@ -142,11 +143,13 @@ class Estimator(ModelIO):
             ``loss(outputs, labels) -> scalar tensor``, mean-reduced over the rows. The model's
             outputs may be a tensor, or a dict, tuple or list of tensors; the labels are one
             tensor, or a tuple of them for several label columns.
-        metrics : list, optional
+        metrics : list or dict, optional
             Names (``"accuracy"``, ``"top5_accuracy"``, ``"precision"``, ``"recall"``,
             ``"f1"``, ``"auc"``, ``"mse"``, ``"mae"``, ``"rmse"``, ``"r2"``; torchmetrics
             computes them), ``torchmetrics.Metric`` objects or functions
-            ``fn(outputs, labels)``; reduced exactly across ranks.
+            ``fn(outputs, labels)``; reduced exactly across ranks. For a model with several
+            outputs, a dict names the output each reads: ``{"accuracy": "logits"}``, a
+            position of a tuple output, or ``(output, label)``.
         scheduler : callable, optional
             ``optimizer -> LRScheduler`` (given the list when there are several optimizers; it
             may return a list), stepped once per epoch, or per optimizer step with

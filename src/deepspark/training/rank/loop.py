@@ -9,7 +9,6 @@ decision 12).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -24,7 +23,6 @@ from torch import nn
 
 from deepspark.training.job_spec import VALIDATION_SPLIT, TrainSpec
 from deepspark.training.rank.step import StepRunner
-from deepspark.training.rank.structure import select_output
 
 __all__ = ["EpochRunner", "build_model"]
 
@@ -60,7 +58,7 @@ class EpochRunner:
     def __init__(
         self, spec: TrainSpec, model: nn.Module, device: torch.device, rank: int, progress
     ):
-        from deepspark.training.rank.metrics import get_metric
+        from deepspark.training.rank.metric_routing import build_metrics
 
         self.spec = spec
         self.model = model
@@ -69,8 +67,8 @@ class EpochRunner:
         self.progress = progress
         metric_defs = cloudpickle.loads(spec.metrics_blob)
         self.metric_defs = metric_defs
-        self.val_metrics = [get_metric(copy.deepcopy(m)).to(device) for m in metric_defs]
-        self.train_metrics = [get_metric(copy.deepcopy(m)).to(device) for m in metric_defs]
+        self.val_metrics = build_metrics(metric_defs, device)
+        self.train_metrics = build_metrics(metric_defs, device)
         self.callbacks = cloudpickle.loads(spec.callbacks_blob) if spec.callbacks_blob else []
         self.ddp: nn.Module | None = None
         self.steps: StepRunner | None = None
@@ -220,7 +218,7 @@ class EpochRunner:
                 extra_sums[name] = extra_sums.get(name, 0.0) + value
             if outputs is not None and self.train_metrics:
                 with torch.no_grad():
-                    _update_metrics(self.train_metrics, outputs, batch.labels, real)
+                    _update_metrics(self.train_metrics, outputs, self.steps.labels, real)
             step += 1
             position.global_step += 1
             if "first_step" not in self.marks:
@@ -326,7 +324,7 @@ class EpochRunner:
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value
             if outputs is not None and self.val_metrics:
-                _update_metrics(self.val_metrics, outputs, batch.labels, rows)
+                _update_metrics(self.val_metrics, outputs, self.steps.labels, rows)
         names = sorted(sums) if spec.world_size == 1 else self._value_names(sums)
         totals = _sum_over_ranks((rows_total, *(sums.get(n, 0.0) for n in names)), self.device)
         reduce_metrics(self.val_metrics, spec.world_size)
@@ -377,13 +375,11 @@ class EpochRunner:
 
 
 def _update_metrics(metrics, outputs: Any, labels: tuple[Any, ...], rows: int) -> None:
-    """Feed each metric the output it reads and the first label, real rows only."""
+    """Feed each metric the output and label it reads, real rows only."""
+    from deepspark.training.rank.metric_routing import update_metrics
     from deepspark.training.rank.structure import take_rows
 
-    target = take_rows(labels[0], rows)
-    for metric in metrics:
-        key = getattr(metric, "output_key", None)
-        metric.update(select_output(outputs, key, metric.name), target)
+    update_metrics(metrics, take_rows(outputs, rows), take_rows(labels, rows))
 
 
 def _sum_over_ranks(values: tuple[float, ...], device: torch.device) -> list[float]:

@@ -190,6 +190,7 @@ class StepRunner:
                 )
             self.scaler = torch.amp.GradScaler("cuda")
         self._synced = [SyncedOptimizer(opt, self.world) for opt in self.optimizers]
+        self.labels: tuple[Any, ...] = ()  # the last batch's labels, on the device
 
     # --- what checkpoints save --------------------------------------------------------------
 
@@ -211,6 +212,7 @@ class StepRunner:
             features, labels = self.collate(features, labels)
             features = features if isinstance(features, tuple) else (features,)
             labels = labels if isinstance(labels, tuple) else (labels,)
+        self.labels = labels  # what the metrics compare the outputs with
         return features, labels, batch.num_real
 
     def _autocast(self):
