@@ -22,6 +22,8 @@ IMPORT = re.compile(r"^\s*(?:from|import)\s+(deepspark(?:\.\w+)*)", re.M)
 RANK_SIDE = [
     "deepspark.persist.weights",
     "deepspark.persist.estimator_dir",
+    "deepspark.persist.optimizer_state",
+    "deepspark.persist.programs",
     "deepspark.training.job_spec",
     "deepspark.training.progress",
     "deepspark.training.callbacks",

@@ -189,6 +189,12 @@ class Estimator(ModelIO):
         >>> type(est.get_model()).__name__
         'Linear'
         """
+        if optimizer is not None and loss is None and train_step is None:
+            raise ValueError(
+                "from_torch got optimizer= but no loss=: pass loss=, e.g. "
+                "torch.nn.CrossEntropyLoss(), to train (or a train_step=); without optimizer= "
+                "and loss= the estimator is for inference only"
+            )
         return cls(
             model=model,
             optimizer=optimizer,
