@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(PY) examples/quickstart.py
 
+# Keras picks its backend once per process: the TensorFlow-backend tests run in a process of
+# their own, after the rest (which include the torch-backend Keras tests).
+KERAS_TF_TESTS := tests/test_keras_tf.py
+
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=$(KERAS_TF_TESTS)
+	$(PY) -m pytest -q $(KERAS_TF_TESTS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -45,7 +45,18 @@ RANK_SIDE = [
     "deepspark.training.driver.progress_server",
     "deepspark.training.driver.progress_bar",
     "deepspark.training.driver.timeline",
+    "deepspark.inference.keras_runtime",
+    "deepspark.keras.torch_backend",
+    "deepspark.keras.keras_callbacks",
 ]
+
+# The one upward import: `Estimator.from_keras` (estimator.py) and `Estimator.load` of a
+# ``.keras`` file (model_io.py, the Estimator's mixin) build a KerasEstimator, which subclasses
+# Estimator and so cannot live below it. Both import it lazily, inside the method.
+UPWARD_EXCEPTION = {
+    ("training/driver/estimator.py", "deepspark.keras.keras_estimator"),
+    ("training/driver/model_io.py", "deepspark.keras.keras_estimator"),
+}
 
 
 def _imports(module_path: Path) -> set[str]:
@@ -63,9 +74,9 @@ def _sources(folder: str) -> list[Path]:
         ("data", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
         ("persist", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
         ("context", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
-        ("inference", ("deepspark.training", "deepspark.ml")),
-        ("training/rank", ("deepspark.training.driver", "deepspark.ml")),
-        ("training", ("deepspark.ml",)),
+        ("inference", ("deepspark.training", "deepspark.ml", "deepspark.keras")),
+        ("training/rank", ("deepspark.training.driver", "deepspark.ml", "deepspark.keras")),
+        ("training", ("deepspark.ml", "deepspark.keras")),
     ],
 )
 def test_imports_point_down(folder, forbidden):
@@ -74,6 +85,7 @@ def test_imports_point_down(folder, forbidden):
         for path in _sources(folder)
         for name in _imports(path)
         if name.startswith(forbidden)
+        and (str(path.relative_to(PACKAGE)), name) not in UPWARD_EXCEPTION
     }
     assert not wrong, sorted(wrong)
 

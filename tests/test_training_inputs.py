@@ -180,7 +180,8 @@ BAD_INPUTS = {
         [[0.0] * 64],
         TypeError,
         r"df: got a list; give a Spark DataFrame, a pandas DataFrame, a pandas-on-Spark "
-        r"DataFrame \(pyspark.pandas.DataFrame\) or a dict of numpy arrays",
+        r"DataFrame \(pyspark.pandas.DataFrame\), a dict of numpy arrays .*, or a data "
+        r"creator",
     ),
     "bare array": (_ROWS, TypeError, r"df: got a ndarray; .*\{'features': array\}"),
     "ragged lists in a dict": (

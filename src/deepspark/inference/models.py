@@ -39,6 +39,7 @@ import fsspec
 import torch
 
 from deepspark.inference._cache import CacheInfo, SizedLRUCache
+from deepspark.inference.keras_runtime import is_keras_model
 from deepspark.inference.runtimes import (
     ExportedProgramPredictor,
     OnnxPredictor,
@@ -83,6 +84,8 @@ class ModelKind(str, Enum):
     TORCH_EXPORT = "torch_export"  # torch.export.save (.pt2)
     ONNX = "onnx"
     SAVED = "saved"  # a directory written by Estimator.save
+    KERAS = "keras"  # a .keras file (Keras 3), run on the source's Keras backend
+    TF_SAVED_MODEL = "tf_saved_model"  # a TensorFlow SavedModel directory
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class ModelSource:
     payload: bytes | None = field(default=None, repr=False)
     nbytes: int = 0
     sha256: str | None = None
+    backend: str | None = None  # the Keras backend a KERAS model loads with
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.payload is None):
@@ -114,7 +118,9 @@ class ModelSource:
         ----------
         path : str or PathLike
             The model: ``*.onnx``, ``*.pt2`` (``torch.export.save``), a TorchScript file
-            (``torch.jit.save``), or a directory with ``metadata.json``.
+            (``torch.jit.save``), a directory with ``metadata.json``, a Keras ``*.keras``
+            file (or a directory holding ``model.keras``, as ``KerasEstimator.save`` writes),
+            or a TensorFlow SavedModel directory (``saved_model.pb``).
         kind : ModelKind or str, optional
             How the model is stored; read from the path when left out.
 
@@ -137,7 +143,18 @@ class ModelSource:
             raise FileNotFoundError(f"model path {url!r} does not exist")
         is_dir = fs.isdir(root)
         kind = ModelKind(kind) if kind is not None else _kind_of(fs, root, url, is_dir)
-        if kind is ModelKind.SAVED:
+        backend = None
+        if kind is ModelKind.KERAS:
+            from deepspark.inference.keras_runtime import chosen_backend
+
+            backend = chosen_backend()
+            if is_dir:
+                url, root, is_dir = (
+                    _join_url(url, KERAS_FILE),
+                    posixpath.join(root, KERAS_FILE),
+                    False,
+                )
+        if kind in (ModelKind.SAVED, ModelKind.TF_SAVED_MODEL):
             files = sorted(fs.find(root))  # every file: weights, architecture, metadata
         elif is_dir:
             raise ValueError(f"model path {url!r} is a directory; kind={kind.value!r} needs a file")
@@ -145,16 +162,20 @@ class ModelSource:
             files = [root]
         stamps = [fs.ukey(name) for name in files]
         nbytes = sum(int(fs.info(name).get("size") or 0) for name in files)
-        identity = _digest(kind.value, url, *stamps)
-        return cls(kind=kind, identity=identity, path=url, nbytes=nbytes)
+        identity = _digest(kind.value, url, backend or "", *stamps)
+        return cls(kind=kind, identity=identity, path=url, nbytes=nbytes, backend=backend)
 
     @classmethod
-    def from_bytes(cls, data: bytes, kind: ModelKind | str) -> ModelSource:
-        """Describe a model held as bytes (a pickle, a TorchScript or ``.pt2`` archive, ONNX)."""
+    def from_bytes(
+        cls, data: bytes, kind: ModelKind | str, backend: str | None = None
+    ) -> ModelSource:
+        """Describe a model held as bytes (a pickle, a TorchScript or ``.pt2`` archive, ONNX,
+        a ``.keras`` file's bytes with the Keras ``backend`` to load them on)."""
         kind = ModelKind(kind)
-        if kind is ModelKind.SAVED:
-            raise ValueError("an Estimator.save directory travels by path, not as bytes")
-        return cls(kind=kind, identity=_digest(kind.value, data), payload=data, nbytes=len(data))
+        if kind in (ModelKind.SAVED, ModelKind.TF_SAVED_MODEL):
+            raise ValueError(f"a {kind.value} directory travels by path, not as bytes")
+        identity = _digest(kind.value, backend or "", data)
+        return cls(kind=kind, identity=identity, payload=data, nbytes=len(data), backend=backend)
 
     def describe(self) -> str:
         """A short name for messages: the path, or the kind and size of the payload."""
@@ -200,7 +221,12 @@ def model_source(
         return model
     if isinstance(model, (str, os.PathLike)):
         return ModelSource.from_path(model)
-    if isinstance(model, torch.jit.ScriptModule):
+    backend = None
+    if is_keras_model(model):  # before nn.Module: a Keras model on torch is one too
+        from deepspark.inference.keras_runtime import keras_to_bytes, model_backend
+
+        kind, data, backend = ModelKind.KERAS, keras_to_bytes(model), model_backend(model)
+    elif isinstance(model, torch.jit.ScriptModule):
         with torchscript_deprecation_silenced():
             kind, data = ModelKind.TORCHSCRIPT, _saved_bytes(torch.jit.save, model)
     elif isinstance(model, torch.export.ExportedProgram):
@@ -210,9 +236,9 @@ def model_source(
     else:
         raise TypeError(
             f"model is a {type(model).__name__}; give an nn.Module, a TorchScript module, a "
-            "torch.export program, a ModelSource or a path to a saved model"
+            "torch.export program, a Keras model, a ModelSource or a path to a saved model"
         )
-    source = ModelSource.from_bytes(data, kind)
+    source = ModelSource.from_bytes(data, kind, backend)
     if len(data) <= max_inline_bytes:
         return source
     if spill_dir is None:
@@ -225,16 +251,28 @@ def model_source(
     return _spill(source, spill_dir)
 
 
-_SUFFIXES = {".onnx": ModelKind.ONNX, ".pt2": ModelKind.TORCH_EXPORT}
+_SUFFIXES = {".onnx": ModelKind.ONNX, ".pt2": ModelKind.TORCH_EXPORT, ".keras": ModelKind.KERAS}
+# KerasEstimator.save writes its model as this file of its directory; a SavedModel has the other
+KERAS_FILE = "model.keras"
+SAVED_MODEL_FILE = "saved_model.pb"
+
+
+def _join_url(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
 
 
 def _kind_of(fs: Any, root: str, url: str, is_dir: bool) -> ModelKind:
     if is_dir:
+        if fs.exists(posixpath.join(root, KERAS_FILE)):
+            return ModelKind.KERAS
         if fs.exists(posixpath.join(root, SAVED_METADATA)):
             return ModelKind.SAVED
+        if fs.exists(posixpath.join(root, SAVED_MODEL_FILE)):
+            return ModelKind.TF_SAVED_MODEL
         raise ValueError(
-            f"model path {url!r} is a directory without {SAVED_METADATA}; give a model file "
-            "or a directory written by Estimator.save"
+            f"model path {url!r} is a directory without {SAVED_METADATA}, {KERAS_FILE} or "
+            f"{SAVED_MODEL_FILE}; give a model file, a directory written by Estimator.save or "
+            "a TensorFlow SavedModel"
         )
     suffix = posixpath.splitext(root)[1].lower()
     if suffix in _SUFFIXES:
@@ -282,6 +320,7 @@ _SPILL_SUFFIXES = {
     ModelKind.TORCH: ".pkl",
     ModelKind.TORCHSCRIPT: ".pt",
     ModelKind.TORCH_EXPORT: ".pt2",
+    ModelKind.KERAS: ".keras",
 }
 
 
@@ -301,7 +340,12 @@ def _spill(source: ModelSource, spill_dir: str) -> ModelSource:
     url = spill_dir.rstrip("/") + "/" + name
     # The content hash stays the identity: the same model loads once, whichever way it came.
     return ModelSource(
-        kind=source.kind, identity=source.identity, path=url, nbytes=source.nbytes, sha256=sha256
+        kind=source.kind,
+        identity=source.identity,
+        path=url,
+        nbytes=source.nbytes,
+        sha256=sha256,
+        backend=source.backend,
     )
 
 
@@ -443,6 +487,10 @@ def _load_uncached(source: ModelSource, device: str, num_threads: int | None) ->
         return TorchModulePredictor(module, device)
     if kind is ModelKind.ONNX:
         return OnnxPredictor(_onnx_model(source), nbytes=source.nbytes, num_threads=num_threads)
+    if kind is ModelKind.TF_SAVED_MODEL:
+        from deepspark.inference.keras_runtime import SavedModelPredictor
+
+        return SavedModelPredictor(_local_path(source))
     data = source.payload if source.payload is not None else _read_checked(source)
     if kind is ModelKind.TORCH:
         module = cloudpickle.loads(data)
@@ -455,6 +503,11 @@ def _load_uncached(source: ModelSource, device: str, num_threads: int | None) ->
         return TorchScriptPredictor(module, device)
     if kind is ModelKind.TORCH_EXPORT:
         return ExportedProgramPredictor(torch.export.load(io.BytesIO(data)), device)
+    if kind is ModelKind.KERAS:
+        from deepspark.inference.keras_runtime import KerasPredictor, keras_from_bytes
+
+        backend = source.backend or "tensorflow"
+        return KerasPredictor(keras_from_bytes(data, backend), backend)
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -485,6 +538,13 @@ def _read_checked(source: ModelSource) -> bytes:
                 "rewrite it, and check who else can write to that directory"
             )
     return data
+
+
+def _local_path(source: ModelSource) -> str:
+    """A SavedModel directory on this machine's disk (TensorFlow reads its own URLs too)."""
+    assert source.path is not None
+    fs, root = fsspec.core.url_to_fs(source.path)
+    return root if is_local(fs) else source.path
 
 
 def _onnx_model(source: ModelSource) -> str | bytes:

@@ -24,6 +24,7 @@ __all__ = [
     "check_positive",
     "columns_of",
     "dry_run",
+    "flat_names",
     "optimizer_factory",
     "pickled",
     "resolve_columns",
@@ -318,7 +319,7 @@ def resolve_columns(df, feature_cols, label_cols, options: ColumnOptions):
     """
     from deepspark.data.validate import resolve_specs
 
-    names = _flat_names(feature_cols) + _flat_names(label_cols)
+    names = flat_names(feature_cols) + flat_names(label_cols)
     sample = _first_rows_once(df, names) if set(names) <= set(df.columns) else None
     shared = {"shapes": options.feature_shapes, "decoders": options.decoders, "sample": sample}
     features = resolve_specs(
@@ -341,7 +342,7 @@ def _first_rows_once(df, names: list[str]):
     return seen[key]
 
 
-def _flat_names(cols: Any) -> list[str]:
+def flat_names(cols: Any) -> list[str]:
     """Column names in a feature_cols / label_cols argument (nested lists and dicts
     flattened; resolve_specs checks the form)."""
     if cols is None:

@@ -313,14 +313,14 @@ def _requested(
     available: list[str],
 ) -> list[Any]:
     """The columns the column arguments ask for (all without them); each must be in `data`."""
-    from deepspark.training.driver.checks import _flat_names
+    from deepspark.training.driver.checks import flat_names
 
     if columns is None:
         return list(data)
     names: list[str] = []
     for column_argument, cols in columns.items():
         try:
-            requested = _flat_names(cols)
+            requested = flat_names(cols)
         except TypeError:  # a malformed argument: the column checks explain it later
             return list(data)
         for name in requested:

@@ -22,6 +22,8 @@ from deepspark.training.job_spec import SPLIT_COLUMN, JobKind, ResultKind, Train
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+    from deepspark.training.driver.stage import RankEntry
+
 __all__ = ["JobResult", "TrainingError", "job_input", "run_job"]
 
 _log = logging.getLogger(__name__)
@@ -29,9 +31,12 @@ _log = logging.getLogger(__name__)
 # What Spark's error says about the barrier task that ended the stage, and why.
 _BARRIER_TASK = re.compile(r"barrier task ResultTask\(\d+, (\d+)\)")
 _WORKER_CRASH = re.compile(r"(Python worker exited unexpectedly[^\n.]*)")
-# Errors a rank sees because another rank failed: the collective lost a peer.
+# Errors a rank sees because another rank failed: the collective lost a peer (torch's
+# process groups, or TensorFlow's collectives aborted).
 _COLLECTIVE_SYMPTOM = re.compile(
-    r"gloo|nccl|Connection (?:closed|reset)|Broken pipe|timed? ?out|ProcessGroup", re.I
+    r"gloo|nccl|Connection (?:closed|reset)|Broken pipe|timed? ?out|ProcessGroup"
+    r"|Collective ops is aborted",
+    re.I,
 )
 # A Python worker's traceback inside Spark's error text, up to Spark's own lines after it.
 _PYTHON_TRACEBACK = re.compile(
@@ -133,8 +138,12 @@ def run_job(
     max_failures: int = 0,
     progress: bool = True,
     started: float | None = None,
+    rank_entry: RankEntry | None = None,
 ) -> JobResult:
     """Run `spec` over `data`, re-running failed attempts from the latest checkpoint.
+
+    `rank_entry` is what each task runs (`stage.run_barrier_stage`); the torch engine's
+    `run_rank` by default.
 
     Raises
     ------
@@ -182,7 +191,7 @@ def run_job(
                 errors_before = len(server.events("error"))
                 try:
                     submitted = time.time()
-                    table = run_barrier_stage(data, spec)
+                    table = run_barrier_stage(data, spec, rank_entry)
                 except Exception as error:
                     # a failed rank's report can trail Spark's verdict by a moment
                     server.wait_for(

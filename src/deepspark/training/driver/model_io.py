@@ -189,7 +189,8 @@ class ModelIO:
             unpickles code), or of a file written by `export_torchscript` (``torch.jit.save``)
             or `export_program` (``torch.export.save``, ``.pt2``). A file needs none of the
             model's Python classes and gives an estimator for inference: `predict`, and
-            `evaluate` with `metrics`; `fit` refuses.
+            `evaluate` with `metrics`; `fit` refuses. A ``.keras`` file (or a directory of
+            ``KerasEstimator.save``) gives a ``deepspark.keras.KerasEstimator``.
         metrics : list, optional
             Metrics for `evaluate` (as in `from_torch`); for a `save` directory they replace
             the saved ones.
@@ -216,6 +217,11 @@ class ModelIO:
         from deepspark.persist.programs import ProgramKind, ProgramModule
 
         fs, root = fsspec.core.url_to_fs(path)
+        is_keras = root.endswith(".keras") or fs.exists(f"{root.rstrip('/')}/model.keras")
+        if is_keras:  # the Keras capability's own format (the one upward import, lazily)
+            from deepspark.keras.keras_estimator import KerasEstimator
+
+            return KerasEstimator.load(path, metrics=metrics)
         if fs.isdir(root):
             return load_estimator(cls, path, metrics=metrics)
         kind = ModelSource.from_path(path).kind

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -16,6 +17,9 @@ from deepspark.training.job_spec import RESULT_SCHEMA, TrainSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+# What a barrier task runs: (spec, the task's Arrow batches, RankContext) -> result batches.
+RankEntry = Callable[[TrainSpec, Iterable[pa.RecordBatch], Any], Iterator[pa.RecordBatch]]
 
 __all__ = [
     "available_task_slots",
@@ -109,8 +113,14 @@ def _conf_float(spark: SparkSession, key: str) -> float:
         return 0.0
 
 
-def run_barrier_stage(df: DataFrame, spec: TrainSpec) -> pa.Table:
-    """Run `spec` as one barrier stage over `df` (already `spec.world_size` partitions)."""
+def run_barrier_stage(
+    df: DataFrame, spec: TrainSpec, rank_entry: RankEntry | None = None
+) -> pa.Table:
+    """Run `spec` as one barrier stage over `df` (already `spec.world_size` partitions).
+
+    Each task runs `rank_entry(spec, batches, context)`, a module-level function of a rank
+    module (no pyspark): `deepspark.training.rank.run.run_rank` by default.
+    """
 
     def train_task(batches):
         # Runs in the Python worker of each barrier task; imports happen there.
@@ -136,7 +146,7 @@ def run_barrier_stage(df: DataFrame, spec: TrainSpec) -> pa.Table:
             task_cpus=int(task.cpus()),
             gpu_ids=gpus,
         )
-        yield from run_rank(spec, batches, context)
+        yield from (rank_entry or run_rank)(spec, batches, context)
 
     result = df.mapInArrow(train_task, RESULT_SCHEMA, barrier=True)
     return result.toArrow()
