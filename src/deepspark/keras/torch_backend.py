@@ -209,7 +209,7 @@ class KerasLoss:
 
     def _losses(self) -> Any:
         if self._built is None:
-            if isinstance(self.spec, dict):
+            if isinstance(self.spec, dict) and "__keras__" not in self.spec:  # one per output
                 self._built = {name: _resolved(item) for name, item in self.spec.items()}
             elif isinstance(self.spec, list):
                 self._built = [_resolved(item) for item in self.spec]
