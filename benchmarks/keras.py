@@ -13,6 +13,14 @@ one throw-away fit of each, so the machine's drift touches both alike. An epoch'
 history's ``seconds``; the ratio compares the medians of the epochs after the first of every
 fit. Target: Keras-on-torch epoch <= 1.1x deepspark's torch epoch.
 
+Then the TensorFlow backend against its limit: a bare two-process
+`tf.distribute.MultiWorkerMirroredStrategy` program (no Spark) on the same rows held in memory,
+each worker its half, per-replica batch 128, the same network, loss and Adam, a custom loop
+(`strategy.run` with `GradientTape`; Keras 3's `fit` fails under this strategy), against
+`Estimator.from_keras(..., backend="tensorflow")` on the cached DataFrame. In turns again;
+throughput is rows per second of the median epoch after the first. Target: deepspark >= 0.9x
+the bare program's throughput.
+
 Usage: python benchmarks/keras.py [--quick]; the last line printed is one JSON object.
 """
 
@@ -22,6 +30,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import pandas as pd
 import torch
@@ -75,6 +84,106 @@ def keras_estimator():
     )
 
 
+def tf_estimator():
+    import keras
+
+    import deepspark as ds
+
+    return ds.Estimator.from_keras(
+        make_keras_model(),
+        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        backend="tensorflow",
+    )
+
+
+def bare_worker(rank: int, ports: list[int], rows: int, epochs: int, result: str) -> None:
+    """One worker of the bare MultiWorkerMirroredStrategy program (its own process)."""
+    import json
+
+    os.environ.update(
+        TF_CPP_MIN_LOG_LEVEL="3",
+        TF_ENABLE_ONEDNN_OPTS="0",
+        TF_CONFIG=json.dumps(
+            {
+                "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+                "task": {"type": "worker", "index": rank},
+            }
+        ),
+    )
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    x, y = make_data(rows)
+    x, y = x[rank::WORKERS], y[rank::WORKERS]  # this worker's half, in memory
+    local = BATCH_SIZE // WORKERS
+    steps = len(y) // local
+
+    def dataset_fn(context):
+        data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=rank)
+        return data.repeat().batch(local, drop_remainder=True).prefetch(2)
+
+    import keras
+
+    with strategy.scope():
+        model = make_keras_model()
+        optimizer = keras.optimizers.Adam(LEARNING_RATE)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+
+    def replica_step(features, labels):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, model(features, training=True)) / BATCH_SIZE
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss
+
+    @tf.function
+    def train_step(iterator):
+        losses = strategy.run(replica_step, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    seconds = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        for _ in range(steps):
+            train_step(iterator)
+        seconds.append(time.perf_counter() - started)
+    if rank == 0:
+        with open(result, "w") as handle:
+            json.dump({"seconds": seconds, "rows": steps * BATCH_SIZE}, handle)
+
+
+def run_bare(rows: int, epochs: int) -> tuple[list[float], int]:
+    """The bare program's epoch times and rows per epoch: two fresh worker processes."""
+    import json
+    import socket
+    import subprocess
+    import tempfile
+
+    ports = []
+    for _ in range(WORKERS):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    with tempfile.TemporaryDirectory() as folder:
+        result = os.path.join(folder, "result.json")
+        command = [sys.executable, os.path.abspath(__file__), "--bare-worker"]
+        workers = [
+            subprocess.Popen(
+                [*command, str(rank), ",".join(map(str, ports)), str(rows), str(epochs), result],
+                env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+            )
+            for rank in range(WORKERS)
+        ]
+        for worker in workers:
+            if worker.wait(timeout=900) != 0:
+                raise RuntimeError("a bare MultiWorkerMirroredStrategy worker failed")
+        with open(result) as handle:
+            found = json.load(handle)
+    return found["seconds"], found["rows"]
+
+
 def later_epochs(history: pd.DataFrame) -> list[float]:
     return [float(seconds) for seconds in history["seconds"].iloc[1:]]
 
@@ -82,7 +191,12 @@ def later_epochs(history: pd.DataFrame) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows, epochs and rounds")
+    parser.add_argument("--bare-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_worker:
+        rank, ports, rows, epochs, result = args.bare_worker
+        bare_worker(int(rank), [int(p) for p in ports.split(",")], int(rows), int(epochs), result)
+        return
     rows, epochs, rounds = (40_000, 3, 2) if args.quick else (200_000, 4, 3)
     os.environ.setdefault("KERAS_BACKEND", "torch")  # this script's own process
     import deepspark as ds
@@ -111,6 +225,25 @@ def main() -> None:
             print(f"round {number + 1} {name:12} epochs {history['seconds'].round(3).tolist()}")
     medians = {name: statistics.median(values) for name, values in later.items()}
     ratio = medians["keras_torch"] / medians["torch"]
+
+    # the TensorFlow backend against a bare MultiWorkerMirroredStrategy program
+    tf_estimator().fit(df.limit(4096), epochs=1, **fit)  # warm-up
+    run_bare(4096, 1)
+    tf_later: dict[str, list[float]] = {"bare_mwms": [], "keras_tf": []}
+    tf_rows: dict[str, int] = {}
+    for number in range(rounds):
+        seconds, tf_rows["bare_mwms"] = run_bare(rows, epochs)
+        tf_later["bare_mwms"].extend(seconds[1:])
+        history = tf_estimator().fit(df, epochs=epochs, **fit)
+        tf_rows["keras_tf"] = int(history["train_rows"].iloc[-1])
+        tf_later["keras_tf"].extend(later_epochs(history))
+        print(f"round {number + 1} bare MWMS epochs {[round(v, 3) for v in seconds]}")
+        print(f"round {number + 1} keras_tf     epochs {history['seconds'].round(3).tolist()}")
+    throughput = {
+        name: tf_rows[name] / statistics.median(values) for name, values in tf_later.items()
+    }
+    tf_ratio = throughput["keras_tf"] / throughput["bare_mwms"]
+    print(f"TensorFlow backend: {tf_ratio:.2f}x the bare program's rows/s")
     print_table(
         ["path", "median epoch s", "vs deepspark torch"],
         [
@@ -135,7 +268,13 @@ def main() -> None:
             "torch_epoch_s": round(medians["torch"], 3),
             "keras_torch_epoch_s": round(medians["keras_torch"], 3),
             "ratio_keras_torch_vs_torch": round(ratio, 3),
-            "targets": {"keras_torch_le_1_1x_torch": ratio <= 1.1},
+            "bare_mwms_rows_per_s": round(throughput["bare_mwms"]),
+            "keras_tf_rows_per_s": round(throughput["keras_tf"]),
+            "ratio_keras_tf_vs_bare_mwms": round(tf_ratio, 3),
+            "targets": {
+                "keras_torch_le_1_1x_torch": ratio <= 1.1,
+                "keras_tf_ge_0_9x_bare_mwms": tf_ratio >= 0.9,
+            },
             "load_average_1m_before": round(load_before, 2),
             "load_average_1m_after": round(os.getloadavg()[0], 2),
         }

@@ -201,7 +201,8 @@ def test_keras_callbacks_stop_every_rank_at_the_same_epoch(spark, tmp_path):
 
 def test_killed_rank_resumes_from_the_checkpoint(spark, tmp_path):
     train_df, test_df = digits_frames(spark)
-    est = _estimator()
+    # a Keras loss object (not a name) is one loss for the model's one output
+    est = _estimator(loss=keras.losses.SparseCategoricalCrossentropy())
     history = est.fit(
         train_df,
         feature_cols="features",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -341,7 +342,11 @@ def build_keras_estimator(
 ) -> KerasEstimator:
     """The `KerasEstimator` of ``Estimator.from_keras`` (whose docstring tells the arguments)."""
     backend = chosen_backend(backend)
-    keras = import_keras(backend)
+    loaded = sys.modules.get("keras")
+    if not (backend == "tensorflow" and loaded is not None):
+        # The TensorFlow backend trains in worker processes of its own and takes the model as
+        # a .keras file, which any backend writes: the driver's Keras may run another backend.
+        import_keras(backend)
     config = dict(config or {})
     if is_keras_model(model):
         keras_model = model
@@ -362,7 +367,6 @@ def build_keras_estimator(
             "the Keras model is not built: give it an Input (keras.Input(shape)) or call "
             "model.build(input_shape) first"
         )
-    del keras  # imported for its backend check
     if loss is None and optimizer is not None and optimizer != "adam":
         raise ValueError(
             "from_keras got optimizer= but no loss=: pass loss=, e.g. "
