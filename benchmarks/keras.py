@@ -11,7 +11,9 @@ global batch 256, Adam 1e-3, 2 workers:
 The two paths run in turns (torch, Keras, torch, Keras, ...), each fit on warm workers after
 one throw-away fit of each, so the machine's drift touches both alike. An epoch's time is the
 history's ``seconds``; the ratio compares the medians of the epochs after the first of every
-fit. Target: Keras-on-torch epoch <= 1.1x deepspark's torch epoch.
+fit. Target: Keras-on-torch epoch <= 1.1x deepspark's torch epoch. Alongside, without Spark,
+the same network's step (forward, loss, backward) in one process, Keras against torch, at this
+width and 4x wider: what Keras's layers themselves cost on the torch backend.
 
 Then the TensorFlow backend against its limit: a bare two-process
 `tf.distribute.MultiWorkerMirroredStrategy` program (no Spark) on the same rows held in memory,
@@ -82,6 +84,54 @@ def keras_estimator():
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         backend="torch",
     )
+
+
+def step_ms(model, x, y, repeats: int = 200) -> float:
+    """Milliseconds of one forward, loss and backward in this process (1 thread, no Spark)."""
+    loss = torch.nn.CrossEntropyLoss()
+
+    def step():
+        model.zero_grad()
+        loss(model(x), y).backward()
+
+    for _ in range(20):
+        step()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - started) / repeats * 1e3
+
+
+def framework_cost() -> dict[str, float]:
+    """Keras's own cost on the torch backend: the same network's step in one process, Keras
+    against torch, on a rank's share of the batch (128 rows), at two widths."""
+    import keras
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = BATCH_SIZE // WORKERS
+    x, y = torch.randn(rows, FEATURES), torch.randint(0, CLASSES, (rows,))
+    found = {}
+    for width in (HIDDEN, 4 * HIDDEN):
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(
+            torch.nn.Linear(FEATURES, width), torch.nn.ReLU(),
+            torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, CLASSES),
+        )  # fmt: skip
+        wrapped = keras.Sequential(
+            [
+                keras.Input((FEATURES,)),
+                keras.layers.Dense(width, activation="relu"),
+                keras.layers.Dense(width, activation="relu"),
+                keras.layers.Dense(CLASSES),
+            ]
+        )
+        torch_ms, keras_ms = step_ms(plain, x, y), step_ms(wrapped, x, y)
+        found[f"hidden_{width}_torch_step_ms"] = round(torch_ms, 3)
+        found[f"hidden_{width}_keras_step_ms"] = round(keras_ms, 3)
+        found[f"hidden_{width}_keras_vs_torch_step"] = round(keras_ms / torch_ms, 3)
+    torch.set_num_threads(threads)
+    return found
 
 
 def tf_estimator():
@@ -225,6 +275,7 @@ def main() -> None:
             print(f"round {number + 1} {name:12} epochs {history['seconds'].round(3).tolist()}")
     medians = {name: statistics.median(values) for name, values in later.items()}
     ratio = medians["keras_torch"] / medians["torch"]
+    keras_cost = framework_cost()
 
     # the TensorFlow backend against a bare MultiWorkerMirroredStrategy program
     tf_estimator().fit(df.limit(4096), epochs=1, **fit)  # warm-up
@@ -268,6 +319,7 @@ def main() -> None:
             "torch_epoch_s": round(medians["torch"], 3),
             "keras_torch_epoch_s": round(medians["keras_torch"], 3),
             "ratio_keras_torch_vs_torch": round(ratio, 3),
+            "single_process": keras_cost,
             "bare_mwms_rows_per_s": round(throughput["bare_mwms"]),
             "keras_tf_rows_per_s": round(throughput["keras_tf"]),
             "ratio_keras_tf_vs_bare_mwms": round(tf_ratio, 3),
