@@ -232,3 +232,32 @@ def test_tf_fit_refuses_torch_only_options_before_any_job(spark):
     est = _estimator(_digits_model())
     with pytest.raises(ValueError, match=r"precision='bf16' is not supported on Keras's Tensor"):
         est.fit(train_df, feature_cols="features", label_cols="label", precision="bf16")
+
+
+def test_tf_backend_models_predict_from_memory_keras_files_and_saved_models(spark, tmp_path):
+    """deepspark.predict runs a TensorFlow-backend Keras model in the Spark workers, from the
+    estimator, from a .keras file and from a SavedModel directory, as Keras does locally."""
+    train_df, test_df = digits_frames(spark)
+    _, _, test_x, _ = digits_arrays()
+    est = _estimator(_digits_model())
+    est.fit(train_df, feature_cols="features", label_cols="label", epochs=2, batch_size=BATCH)
+    expected = est.keras_model.predict(test_x, verbose=0)
+    ordered = test_df  # predict keeps the rows' order, as toPandas reads them
+
+    def scores(frame, column: str = "prediction") -> np.ndarray:
+        return np.array(frame.toPandas()[column].tolist(), dtype=np.float32)
+
+    from_estimator = est.predict(ordered, feature_cols="features")
+    np.testing.assert_allclose(scores(from_estimator), expected, atol=1e-4)
+
+    keras_file = str(tmp_path / "digits.keras")
+    est.keras_model.save(keras_file)
+    from_file = ds.predict(ordered, keras_file, feature_cols="features")
+    np.testing.assert_allclose(scores(from_file), expected, atol=1e-4)
+
+    saved_model = str(tmp_path / "saved")
+    est.keras_model.export(saved_model, verbose=False)
+    from_saved = ds.predict(ordered, saved_model, feature_cols="features")
+    added = [name for name in from_saved.columns if name not in ordered.columns]
+    assert len(added) == 1, added
+    np.testing.assert_allclose(scores(from_saved, added[0]), expected, atol=1e-4)
