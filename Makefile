@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/fixed_cost.py --quick
 	$(PY) benchmarks/epoch.py --quick
 	$(PY) benchmarks/rank_vs_ddp.py --quick
+	$(PY) benchmarks/keras.py --quick
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
