@@ -138,7 +138,8 @@ def _address(peer: dict[str, Any]) -> str:
 
 def _meet(spec: TrainSpec, context: Any, progress: Any, spill: Any) -> list[dict[str, Any]]:
     """Every rank's TensorFlow address and row counts, in rank order."""
-    from deepspark.training.rank.rendezvous import RendezvousError, free_port, local_ip
+    from deepspark.training.rank.rendezvous import free_port, local_ip
+    from deepspark.training.rank.run import exchange_hellos
 
     rank = context.rank
     host = spec.rendezvous_host or local_ip()
@@ -149,32 +150,7 @@ def _meet(spec: TrainSpec, context: Any, progress: Any, spill: Any) -> list[dict
         "train_rows": spill.num_rows(TRAIN_SPLIT),
         "validation_rows": spill.num_rows(VALIDATION_SPLIT),
     }
-    if context.all_gather is not None:  # tests without a driver
-        gathered = (json.loads(message) for message in context.all_gather(json.dumps(hello)))
-        peers = sorted(gathered, key=lambda peer: int(peer["rank"]))
-    elif progress is not None:
-        try:
-            peers = progress.exchange(
-                hello,
-                attempt=spec.attempt,
-                world_size=spec.world_size,
-                timeout_s=spec.collective_timeout_s,
-            )
-        except (ConnectionError, TimeoutError) as error:
-            address = "{}:{}".format(*progress.address)
-            raise RendezvousError(
-                f"rank {rank} of {spec.world_size} could not meet the other ranks through the "
-                f"driver at {address}: {error}. Check that executors can reach the driver "
-                "(spark.driver.host) and that the cluster has a free slot for every worker."
-            ) from error
-    else:
-        raise RuntimeError("a rank needs the driver's progress channel or an all_gather to meet")
-    if len(peers) != spec.world_size:
-        raise RuntimeError(
-            f"rank {rank}: expected {spec.world_size} ranks in the barrier stage, "
-            f"found {len(peers)}"
-        )
-    return peers
+    return exchange_hellos(spec, context, progress, hello)
 
 
 class _WorkerProcess:

@@ -34,7 +34,7 @@ from deepspark.training.job_spec import (
 from deepspark.training.rank.loop import EpochRunner, build_model
 from deepspark.training.rank.sources import CreatorInput, RankInput
 
-__all__ = ["RankContext", "cuda_device_index", "run_rank"]
+__all__ = ["RankContext", "cuda_device_index", "exchange_hellos", "run_rank"]
 
 _log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _source(spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankCon
 
 def _meet(spec: TrainSpec, context: RankContext, progress) -> list[dict[str, Any]]:
     """Every rank's address, port and store, in rank order: the rendezvous before torch's."""
-    from deepspark.training.rank.rendezvous import RendezvousError, free_port, local_ip
+    from deepspark.training.rank.rendezvous import free_port, local_ip
 
     rank = context.rank
     host = spec.rendezvous_host or local_ip()
@@ -133,6 +133,17 @@ def _meet(spec: TrainSpec, context: RankContext, progress) -> list[dict[str, Any
         store_path = os.path.join(context.spill_dir, f"deepspark-{spec.job_id}-{port}.store")
         context.cleanup.append(store_path)  # removed when the rank ends, however it ends
     hello = {"rank": rank, "host": host, "port": port, "store": store_path}
+    return exchange_hellos(spec, context, progress, hello)
+
+
+def exchange_hellos(
+    spec: TrainSpec, context: RankContext, progress, hello: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every rank's ``hello``, in rank order, through the driver's progress channel (or, in
+    tests without a driver, the context's all-gather); within the job's collective timeout."""
+    from deepspark.training.rank.rendezvous import RendezvousError
+
+    rank = context.rank
     if context.all_gather is not None:
         gathered = (json.loads(message) for message in context.all_gather(json.dumps(hello)))
         peers = sorted(gathered, key=_rank_of)
