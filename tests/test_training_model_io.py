@@ -133,6 +133,13 @@ def test_state_dict_round_trip_reproduces_evaluate(spark):
     untrained.load_state_dict(weights)
     assert untrained.evaluate(test_df, "features", "label") == scores
 
+    # a TorchScript module handed to from_torch travels to the ranks too
+    scripted = torch.jit.script(untrained.get_model().eval())
+    scripted_scores = ds.Estimator.from_torch(scripted, metrics=["accuracy"]).evaluate(
+        test_df, "features", "label"
+    )
+    assert scripted_scores["accuracy"] == pytest.approx(scores["accuracy"], abs=1e-12)
+
 
 # A fresh Python process: deepspark and sklearn, but no tests folder, so no DigitsNet.
 _FRESH_PROCESS = """

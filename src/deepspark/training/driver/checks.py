@@ -184,7 +184,14 @@ def check_optimizer_factory(factory: Callable[[Any], Any], model: nn.Module) -> 
 
 
 def check_model(model: Any, config: dict[str, Any]) -> nn.Module:
-    """The driver's `nn.Module`: `model` itself, or what the creator `model(config)` returns."""
+    """The driver's `nn.Module`: `model` itself, or what the creator `model(config)` returns.
+
+    A TorchScript module (``torch.jit.load``) is wrapped so that it pickles to the ranks.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        from deepspark.persist.programs import ProgramModule
+
+        return ProgramModule(model)
     if isinstance(model, nn.Module):
         return model
     if not callable(model):
