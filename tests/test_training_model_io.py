@@ -134,7 +134,7 @@ def test_state_dict_round_trip_reproduces_evaluate(spark):
     assert untrained.evaluate(test_df, "features", "label") == scores
 
     # a TorchScript module handed to from_torch travels to the ranks too
-    scripted = torch.jit.script(untrained.get_model().eval())
+    scripted = torch.jit.trace(untrained.get_model().eval(), torch.zeros(1, 64))
     scripted_scores = ds.Estimator.from_torch(scripted, metrics=["accuracy"]).evaluate(
         test_df, "features", "label"
     )
