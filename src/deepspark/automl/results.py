@@ -1,0 +1,66 @@
+"""What a search leaves: the trials table and PNG plots (Optuna's matplotlib plots, Agg)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["trials_frame", "write_plots"]
+
+_ATTR_COLUMNS = ("seconds", "epochs_trained", "error", "retry_of")
+
+
+def trials_frame(study: Any) -> pd.DataFrame:
+    """One row per trial: ``number``, ``state``, ``value``, ``seconds``, ``epochs_trained``,
+    one ``param_<name>`` column per searched name, ``error`` (failed trials) and
+    ``retry_of`` (a config queued again after its driver died)."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {
+            "number": trial.number,
+            "state": trial.state.name,
+            "value": trial.value,
+        }
+        for name in _ATTR_COLUMNS:
+            row[name] = trial.user_attrs.get(name)
+        for name, value in trial.params.items():
+            row[f"param_{name}"] = value
+        rows.append(row)
+    columns = ["number", "state", "value", *_ATTR_COLUMNS]
+    return pd.DataFrame(rows, columns=None if rows else columns)
+
+
+def write_plots(study: Any, directory: str, metric: str) -> list[str]:
+    """Optimisation history, parameter importances and parallel coordinates as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+
+    os.makedirs(directory, exist_ok=True)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ValueError("no complete trial to plot yet")
+    plots = [
+        ("optimization_history.png", optuna_plots.plot_optimization_history),
+        ("parallel_coordinate.png", optuna_plots.plot_parallel_coordinate),
+    ]
+    if len(complete) >= 2 and len(study.best_trial.params) >= 1:
+        plots.append(("param_importances.png", optuna_plots.plot_param_importances))
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, plot in plots:
+            axes = plot(study, target_name=metric)
+            figure = getattr(axes, "figure", None) or axes.flat[0].figure
+            path = os.path.join(directory, name)
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            written.append(path)
+    return written

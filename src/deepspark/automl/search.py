@@ -1,0 +1,525 @@
+"""`AutoEstimator`: an Optuna study whose every trial is a deepspark distributed fit.
+
+Driver side. Trials run in Optuna's own worker threads (``study.optimize(n_jobs=...)``); each
+submits its barrier job from its thread, in a Spark scheduler pool of its own, so as many trials
+train at once as the application has free slots for. Rank 0 of each trial reports the chosen
+metric after every epoch through `deepspark.automl.reports`; the driver feeds it to the trial's
+pruner and answers whether to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepspark.automl.reports import ReportServer, TrialReporter
+from deepspark.automl.space import SearchSpace, grid_of
+from deepspark.automl.study import SearchSettings, open_study, trials_still_to_run
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from deepspark.training import Estimator
+
+__all__ = ["AutoEstimator"]
+
+_log = logging.getLogger(__name__)
+_FRAMEWORKS = ("torch", "keras")
+
+
+class AutoEstimator:
+    """Hyperparameter search over an Optuna study; each trial a distributed `Estimator.fit`.
+
+    Build it with :meth:`from_torch` or :meth:`from_keras`; the arguments mirror
+    ``Estimator.from_torch`` / ``from_keras``, with a config-taking model creator.
+
+    Parameters
+    ----------
+    model : callable
+        ``config -> model`` (``nn.Module`` or ``keras.Model``).
+    search_space : dict or callable
+        ``{name: optuna distribution | list of choices | fixed value}`` or ``trial -> config``.
+        Config keys ``epochs`` and ``batch_size`` override `fit`'s arguments per trial.
+    optimizer : callable or str
+        Torch: ``(params, config) -> Optimizer`` (or ``params -> Optimizer``). Keras: an
+        optimizer name or ``config -> keras optimizer``.
+    loss, metrics :
+        As in ``Estimator.from_torch`` / ``from_keras``.
+    metric : str
+        The epoch-log value the search optimises and prunes on: ``"val_loss"`` (default),
+        ``"val_accuracy"``, ``"train_loss"``, ...
+    direction : {"minimize", "maximize"}, optional
+        Default: ``"minimize"`` for losses and errors (``loss``, ``mse``, ``mae``, ``rmse``
+        in the name), ``"maximize"`` otherwise.
+    workers_per_trial : int
+        Ranks of each trial's fit.
+    max_concurrent : int, optional
+        Trials training at once; default: the application's free task slots divided by
+        `workers_per_trial`.
+    sampler : {"tpe", "random", "grid"} or optuna sampler
+    pruner : {"median", "successive_halving", "hyperband", "none"} or optuna pruner
+    study_name : str, optional
+        Name of the study in the storage; give the same name (and storage) to resume a
+        search. Default: a new name from the time.
+    storage : str, optional
+        An SQLAlchemy URL (``sqlite:///path.db``, ``postgresql://...``). Default: an SQLite
+        file ``study.db`` in `directory`.
+    directory : str, optional
+        Where the default database and each completed trial's saved model go. Default:
+        ``~/.deepspark/automl/<study_name>``.
+    seed : int, optional
+        Seeds the sampler and every trial's fit.
+
+    Examples
+    --------
+    See ``docs/automl.md``: a search on digits, its trials table, the best model and plots.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[dict[str, Any]], Any],
+        search_space: Mapping[str, Any] | Callable[[Any], dict[str, Any]],
+        *,
+        optimizer: Any = None,
+        loss: Any = None,
+        metrics: Sequence[Any] | None = None,
+        framework: str = "torch",
+        metric: str = "val_loss",
+        direction: str | None = None,
+        workers_per_trial: int = 1,
+        max_concurrent: int | None = None,
+        sampler: Any = "tpe",
+        pruner: Any = "median",
+        study_name: str | None = None,
+        storage: str | None = None,
+        directory: str | None = None,
+        seed: int | None = None,
+        estimator_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.search_space = search_space
+        self.optimizer = optimizer
+        self.loss = loss
+        self.metrics = metrics
+        self.framework = framework
+        self.metric = metric
+        self.direction = direction
+        self.workers_per_trial = workers_per_trial
+        self.max_concurrent = max_concurrent
+        self.sampler = sampler
+        self.pruner = pruner
+        self.study_name = study_name
+        self.storage = storage
+        self.directory = directory
+        self.seed = seed
+        self.estimator_options = dict(estimator_options or {})
+        self.study_: Any = None
+        self.settings_: SearchSettings | None = None
+
+    @classmethod
+    def from_torch(
+        cls,
+        model: Callable[[dict[str, Any]], Any],
+        search_space: Mapping[str, Any] | Callable[[Any], dict[str, Any]],
+        optimizer: Any = None,
+        loss: Any = None,
+        metrics: Sequence[Any] | None = None,
+        **options: Any,
+    ) -> AutoEstimator:
+        """A search over PyTorch models: ``model(config) -> nn.Module``."""
+        return cls(model, search_space, optimizer=optimizer, loss=loss, metrics=metrics, **options)
+
+    @classmethod
+    def from_keras(
+        cls,
+        model: Callable[[dict[str, Any]], Any],
+        search_space: Mapping[str, Any] | Callable[[Any], dict[str, Any]],
+        optimizer: Any = "adam",
+        loss: Any = None,
+        metrics: Sequence[Any] | None = None,
+        **options: Any,
+    ) -> AutoEstimator:
+        """A search over Keras 3 models: ``model(config) -> keras.Model`` (torch backend)."""
+        return cls(
+            model,
+            search_space,
+            optimizer=optimizer,
+            loss=loss,
+            metrics=metrics,
+            framework="keras",
+            **options,
+        )
+
+    # ------------------------------------------------------------------------------ search
+
+    def fit(
+        self,
+        data: Any,
+        *,
+        n_trials: int,
+        feature_cols: Any = None,
+        label_cols: Any = None,
+        epochs: int = 1,
+        batch_size: int = 32,
+        validation_data: Any = None,
+        timeout_s: float | None = None,
+        callbacks: Sequence[Any] | None = None,
+        **fit_options: Any,
+    ) -> pd.DataFrame:
+        """Run the search until the study holds `n_trials` finished trials.
+
+        `data`, `validation_data` and ``**fit_options`` are what ``Estimator.fit`` takes
+        (Spark or pandas DataFrames, dicts of arrays, data creators). A resumed study (same
+        `study_name` and `storage`) counts the trials it already finished; a trial that was
+        running when its driver died is marked failed and its config tried again.
+
+        Parameters
+        ----------
+        n_trials : int
+            Finished trials (complete, pruned or failed) the study should hold in the end.
+        timeout_s : float, optional
+            Start no new trial after this many seconds.
+
+        Returns
+        -------
+        pandas.DataFrame
+            :attr:`trials`.
+        """
+        import optuna
+
+        from deepspark.context.session import current_session
+        from deepspark.training.driver.stage import available_task_slots
+
+        settings = self._settings(n_trials)
+        spark = current_session()
+        if spark is None and not hasattr(data, "sparkSession"):
+            raise RuntimeError(
+                "AutoEstimator.fit needs a running Spark session: call deepspark.init_context() "
+                "first"
+            )
+        spark = spark or data.sparkSession
+        slots = available_task_slots(spark)
+        if self.workers_per_trial > slots:
+            raise ValueError(
+                f"AutoEstimator(workers_per_trial={self.workers_per_trial}): the application "
+                f"has {slots} task slot(s); use at most {slots} workers per trial"
+            )
+        concurrent = self.max_concurrent or max(1, slots // self.workers_per_trial)
+        study = open_study(settings, self.sampler, self.pruner, grid=self._grid)
+        self.study_ = study
+        remaining = trials_still_to_run(study, n_trials)
+        first_new = len(study.get_trials(deepcopy=False))
+        if remaining == 0:
+            _log.info(
+                "automl: study %r already holds %d finished trials", study.study_name, n_trials
+            )
+            return self.trials
+        running: dict[int, Any] = {}
+        pruned: set[int] = set()
+        lock = threading.Lock()
+
+        def judge(number: int, epoch: int, value: float) -> bool:
+            with lock:
+                trial = running.get(number)
+            if trial is None:
+                return False
+            trial.report(value, epoch)
+            if trial.should_prune():
+                with lock:
+                    pruned.add(number)
+                return True
+            return False
+
+        fixed = dict(
+            feature_cols=feature_cols,
+            label_cols=label_cols,
+            epochs=epochs,
+            batch_size=batch_size,
+            validation_data=validation_data,
+            callbacks=list(callbacks or []),
+            **fit_options,
+        )
+        host = _report_host(spark)
+        with ReportServer(judge, host=host[0], advertise_host=host[1]) as server:
+
+            def objective(trial: Any) -> float:
+                config = settings.space.sample(trial)
+                with lock:
+                    running[trial.number] = trial
+                try:
+                    value = self._run_trial(trial, config, data, fixed, server, spark)
+                finally:
+                    with lock:
+                        running.pop(trial.number, None)
+                if trial.number in pruned:
+                    raise optuna.TrialPruned(f"pruned at {self.metric}={value:.6g}")
+                return value
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(
+                    objective,
+                    n_trials=remaining,
+                    n_jobs=concurrent,
+                    timeout=timeout_s,
+                    catch=(Exception,),
+                    gc_after_trial=False,
+                )
+        _raise_if_all_failed(study, started_before=first_new)
+        return self.trials
+
+    def _run_trial(
+        self,
+        trial: Any,
+        config: dict[str, Any],
+        data: Any,
+        fixed: dict[str, Any],
+        server: ReportServer,
+        spark: Any,
+    ) -> float:
+        settings = self.settings_
+        assert settings is not None
+        started = time.perf_counter()
+        options = dict(fixed)
+        options["epochs"] = int(config.get("epochs", options["epochs"]))
+        options["batch_size"] = int(config.get("batch_size", options["batch_size"]))
+        reporter = TrialReporter(server.address, server.key_hex, trial.number, self.metric)
+        options["callbacks"] = [*options["callbacks"], reporter]
+        options.setdefault("progress", False)
+        if self.seed is not None:
+            options.setdefault("seed", self.seed + trial.number)
+        try:
+            estimator = self._estimator_for(config)
+            with _trial_scope(spark, trial.number):
+                history = estimator.fit(data, num_workers=self.workers_per_trial, **options)
+        except Exception as error:
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
+            _log.warning(
+                "automl: trial %d failed: %s: %s", trial.number, type(error).__name__, error
+            )
+            raise
+        finally:
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+        if self.metric not in history.columns:
+            raise KeyError(
+                f"AutoEstimator(metric={self.metric!r}) is not in the fit's history "
+                f"(columns {list(history.columns)})"
+            )
+        value = float(history[self.metric].iloc[-1])
+        trial.set_user_attr("epochs_trained", len(history))
+        if not math.isfinite(value):
+            raise ValueError(f"trial {trial.number}: {self.metric} is {value}")
+        path = settings.directory / "trials" / f"trial-{trial.number:05d}"
+        estimator.save(str(path))
+        trial.set_user_attr("model_path", str(path))
+        return value
+
+    def _estimator_for(self, config: dict[str, Any]) -> Estimator:
+        from deepspark.training import Estimator
+
+        if self.framework == "keras":
+            optimizer = self.optimizer(config) if callable(self.optimizer) else self.optimizer
+            return Estimator.from_keras(
+                self.model,
+                optimizer=optimizer,
+                loss=self.loss,
+                metrics=self.metrics,
+                config=config,
+                **self.estimator_options,
+            )
+        return Estimator.from_torch(
+            self.model,
+            optimizer=_torch_optimizer(self.optimizer, config),
+            loss=self.loss,
+            metrics=self.metrics,
+            config=config,
+            **self.estimator_options,
+        )
+
+    def _grid(self) -> dict[str, list[Any]]:
+        assert self.settings_ is not None
+        return grid_of(self.settings_.space)
+
+    def _settings(self, n_trials: int) -> SearchSettings:
+        if self.framework not in _FRAMEWORKS:
+            raise ValueError(
+                f"AutoEstimator(framework={self.framework!r}): use one of {_FRAMEWORKS}"
+            )
+        if not callable(self.model):
+            raise TypeError(
+                "AutoEstimator(model=...) takes a function config -> model, so that each trial "
+                f"builds its own; got {type(self.model).__name__}"
+            )
+        if self.loss is None:
+            raise ValueError("AutoEstimator(loss=...) is required: trials train")
+        if not isinstance(n_trials, int) or n_trials < 1:
+            raise ValueError(f"fit(n_trials={n_trials!r}): give a positive number of trials")
+        if not isinstance(self.workers_per_trial, int) or self.workers_per_trial < 1:
+            raise ValueError(
+                f"AutoEstimator(workers_per_trial={self.workers_per_trial!r}): at least 1"
+            )
+        if self.max_concurrent is not None and (
+            not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
+        ):
+            raise ValueError(f"AutoEstimator(max_concurrent={self.max_concurrent!r}): at least 1")
+        direction = self.direction or _default_direction(self.metric)
+        if direction not in ("minimize", "maximize"):
+            raise ValueError(
+                f"AutoEstimator(direction={direction!r}): use 'minimize' or 'maximize'"
+            )
+        name = self.study_name or time.strftime("automl-%Y%m%d-%H%M%S")
+        if self.directory:
+            directory = Path(self.directory)
+        else:
+            directory = Path.home() / ".deepspark" / "automl" / re.sub(r"[^\w.-]", "_", name)
+        directory.mkdir(parents=True, exist_ok=True)
+        storage = self.storage or f"sqlite:///{directory / 'study.db'}"
+        self.settings_ = SearchSettings(
+            space=SearchSpace(self.search_space),
+            study_name=name,
+            storage=storage,
+            directory=directory,
+            direction=direction,
+            metric=self.metric,
+            seed=self.seed,
+        )
+        return self.settings_
+
+    # ----------------------------------------------------------------------------- results
+
+    def _require_study(self) -> Any:
+        if self.study_ is None:
+            raise RuntimeError("the search has not run: call AutoEstimator.fit first")
+        return self.study_
+
+    @property
+    def trials(self) -> pd.DataFrame:
+        """One row per trial: number, state, value, seconds, epochs trained, params, error."""
+        from deepspark.automl.results import trials_frame
+
+        return trials_frame(self._require_study())
+
+    def _best_trial(self) -> Any:
+        from optuna.trial import TrialState
+
+        study = self._require_study()
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            raise ValueError(
+                f"study {study.study_name!r} has no complete trial yet (see .trials for why)"
+            )
+        return study.best_trial
+
+    @property
+    def best_config(self) -> dict[str, Any]:
+        """The best complete trial's whole config (searched and fixed values)."""
+        best = self._best_trial()
+        assert self.settings_ is not None
+        return {**best.params, **self.settings_.space.fixed}
+
+    @property
+    def best_value(self) -> float:
+        return float(self._best_trial().value)
+
+    @property
+    def best_estimator(self) -> Estimator:
+        """The best trial's fitted `Estimator`, loaded from where that trial saved it."""
+        from deepspark.training import Estimator
+
+        best = self._best_trial()
+        path = best.user_attrs.get("model_path")
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(
+                f"the best trial ({best.number}) has no saved model at {path!r}; "
+                "was its directory removed?"
+            )
+        return Estimator.load(path, metrics=self.metrics)
+
+    def plot(self, directory: str) -> list[str]:
+        """Write optimisation history, parameter importances and parallel coordinates as PNG.
+
+        Returns the paths written (importances need two or more complete trials).
+        """
+        from deepspark.automl.results import write_plots
+
+        return write_plots(self._require_study(), directory, self.metric)
+
+
+def _raise_if_all_failed(study: Any, started_before: int) -> None:
+    """A search whose every new trial failed is a mistake in its inputs: say the first error."""
+    from optuna.trial import TrialState
+
+    new = study.get_trials(deepcopy=False)[started_before:]
+    if not new or any(trial.state != TrialState.FAIL for trial in new):
+        return
+    first = new[0].user_attrs.get("error", "unknown error")
+    raise RuntimeError(
+        f"AutoEstimator.fit: all {len(new)} trial(s) failed; the first with {first}. The "
+        "trials stay in the study's storage (see .trials)"
+    )
+
+
+def _default_direction(metric: str) -> str:
+    lowered = metric.lower()
+    if any(word in lowered for word in ("loss", "mse", "mae", "rmse", "error", "mape")):
+        return "minimize"
+    return "maximize"
+
+
+def _torch_optimizer(optimizer: Any, config: dict[str, Any]) -> Any:
+    """``(params, config) -> Optimizer`` becomes the ``params -> Optimizer`` from_torch takes."""
+    import inspect
+
+    if optimizer is None or not callable(optimizer) or isinstance(optimizer, type):
+        return optimizer
+    try:
+        parameters = inspect.signature(optimizer).parameters
+    except (TypeError, ValueError):
+        return optimizer
+    if len(parameters) < 2:
+        return optimizer
+
+    def for_this_trial(params: Any) -> Any:
+        return optimizer(params, config)
+
+    return for_this_trial
+
+
+@contextlib.contextmanager
+def _trial_scope(spark: Any, number: int):
+    """The trial's jobs run in a scheduler pool and job group of their own (classic Spark)."""
+    context = getattr(spark, "sparkContext", None) if _is_classic(spark) else None
+    if context is None:
+        yield
+        return
+    pool = f"deepspark-trial-{number}"
+    context.setLocalProperty("spark.scheduler.pool", pool)
+    context.setJobGroup(pool, f"deepspark AutoML trial {number}", interruptOnCancel=True)
+    try:
+        yield
+    finally:
+        context.setLocalProperty("spark.scheduler.pool", None)
+        context.setLocalProperty("spark.jobGroup.id", None)
+        context.setLocalProperty("spark.job.description", None)
+
+
+def _is_classic(spark: Any) -> bool:
+    return not type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def _report_host(spark: Any) -> tuple[str, str]:
+    """(listen on, ranks connect to): loopback for local masters, else every interface."""
+    from deepspark.training.driver.stage import is_loopback_master
+    from deepspark.training.rank.rendezvous import local_ip
+
+    if is_loopback_master(spark):
+        return "127.0.0.1", "127.0.0.1"
+    return "0.0.0.0", local_ip()
