@@ -354,13 +354,14 @@ class AutoEstimator:
             raise ValueError(
                 f"AutoEstimator(framework={self.framework!r}): use one of {_FRAMEWORKS}"
             )
-        if not callable(self.model):
+        if not callable(self.model) or hasattr(self.model, "parameters"):
             raise TypeError(
                 "AutoEstimator(model=...) takes a function config -> model, so that each trial "
                 f"builds its own; got {type(self.model).__name__}"
             )
-        if self.loss is None:
-            raise ValueError("AutoEstimator(loss=...) is required: trials train")
+        if self.loss is None or self.optimizer is None:
+            missing = "loss" if self.loss is None else "optimizer"
+            raise ValueError(f"AutoEstimator({missing}=...) is required: trials train")
         if not isinstance(n_trials, int) or n_trials < 1:
             raise ValueError(f"fit(n_trials={n_trials!r}): give a positive number of trials")
         if not isinstance(self.workers_per_trial, int) or self.workers_per_trial < 1:
