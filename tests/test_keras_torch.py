@@ -261,3 +261,47 @@ def test_predict_takes_a_keras_file_and_a_keras_model(spark, tmp_path):
         scored = ds.predict(test_df, source, feature_cols="features").toPandas()
         np.testing.assert_allclose(np.stack(scored["prediction"]), expected, atol=1e-5)
     ds.predict(test_df, path, feature_cols="features").count()  # cached per Python worker
+
+
+def _keras_mlp(config):
+    return keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(config["hidden"], activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+def test_auto_estimator_searches_keras_models(spark, tmp_path):
+    from deepspark.automl import AutoEstimator
+
+    train_df, test_df = digits_frames(spark)
+    auto = AutoEstimator.from_keras(
+        _keras_mlp,
+        {"hidden": [16, 64], "lr": [3e-3]},
+        optimizer=lambda config: keras.optimizers.Adam(config["lr"]),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        metric="val_accuracy",
+        sampler="grid",
+        pruner="none",
+        max_concurrent=1,
+        directory=str(tmp_path / "search"),
+    )
+    table = auto.fit(
+        train_df,
+        n_trials=2,
+        feature_cols="features",
+        label_cols="label",
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        validation_data=test_df,
+    )
+    assert sorted(table["param_hidden"]) == [16, 64]
+    assert (table["state"] == "COMPLETE").all()
+    assert auto.best_value >= 0.9
+    best = auto.best_estimator
+    assert type(best).__name__ == "KerasEstimator"
+    scores = best.evaluate(test_df, feature_cols="features", label_cols="label")
+    assert scores["accuracy"] == pytest.approx(auto.best_value, abs=1e-6)
