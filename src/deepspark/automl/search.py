@@ -9,7 +9,6 @@ pruner and answers whether to stop.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -22,8 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepspark.automl.reports import ReportServer, TrialReporter
+from deepspark.automl.scheduling import report_host, trial_scope
 from deepspark.automl.space import SearchSpace, grid_of
-from deepspark.automl.study import SearchSettings, open_study, trials_still_to_run
+from deepspark.automl.study import (
+    SearchSettings,
+    default_direction,
+    open_study,
+    raise_if_all_failed,
+    trials_still_to_run,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,6 +130,7 @@ class AutoEstimator:
         self.estimator_options = dict(estimator_options or {})
         self.study_: Any = None
         self.settings_: SearchSettings | None = None
+        self._data_for_config: Callable[[dict[str, Any]], tuple[Any, Any]] | None = None
 
     @classmethod
     def from_torch(
@@ -173,6 +180,7 @@ class AutoEstimator:
         validation_data: Any = None,
         timeout_s: float | None = None,
         callbacks: Sequence[Any] | None = None,
+        data_for_config: Callable[[dict[str, Any]], tuple[Any, Any]] | None = None,
         **fit_options: Any,
     ) -> pd.DataFrame:
         """Run the search until the study holds `n_trials` finished trials.
@@ -188,6 +196,10 @@ class AutoEstimator:
             Finished trials (complete, pruned or failed) the study should hold in the end.
         timeout_s : float, optional
             Start no new trial after this many seconds.
+        data_for_config : callable, optional
+            ``config -> (data, validation_data)`` for searches whose data depends on the
+            config (a time series' lookback, an image size); then pass ``data=None``. Keep
+            what it builds (cached DataFrames, say) for configs that share it.
 
         Returns
         -------
@@ -200,6 +212,11 @@ class AutoEstimator:
         from deepspark.training.driver.stage import available_task_slots
 
         settings = self._settings(n_trials)
+        if (data is None) == (data_for_config is None):
+            raise ValueError(
+                "AutoEstimator.fit: give the training data, or data_for_config (a function "
+                "config -> (data, validation_data)), not both or neither"
+            )
         spark = current_session()
         if spark is None and not hasattr(data, "sparkSession"):
             raise RuntimeError(
@@ -239,6 +256,7 @@ class AutoEstimator:
                 return True
             return False
 
+        self._data_for_config = data_for_config
         fixed = dict(
             feature_cols=feature_cols,
             label_cols=label_cols,
@@ -248,7 +266,7 @@ class AutoEstimator:
             callbacks=list(callbacks or []),
             **fit_options,
         )
-        host = _report_host(spark)
+        host = report_host(spark)
         with ReportServer(judge, host=host[0], advertise_host=host[1]) as server:
 
             def objective(trial: Any) -> float:
@@ -274,7 +292,7 @@ class AutoEstimator:
                     catch=(Exception,),
                     gc_after_trial=False,
                 )
-        _raise_if_all_failed(study, started_before=first_new)
+        raise_if_all_failed(study, started_before=first_new)
         return self.trials
 
     def _run_trial(
@@ -298,8 +316,10 @@ class AutoEstimator:
         if self.seed is not None:
             options.setdefault("seed", self.seed + trial.number)
         try:
+            if self._data_for_config is not None:
+                data, options["validation_data"] = self._data_for_config(config)
             estimator = self._estimator_for(config)
-            with _trial_scope(spark, trial.number):
+            with trial_scope(spark, trial.number):
                 history = estimator.fit(data, num_workers=self.workers_per_trial, **options)
         except Exception as error:
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
@@ -372,7 +392,7 @@ class AutoEstimator:
             not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
         ):
             raise ValueError(f"AutoEstimator(max_concurrent={self.max_concurrent!r}): at least 1")
-        direction = self.direction or _default_direction(self.metric)
+        direction = self.direction or default_direction(self.metric)
         if direction not in ("minimize", "maximize"):
             raise ValueError(
                 f"AutoEstimator(direction={direction!r}): use 'minimize' or 'maximize'"
@@ -454,27 +474,6 @@ class AutoEstimator:
         return write_plots(self._require_study(), directory, self.metric)
 
 
-def _raise_if_all_failed(study: Any, started_before: int) -> None:
-    """A search whose every new trial failed is a mistake in its inputs: say the first error."""
-    from optuna.trial import TrialState
-
-    new = study.get_trials(deepcopy=False)[started_before:]
-    if not new or any(trial.state != TrialState.FAIL for trial in new):
-        return
-    first = new[0].user_attrs.get("error", "unknown error")
-    raise RuntimeError(
-        f"AutoEstimator.fit: all {len(new)} trial(s) failed; the first with {first}. The "
-        "trials stay in the study's storage (see .trials)"
-    )
-
-
-def _default_direction(metric: str) -> str:
-    lowered = metric.lower()
-    if any(word in lowered for word in ("loss", "mse", "mae", "rmse", "error", "mape")):
-        return "minimize"
-    return "maximize"
-
-
 def _torch_optimizer(optimizer: Any, config: dict[str, Any]) -> Any:
     """``(params, config) -> Optimizer`` becomes the ``params -> Optimizer`` from_torch takes."""
     import inspect
@@ -492,35 +491,3 @@ def _torch_optimizer(optimizer: Any, config: dict[str, Any]) -> Any:
         return optimizer(params, config)
 
     return for_this_trial
-
-
-@contextlib.contextmanager
-def _trial_scope(spark: Any, number: int):
-    """The trial's jobs run in a scheduler pool and job group of their own (classic Spark)."""
-    context = getattr(spark, "sparkContext", None) if _is_classic(spark) else None
-    if context is None:
-        yield
-        return
-    pool = f"deepspark-trial-{number}"
-    context.setLocalProperty("spark.scheduler.pool", pool)
-    context.setJobGroup(pool, f"deepspark AutoML trial {number}", interruptOnCancel=True)
-    try:
-        yield
-    finally:
-        context.setLocalProperty("spark.scheduler.pool", None)
-        context.setLocalProperty("spark.jobGroup.id", None)
-        context.setLocalProperty("spark.job.description", None)
-
-
-def _is_classic(spark: Any) -> bool:
-    return not type(spark).__module__.startswith("pyspark.sql.connect")
-
-
-def _report_host(spark: Any) -> tuple[str, str]:
-    """(listen on, ranks connect to): loopback for local masters, else every interface."""
-    from deepspark.training.driver.stage import is_loopback_master
-    from deepspark.training.rank.rendezvous import local_ip
-
-    if is_loopback_master(spark):
-        return "127.0.0.1", "127.0.0.1"
-    return "0.0.0.0", local_ip()

@@ -15,7 +15,13 @@ from typing import Any
 
 from deepspark.automl.space import SearchSpace
 
-__all__ = ["SearchSettings", "open_study", "trials_still_to_run"]
+__all__ = [
+    "SearchSettings",
+    "default_direction",
+    "open_study",
+    "raise_if_all_failed",
+    "trials_still_to_run",
+]
 
 _log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "random", "grid")
@@ -140,3 +146,24 @@ def _pruner(pruner: Any) -> Any:
     if pruner == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"AutoEstimator(pruner={pruner!r}): use one of {PRUNERS}")
+
+
+def default_direction(metric: str) -> str:
+    lowered = metric.lower()
+    if any(word in lowered for word in ("loss", "mse", "mae", "rmse", "error", "mape")):
+        return "minimize"
+    return "maximize"
+
+
+def raise_if_all_failed(study: Any, started_before: int) -> None:
+    """A search whose every new trial failed is a mistake in its inputs: say the first error."""
+    from optuna.trial import TrialState
+
+    new = study.get_trials(deepcopy=False)[started_before:]
+    if not new or any(trial.state != TrialState.FAIL for trial in new):
+        return
+    first = new[0].user_attrs.get("error", "unknown error")
+    raise RuntimeError(
+        f"AutoEstimator.fit: all {len(new)} trial(s) failed; the first with {first}. The "
+        "trials stay in the study's storage (see .trials)"
+    )

@@ -1,0 +1,40 @@
+"""Where a trial's jobs run: a scheduler pool and job group per trial, and the report address."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+__all__ = ["is_classic", "report_host", "trial_scope"]
+
+
+@contextlib.contextmanager
+def trial_scope(spark: Any, number: int):
+    """The trial's jobs run in a scheduler pool and job group of their own (classic Spark)."""
+    context = getattr(spark, "sparkContext", None) if is_classic(spark) else None
+    if context is None:
+        yield
+        return
+    pool = f"deepspark-trial-{number}"
+    context.setLocalProperty("spark.scheduler.pool", pool)
+    context.setJobGroup(pool, f"deepspark AutoML trial {number}", interruptOnCancel=True)
+    try:
+        yield
+    finally:
+        context.setLocalProperty("spark.scheduler.pool", None)
+        context.setLocalProperty("spark.jobGroup.id", None)
+        context.setLocalProperty("spark.job.description", None)
+
+
+def is_classic(spark: Any) -> bool:
+    return not type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def report_host(spark: Any) -> tuple[str, str]:
+    """(listen on, ranks connect to): loopback for local masters, else every interface."""
+    from deepspark.training.driver.stage import is_loopback_master
+    from deepspark.training.rank.rendezvous import local_ip
+
+    if is_loopback_master(spark):
+        return "127.0.0.1", "127.0.0.1"
+    return "0.0.0.0", local_ip()
