@@ -48,6 +48,7 @@ RANK_SIDE = [
     "deepspark.inference.keras_runtime",
     "deepspark.keras.torch_backend",
     "deepspark.keras.keras_callbacks",
+    "deepspark.automl.reports",
 ]
 
 # The one upward import: `Estimator.from_keras` (estimator.py) and `Estimator.load` of a
@@ -68,15 +69,31 @@ def _sources(folder: str) -> list[Path]:
     return sorted((PACKAGE / folder).rglob("*.py"))
 
 
+# Capabilities (what users come for) sit above the engines; each stands on its own, except
+# time series, whose AutoTS searches on the AutoML engine.
+CAPABILITIES = ("deepspark.automl", "deepspark.ray", "deepspark.timeseries", "deepspark.vision")
+
+
+def _others(*allowed: str) -> tuple[str, ...]:
+    return tuple(name for name in (*CAPABILITIES, "deepspark.ml") if name not in allowed)
+
+
 @pytest.mark.parametrize(
     ("folder", "forbidden"),
     [
-        ("data", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
-        ("persist", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
-        ("context", ("deepspark.training", "deepspark.inference", "deepspark.ml")),
-        ("inference", ("deepspark.training", "deepspark.ml", "deepspark.keras")),
-        ("training/rank", ("deepspark.training.driver", "deepspark.ml", "deepspark.keras")),
-        ("training", ("deepspark.ml", "deepspark.keras")),
+        ("data", ("deepspark.training", "deepspark.inference", "deepspark.ml", *CAPABILITIES)),
+        ("persist", ("deepspark.training", "deepspark.inference", "deepspark.ml", *CAPABILITIES)),
+        ("context", ("deepspark.training", "deepspark.inference", "deepspark.ml", *CAPABILITIES)),
+        ("inference", ("deepspark.training", "deepspark.ml", "deepspark.keras", *CAPABILITIES)),
+        (
+            "training/rank",
+            ("deepspark.training.driver", "deepspark.ml", "deepspark.keras", *CAPABILITIES),
+        ),
+        ("training", ("deepspark.ml", "deepspark.keras", *CAPABILITIES)),
+        ("automl", _others("deepspark.automl")),
+        ("ray", _others("deepspark.ray")),
+        ("vision", _others("deepspark.vision")),
+        ("timeseries", _others("deepspark.timeseries", "deepspark.automl")),
     ],
 )
 def test_imports_point_down(folder, forbidden):
