@@ -1,5 +1,8 @@
 """deepspark: distributed deep learning directly on Apache Spark DataFrames."""
 
+# deepspark.ray registers the start of Ray that init_context(ray=...) asks for; Ray itself is
+# imported only then.
+import deepspark.ray  # noqa: F401
 from deepspark.context import init_context, stop_context
 from deepspark.data.cache import cache, uncache
 from deepspark.training import Estimator, TrainingError

@@ -9,10 +9,19 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
-__all__ = ["ClusterMode", "ContextConfig", "ContextError", "resolve_spark_conf"]
+__all__ = [
+    "RAY_CLUSTER_MODES",
+    "ClusterMode",
+    "ContextConfig",
+    "ContextError",
+    "executor_path_with",
+    "resolve_spark_conf",
+]
 
 
 class ContextError(RuntimeError):
@@ -40,6 +49,15 @@ class ClusterMode(str, Enum):
             valid = ", ".join(repr(mode.value) for mode in cls)
             raise ValueError(f"cluster_mode={value!r} is not known; use one of {valid}") from None
 
+
+# Where Ray on Spark can start Ray nodes (spark-submit: checked once the master is known).
+RAY_CLUSTER_MODES = (
+    ClusterMode.LOCAL,
+    ClusterMode.LOCAL_CLUSTER,
+    ClusterMode.STANDALONE,
+    ClusterMode.YARN,
+    ClusterMode.SPARK_SUBMIT,
+)
 
 # Spark settings that suit deep learning workloads; user `conf` entries override them.
 DEEP_LEARNING_DEFAULTS: dict[str, str] = {
@@ -82,6 +100,7 @@ class ContextConfig:
     container_image: str | None = None
     python_env_archive: str | None = None
     connect_timeout_s: float = 30.0
+    ray: bool | dict[str, Any] = False
 
     def __post_init__(self) -> None:
         self.cluster_mode = ClusterMode.parse(self.cluster_mode)
@@ -97,6 +116,23 @@ class ContextConfig:
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s must be positive (seconds)")
         self.master = self._resolve_master()
+        self._check_ray()
+
+    def _check_ray(self) -> None:
+        if isinstance(self.ray, Mapping):
+            self.ray = dict(self.ray)
+        elif not isinstance(self.ray, bool):
+            raise ValueError(
+                f"ray={self.ray!r}: give True, False, or a dict of deepspark.ray.start arguments"
+            )
+        if self.ray is not False and self.cluster_mode not in RAY_CLUSTER_MODES:
+            modes = ", ".join(repr(mode.value) for mode in RAY_CLUSTER_MODES)
+            raise ValueError(
+                f"ray={self.ray!r} with cluster_mode={self.cluster_mode.value!r}: Ray on Spark "
+                f"(ray.util.spark) starts its nodes only on the {modes} modes (it needs a "
+                "classic SparkContext and does not support Kubernetes executors); choose one "
+                "of them, or run Ray with its own cluster launcher"
+            )
 
     def _resolve_master(self) -> str | None:
         mode, master = self.cluster_mode, self.master
@@ -216,3 +252,23 @@ def _yarn_python_env(archive: str | None) -> dict[str, str]:
         "spark.yarn.appMasterEnv.PYSPARK_PYTHON": "./environment/bin/python",
         "spark.executorEnv.PYSPARK_PYTHON": "./environment/bin/python",
     }
+
+
+def executor_path_with(python: str, mode: ClusterMode) -> str:
+    """A ``PATH`` for executors that puts `python`'s ``bin`` directory first.
+
+    Ray on Spark starts each Ray node with the ``ray`` command it finds on the executor's
+    ``PATH``, which lives beside the workers' Python. On YARN a packed environment's relative
+    path is resolved in each container, where YARN expands ``{{PWD}}``, ``{{PATH}}`` and
+    ``<CPS>``.
+
+    Examples
+    --------
+    >>> executor_path_with("./environment/bin/python", ClusterMode.YARN)
+    '{{PWD}}/environment/bin<CPS>{{PATH}}'
+    """
+    bin_dir = os.path.dirname(python)
+    if mode is ClusterMode.YARN and not os.path.isabs(bin_dir):
+        relative = bin_dir[2:] if bin_dir.startswith("./") else bin_dir
+        return "{{PWD}}/" + relative + "<CPS>{{PATH}}"
+    return os.pathsep.join(entry for entry in (bin_dir, os.environ.get("PATH")) if entry)

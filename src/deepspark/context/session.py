@@ -13,7 +13,13 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from deepspark.context.config import ClusterMode, ContextConfig, ContextError, resolve_spark_conf
+from deepspark.context.config import (
+    ClusterMode,
+    ContextConfig,
+    ContextError,
+    executor_path_with,
+    resolve_spark_conf,
+)
 from deepspark.context.workers import (
     PYTHON_CONF,
     mark_workers_ready,
@@ -27,7 +33,7 @@ if TYPE_CHECKING:
 
     from pyspark.sql import SparkSession
 
-__all__ = ["current_session", "init_context", "on_stop_context", "stop_context"]
+__all__ = ["current_session", "init_context", "on_init_context", "on_stop_context", "stop_context"]
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -37,6 +43,8 @@ _leftover_env: set[str] = set()
 _CONNECT_TOKEN = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 # Called with the session in stop_context, before it stops (e.g. to free deepspark's caches).
 _stop_hooks: list[Callable[[SparkSession], None]] = []
+# Called with each new session and its config once it is up (deepspark.ray starts Ray here).
+_start_hooks: list[Callable[[SparkSession, ContextConfig], None]] = []
 
 _JVM_MODES = {
     ClusterMode.LOCAL,
@@ -62,6 +70,7 @@ def init_context(
     python_env_archive: str | None = None,
     connect_timeout_s: float = 30.0,
     warm_workers: bool = True,
+    ray: bool | dict[str, Any] = False,
 ) -> SparkSession:
     """Start (or reuse) the SparkSession that deepspark runs on.
 
@@ -97,6 +106,12 @@ def init_context(
     warm_workers : bool
         Start Spark's Python workers right away and have them import torch, in a background
         job, so that the session's first fit or predict does not wait seconds for that.
+    ray : bool or dict
+        Also start a Ray cluster on the executors once the session is up: ``True`` for the
+        defaults of `deepspark.ray.start`, or a dict of its arguments (``pip install
+        'deepspark[ray]'``). The executors get the workers' Python ``bin`` directory on
+        ``PATH`` (Ray starts its nodes with the ``ray`` command found there), and
+        `stop_context` stops Ray before Spark. Not with ``"k8s"`` or ``"connect"``.
 
     Returns
     -------
@@ -105,7 +120,8 @@ def init_context(
     Raises
     ------
     ValueError
-        An unknown ``cluster_mode``, a malformed master URL or a bad resource value.
+        An unknown ``cluster_mode``, a malformed master URL, a bad resource value, or
+        ``ray`` with a mode Ray on Spark does not run on.
     ContextError
         No Java found, or a Spark Connect server that does not answer in time.
 
@@ -131,6 +147,7 @@ def init_context(
         container_image=container_image,
         python_env_archive=python_env_archive,
         connect_timeout_s=connect_timeout_s,
+        ray=ray,
     )
     with _lock:
         if _active is not None:
@@ -149,7 +166,10 @@ def init_context(
         _active = (config, session)
         if warm_workers:
             _warm_workers(session)
-        return session
+        start_hooks = list(_start_hooks)
+    for hook in start_hooks:  # outside the lock: a hook may ask for current_session()
+        hook(session, config)
+    return session
 
 
 def stop_context() -> None:
@@ -195,6 +215,17 @@ def on_stop_context(hook: Callable[[SparkSession], None]) -> None:
             _stop_hooks.append(hook)
 
 
+def on_init_context(hook: Callable[[SparkSession, ContextConfig], None]) -> None:
+    """Have `init_context` call ``hook(session, config)`` once a new session is up.
+
+    A capability that starts something with the session when asked through the config
+    (`deepspark.ray` for ``ray=``) registers here; the hook does nothing when not asked.
+    """
+    with _lock:
+        if hook not in _start_hooks:
+            _start_hooks.append(hook)
+
+
 def current_session() -> SparkSession | None:
     """The running session `init_context` started, or ``None`` when there is none.
 
@@ -227,6 +258,10 @@ def _create_session(config: ContextConfig) -> SparkSession:
         python = worker_python(master, spark_conf)
     if python is not None:
         spark_conf[PYTHON_CONF] = python
+        if config.ray is not False:
+            spark_conf.setdefault(
+                "spark.executorEnv.PATH", executor_path_with(python, config.cluster_mode)
+            )
     with _jvm_python(python):
         session = _build_session(config, spark_conf)
     if python is None:
