@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/epoch.py --quick
 	$(PY) benchmarks/rank_vs_ddp.py --quick
 	$(PY) benchmarks/keras.py --quick
+	$(PY) benchmarks/automl.py --quick
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -63,7 +63,7 @@ def make_model(config):
 
 def train_plain(config, data, epochs, batch_size, seed):
     """One trial as a plain PyTorch loop; returns the final validation accuracy."""
-    train_x, train_y, val_x, val_y = (torch.from_numpy(a) for a in data)
+    train_x, train_y, val_x, val_y = (torch.tensor(a) for a in data)  # Ray hands read-only arrays
     torch.manual_seed(seed)
     model = make_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
