@@ -271,6 +271,7 @@ class AutoEstimator:
 
             def objective(trial: Any) -> float:
                 config = settings.space.sample(trial)
+                trial.set_user_attr("config", _jsonable(config))
                 with lock:
                     running[trial.number] = trial
                 try:
@@ -441,8 +442,11 @@ class AutoEstimator:
 
     @property
     def best_config(self) -> dict[str, Any]:
-        """The best complete trial's whole config (searched and fixed values)."""
+        """The best complete trial's whole config: searched and fixed values, or what a
+        ``trial -> config`` function returned."""
         best = self._best_trial()
+        if "config" in best.user_attrs:
+            return dict(best.user_attrs["config"])
         assert self.settings_ is not None
         return {**best.params, **self.settings_.space.fixed}
 
@@ -472,6 +476,15 @@ class AutoEstimator:
         from deepspark.automl.results import write_plots
 
         return write_plots(self._require_study(), directory, self.metric)
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as the study's database can keep it (numpy numbers become plain ones)."""
+    plain: dict[str, Any] = {}
+    for name, value in config.items():
+        item = getattr(value, "item", None)
+        plain[name] = item() if callable(item) else value
+    return plain
 
 
 def _torch_optimizer(optimizer: Any, config: dict[str, Any]) -> Any:

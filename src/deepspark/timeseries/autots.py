@@ -1,0 +1,325 @@
+"""AutoTS: a search over forecasting model kinds, lookbacks, sizes and learning rates.
+
+Each trial is a `deepspark.automl` trial: a distributed fit of one global network over every
+series, on the windows of its own lookback (rolled once per lookback and reused). The result
+is a `TSPipeline`: the training data's scaler, the best forecaster and its lookback, which
+predicts the real future of unscaled data and saves and loads as one directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import torch
+
+from deepspark.timeseries import windows
+from deepspark.timeseries.forecast_model import make_loss
+from deepspark.timeseries.forecaster import Forecaster
+from deepspark.timeseries.networks import NETWORK_KINDS
+from deepspark.timeseries.scaler import TSScaler
+from deepspark.timeseries.tsdataset import TSDataset
+
+__all__ = ["DEFAULT_SIZE_SPACE", "AutoTS", "TSPipeline"]
+
+# Per kind, the sizes a search tries by default: small, so that trials stay cheap.
+DEFAULT_SIZE_SPACE: dict[str, dict[str, list[Any]]] = {
+    "lstm": {"hidden_size": [32, 64], "num_layers": [1, 2]},
+    "tcn": {"num_channels": [16, 32], "num_levels": [3, 4]},
+    "seq2seq": {"hidden_size": [32, 64]},
+    "nbeats": {"hidden_size": [64, 128], "num_blocks": [2, 3]},
+    "dlinear": {},
+    "patchtst": {"d_model": [32, 64], "num_layers": [1, 2]},
+    "nhits": {"hidden_size": [64, 128]},
+}
+_SCALER_FILE, _PIPELINE_FILE, _FORECASTER_DIR = "scaler.json", "pipeline.json", "forecaster"
+
+
+class AutoTS:
+    """Search forecasters for the data: model kind, lookback, sizes and learning rate.
+
+    Parameters
+    ----------
+    horizon : int
+        Steps to forecast.
+    models : sequence of str
+        Kinds to try (`deepspark.timeseries.NETWORK_KINDS`).
+    lookback : sequence of int
+        Lookbacks to try.
+    lr : (float, float)
+        Learning-rate range, searched on a log scale.
+    sizes : dict, optional
+        ``{kind: {size name: list of choices}}``; default `DEFAULT_SIZE_SPACE`.
+    loss : {"mse", "mae", "huber"}
+    metric : str
+        What the search minimises: ``"val_loss"`` (the loss on the scaled validation windows).
+    **search_options
+        `deepspark.automl.AutoEstimator`'s: ``workers_per_trial``, ``max_concurrent``,
+        ``sampler``, ``pruner``, ``study_name``, ``storage``, ``directory``, ``seed``.
+
+    Examples
+    --------
+    See ``docs/timeseries.md`` ("AutoTS").
+    """
+
+    def __init__(
+        self,
+        *,
+        horizon: int,
+        models: Sequence[str] = ("dlinear", "nbeats", "lstm", "tcn"),
+        lookback: Sequence[int] = (24, 48),
+        lr: tuple[float, float] = (1e-3, 3e-2),
+        sizes: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
+        loss: str = "mse",
+        metric: str = "val_loss",
+        **search_options: Any,
+    ) -> None:
+        self.horizon = horizon
+        self.models = tuple(models)
+        self.lookback = tuple(lookback)
+        self.lr = lr
+        self.sizes = sizes
+        self.loss = loss
+        self.metric = metric
+        self.search_options = search_options
+        self.search_: Any = None
+        self.pipeline_: TSPipeline | None = None
+
+    def _check(self) -> dict[str, dict[str, list[Any]]]:
+        if not isinstance(self.horizon, int) or self.horizon < 1:
+            raise ValueError(f"AutoTS(horizon={self.horizon!r}): a positive int")
+        unknown = [kind for kind in self.models if kind not in NETWORK_KINDS]
+        if not self.models or unknown:
+            raise ValueError(
+                f"AutoTS(models={list(self.models)!r}): choose from {list(NETWORK_KINDS)}"
+            )
+        if not self.lookback or any(not isinstance(n, int) or n < 1 for n in self.lookback):
+            raise ValueError(f"AutoTS(lookback={self.lookback!r}): positive ints to try")
+        low, high = self.lr
+        if not 0 < low <= high:
+            raise ValueError(f"AutoTS(lr={self.lr!r}): (low, high) with 0 < low <= high")
+        sizes = {kind: dict(DEFAULT_SIZE_SPACE.get(kind, {})) for kind in self.models}
+        for kind, choices in (self.sizes or {}).items():
+            if kind not in sizes:
+                raise ValueError(f"AutoTS(sizes={{{kind!r}: ...}}): {kind!r} is not searched")
+            sizes[kind] = {name: list(values) for name, values in choices.items()}
+        make_loss(self.loss)
+        return sizes
+
+    def fit(
+        self,
+        train: TSDataset,
+        validation_data: TSDataset,
+        *,
+        n_trials: int = 12,
+        epochs: int = 20,
+        batch_size: int = 64,
+        **fit_options: Any,
+    ) -> TSPipeline:
+        """Search on `train`, judge on `validation_data` (both scaled alike, e.g.
+        ``train.scale("standard")`` and ``val.scale(train.scaler, fit=False)``), and return
+        the best `TSPipeline`, trained on `train` in the best trial."""
+        from deepspark.automl import AutoEstimator
+
+        sizes = self._check()
+        for name, data in (("train", train), ("validation_data", validation_data)):
+            if not isinstance(data, TSDataset):
+                raise TypeError(f"AutoTS.fit({name}=...) takes a TSDataset")
+        if validation_data.scaler is not train.scaler and (
+            validation_data.scaler is None or train.scaler is None
+        ):
+            raise ValueError(
+                "AutoTS.fit: scale train and validation_data alike: "
+                "train.scale('standard'); validation_data.scale(train.scaler, fit=False)"
+            )
+        columns = train.columns
+        rolled: dict[int, tuple[Any, Any]] = {}
+        horizon, models, lookbacks, (low, high) = self.horizon, self.models, self.lookback, self.lr
+
+        def space(trial: Any) -> dict[str, Any]:
+            kind = trial.suggest_categorical("model", list(models))
+            config = {
+                "model": kind,
+                "lookback": trial.suggest_categorical("lookback", list(lookbacks)),
+                "lr": trial.suggest_float("lr", low, high, log=True),
+            }
+            for name, choices in sizes[kind].items():
+                config[name] = trial.suggest_categorical(f"{kind}.{name}", list(choices))
+            return config
+
+        def data_for(config: dict[str, Any]) -> tuple[Any, Any]:
+            lookback = int(config["lookback"])
+            if lookback not in rolled:
+                rolled[lookback] = (
+                    _rows(train, lookback, horizon),
+                    _rows(validation_data, lookback, horizon),
+                )
+            return rolled[lookback]
+
+        loss = self.loss
+
+        def model(config: dict[str, Any]) -> torch.nn.Module:
+            return _forecaster(config, horizon, loss).build_model(columns)
+
+        self.search_ = AutoEstimator.from_torch(
+            model,
+            space,
+            optimizer=lambda params, config: torch.optim.Adam(params, lr=config["lr"]),
+            loss=make_loss(self.loss),
+            metric=self.metric,
+            direction="minimize",
+            **self.search_options,
+        )
+        self.search_.fit(
+            None,
+            n_trials=n_trials,
+            feature_cols=windows.X_COL,
+            label_cols=windows.Y_COL,
+            epochs=epochs,
+            batch_size=batch_size,
+            data_for_config=data_for,
+            **fit_options,
+        )
+        best = self.search_.best_config
+        forecaster = _forecaster(best, horizon, self.loss)
+        forecaster.model_ = self.search_.best_estimator.get_model()
+        forecaster.columns_ = columns
+        self.pipeline_ = TSPipeline(forecaster, train.scaler, best)
+        return self.pipeline_
+
+    @property
+    def trials(self) -> pd.DataFrame:
+        """The search's trials (see `deepspark.automl.AutoEstimator.trials`)."""
+        if self.search_ is None:
+            raise RuntimeError("AutoTS has not searched: call fit first")
+        return self.search_.trials
+
+    @property
+    def best_config(self) -> dict[str, Any]:
+        if self.search_ is None:
+            raise RuntimeError("AutoTS has not searched: call fit first")
+        return self.search_.best_config
+
+
+class TSPipeline:
+    """A fitted forecaster with the scaler of its training data: unscaled data in, the real
+    future out (unscaled, with timestamps).
+
+    Parameters
+    ----------
+    forecaster : Forecaster
+        Trained.
+    scaler : TSScaler or None
+        What the forecaster's training data was scaled with.
+    config : dict
+        The search's config that made it (model, lookback, lr, sizes).
+    """
+
+    def __init__(self, forecaster: Forecaster, scaler: TSScaler | None, config: dict[str, Any]):
+        self.forecaster = forecaster
+        self.scaler = scaler
+        self.config = dict(config)
+
+    @property
+    def lookback(self) -> int:
+        return self.forecaster.lookback
+
+    def __repr__(self) -> str:
+        return f"TSPipeline({self.forecaster!r}, scaled={self.scaler is not None})"
+
+    def _scaled(self, data: TSDataset) -> bool:
+        """Scale `data` with the pipeline's scaler when it is not scaled; True if it did."""
+        if data.scaler is not None or self.scaler is None:
+            return False
+        data.scale(self.scaler, fit=False)
+        return True
+
+    def predict(self, data: TSDataset, horizon: int | None = None, **options: Any) -> Any:
+        """Forecast the steps after each series' end; `data` is left as it was given."""
+        scaled = self._scaled(data)
+        try:
+            return self.forecaster.predict(data, horizon, **options)
+        finally:
+            if scaled:
+                data.unscale()
+
+    def evaluate(self, test: TSDataset, **options: Any) -> dict[str, float]:
+        """`Forecaster.evaluate` on `test` (scaled here when given unscaled)."""
+        scaled = self._scaled(test)
+        train = options.get("train")
+        scaled_train = train is not None and self._scaled(train)
+        try:
+            return self.forecaster.evaluate(test, **options)
+        finally:
+            if scaled:
+                test.unscale()
+            if scaled_train:
+                train.unscale()
+
+    def save(self, path: str) -> str:
+        """Write the forecaster, the scaler and the config to directory `path` (fsspec)."""
+        fs, root = fsspec.core.url_to_fs(path)
+        fs.makedirs(root, exist_ok=True)
+        self.forecaster.save(f"{path.rstrip('/')}/{_FORECASTER_DIR}")
+        with fs.open(f"{root}/{_PIPELINE_FILE}", "w") as handle:
+            json.dump({"config": _plain(self.config)}, handle, indent=2)
+        if self.scaler is not None:
+            with fs.open(f"{root}/{_SCALER_FILE}", "w") as handle:
+                json.dump(self.scaler.to_dict(), handle)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> TSPipeline:
+        fs, root = fsspec.core.url_to_fs(path)
+        if not fs.exists(f"{root}/{_PIPELINE_FILE}"):
+            raise FileNotFoundError(f"{path} holds no {_PIPELINE_FILE}: not a saved TSPipeline")
+        with fs.open(f"{root}/{_PIPELINE_FILE}", "r") as handle:
+            config = json.load(handle)["config"]
+        scaler = None
+        if fs.exists(f"{root}/{_SCALER_FILE}"):
+            with fs.open(f"{root}/{_SCALER_FILE}", "r") as handle:
+                scaler = TSScaler.from_dict(json.load(handle))
+        forecaster = Forecaster.load(f"{path.rstrip('/')}/{_FORECASTER_DIR}")
+        return cls(forecaster, scaler, config)
+
+
+def _forecaster(config: dict[str, Any], horizon: int, loss: str) -> Forecaster:
+    not_sizes = ("model", "lookback", "lr", "epochs", "batch_size")
+    sizes = {name: value for name, value in config.items() if name not in not_sizes}
+    return Forecaster(
+        config["model"],
+        lookback=int(config["lookback"]),
+        horizon=horizon,
+        lr=float(config["lr"]),
+        loss=loss,
+        **sizes,
+    )
+
+
+def _rows(data: TSDataset, lookback: int, horizon: int) -> Any:
+    """The windows a trial trains on: a Spark DataFrame (cached), or a dict of arrays."""
+    rows = data.windows(lookback, horizon)
+    if data.is_spark:
+        import deepspark as ds
+
+        frame = rows.select(windows.X_COL, windows.Y_COL)
+        ds.cache(frame)
+        return frame
+    return {
+        windows.X_COL: np.stack(rows[windows.X_COL].to_numpy()).astype("float32"),
+        windows.Y_COL: np.stack(rows[windows.Y_COL].to_numpy()).astype("float32"),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "item"):
+        return value.item()
+    return value
