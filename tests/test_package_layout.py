@@ -49,6 +49,10 @@ RANK_SIDE = [
     "deepspark.keras.torch_backend",
     "deepspark.keras.keras_callbacks",
     "deepspark.automl.reports",
+    "deepspark.vision.decoding",
+    "deepspark.vision.zoo",
+    "deepspark.vision.image_tasks",
+    "deepspark.vision.samples",
 ]
 
 # The one upward import: `Estimator.from_keras` (estimator.py) and `Estimator.load` of a
