@@ -160,7 +160,7 @@ def test_bad_arguments_are_refused_before_any_trial(digits, tmp_path):
     cases = [
         (dict(sampler="annealing"), "sampler='annealing'"),
         (dict(pruner="patience"), "pruner='patience'"),
-        (dict(workers_per_trial=3), r"workers_per_trial=3.*2 task slot"),
+        (dict(workers_per_trial=3), r"workers_per_trial=3.*2 free task slot"),
         (dict(direction="up"), "direction='up'"),
         (dict(max_concurrent=0), "max_concurrent=0"),
     ]
@@ -282,3 +282,24 @@ def test_a_search_whose_driver_was_killed_resumes_without_retraining(spark, tmp_
     retried = table[table["retry_of"] == interrupted[0].number]
     assert len(retried) == 1 and retried["state"].iloc[0] == "COMPLETE"
     assert retried["param_hidden"].iloc[0] == interrupted[0].params["hidden"]
+
+
+def test_slots_held_by_ray_on_spark_are_not_offered_to_trials_or_fits(digits, tmp_path):
+    from deepspark.context.session import hold_task_slots
+
+    train, _ = digits
+    hold_task_slots("Ray on Spark", 2)
+    try:
+        with pytest.raises(ValueError, match=r"0 free task slot\(s\); Ray on Spark holds 2"):
+            search(tmp_path, {"hidden": [32], "lr": [1e-3]}).fit(train, n_trials=1, **COLUMNS)
+        estimator = ds.Estimator.from_torch(
+            mlp({"hidden": 8}),
+            optimizer=lambda params: torch.optim.Adam(params),
+            loss=torch.nn.CrossEntropyLoss(),
+        )
+        with pytest.raises(
+            ValueError, match=r"only 0 task slot\(s\) are free \(Ray on Spark holds 2\)"
+        ):
+            estimator.fit(train, num_workers=1, **COLUMNS)
+    finally:
+        hold_task_slots("Ray on Spark", 0)

@@ -34,7 +34,9 @@ MIB = 2**20
 RAY_PROGRAM = textwrap.dedent(
     """
     import json, os, sys
+    import numpy as np
     import psutil
+    import torch
     import deepspark as ds
     import deepspark.ray
 
@@ -52,6 +54,16 @@ RAY_PROGRAM = textwrap.dedent(
                          "temp_dir": cluster.temp_dir, "num_workers": cluster.num_workers}
     result["executor_path"] = spark.conf.get("spark.executorEnv.PATH")
     result["resources"] = ray.cluster_resources()
+    from deepspark.context.session import held_task_slots
+    result["held_slots"] = held_task_slots()
+    try:  # a fit cannot have slots Ray holds: refused at once, not left waiting
+        ds.Estimator.from_torch(torch.nn.Linear(1, 1), optimizer=lambda p: torch.optim.SGD(p, 0.1),
+                                loss=torch.nn.MSELoss()).fit(
+            {"x": np.zeros((4, 1), "float32"), "y": np.zeros((4, 1), "float32")},
+            feature_cols="x", label_cols="y", num_workers=1)
+        result["fit_refused"] = ""
+    except ValueError as error:
+        result["fit_refused"] = str(error)
 
     @ray.remote
     def square(x):
@@ -133,6 +145,7 @@ RAY_PROGRAM = textwrap.dedent(
         "temp_dir_left": os.path.exists(cluster.temp_dir),
         "ray_connected": ray.is_initialized(),
         "running": deepspark.ray.current() is not None,
+        "held_slots": held_task_slots(),
     }), flush=True)
     """
 )
@@ -206,10 +219,13 @@ def ray_program(tmp_path_factory):
 
 
 def test_ray_runs_tasks_and_actors_on_the_executors(ray_program):
-    result, *_ = ray_program
+    result, after, *_ = ray_program
     assert result["squares"] == [x * x for x in range(6)]
     assert result["counter"] == [1, 3, 6]
     assert result["cluster"]["num_workers"] == 2
+    assert result["held_slots"] == {"Ray on Spark": 2}
+    assert "only 0 task slot(s) are free (Ray on Spark holds 2)" in result["fit_refused"]
+    assert after["held_slots"] == {}
     assert result["resources"]["CPU"] == 2  # the two worker nodes; the head has none
 
 

@@ -209,7 +209,7 @@ class AutoEstimator:
         import optuna
 
         from deepspark.context.session import current_session
-        from deepspark.training.driver.stage import available_task_slots
+        from deepspark.training.driver.stage import free_task_slots
 
         settings = self._settings(n_trials)
         if (data is None) == (data_for_config is None):
@@ -224,11 +224,13 @@ class AutoEstimator:
                 "first"
             )
         spark = spark or data.sparkSession
-        slots = available_task_slots(spark)
+        slots, held = free_task_slots(spark)
         if self.workers_per_trial > slots:
+            holding = "".join(f"; {holder} holds {count}" for holder, count in held.items())
             raise ValueError(
                 f"AutoEstimator(workers_per_trial={self.workers_per_trial}): the application "
-                f"has {slots} task slot(s); use at most {slots} workers per trial"
+                f"has {slots} free task slot(s){holding}; use at most {slots} workers per "
+                "trial, or free or add slots"
             )
         concurrent = self.max_concurrent or max(1, slots // self.workers_per_trial)
         study = open_study(settings, self.sampler, self.pruner, grid=self._grid)

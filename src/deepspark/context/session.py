@@ -33,7 +33,15 @@ if TYPE_CHECKING:
 
     from pyspark.sql import SparkSession
 
-__all__ = ["current_session", "init_context", "on_init_context", "on_stop_context", "stop_context"]
+__all__ = [
+    "current_session",
+    "held_task_slots",
+    "hold_task_slots",
+    "init_context",
+    "on_init_context",
+    "on_stop_context",
+    "stop_context",
+]
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -43,6 +51,10 @@ _leftover_env: set[str] = set()
 _CONNECT_TOKEN = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 # Called with the session in stop_context, before it stops (e.g. to free deepspark's caches).
 _stop_hooks: list[Callable[[SparkSession], None]] = []
+# Task slots that long-running jobs of this session keep busy (Ray's worker nodes): by holder.
+# A lock of its own: stop hooks, which run under _lock, give slots back.
+_held_slots: dict[str, int] = {}
+_slots_lock = threading.Lock()
 # Called with each new session and its config once it is up (deepspark.ray starts Ray here).
 _start_hooks: list[Callable[[SparkSession, ContextConfig], None]] = []
 
@@ -202,6 +214,30 @@ def stop_context() -> None:
             os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
         while _leftover_env:
             os.environ.pop(_leftover_env.pop(), None)
+        with _slots_lock:
+            _held_slots.clear()
+
+
+def hold_task_slots(holder: str, slots: int) -> None:
+    """Say that `holder` keeps `slots` task slots of the session busy (0: gives them back).
+
+    Long-running jobs that are not deepspark's own (Ray on Spark's worker nodes) record here
+    what they hold, so that fits count only the slots left and refuse, rather than wait for
+    ever, when a barrier stage cannot get its tasks.
+    """
+    if slots < 0:
+        raise ValueError(f"hold_task_slots: slots must be >= 0, got {slots}")
+    with _slots_lock:
+        if slots:
+            _held_slots[holder] = int(slots)
+        else:
+            _held_slots.pop(holder, None)
+
+
+def held_task_slots() -> dict[str, int]:
+    """``{holder: slots}`` that `hold_task_slots` recorded for the running session."""
+    with _slots_lock:
+        return dict(_held_slots)
 
 
 def on_stop_context(hook: Callable[[SparkSession], None]) -> None:

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from deepspark.context.session import on_init_context, on_stop_context
+from deepspark.context.session import hold_task_slots, on_init_context, on_stop_context
 from deepspark.context.workers import shares_machine
 from deepspark.ray.leftovers import CLUSTER_MARK, end_marked_processes
 from deepspark.ray.preflight import (
@@ -180,6 +180,7 @@ def start(
             options.update(num_cpus_worker_node=cpus, num_gpus_worker_node=0)
         address = _launch(ray, options, node_environment, cluster_id, root)
         _running = RayCluster(address, cluster_id, num_workers, cpus, root, log_dir)
+        hold_task_slots("Ray on Spark", num_workers * _slots_per_node(session, cpus))
         _register_teardown()
     _log.info(
         "Ray runs %d worker node(s) of %d CPU(s) on the executors; head at %s",
@@ -207,10 +208,17 @@ def stop() -> None:
         if cluster is None:
             return
         _shut_down(sys.modules.get("ray"))
+        hold_task_slots("Ray on Spark", 0)
         signalled = end_marked_processes(cluster.cluster_id)
         if signalled:
             _log.info("deepspark.ray.stop: ended %d leftover Ray process(es)", signalled)
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+def _slots_per_node(session: SparkSession, cpus: int) -> int:
+    """Task slots one worker node's Spark task takes: its CPUs over ``spark.task.cpus``."""
+    task_cpus = float(session.conf.get("spark.task.cpus", "1") or 1)
+    return max(1, int(cpus // task_cpus))
 
 
 def current() -> RayCluster | None:

@@ -368,9 +368,16 @@ def flat_names(cols: Any) -> list[str]:
 
 def fit_workers(spark: Any, num_workers: int | None, batch_size: int) -> int:
     """The ranks of a fit: every free task slot by default, refused when the stage cannot run."""
-    from deepspark.training.driver.stage import available_task_slots
+    from deepspark.training.driver.stage import free_task_slots
 
-    slots = available_task_slots(spark)
+    slots, held = free_task_slots(spark)
+    if held and (slots == 0 or (num_workers is not None and num_workers > slots)):
+        holders = ", ".join(f"{holder} holds {count}" for holder, count in held.items())
+        raise ValueError(
+            f"num_workers={num_workers}: only {slots} task slot(s) are free ({holders}); a "
+            "barrier stage needs all its tasks at once. Lower num_workers, stop what holds "
+            "the slots (deepspark.ray.stop()), or add executors/cores"
+        )
     if num_workers is None:
         num_workers = slots
     check_positive("num_workers", num_workers)

@@ -23,6 +23,7 @@ RankEntry = Callable[[TrainSpec, Iterable[pa.RecordBatch], Any], Iterator[pa.Rec
 
 __all__ = [
     "available_task_slots",
+    "free_task_slots",
     "is_connect",
     "is_loopback_master",
     "master_url",
@@ -64,6 +65,18 @@ def available_task_slots(spark: SparkSession) -> int:
         if executor_gpus:
             per_executor = min(per_executor, int(executor_gpus / task_gpus + 1e-9))
     return max(1, executors * per_executor)
+
+
+def free_task_slots(spark: SparkSession) -> tuple[int, dict[str, int]]:
+    """``(slots a new barrier stage can have, {holder: slots held})``.
+
+    `available_task_slots` less what long-running jobs of the session hold
+    (`deepspark.context.session.hold_task_slots`: Ray on Spark's worker nodes); may be 0.
+    """
+    from deepspark.context.session import held_task_slots
+
+    held = held_task_slots()
+    return max(0, available_task_slots(spark) - sum(held.values())), held
 
 
 def _executor_layout(spark: SparkSession) -> tuple[int, int]:
