@@ -1,0 +1,45 @@
+"""Time series on Spark: TSDataset preparation, forecasters, AutoTS and anomaly detection.
+
+`TSDataset` holds many series in long format (pandas or Spark); the forecasters train one
+global network over all of them with deepspark's distributed engine.
+"""
+
+from deepspark.timeseries.anomaly import ThresholdDetector
+from deepspark.timeseries.anomaly_models import AEDetector, ForecastResidualDetector
+from deepspark.timeseries.autots import AutoTS, TSPipeline
+from deepspark.timeseries.forecast_metrics import mae, mase, mse, smape
+from deepspark.timeseries.forecaster import (
+    DLinearForecaster,
+    Forecaster,
+    LSTMForecaster,
+    NBeatsForecaster,
+    PatchTSTForecaster,
+    Seq2SeqForecaster,
+    TCNForecaster,
+)
+from deepspark.timeseries.networks import NETWORK_KINDS, build_network
+from deepspark.timeseries.scaler import TSScaler
+from deepspark.timeseries.tsdataset import TSDataset
+
+__all__ = [
+    "NETWORK_KINDS",
+    "AEDetector",
+    "AutoTS",
+    "DLinearForecaster",
+    "ForecastResidualDetector",
+    "Forecaster",
+    "LSTMForecaster",
+    "NBeatsForecaster",
+    "PatchTSTForecaster",
+    "Seq2SeqForecaster",
+    "TCNForecaster",
+    "TSDataset",
+    "TSPipeline",
+    "TSScaler",
+    "ThresholdDetector",
+    "build_network",
+    "mae",
+    "mase",
+    "mse",
+    "smape",
+]

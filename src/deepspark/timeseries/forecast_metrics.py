@@ -1,0 +1,107 @@
+"""Forecast error measures: MAE, MSE, sMAPE and MASE, on numpy arrays.
+
+`Forecaster.evaluate` computes the same sums per Spark partition (`error_sums`) and adds
+them up, so a distributed evaluation equals these functions on all windows at once.
+
+Examples
+--------
+>>> import numpy as np
+>>> y, yhat = np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0])
+>>> float(mae(y, yhat)), float(mse(y, yhat))
+(1.0, 1.6666666666666667)
+>>> round(float(smape(y, yhat)), 2)
+35.56
+>>> float(mase(y, yhat, train_y=np.array([1.0, 2.0, 3.0, 4.0])))
+1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+METRICS = ("mae", "mse", "smape", "mase")
+
+
+def mae(y: np.ndarray, yhat: np.ndarray) -> float:
+    """Mean absolute error."""
+    return float(np.mean(np.abs(np.asarray(y, "float64") - np.asarray(yhat, "float64"))))
+
+
+def mse(y: np.ndarray, yhat: np.ndarray) -> float:
+    """Mean squared error."""
+    return float(np.mean((np.asarray(y, "float64") - np.asarray(yhat, "float64")) ** 2))
+
+
+def _smape_terms(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
+    y, yhat = np.asarray(y, "float64"), np.asarray(yhat, "float64")
+    denominator = np.abs(y) + np.abs(yhat)
+    safe = np.where(denominator > 0, denominator, 1.0)
+    return np.where(denominator > 0, 2.0 * np.abs(y - yhat) / safe, 0.0)
+
+
+def smape(y: np.ndarray, yhat: np.ndarray) -> float:
+    """Symmetric mean absolute percentage error, in percent (0 to 200); 0/0 counts as 0."""
+    return float(100.0 * np.mean(_smape_terms(y, yhat)))
+
+
+def naive_scale(train_y: np.ndarray, season: int = 1) -> float:
+    """Mean absolute error of the seasonal-naive forecast ``y[t - season]`` in sample."""
+    train_y = np.asarray(train_y, "float64")
+    if len(train_y) <= season:
+        raise ValueError(
+            f"mase needs a training series longer than season={season}; got {len(train_y)} values"
+        )
+    return float(np.mean(np.abs(train_y[season:] - train_y[:-season])))
+
+
+def mase(y: np.ndarray, yhat: np.ndarray, train_y: np.ndarray, season: int = 1) -> float:
+    """Mean absolute scaled error: MAE over the in-sample seasonal-naive MAE of `train_y`.
+
+    Below 1 the forecast beats the naive one-step forecast made with known history.
+    """
+    return mae(y, yhat) / naive_scale(train_y, season)
+
+
+def error_sums(y: np.ndarray, yhat: np.ndarray, naive: np.ndarray) -> dict[str, float]:
+    """Sums that add up across partitions: y and yhat of shape (windows, horizon, targets),
+    `naive` of shape (windows, targets), the MASE denominator of each window's series."""
+    y, yhat = np.asarray(y, "float64"), np.asarray(yhat, "float64")
+    errors = np.abs(y - yhat)
+    scaled = errors / np.where(naive > 0, naive, np.nan)[:, None, :]
+    return {
+        "count": float(errors.size),
+        "abs": float(errors.sum()),
+        "sq": float((errors**2).sum()),
+        "smape": float(_smape_terms(y, yhat).sum()),
+        "scaled": float(np.nansum(scaled)),
+        "scaled_count": float(np.isfinite(scaled).sum()),
+    }
+
+
+def metrics_from_sums(sums: dict[str, float], metrics: Sequence[str]) -> dict[str, float]:
+    """The requested metrics from (summed) `error_sums`."""
+    count = sums["count"]
+    if not count:
+        raise ValueError("evaluate found no windows: the test data is shorter than one window")
+    values = {
+        "mae": sums["abs"] / count,
+        "mse": sums["sq"] / count,
+        "smape": 100.0 * sums["smape"] / count,
+        "mase": sums["scaled"] / sums["scaled_count"] if sums["scaled_count"] else float("nan"),
+    }
+    return {name: float(values[name]) for name in metrics}
+
+
+def check_metrics(metrics: Sequence[str]) -> list[str]:
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"evaluate(metrics=...) got {unknown}; choose from {list(METRICS)}")
+    return names
+
+
+def sums_frame(sums: dict[str, float]) -> pd.DataFrame:
+    return pd.DataFrame({name: [value] for name, value in sums.items()})
