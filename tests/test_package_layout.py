@@ -53,6 +53,12 @@ RANK_SIDE = [
     "deepspark.vision.zoo",
     "deepspark.vision.image_tasks",
     "deepspark.vision.samples",
+    "deepspark.timeseries.series_ops",
+    "deepspark.timeseries.windows",
+    "deepspark.timeseries.scaler",
+    "deepspark.timeseries.forecast_model",
+    "deepspark.timeseries.forecast_metrics",
+    "deepspark.timeseries.forecaster_io",
 ]
 
 # The one upward import: `Estimator.from_keras` (estimator.py) and `Estimator.load` of a
