@@ -214,7 +214,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter trials")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Tune path")
     args = parser.parse_args()
-    copies, epochs, n_trials = (2, 3, 4) if args.quick else (8, 12, 10)
+    # full: one trial trains for about 20 s in a single process here (the sizing)
+    copies, epochs, n_trials = (2, 3, 4) if args.quick else (8, 40, 10)
     batch_size, timeout_s = 64, 3600.0
     import tempfile
 
