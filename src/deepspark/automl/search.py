@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepspark.automl.reports import ReportServer, TrialReporter
 from deepspark.automl.scheduling import report_host, trial_scope
-from deepspark.automl.space import SearchSpace, grid_of
+from deepspark.automl.space import SearchSpace, config_for_storage, grid_of, optimizer_for_config
 from deepspark.automl.study import (
     SearchSettings,
     default_direction,
@@ -273,7 +273,7 @@ class AutoEstimator:
 
             def objective(trial: Any) -> float:
                 config = settings.space.sample(trial)
-                trial.set_user_attr("config", _jsonable(config))
+                trial.set_user_attr("config", config_for_storage(config))
                 with lock:
                     running[trial.number] = trial
                 try:
@@ -361,7 +361,7 @@ class AutoEstimator:
             )
         return Estimator.from_torch(
             self.model,
-            optimizer=_torch_optimizer(self.optimizer, config),
+            optimizer=optimizer_for_config(self.optimizer, config),
             loss=self.loss,
             metrics=self.metrics,
             config=config,
@@ -478,31 +478,3 @@ class AutoEstimator:
         from deepspark.automl.results import write_plots
 
         return write_plots(self._require_study(), directory, self.metric)
-
-
-def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
-    """The config as the study's database can keep it (numpy numbers become plain ones)."""
-    plain: dict[str, Any] = {}
-    for name, value in config.items():
-        item = getattr(value, "item", None)
-        plain[name] = item() if callable(item) else value
-    return plain
-
-
-def _torch_optimizer(optimizer: Any, config: dict[str, Any]) -> Any:
-    """``(params, config) -> Optimizer`` becomes the ``params -> Optimizer`` from_torch takes."""
-    import inspect
-
-    if optimizer is None or not callable(optimizer) or isinstance(optimizer, type):
-        return optimizer
-    try:
-        parameters = inspect.signature(optimizer).parameters
-    except (TypeError, ValueError):
-        return optimizer
-    if len(parameters) < 2:
-        return optimizer
-
-    def for_this_trial(params: Any) -> Any:
-        return optimizer(params, config)
-
-    return for_this_trial

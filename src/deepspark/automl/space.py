@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["SearchSpace", "grid_of"]
+__all__ = ["SearchSpace", "config_for_storage", "grid_of", "optimizer_for_config"]
 
 
 class SearchSpace:
@@ -120,3 +120,31 @@ def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
                 f"of values; give a list of values to try"
             )
     return grid
+
+
+def config_for_storage(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as the study's database can keep it (numpy numbers become plain ones)."""
+    plain: dict[str, Any] = {}
+    for name, value in config.items():
+        item = getattr(value, "item", None)
+        plain[name] = item() if callable(item) else value
+    return plain
+
+
+def optimizer_for_config(optimizer: Any, config: dict[str, Any]) -> Any:
+    """``(params, config) -> Optimizer`` becomes the ``params -> Optimizer`` from_torch takes."""
+    import inspect
+
+    if optimizer is None or not callable(optimizer) or isinstance(optimizer, type):
+        return optimizer
+    try:
+        parameters = inspect.signature(optimizer).parameters
+    except (TypeError, ValueError):
+        return optimizer
+    if len(parameters) < 2:
+        return optimizer
+
+    def for_this_trial(params: Any) -> Any:
+        return optimizer(params, config)
+
+    return for_this_trial
