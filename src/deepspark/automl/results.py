@@ -15,7 +15,7 @@ _ATTR_COLUMNS = ("seconds", "epochs_trained", "error", "retry_of")
 
 def trials_frame(study: Any) -> pd.DataFrame:
     """One row per trial: ``number``, ``state``, ``value``, ``seconds``, ``epochs_trained``,
-    one ``param_<name>`` column per searched name, ``error`` (failed trials) and
+    one ``param_<name>`` column per config value, ``error`` (failed trials) and
     ``retry_of`` (a config queued again after its driver died)."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -26,7 +26,9 @@ def trials_frame(study: Any) -> pd.DataFrame:
         }
         for name in _ATTR_COLUMNS:
             row[name] = trial.user_attrs.get(name)
-        for name, value in trial.params.items():
+        # what the trial trained with, as it stored it (Optuna's in-memory params of trials
+        # that ran at once can lag behind the storage)
+        for name, value in trial.user_attrs.get("config", trial.params).items():
             row[f"param_{name}"] = value
         rows.append(row)
     columns = ["number", "state", "value", *_ATTR_COLUMNS]
