@@ -130,7 +130,6 @@ class AutoEstimator:
         self.estimator_options = dict(estimator_options or {})
         self.study_: Any = None
         self.settings_: SearchSettings | None = None
-        self._data_for_config: Callable[[dict[str, Any]], tuple[Any, Any]] | None = None
 
     @classmethod
     def from_torch(
@@ -258,13 +257,14 @@ class AutoEstimator:
                 return True
             return False
 
-        self._data_for_config = data_for_config
+        def data_of(config: dict[str, Any]) -> tuple[Any, Any]:
+            return (data, validation_data) if data_for_config is None else data_for_config(config)
+
         fixed = dict(
             feature_cols=feature_cols,
             label_cols=label_cols,
             epochs=epochs,
             batch_size=batch_size,
-            validation_data=validation_data,
             callbacks=list(callbacks or []),
             **fit_options,
         )
@@ -277,7 +277,7 @@ class AutoEstimator:
                 with lock:
                     running[trial.number] = trial
                 try:
-                    value = self._run_trial(trial, config, data, fixed, server, spark)
+                    value = self._run_trial(trial, config, data_of, fixed, server, spark)
                 finally:
                     with lock:
                         running.pop(trial.number, None)
@@ -302,7 +302,7 @@ class AutoEstimator:
         self,
         trial: Any,
         config: dict[str, Any],
-        data: Any,
+        data_of: Callable[[dict[str, Any]], tuple[Any, Any]],
         fixed: dict[str, Any],
         server: ReportServer,
         spark: Any,
@@ -319,8 +319,7 @@ class AutoEstimator:
         if self.seed is not None:
             options.setdefault("seed", self.seed + trial.number)
         try:
-            if self._data_for_config is not None:
-                data, options["validation_data"] = self._data_for_config(config)
+            data, options["validation_data"] = data_of(config)
             estimator = self._estimator_for(config)
             with trial_scope(spark, trial.number):
                 history = estimator.fit(data, num_workers=self.workers_per_trial, **options)
