@@ -83,6 +83,9 @@ class CachedFrame:
     semantic_hash: int = field(repr=False, default=0)
     session_key: str = field(repr=False, default="")
     active: bool = True
+    # (ranks, tag column, tag) -> the planned chunk rows of `_ranked_chunks`: planning them
+    # costs hundreds of JVM calls, and a search fits the same cached frame many times
+    ranked: dict[tuple[int, str, int], DataFrame] = field(repr=False, default_factory=dict)
 
     def unpersist(self) -> None:
         """Free the chunks on the executors now; later fits read the DataFrame again."""
@@ -322,8 +325,18 @@ def _ranked_chunks(cached: CachedFrame, num_ranks: int, tag_column: str, tag: in
 
     Rank ``r`` reads rows ``[T*r // W, T*(r+1) // W)`` of the frame in (partition, row) order
     (``T`` rows, ``W`` ranks), so the ranks' counts differ by at most one. Row ``i`` belongs
-    to rank ``((i + 1) * W - 1) // T``.
+    to rank ``((i + 1) * W - 1) // T``. Planned once per (ranks, tag) and kept on `cached`.
     """
+    key = (num_ranks, tag_column, tag)
+    planned = cached.ranked.get(key)
+    if planned is None:
+        planned = cached.ranked[key] = _plan_ranked_chunks(cached, num_ranks, tag_column, tag)
+    return planned
+
+
+def _plan_ranked_chunks(
+    cached: CachedFrame, num_ranks: int, tag_column: str, tag: int
+) -> DataFrame:
     from pyspark.sql import functions as F
 
     total = max(cached.rows, 1)
