@@ -160,3 +160,60 @@ def test_unfitted_and_unsuitable_inputs_are_refused(yahoo):
         ForecastResidualDetector(object()).fit(yahoo)
     with pytest.raises(TypeError, match="give a pandas DataFrame"):
         ThresholdDetector(max=1).score(np.arange(5.0))
+
+
+def planted_series() -> tuple[pd.DataFrame, dict[str, set[int]]]:
+    """Four real series (statsmodels CO2, El Nino, sunspots; sktime Airline) as ids, monthly
+    steps, each with five planted spikes of 8 robust deviations of its monthly changes."""
+    import sktime
+    import statsmodels.api as sm
+
+    airline = os.path.join(
+        os.path.dirname(sktime.__file__), "datasets", "data", "Airline", "Airline.csv"
+    )
+    values = {
+        "co2": sm.datasets.co2.load_pandas().data["co2"].resample("MS").mean().interpolate(),
+        "elnino": sm.datasets.elnino.load_pandas().data.drop(columns="YEAR").to_numpy().ravel(),
+        "sunspots": sm.datasets.sunspots.load_pandas().data["SUNACTIVITY"],
+        "airline": pd.read_csv(airline).iloc[:, -1],
+    }
+    rng = np.random.default_rng(0)
+    frames, planted = [], {}
+    for name, series in values.items():
+        y = np.asarray(series, dtype=np.float64).copy()
+        changes = np.diff(y)
+        spread = 1.4826 * np.median(np.abs(changes - np.median(changes)))
+        positions = rng.choice(np.arange(40, len(y)), size=5, replace=False)
+        y[positions] += rng.choice([-8.0, 8.0], size=5) * spread
+        planted[name] = set(int(p) for p in positions)
+        stamps = pd.date_range("1900-01", periods=len(y), freq="MS")
+        frames.append(pd.DataFrame({"id": name, "ds": stamps, "y": y}))
+    return pd.concat(frames, ignore_index=True), planted
+
+
+def test_forecast_residual_detector_with_a_spark_trained_forecaster(spark):
+    from deepspark.timeseries import DLinearForecaster, TSDataset
+
+    frame, planted = planted_series()
+    data = TSDataset.from_spark(
+        spark.createDataFrame(frame).repartition(2), dt_col="ds", target_col="y", id_col="id"
+    )
+    forecaster = DLinearForecaster(lookback=24, horizon=4, lr=1e-2, loss="mae")
+    detector = ForecastResidualDetector(forecaster, sigmas=6.0)
+    detector.fit(data, epochs=6, batch_size=64, num_workers=2, progress=False)
+    assert forecaster.history_ is not None and len(forecaster.history_) == 6
+
+    found = detector.anomaly_indices(data)
+    assert set(found.columns) >= {"id", "ds", "y", "index", "score", "anomaly"}
+    rows = found.select("id", "index", "score").toPandas()
+    hits = flagged = 0
+    for name, positions in planted.items():
+        got = set(rows.loc[rows["id"] == name, "index"])
+        assert len(got & positions) >= 4, (name, sorted(got), sorted(positions))
+        hits, flagged = hits + len(got & positions), flagged + len(got)
+    truth = sum(len(p) for p in planted.values())
+    assert hits / truth >= 0.9 and hits / flagged >= 0.6, (hits, flagged, truth)
+    # every point after the first lookback of each series has a score
+    scored = detector.score(data).toPandas()
+    assert scored.groupby("id")["score"].apply(lambda s: s.iloc[24:].notna().all()).all()
+    assert scored.groupby("id")["score"].apply(lambda s: s.iloc[:24].isna().all()).all()

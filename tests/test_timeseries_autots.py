@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
@@ -30,6 +31,7 @@ def test_autots_finds_a_forecaster_and_its_pipeline_predicts_the_future(spark, t
     train, val, test = _splits()
     auto = AutoTS(
         horizon=HORIZON,
+        season=12,
         models=("dlinear", "nbeats"),
         lookback=(24, 36),
         directory=str(tmp_path / "search"),
@@ -40,9 +42,19 @@ def test_autots_finds_a_forecaster_and_its_pipeline_predicts_the_future(spark, t
     table = auto.trials
     assert len(table) == 4 and (table["state"] != "FAIL").all(), table
     assert set(table["param_model"]) <= {"dlinear", "nbeats"}
+    assert set(table["param_seasonal"]) <= {True, False}
     best = auto.best_config
     assert best["model"] in ("dlinear", "nbeats") and best["lookback"] in (24, 36)
     assert pipeline.lookback == best["lookback"]
+    # trials keep their best epoch's weights, so each is scored at that epoch
+    from optuna.trial import TrialState
+
+    for trial in auto.search_.study_.get_trials(states=(TrialState.COMPLETE,)):
+        reported = trial.intermediate_values
+        assert trial.value == min(reported.values())
+        assert reported[trial.user_attrs["best_epoch"]] == trial.value
+    # the pipeline was trained again on train + validation, for the best trial's epochs
+    assert len(pipeline.forecaster.history_) == auto.search_.best_epoch + 1
 
     # the test split, given unscaled: the pipeline scales it with the training scaler
     scores = pipeline.evaluate(test, train=train)
@@ -70,6 +82,8 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
         (dict(lr=(1e-2, 1e-3)), "lr="),
         (dict(sizes={"lstm": {"hidden_size": [8]}}, models=("dlinear",)), "'lstm' is not"),
         (dict(loss="hinge"), "hinge"),
+        (dict(season=0), "season=0"),
+        (dict(patience=-1), "patience=-1"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -78,3 +92,31 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
     with pytest.raises(ValueError, match="scale train and validation_data alike"):
         AutoTS(horizon=HORIZON, directory=str(tmp_path)).fit(train, unscaled, n_trials=1)
     assert not (tmp_path / "trials").exists()
+
+
+def test_validation_windows_read_inputs_from_training_and_labels_from_validation(spark):
+    from deepspark.timeseries.validation_steps import continued
+
+    stamps = pd.date_range("2000-01-01", periods=40, freq="D")
+    frame = pd.concat(
+        [
+            pd.DataFrame({"id": "a", "ds": stamps, "y": np.arange(40.0)}),
+            pd.DataFrame({"id": "b", "ds": stamps[:30], "y": 100.0 + np.arange(30.0)}),
+        ]
+    )
+    for data in (
+        TSDataset.from_pandas(frame, dt_col="ds", target_col="y", id_col="id"),
+        TSDataset.from_spark(
+            spark.createDataFrame(frame), dt_col="ds", target_col="y", id_col="id"
+        ),
+    ):
+        train, val, _ = data.split(val_ratio=0.2, test_ratio=0.1)  # val: 8 and 6 steps
+        rows = continued(train, val).windows(5, 3)
+        rows = rows.toPandas() if data.is_spark else rows
+        labels = {
+            name: sorted(tuple(float(v) for v in y) for y in part["y"])
+            for name, part in rows.groupby("id")
+        }
+        # every forecast lies wholly in validation: 8 - 3 + 1 and 6 - 3 + 1 windows
+        assert labels["a"] == [(float(s), s + 1.0, s + 2.0) for s in range(28, 34)]
+        assert labels["b"] == [(100.0 + s, 101.0 + s, 102.0 + s) for s in range(21, 25)]

@@ -91,6 +91,8 @@ def test_unknown_size_name_lists_the_valid_ones():
         ("patchtst", {"patch_len": 40}, "patch_len=40 is longer than lookback=10"),
         ("patchtst", {"d_model": 30, "n_heads": 4}, "multiple of n_heads"),
         ("nhits", {"pool_sizes": (2, 1), "downsample": (1,)}, "one entry per stack"),
+        ("dlinear", {"season": 12}, "season=12: give a period in steps from 1 to lookback=10"),
+        ("lstm", {"season": 0}, "season=0"),
     ],
 )
 def test_bad_sizes_raise_with_the_argument_named(kind, arguments, message):
@@ -143,3 +145,29 @@ def test_network_beats_naive_forecast_on_co2(kind, co2_windows):
     # CO2 has a yearly cycle of about 6 ppm: a network that learnt it is far closer than
     # repeating the last value.
     assert network_error < 0.6 * naive_error, (kind, network_error, naive_error)
+
+
+@pytest.mark.parametrize("kind", NETWORK_KINDS)
+def test_seasonal_network_starts_at_the_seasonal_naive_forecast_and_exports(kind, tmp_path):
+    import onnxruntime
+
+    torch.manual_seed(0)
+    season, horizon = 7, 10  # a horizon longer than the season repeats it
+    net = build_network(
+        kind, lookback=21, horizon=horizon, input_size=2, output_size=1, season=season
+    ).eval()
+    x = torch.randn(6, 21, 2) * 5 + 3
+    repeated = x[:, [21 - season + step % season for step in range(horizon)], :1]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), repeated, atol=1e-4, rtol=1e-4)
+    # the correction is learnt: every parameter gets a gradient once the gate is open
+    net.train()
+    with torch.no_grad():
+        net.network.gate.fill_(0.5)
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    path = export_onnx(net.eval(), os.path.join(tmp_path, "seasonal.onnx"), x[:2])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (onnx_forecast,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_forecast, net(x).numpy(), atol=1e-4, rtol=1e-3)

@@ -10,11 +10,12 @@ import pandas as pd
 
 __all__ = ["trials_frame", "write_plots"]
 
-_ATTR_COLUMNS = ("seconds", "epochs_trained", "error", "retry_of")
+_ATTR_COLUMNS = ("seconds", "epochs_trained", "best_epoch", "error", "retry_of")
 
 
 def trials_frame(study: Any) -> pd.DataFrame:
     """One row per trial: ``number``, ``state``, ``value``, ``seconds``, ``epochs_trained``,
+    ``best_epoch`` (the epoch whose metric is the value),
     one ``param_<name>`` column per config value, ``error`` (failed trials) and
     ``retry_of`` (a config queued again after its driver died)."""
     rows = []

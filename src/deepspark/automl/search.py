@@ -66,6 +66,11 @@ class AutoEstimator:
     direction : {"minimize", "maximize"}, optional
         Default: ``"minimize"`` for losses and errors (``loss``, ``mse``, ``mae``, ``rmse``
         in the name), ``"maximize"`` otherwise.
+    score : {"last", "best"}
+        A trial's value: `metric` at its last epoch (default), or at its best epoch (for
+        trials that keep their best epoch's weights, e.g. with
+        ``EarlyStopping(restore_best_weights=True)``); the epoch is kept as the trial's
+        ``best_epoch`` attribute (0-based).
     workers_per_trial : int
         Ranks of each trial's fit.
     max_concurrent : int, optional
@@ -101,6 +106,7 @@ class AutoEstimator:
         framework: str = "torch",
         metric: str = "val_loss",
         direction: str | None = None,
+        score: str = "last",
         workers_per_trial: int = 1,
         max_concurrent: int | None = None,
         sampler: Any = "tpe",
@@ -119,6 +125,7 @@ class AutoEstimator:
         self.framework = framework
         self.metric = metric
         self.direction = direction
+        self.score = score
         self.workers_per_trial = workers_per_trial
         self.max_concurrent = max_concurrent
         self.sampler = sampler
@@ -336,8 +343,14 @@ class AutoEstimator:
                 f"AutoEstimator(metric={self.metric!r}) is not in the fit's history "
                 f"(columns {list(history.columns)})"
             )
-        value = float(history[self.metric].iloc[-1])
+        values = history[self.metric].reset_index(drop=True)
+        if self.score == "best":
+            epoch = int(values.idxmin() if settings.direction == "minimize" else values.idxmax())
+        else:
+            epoch = len(values) - 1
+        value = float(values.iloc[epoch])
         trial.set_user_attr("epochs_trained", len(history))
+        trial.set_user_attr("best_epoch", epoch)
         if not math.isfinite(value):
             raise ValueError(f"trial {trial.number}: {self.metric} is {value}")
         path = settings.directory / "trials" / f"trial-{trial.number:05d}"
@@ -394,6 +407,8 @@ class AutoEstimator:
             not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
         ):
             raise ValueError(f"AutoEstimator(max_concurrent={self.max_concurrent!r}): at least 1")
+        if self.score not in ("last", "best"):
+            raise ValueError(f"AutoEstimator(score={self.score!r}): use 'last' or 'best'")
         direction = self.direction or default_direction(self.metric)
         if direction not in ("minimize", "maximize"):
             raise ValueError(
@@ -450,6 +465,13 @@ class AutoEstimator:
             return dict(best.user_attrs["config"])
         assert self.settings_ is not None
         return {**best.params, **self.settings_.space.fixed}
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch (0-based) whose metric is the best trial's value: its last with
+        ``score="last"``, its best with ``score="best"``."""
+        best = self._best_trial()
+        return int(best.user_attrs.get("best_epoch", best.user_attrs.get("epochs_trained", 1) - 1))
 
     @property
     def best_value(self) -> float:

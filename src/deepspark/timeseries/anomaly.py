@@ -201,7 +201,7 @@ def _score_spark(frame: Any, columns: Columns, per_series) -> Any:
         ]
     )
     if columns.id_col is None:
-        return frame.groupBy(F.lit(0)).applyInPandas(per_series, schema)
+        return frame.groupBy(F.lit("series")).applyInPandas(per_series, schema)
     return frame.groupBy(columns.id_col).applyInPandas(per_series, schema)
 
 

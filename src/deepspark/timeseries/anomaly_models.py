@@ -154,7 +154,9 @@ class AEDetector(AnomalyDetector):
                 StructField("reconstruct", ArrayType(FloatType())),
             ]
         )
-        grouped = frame.groupBy(columns.id_col) if columns.id_col else frame.groupBy(F.lit(0))
+        grouped = (
+            frame.groupBy(columns.id_col) if columns.id_col else frame.groupBy(F.lit("series"))
+        )
         windows = grouped.applyInPandas(series_windows, schema)
         lr = self.lr
         estimator = ds.Estimator.from_torch(

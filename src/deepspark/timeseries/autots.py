@@ -1,7 +1,9 @@
 """AutoTS: a search over forecasting model kinds, lookbacks, sizes and learning rates.
 
 Each trial is a `deepspark.automl` trial: a distributed fit of one global network over every
-series, on the windows of its own lookback (rolled once per lookback and reused). The result
+series, on the windows of its own lookback (rolled once per lookback and reused), stopped early
+when its validation loss stops improving. Validation windows take their inputs from the end of
+the training data, so a validation split of a few horizons per series is enough. The result
 is a `TSPipeline`: the training data's scaler, the best forecaster and its lookback, which
 predicts the real future of unscaled data and saves and loads as one directory.
 """
@@ -17,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deepspark.timeseries import windows
+from deepspark.timeseries import validation_steps, windows
 from deepspark.timeseries.forecast_model import make_loss
 from deepspark.timeseries.forecaster import Forecaster
 from deepspark.timeseries.networks import NETWORK_KINDS
@@ -46,17 +48,31 @@ class AutoTS:
     ----------
     horizon : int
         Steps to forecast.
+    season : int, optional
+        The series' period in steps (12 for monthly data with a yearly cycle, 48 for
+        half-hourly data with a daily one). Lookbacks then default to 1, 2 and 3 seasons, and
+        the search also tries each network as a correction to the seasonal-naive forecast
+        (``season=`` of `build_network`), which short seasonal series need.
     models : sequence of str
         Kinds to try (`deepspark.timeseries.NETWORK_KINDS`).
-    lookback : sequence of int
-        Lookbacks to try.
+    lookback : sequence of int, optional
+        Lookbacks to try; default 1, 2 and 3 seasons, or (24, 48) without `season`.
     lr : (float, float)
         Learning-rate range, searched on a log scale.
     sizes : dict, optional
         ``{kind: {size name: list of choices}}``; default `DEFAULT_SIZE_SPACE`.
     loss : {"mse", "mae", "huber"}
     metric : str
-        What the search minimises: ``"val_loss"`` (the loss on the scaled validation windows).
+        What the search minimises: ``"val_loss"`` (the loss on the scaled validation windows,
+        at a trial's last epoch).
+    patience : int or None
+        Stop a trial after this many epochs without a better validation loss and keep its
+        best epoch's weights (default 5; None trains every epoch). Trials are then ranked by
+        their best epoch's validation loss.
+    refit : bool
+        Train the best config again on the training and validation steps together, for as
+        many epochs as its trial needed to reach its best validation loss (default True), so
+        the pipeline has seen the latest steps; False keeps the trial's own model.
     **search_options
         `deepspark.automl.AutoEstimator`'s: ``workers_per_trial``, ``max_concurrent``,
         ``sampler``, ``pruner``, ``study_name``, ``storage``, ``directory``, ``seed``.
@@ -70,34 +86,50 @@ class AutoTS:
         self,
         *,
         horizon: int,
+        season: int | None = None,
         models: Sequence[str] = ("dlinear", "nbeats", "lstm", "tcn"),
-        lookback: Sequence[int] = (24, 48),
+        lookback: Sequence[int] | None = None,
         lr: tuple[float, float] = (1e-3, 3e-2),
         sizes: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
         loss: str = "mse",
         metric: str = "val_loss",
+        patience: int | None = 5,
+        refit: bool = True,
         **search_options: Any,
     ) -> None:
         self.horizon = horizon
+        self.season = season
         self.models = tuple(models)
-        self.lookback = tuple(lookback)
+        self.lookback = None if lookback is None else tuple(lookback)
         self.lr = lr
         self.sizes = sizes
         self.loss = loss
         self.metric = metric
+        self.patience = patience
+        self.refit = refit
         self.search_options = search_options
         self.search_: Any = None
         self.pipeline_: TSPipeline | None = None
 
+    def _lookbacks(self) -> tuple[int, ...]:
+        if self.lookback is not None:
+            return self.lookback
+        return (24, 48) if self.season is None else tuple(k * self.season for k in (1, 2, 3))
+
     def _check(self) -> dict[str, dict[str, list[Any]]]:
-        if not isinstance(self.horizon, int) or self.horizon < 1:
-            raise ValueError(f"AutoTS(horizon={self.horizon!r}): a positive int")
+        for name in ("horizon", "season", "patience"):
+            value = getattr(self, name)
+            if (value is not None or name == "horizon") and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ValueError(f"AutoTS({name}={value!r}): a positive int")
         unknown = [kind for kind in self.models if kind not in NETWORK_KINDS]
         if not self.models or unknown:
             raise ValueError(
                 f"AutoTS(models={list(self.models)!r}): choose from {list(NETWORK_KINDS)}"
             )
-        if not self.lookback or any(not isinstance(n, int) or n < 1 for n in self.lookback):
+        lookbacks = self._lookbacks()
+        if not lookbacks or any(not isinstance(n, int) or n < 1 for n in lookbacks):
             raise ValueError(f"AutoTS(lookback={self.lookback!r}): positive ints to try")
         low, high = self.lr
         if not 0 < low <= high:
@@ -122,8 +154,15 @@ class AutoTS:
     ) -> TSPipeline:
         """Search on `train`, judge on `validation_data` (both scaled alike, e.g.
         ``train.scale("standard")`` and ``val.scale(train.scaler, fit=False)``), and return
-        the best `TSPipeline`, trained on `train` in the best trial."""
+        the best `TSPipeline`, trained on `train` in the best trial.
+
+        `validation_data` continues `train` in time (the ``val`` of `TSDataset.split`): its
+        windows read their inputs from the end of each training series and forecast validation
+        steps only, so each series needs `horizon` validation steps, not ``lookback +
+        horizon``. Training windows never reach into the validation steps.
+        """
         from deepspark.automl import AutoEstimator
+        from deepspark.training.builtin_callbacks import EarlyStopping
 
         sizes = self._check()
         for name, data in (("train", train), ("validation_data", validation_data)):
@@ -137,16 +176,22 @@ class AutoTS:
                 "train.scale('standard'); validation_data.scale(train.scaler, fit=False)"
             )
         columns = train.columns
+        continued = validation_steps.continued(train, validation_data)
         rolled: dict[int, tuple[Any, Any]] = {}
-        horizon, models, lookbacks, (low, high) = self.horizon, self.models, self.lookback, self.lr
+        horizon, models, (low, high) = self.horizon, self.models, self.lr
+        lookbacks, season = self._lookbacks(), self.season
 
         def space(trial: Any) -> dict[str, Any]:
             kind = trial.suggest_categorical("model", list(models))
+            lookback = trial.suggest_categorical("lookback", list(lookbacks))
             config = {
                 "model": kind,
-                "lookback": trial.suggest_categorical("lookback", list(lookbacks)),
+                "lookback": lookback,
                 "lr": trial.suggest_float("lr", low, high, log=True),
             }
+            # A seasonal network needs a season in its window.
+            if season is not None and lookback >= season:
+                config["seasonal"] = trial.suggest_categorical("seasonal", [False, True])
             for name, choices in sizes[kind].items():
                 config[name] = trial.suggest_categorical(f"{kind}.{name}", list(choices))
             return config
@@ -155,15 +200,19 @@ class AutoTS:
             lookback = int(config["lookback"])
             if lookback not in rolled:
                 rolled[lookback] = (
-                    _rows(train, lookback, horizon),
-                    _rows(validation_data, lookback, horizon),
+                    _rows(train.windows(lookback, horizon), train.is_spark),
+                    _rows(continued.windows(lookback, horizon), train.is_spark),
                 )
             return rolled[lookback]
 
         loss = self.loss
 
         def model(config: dict[str, Any]) -> torch.nn.Module:
-            return _forecaster(config, horizon, loss).build_model(columns)
+            return _forecaster(config, horizon, loss, season).build_model(columns)
+
+        callbacks = list(fit_options.pop("callbacks", None) or [])
+        if self.patience is not None:
+            callbacks.append(EarlyStopping("val_loss", self.patience, restore_best_weights=True))
 
         self.search_ = AutoEstimator.from_torch(
             model,
@@ -172,6 +221,7 @@ class AutoTS:
             loss=make_loss(self.loss),
             metric=self.metric,
             direction="minimize",
+            score="last" if self.patience is None else "best",
             **self.search_options,
         )
         self.search_.fit(
@@ -182,12 +232,24 @@ class AutoTS:
             epochs=epochs,
             batch_size=batch_size,
             data_for_config=data_for,
+            callbacks=callbacks,
             **fit_options,
         )
         best = self.search_.best_config
-        forecaster = _forecaster(best, horizon, self.loss)
-        forecaster.model_ = self.search_.best_estimator.get_model()
-        forecaster.columns_ = columns
+        forecaster = _forecaster(best, horizon, self.loss, season)
+        if self.refit:
+            refit_options = {k: v for k, v in fit_options.items() if k not in _SEARCH_ONLY}
+            refit_options.setdefault("progress", False)
+            forecaster.fit(
+                continued.data,
+                epochs=self.search_.best_epoch + 1,
+                batch_size=batch_size,
+                num_workers=self.search_.workers_per_trial,
+                **refit_options,
+            )
+        else:
+            forecaster.model_ = self.search_.best_estimator.get_model()
+            forecaster.columns_ = columns
         self.pipeline_ = TSPipeline(forecaster, train.scaler, best)
         return self.pipeline_
 
@@ -287,9 +349,15 @@ class TSPipeline:
         return cls(forecaster, scaler, config)
 
 
-def _forecaster(config: dict[str, Any], horizon: int, loss: str) -> Forecaster:
-    not_sizes = ("model", "lookback", "lr", "epochs", "batch_size")
+# AutoEstimator.fit's options that a single refit does not take
+_SEARCH_ONLY = ("timeout_s", "validation_data", "num_workers", "callbacks")
+
+
+def _forecaster(config: dict[str, Any], horizon: int, loss: str, season: int | None) -> Forecaster:
+    not_sizes = ("model", "lookback", "lr", "epochs", "batch_size", "seasonal")
     sizes = {name: value for name, value in config.items() if name not in not_sizes}
+    if config.get("seasonal"):
+        sizes["season"] = season
     return Forecaster(
         config["model"],
         lookback=int(config["lookback"]),
@@ -300,10 +368,9 @@ def _forecaster(config: dict[str, Any], horizon: int, loss: str) -> Forecaster:
     )
 
 
-def _rows(data: TSDataset, lookback: int, horizon: int) -> Any:
-    """The windows a trial trains on: a Spark DataFrame (cached), or a dict of arrays."""
-    rows = data.windows(lookback, horizon)
-    if data.is_spark:
+def _rows(rows: Any, is_spark: bool) -> Any:
+    """Windows as a trial reads them: a Spark DataFrame (cached), or a dict of arrays."""
+    if is_spark:
         import deepspark as ds
 
         frame = rows.select(windows.X_COL, windows.Y_COL)

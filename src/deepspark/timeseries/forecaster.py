@@ -89,6 +89,15 @@ class Forecaster:
             f"{type(self).__name__}({kind}lookback={self.lookback}, horizon={self.horizon}{sizes})"
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled forecaster (a Spark task's copy, e.g. ForecastResidualDetector's) keeps
+        # what predicts: settings, columns, the network. The engine's estimator and the
+        # training data may hold Spark handles, which only live on the driver; without them
+        # the copy's evaluate needs train= for MASE.
+        state = dict(self.__dict__)
+        state["estimator_"], state["_train"], state["_onnx_path"] = None, None, None
+        return state
+
     # --- training -------------------------------------------------------------------------
 
     def build_model(self, cols: SeriesColumns) -> FlatWindowModel:

@@ -77,7 +77,7 @@ def schema(sdf: DataFrame, cols: SeriesColumns) -> T.StructType:
 
 
 def _grouped(sdf: DataFrame, cols: SeriesColumns):
-    return sdf.groupBy(cols.id_col) if cols.id_col else sdf.groupBy(F.lit(0))
+    return sdf.groupBy(cols.id_col) if cols.id_col else sdf.groupBy(F.lit("series"))
 
 
 def per_series(

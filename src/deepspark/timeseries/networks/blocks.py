@@ -1,5 +1,6 @@
-"""Layers shared by several forecasting networks: a reversible per-window normalisation, an MLP
-stack, and the linear head that lets channel-independent networks use extra features."""
+"""Layers shared by several forecasting networks: a reversible per-window normalisation, a
+seasonal-naive starting point, an MLP stack, and the linear head that lets channel-independent
+networks use extra features."""
 
 from __future__ import annotations
 
@@ -30,6 +31,31 @@ class WindowNormalized(nn.Module):
         if self.has_features:
             normalized = torch.cat([normalized, x[..., self.output_size :]], dim=-1)
         return self.network(normalized) * std + mean
+
+
+class SeasonalResidual(nn.Module):
+    """Wrap a network so that it forecasts a correction to the seasonal-naive forecast.
+
+    The seasonal-naive forecast repeats the window's last ``season`` target steps over the
+    horizon; ``network``'s output is added to it, scaled by a learnt gate that starts at zero.
+    Training then starts from the forecast that is hard to beat on short, strongly seasonal
+    series (a few days of half-hourly data) and learns only what improves on it.
+    """
+
+    def __init__(
+        self, network: nn.Module, *, season: int, lookback: int, horizon: int, output_size: int
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.output_size = output_size
+        # Step h of the horizon repeats step (lookback - season + h % season) of the window.
+        repeat = lookback - season + torch.arange(horizon) % season
+        self.register_buffer("repeat", repeat, persistent=False)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        naive = x[:, self.repeat, : self.output_size]
+        return naive + self.gate * self.network(x)
 
 
 def mlp(in_features: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Sequential:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from deepspark.timeseries.networks.basis import NBeatsNetwork, NHitsNetwork
-from deepspark.timeseries.networks.blocks import WindowNormalized
+from deepspark.timeseries.networks.blocks import SeasonalResidual, WindowNormalized
 from deepspark.timeseries.networks.convolutional import TCNNetwork
 from deepspark.timeseries.networks.decomposition import DLinearNetwork
 from deepspark.timeseries.networks.patching import PatchTSTNetwork
@@ -46,8 +46,10 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 NETWORK_KINDS: tuple[str, ...] = tuple(SIZES)
-# Every kind also takes ``normalize`` (default True): see :class:`WindowNormalized`.
-COMMON_SIZES: dict[str, Any] = {"normalize": True}
+# Every kind also takes ``normalize`` (default True, :class:`WindowNormalized`) and ``season``
+# (default None; a period in steps makes the network correct the seasonal-naive forecast,
+# :class:`SeasonalResidual`).
+COMMON_SIZES: dict[str, Any] = {"normalize": True, "season": None}
 
 
 def build_network(
@@ -71,7 +73,9 @@ def build_network(
         The kind's size hyperparameters (see ``SIZES[kind]`` for names and defaults), and
         ``normalize``: take each window's target mean and deviation out before the network and
         put them back into the forecast (default True; one global model then fits series of any
-        level).
+        level). ``season``: a period in steps (at most `lookback`); the network then forecasts a
+        correction to the seasonal-naive forecast (the window's last season repeated), starting
+        from none (default None: the network forecasts alone).
 
     Returns
     -------
@@ -113,6 +117,14 @@ def build_network(
         )
     chosen = {**valid, **sizes}
     normalize = bool(chosen.pop("normalize"))
+    season = chosen.pop("season")
+    if season is not None and (
+        not isinstance(season, int) or isinstance(season, bool) or not 1 <= season <= lookback
+    ):
+        raise ValueError(
+            f"season={season!r}: give a period in steps from 1 to lookback={lookback} (the "
+            "window must hold one season), or None"
+        )
     window = {
         "lookback": lookback,
         "horizon": horizon,
@@ -120,6 +132,10 @@ def build_network(
         "output_size": output_size,
     }
     network = _build(kind, window, _checked(kind, chosen, lookback))
+    if season is not None:
+        network = SeasonalResidual(
+            network, season=season, lookback=lookback, horizon=horizon, output_size=output_size
+        )
     if normalize:
         network = WindowNormalized(network, input_size=input_size, output_size=output_size)
     return network
