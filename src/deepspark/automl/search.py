@@ -468,8 +468,7 @@ class AutoEstimator:
 
     @property
     def best_epoch(self) -> int:
-        """The epoch (0-based) whose metric is the best trial's value: its last with
-        ``score="last"``, its best with ``score="best"``."""
+        """The epoch (0-based) whose metric is the best trial's value (see `score`)."""
         best = self._best_trial()
         return int(best.user_attrs.get("best_epoch", best.user_attrs.get("epochs_trained", 1) - 1))
 
