@@ -64,7 +64,7 @@ class AutoTS:
     loss : {"mse", "mae", "huber"}
     metric : str
         What the search minimises: ``"val_loss"`` (the loss on the scaled validation windows,
-        at a trial's last epoch).
+        at a trial's best epoch with `patience`, at its last without).
     patience : int or None
         Stop a trial after this many epochs without a better validation loss and keep its
         best epoch's weights (default 5; None trains every epoch). Trials are then ranked by
@@ -154,7 +154,8 @@ class AutoTS:
     ) -> TSPipeline:
         """Search on `train`, judge on `validation_data` (both scaled alike, e.g.
         ``train.scale("standard")`` and ``val.scale(train.scaler, fit=False)``), and return
-        the best `TSPipeline`, trained on `train` in the best trial.
+        the best `TSPipeline`: its config trained again on `train` and `validation_data`
+        together (`refit`), or the best trial's own model, trained on `train`.
 
         `validation_data` continues `train` in time (the ``val`` of `TSDataset.split`): its
         windows read their inputs from the end of each training series and forecast validation
