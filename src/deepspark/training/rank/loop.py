@@ -86,10 +86,10 @@ class EpochRunner:
 
         spec = self.spec
         self.source = source
-        if spec.train_step_blob is None:
+        if spec.train_step_blob is None and spec.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
-        else:  # a custom step: gradients are averaged when its optimizers step
+        else:  # one rank has no gradient to average; a custom step averages its own
             self.ddp = self.model
         self.steps = StepRunner(spec, self.model, self.ddp, self.device)
         position = self._restore()

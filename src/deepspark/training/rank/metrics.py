@@ -57,6 +57,8 @@ import torchmetrics
 from torchmetrics import classification as tmc
 from torchmetrics import regression as tmr
 
+from deepspark.training.rank.metric_classes import CallableMetric, MulticlassArgmaxAccuracy
+
 __all__ = [
     "CallableMetric",
     "EpochMetric",
@@ -95,8 +97,12 @@ def _rows(outputs: torch.Tensor) -> int:
     return int(outputs.shape[0]) if outputs.dim() > 0 else 1
 
 
-def _classification_task(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> Task:
-    logits = bool(((outputs < 0) | (outputs > 1)).any())
+def _classification_task(
+    outputs: torch.Tensor, targets: torch.Tensor, name: str, logits: bool | None = None
+) -> Task:
+    """The batch's task; ``logits`` when already known (no look at the values then)."""
+    if logits is None:
+        logits = bool(((outputs < 0) | (outputs > 1)).any())
     if outputs.dim() <= 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
         if targets.numel() == _rows(outputs):
             return Task("binary", 1, logits)
@@ -163,7 +169,7 @@ def _accuracy(task: Task) -> torchmetrics.Metric:
     if task.kind == "multilabel":
         return tmc.MultilabelExactMatch(num_labels=task.width)
     if task.kind == "multiclass":
-        return tmc.MulticlassAccuracy(num_classes=task.width, average="micro")
+        return MulticlassArgmaxAccuracy()
     return tmc.BinaryAccuracy()
 
 
@@ -207,52 +213,6 @@ _REGRESSION: dict[str, Callable[[Task], torchmetrics.Metric]] = {
     "r2": lambda task: tmr.R2Score(),
 }
 _TOP_K = re.compile(r"top_?(\d+)_accuracy")
-
-
-class CallableMetric(torchmetrics.Metric):
-    """A metric from a function ``fn(outputs, targets)``, averaged exactly over rows.
-
-    ``fn`` returns either a scalar batch mean (as a ``torch.nn`` loss with the default
-    ``reduction="mean"``) or one value per row; both give the mean over every row of every
-    rank. The states are two float64 sums.
-
-    Examples
-    --------
-    >>> import torch
-    >>> metric = CallableMetric(torch.nn.functional.l1_loss)
-    >>> metric.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
-    >>> float(metric.compute())
-    1.5
-    """
-
-    full_state_update = False
-
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.fn = fn
-        self.name = getattr(fn, "__name__", None) or type(fn).__name__
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("rows", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        rows = int(outputs.shape[0]) if outputs.dim() > 0 else 1
-        if rows == 0:  # the mean of nothing is nan; an empty batch adds nothing
-            return
-        result = torch.as_tensor(self.fn(outputs, targets)).detach().double()
-        if result.numel() == 1:
-            total = result.reshape(()) * rows
-        elif result.dim() >= 1 and result.shape[0] == rows:
-            total = result.reshape(rows, -1).mean(dim=1).sum()
-        else:
-            raise ValueError(
-                f"metric {self.name!r} returned shape {tuple(result.shape)} for a batch of "
-                f"{rows} rows: return a scalar batch mean or one value per row"
-            )
-        self.total += total.to(self.total.device)
-        self.rows += rows
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.rows if self.rows > 0 else torch.tensor(math.nan)
 
 
 class EpochMetric:
@@ -336,10 +296,16 @@ class EpochMetric:
             assert self.metric is not None
             self.metric.update(outputs, targets)
         else:
-            infer = _regression_task if self._regression else _classification_task
-            self._set_task(infer(outputs, targets, self.name))
+            if self._regression:
+                self._set_task(_regression_task(outputs, targets, self.name))
+            else:  # once outputs were logits, later batches' values cannot change the task
+                known = True if self.task is not None and self.task.logits else None
+                self._set_task(_classification_task(outputs, targets, self.name, known))
             assert self.metric is not None and self.task is not None
-            self.metric.update(*_prepared(self.task, outputs, targets, self.name))
+            if getattr(self.metric, "reads_raw_outputs", False):
+                self.metric.update(outputs, _whole_targets(targets, self.name))
+            else:
+                self.metric.update(*_prepared(self.task, outputs, targets, self.name))
         self._updated = True
 
     def compute(self) -> float:

@@ -232,7 +232,8 @@ class StepRunner:
         if self.custom_train is not None:
             return self._custom_train(features, labels, real)
         boundary = self.pending + 1 >= self.accumulate
-        sync = contextlib.nullcontext() if boundary else self.ddp.no_sync()
+        unwrapped = self.ddp is self.model  # one rank: nothing to hold back
+        sync = contextlib.nullcontext() if boundary or unwrapped else self.ddp.no_sync()
         loss_rows: Any = 0.0
         with sync:
             with self._autocast():
