@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
+import torch
 
 from deepspark.timeseries import TSDataset
 from deepspark.timeseries.autots import AutoTS, TSPipeline
@@ -27,15 +28,17 @@ def _splits():
     return train, val, test
 
 
-def test_autots_finds_a_forecaster_and_its_pipeline_predicts_the_future(spark, tmp_path):
+def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tmp_path):
     train, val, test = _splits()
     auto = AutoTS(
         horizon=HORIZON,
         season=12,
         models=("dlinear", "nbeats"),
         lookback=(24, 36),
+        ensemble=3,
         directory=str(tmp_path / "search"),
         max_concurrent=2,
+        pruner="none",  # every trial completes: 3 to choose from
         seed=0,
     )
     pipeline = auto.fit(train, val, n_trials=4, epochs=8, batch_size=64)
@@ -45,7 +48,13 @@ def test_autots_finds_a_forecaster_and_its_pipeline_predicts_the_future(spark, t
     assert set(table["param_seasonal"]) <= {True, False}
     best = auto.best_config
     assert best["model"] in ("dlinear", "nbeats") and best["lookback"] in (24, 36)
-    assert pipeline.lookback == best["lookback"]
+    # the pipeline forecasts with the 3 best trials, best first
+    members = pipeline.forecaster.members
+    assert len(members) == 3 and auto.members_[0]["config"] == best == pipeline.config
+    values = [trial["value"] for trial in auto.members_]
+    assert values == sorted(values) and values[0] == auto.search_.best_value
+    assert [m.lookback for m in members] == [t["config"]["lookback"] for t in auto.members_]
+    assert pipeline.lookback == max(member.lookback for member in members)
     # trials keep their best epoch's weights, so each is scored at that epoch
     from optuna.trial import TrialState
 
@@ -53,8 +62,9 @@ def test_autots_finds_a_forecaster_and_its_pipeline_predicts_the_future(spark, t
         reported = trial.intermediate_values
         assert trial.value == min(reported.values())
         assert reported[trial.user_attrs["best_epoch"]] == trial.value
-    # the pipeline was trained again on train + validation, for the best trial's epochs
-    assert len(pipeline.forecaster.history_) == auto.search_.best_epoch + 1
+    # each member was trained again on train + validation, for its trial's epochs
+    for member, trial in zip(members, auto.members_, strict=True):
+        assert len(member.history_) == trial["best_epoch"] + 1
 
     # the test split, given unscaled: the pipeline scales it with the training scaler
     scores = pipeline.evaluate(test, train=train)
@@ -67,6 +77,13 @@ def test_autots_finds_a_forecaster_and_its_pipeline_predicts_the_future(spark, t
     expected = pd.date_range(last, periods=HORIZON + 1, freq="MS")[1:]
     assert list(future["ds"]) == list(expected)
     assert future["y"].between(360, 380).all(), future  # ppm, near the series' end
+    # the mean of the members' forecasts, each from its own lookback
+    each = [TSPipeline(m, pipeline.scaler, {}).predict(history)["y"] for m in members]
+    np.testing.assert_allclose(future["y"], np.mean(each, axis=0), rtol=1e-5)
+    # Spark data in: the ensemble scores on the executors, Spark out
+    on_spark = TSDataset.from_spark(spark.createDataFrame(_co2()), dt_col="ds", target_col="y")
+    spark_future = pipeline.predict(on_spark).toPandas()
+    np.testing.assert_allclose(spark_future["y"], future["y"], rtol=1e-4)
 
     path = pipeline.save(str(tmp_path / "pipeline"))
     loaded = TSPipeline.load(path)
@@ -84,6 +101,7 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
         (dict(loss="hinge"), "hinge"),
         (dict(season=0), "season=0"),
         (dict(patience=-1), "patience=-1"),
+        (dict(ensemble=0), "ensemble=0"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -120,3 +138,57 @@ def test_validation_windows_read_inputs_from_training_and_labels_from_validation
         # every forecast lies wholly in validation: 8 - 3 + 1 and 6 - 3 + 1 windows
         assert labels["a"] == [(float(s), s + 1.0, s + 2.0) for s in range(28, 34)]
         assert labels["b"] == [(100.0 + s, 101.0 + s, 102.0 + s) for s in range(21, 25)]
+
+
+def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches(
+    spark, tmp_path
+):
+    from deepspark.timeseries import EnsembleForecaster, Forecaster
+
+    train, val, test = _splits()
+    short, long = (
+        Forecaster("dlinear", lookback=lookback, horizon=HORIZON, seed=lookback)
+        for lookback in (24, 36)
+    )
+    for member in (short, long):
+        member.fit(train, epochs=3, batch_size=64, num_workers=1, progress=False)
+    ensemble = EnsembleForecaster([short, long])
+    assert ensemble.lookback == 36 and ensemble.horizon == HORIZON
+
+    future = ensemble.predict(train)
+    each = [member.predict(train)["y"] for member in (short, long)]
+    np.testing.assert_allclose(future["y"], np.mean(each, axis=0), rtol=1e-5)
+    scores = ensemble.evaluate(test)  # MASE against the members' training data
+    assert np.isfinite(scores["mase"]) and scores["mase"] < 3, scores
+    np.testing.assert_allclose(ensemble.predict(train, onnx=True)["y"], future["y"], rtol=1e-4)
+
+    path = ensemble.save(str(tmp_path / "ensemble"))
+    again = EnsembleForecaster.load(path)
+    assert [m.lookback for m in again.members] == [24, 36]
+    pd.testing.assert_frame_equal(again.predict(train), future)
+
+    with pytest.raises(TypeError, match="non-empty list"):
+        EnsembleForecaster([])
+    with pytest.raises(ValueError, match="not trained"):
+        EnsembleForecaster([short, Forecaster("dlinear", lookback=24, horizon=HORIZON)])
+    other = Forecaster("dlinear", lookback=24, horizon=6)
+    other.fit(train, epochs=1, batch_size=64, num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="different horizons"):
+        EnsembleForecaster([short, other])
+    with pytest.raises(TypeError, match="fit the members"):
+        ensemble.fit(train)
+
+    # refit=False: the ensemble's members are the trials' own saved models
+    auto = AutoTS(
+        horizon=HORIZON, lookback=(24,), models=("dlinear",), refit=False, ensemble=2,
+        directory=str(tmp_path / "search"), seed=0,
+    )
+    pipeline = auto.fit(train, val, n_trials=2, epochs=2, batch_size=64)
+    first, second = pipeline.forecaster.members
+    best = auto.search_.best_estimator.get_model().state_dict()
+    for name, tensor in first.model_.state_dict().items():
+        assert torch.equal(tensor, best[name]), name
+    other = second.model_.state_dict()
+    assert any(not torch.equal(t, other[n]) for n, t in first.model_.state_dict().items())
+    history = TSDataset.from_pandas(_co2(), dt_col="ds", target_col="y")
+    assert pipeline.predict(history)["y"].between(330, 390).all()

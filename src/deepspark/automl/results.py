@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["trials_frame", "write_plots"]
+__all__ = ["ranked_trials", "trial_best_epoch", "trial_config", "trials_frame", "write_plots"]
 
 _ATTR_COLUMNS = ("seconds", "epochs_trained", "best_epoch", "error", "retry_of")
 
@@ -34,6 +34,39 @@ def trials_frame(study: Any) -> pd.DataFrame:
         rows.append(row)
     columns = ["number", "state", "value", *_ATTR_COLUMNS]
     return pd.DataFrame(rows, columns=None if rows else columns)
+
+
+def trial_config(trial: Any, fixed: dict[str, Any]) -> dict[str, Any]:
+    """A trial's whole config: what it stored, or its searched values with the fixed ones."""
+    if "config" in trial.user_attrs:
+        return dict(trial.user_attrs["config"])
+    return {**trial.params, **fixed}
+
+
+def trial_best_epoch(trial: Any) -> int:
+    """The epoch (0-based) whose metric is the trial's value."""
+    return int(trial.user_attrs.get("best_epoch", trial.user_attrs.get("epochs_trained", 1) - 1))
+
+
+def ranked_trials(study: Any, count: int, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``count`` best complete trials, best first: number, value, config, best_epoch and
+    model_path (where the trial saved its fitted estimator)."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+    complete = sorted(complete, key=lambda trial: (sign * trial.value, trial.number))
+    return [
+        {
+            "number": trial.number,
+            "value": float(trial.value),
+            "config": trial_config(trial, fixed),
+            "best_epoch": trial_best_epoch(trial),
+            "model_path": trial.user_attrs.get("model_path"),
+        }
+        for trial in complete[:count]
+    ]
 
 
 def write_plots(study: Any, directory: str, metric: str) -> list[str]:

@@ -460,17 +460,27 @@ class AutoEstimator:
     def best_config(self) -> dict[str, Any]:
         """The best complete trial's whole config: searched and fixed values, or what a
         ``trial -> config`` function returned."""
-        best = self._best_trial()
-        if "config" in best.user_attrs:
-            return dict(best.user_attrs["config"])
-        assert self.settings_ is not None
-        return {**best.params, **self.settings_.space.fixed}
+        from deepspark.automl.results import trial_config
+
+        return trial_config(self._best_trial(), self._fixed())
 
     @property
     def best_epoch(self) -> int:
         """The epoch (0-based) whose metric is the best trial's value (see `score`)."""
-        best = self._best_trial()
-        return int(best.user_attrs.get("best_epoch", best.user_attrs.get("epochs_trained", 1) - 1))
+        from deepspark.automl.results import trial_best_epoch
+
+        return trial_best_epoch(self._best_trial())
+
+    def top_trials(self, count: int) -> list[dict[str, Any]]:
+        """The `count` best complete trials, best first: dicts of number, value, config,
+        best_epoch and model_path (the trial's saved `Estimator`)."""
+        from deepspark.automl.results import ranked_trials
+
+        self._best_trial()  # a clear error when no trial is complete
+        return ranked_trials(self._require_study(), count, self._fixed())
+
+    def _fixed(self) -> dict[str, Any]:
+        return {} if self.settings_ is None else dict(self.settings_.space.fixed)
 
     @property
     def best_value(self) -> float:

@@ -4,8 +4,9 @@ Each trial is a `deepspark.automl` trial: a distributed fit of one global networ
 series, on the windows of its own lookback (rolled once per lookback and reused), stopped early
 when its validation loss stops improving. Validation windows take their inputs from the end of
 the training data, so a validation split of a few horizons per series is enough. The result
-is a `TSPipeline`: the training data's scaler, the best forecaster and its lookback, which
-predicts the real future of unscaled data and saves and loads as one directory.
+is a `TSPipeline`: the training data's scaler and the best forecaster (by default the mean of
+the best few configs' forecasts, `EnsembleForecaster`), which predicts the real future of
+unscaled data and saves and loads as one directory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pandas as pd
 import torch
 
 from deepspark.timeseries import validation_steps, windows
+from deepspark.timeseries.ensemble import EnsembleForecaster
 from deepspark.timeseries.forecast_model import make_loss
 from deepspark.timeseries.forecaster import Forecaster
 from deepspark.timeseries.networks import NETWORK_KINDS
@@ -73,6 +75,10 @@ class AutoTS:
         Train the best config again on the training and validation steps together, for as
         many epochs as its trial needed to reach its best validation loss (default True), so
         the pipeline has seen the latest steps; False keeps the trial's own model.
+    ensemble : int
+        How many of the best configs forecast together (default 5): the pipeline forecasts
+        the mean of their forecasts (`EnsembleForecaster`), which depends less on which
+        config won by a few per cent on the validation steps. 1 keeps the best alone.
     **search_options
         `deepspark.automl.AutoEstimator`'s: ``workers_per_trial``, ``max_concurrent``,
         ``sampler``, ``pruner``, ``study_name``, ``storage``, ``directory``, ``seed``.
@@ -95,6 +101,7 @@ class AutoTS:
         metric: str = "val_loss",
         patience: int | None = 5,
         refit: bool = True,
+        ensemble: int = 5,
         **search_options: Any,
     ) -> None:
         self.horizon = horizon
@@ -107,9 +114,11 @@ class AutoTS:
         self.metric = metric
         self.patience = patience
         self.refit = refit
+        self.ensemble = ensemble
         self.search_options = search_options
         self.search_: Any = None
         self.pipeline_: TSPipeline | None = None
+        self.members_: list[dict[str, Any]] = []  # the trials the pipeline forecasts with
 
     def _lookbacks(self) -> tuple[int, ...]:
         if self.lookback is not None:
@@ -117,9 +126,9 @@ class AutoTS:
         return (24, 48) if self.season is None else tuple(k * self.season for k in (1, 2, 3))
 
     def _check(self) -> dict[str, dict[str, list[Any]]]:
-        for name in ("horizon", "season", "patience"):
+        for name in ("horizon", "season", "patience", "ensemble"):
             value = getattr(self, name)
-            if (value is not None or name == "horizon") and (
+            if (value is not None or name in ("horizon", "ensemble")) and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise ValueError(f"AutoTS({name}={value!r}): a positive int")
@@ -154,8 +163,8 @@ class AutoTS:
     ) -> TSPipeline:
         """Search on `train`, judge on `validation_data` (both scaled alike, e.g.
         ``train.scale("standard")`` and ``val.scale(train.scaler, fit=False)``), and return
-        the best `TSPipeline`: its config trained again on `train` and `validation_data`
-        together (`refit`), or the best trial's own model, trained on `train`.
+        the best `TSPipeline`: the `ensemble` best configs trained again on `train` and
+        `validation_data` together (`refit`), or those trials' own models, trained on `train`.
 
         `validation_data` continues `train` in time (the ``val`` of `TSDataset.split`): its
         windows read their inputs from the end of each training series and forecast validation
@@ -236,23 +245,37 @@ class AutoTS:
             callbacks=callbacks,
             **fit_options,
         )
-        best = self.search_.best_config
-        forecaster = _forecaster(best, horizon, self.loss, season)
-        if self.refit:
-            refit_options = {k: v for k, v in fit_options.items() if k not in _SEARCH_ONLY}
-            refit_options.setdefault("progress", False)
-            forecaster.fit(
-                continued.data,
-                epochs=self.search_.best_epoch + 1,
-                batch_size=batch_size,
-                num_workers=self.search_.workers_per_trial,
-                **refit_options,
-            )
-        else:
-            forecaster.model_ = self.search_.best_estimator.get_model()
-            forecaster.columns_ = columns
-        self.pipeline_ = TSPipeline(forecaster, train.scaler, best)
+        self.members_ = self.search_.top_trials(self.ensemble)
+        refit_options = {k: v for k, v in fit_options.items() if k not in _SEARCH_ONLY}
+        refit_options.setdefault("progress", False)
+        refit_options.update(batch_size=batch_size, num_workers=self.search_.workers_per_trial)
+        members = [
+            self._member(trial, continued, columns, refit_options) for trial in self.members_
+        ]
+        forecaster = members[0] if len(members) == 1 else EnsembleForecaster(members)
+        self.pipeline_ = TSPipeline(forecaster, train.scaler, self.search_.best_config)
         return self.pipeline_
+
+    def _member(
+        self, trial: dict[str, Any], continued: TSDataset, columns: Any, options: dict[str, Any]
+    ) -> Forecaster:
+        """One trial's forecaster: its config trained again on train + validation steps for
+        as many epochs as the trial needed (`refit`), or the model the trial saved."""
+        forecaster = _forecaster(trial["config"], self.horizon, self.loss, self.season)
+        if self.refit:
+            forecaster.fit(continued.data, epochs=trial["best_epoch"] + 1, **options)
+            return forecaster
+        from deepspark.training import Estimator
+
+        path = trial["model_path"]
+        if not path or not fsspec.core.url_to_fs(path)[0].exists(path):
+            raise FileNotFoundError(
+                f"trial {trial['number']} has no saved model at {path!r} (refit=False reads "
+                "the trials' own models): was the search's directory removed?"
+            )
+        forecaster.model_ = Estimator.load(path).get_model()
+        forecaster.columns_ = columns
+        return forecaster
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -346,8 +369,9 @@ class TSPipeline:
         if fs.exists(f"{root}/{_SCALER_FILE}"):
             with fs.open(f"{root}/{_SCALER_FILE}", "r") as handle:
                 scaler = TSScaler.from_dict(json.load(handle))
-        forecaster = Forecaster.load(f"{path.rstrip('/')}/{_FORECASTER_DIR}")
-        return cls(forecaster, scaler, config)
+        where = f"{path.rstrip('/')}/{_FORECASTER_DIR}"
+        saved = EnsembleForecaster if EnsembleForecaster.saved_at(where) else Forecaster
+        return cls(saved.load(where), scaler, config)
 
 
 # AutoEstimator.fit's options that a single refit does not take

@@ -46,7 +46,7 @@ def run_torch(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.nda
         for start in range(0, len(x), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
             outputs.append(model(batch.float()).numpy())
-    width = model.horizon * model.output_size if isinstance(model, FlatWindowModel) else 0
+    width = getattr(model, "horizon", 0) * getattr(model, "output_size", 0)
     return np.concatenate(outputs) if outputs else np.zeros((0, width), "float32")
 
 
