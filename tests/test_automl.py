@@ -72,6 +72,10 @@ def _overlapped(frozen_trials) -> bool:
     )
 
 
+def _values(config: dict) -> tuple:
+    return config["hidden"], config["lr"], config["dropout"]
+
+
 def test_tpe_search_on_digits_finds_an_accurate_config(digits, tmp_path):
     train, validation = digits
     space = {
@@ -89,6 +93,13 @@ def test_tpe_search_on_digits_finds_an_accurate_config(digits, tmp_path):
     assert set(auto.best_config) == {"hidden", "lr", "dropout"}
     # two single-worker trials trained at the same time on the 2 slots
     assert _overlapped(auto.study_.get_trials(deepcopy=False))
+    # each trial draws its config whole, so TPE's 10 random start-up configs are the ones a
+    # study asked one trial at a time draws from the same seed
+    reference = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    expected = [reference.ask(space).params for _ in range(10)]
+    by_number = sorted(auto.study_.get_trials(deepcopy=False), key=lambda t: t.number)
+    drawn = [t.user_attrs["config"] for t in by_number[:10]]
+    assert sorted(map(_values, drawn)) == sorted(map(_values, expected)), (drawn, expected)
     # the best trial's saved model is that trial's: it scores the same on the same rows
     scores = auto.best_estimator.evaluate(validation, **COLUMNS)
     assert scores["accuracy"] == pytest.approx(auto.best_value, abs=1e-6)

@@ -48,11 +48,17 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
     assert set(table["param_seasonal"]) <= {True, False}
     best = auto.best_config
     assert best["model"] in ("dlinear", "nbeats") and best["lookback"] in (24, 36)
-    # the pipeline forecasts with the 3 best trials, best first
+    # the pipeline forecasts with the best trial of each of the 3 best (kind, lookback)
+    # pairs, best first (then the next best trials, when fewer pairs were tried)
     members = pipeline.forecaster.members
     assert len(members) == 3 and auto.members_[0]["config"] == best == pipeline.config
-    values = [trial["value"] for trial in auto.members_]
-    assert values == sorted(values) and values[0] == auto.search_.best_value
+    assert auto.members_[0]["value"] == auto.search_.best_value
+    firsts = {}
+    for trial in auto.search_.top_trials(4):
+        firsts.setdefault((trial["config"]["model"], trial["config"]["lookback"]), trial)
+    expected = list(firsts.values())[:3]
+    expected += [t for t in auto.search_.top_trials(4) if t not in expected][: 3 - len(expected)]
+    assert [t["number"] for t in auto.members_] == [t["number"] for t in expected]
     assert [m.lookback for m in members] == [t["config"]["lookback"] for t in auto.members_]
     assert pipeline.lookback == max(member.lookback for member in members)
     # trials keep their best epoch's weights, so each is scored at that epoch
@@ -140,9 +146,7 @@ def test_validation_windows_read_inputs_from_training_and_labels_from_validation
         assert labels["b"] == [(100.0 + s, 101.0 + s, 102.0 + s) for s in range(21, 25)]
 
 
-def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches(
-    spark, tmp_path
-):
+def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches(spark, tmp_path):
     from deepspark.timeseries import EnsembleForecaster, Forecaster
 
     train, val, test = _splits()
@@ -180,8 +184,13 @@ def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches
 
     # refit=False: the ensemble's members are the trials' own saved models
     auto = AutoTS(
-        horizon=HORIZON, lookback=(24,), models=("dlinear",), refit=False, ensemble=2,
-        directory=str(tmp_path / "search"), seed=0,
+        horizon=HORIZON,
+        lookback=(24,),
+        models=("dlinear",),
+        refit=False,
+        ensemble=2,
+        directory=str(tmp_path / "search"),
+        seed=0,
     )
     pipeline = auto.fit(train, val, n_trials=2, epochs=2, batch_size=64)
     first, second = pipeline.forecaster.members

@@ -8,7 +8,14 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["ranked_trials", "trial_best_epoch", "trial_config", "trials_frame", "write_plots"]
+__all__ = [
+    "ranked_trials",
+    "saved_estimator",
+    "trial_best_epoch",
+    "trial_config",
+    "trials_frame",
+    "write_plots",
+]
 
 _ATTR_COLUMNS = ("seconds", "epochs_trained", "best_epoch", "error", "retry_of")
 
@@ -67,6 +74,17 @@ def ranked_trials(study: Any, count: int, fixed: dict[str, Any]) -> list[dict[st
         }
         for trial in complete[:count]
     ]
+
+
+def saved_estimator(number: int, path: str | None, metrics: Any = None) -> Any:
+    """The fitted `Estimator` trial `number` saved at `path`."""
+    from deepspark.training import Estimator
+
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(
+            f"trial {number} has no saved model at {path!r}; was the search's directory removed?"
+        )
+    return Estimator.load(path, metrics=metrics)
 
 
 def write_plots(study: Any, directory: str, metric: str) -> list[str]:

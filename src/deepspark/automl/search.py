@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -279,7 +278,8 @@ class AutoEstimator:
         with ReportServer(judge, host=host[0], advertise_host=host[1]) as server:
 
             def objective(trial: Any) -> float:
-                config = settings.space.sample(trial)
+                with lock:  # one trial's draws at a time: a seed gives the same configs at once
+                    config = settings.space.sample(trial)
                 trial.set_user_attr("config", config_for_storage(config))
                 with lock:
                     running[trial.number] = trial
@@ -489,16 +489,10 @@ class AutoEstimator:
     @property
     def best_estimator(self) -> Estimator:
         """The best trial's fitted `Estimator`, loaded from where that trial saved it."""
-        from deepspark.training import Estimator
+        from deepspark.automl.results import saved_estimator
 
         best = self._best_trial()
-        path = best.user_attrs.get("model_path")
-        if not path or not os.path.exists(path):
-            raise FileNotFoundError(
-                f"the best trial ({best.number}) has no saved model at {path!r}; "
-                "was its directory removed?"
-            )
-        return Estimator.load(path, metrics=self.metrics)
+        return saved_estimator(best.number, best.user_attrs.get("model_path"), self.metrics)
 
     def plot(self, directory: str) -> list[str]:
         """Write optimisation history, parameter importances and parallel coordinates as PNG.

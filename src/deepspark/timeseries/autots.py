@@ -76,9 +76,11 @@ class AutoTS:
         many epochs as its trial needed to reach its best validation loss (default True), so
         the pipeline has seen the latest steps; False keeps the trial's own model.
     ensemble : int
-        How many of the best configs forecast together (default 5): the pipeline forecasts
-        the mean of their forecasts (`EnsembleForecaster`), which depends less on which
-        config won by a few per cent on the validation steps. 1 keeps the best alone.
+        How many configs forecast together (default 5): the best trial of each of the best
+        (kind, lookback) pairs. The pipeline forecasts the mean of their forecasts
+        (`EnsembleForecaster`), which depends less on which config won by a few per cent on
+        the validation steps than the winner alone, and members that read different windows
+        err less alike than near-copies of the winner. 1 keeps the best alone.
     **search_options
         `deepspark.automl.AutoEstimator`'s: ``workers_per_trial``, ``max_concurrent``,
         ``sampler``, ``pruner``, ``study_name``, ``storage``, ``directory``, ``seed``.
@@ -245,7 +247,7 @@ class AutoTS:
             callbacks=callbacks,
             **fit_options,
         )
-        self.members_ = self.search_.top_trials(self.ensemble)
+        self.members_ = self._chosen()
         refit_options = {k: v for k, v in fit_options.items() if k not in _SEARCH_ONLY}
         refit_options.setdefault("progress", False)
         refit_options.update(batch_size=batch_size, num_workers=self.search_.workers_per_trial)
@@ -256,6 +258,17 @@ class AutoTS:
         self.pipeline_ = TSPipeline(forecaster, train.scaler, self.search_.best_config)
         return self.pipeline_
 
+    def _chosen(self) -> list[dict[str, Any]]:
+        """The trials the pipeline forecasts with: the best of each (kind, lookback), best
+        first, then the next best trials if there are fewer pairs than `ensemble`."""
+        ranked = self.search_.top_trials(len(self.search_.study_.trials))
+        firsts: dict[tuple[str, int], dict[str, Any]] = {}
+        for trial in ranked:
+            firsts.setdefault((trial["config"]["model"], int(trial["config"]["lookback"])), trial)
+        chosen = list(firsts.values())[: self.ensemble]
+        chosen += [t for t in ranked if t not in chosen][: self.ensemble - len(chosen)]
+        return chosen
+
     def _member(
         self, trial: dict[str, Any], continued: TSDataset, columns: Any, options: dict[str, Any]
     ) -> Forecaster:
@@ -265,15 +278,9 @@ class AutoTS:
         if self.refit:
             forecaster.fit(continued.data, epochs=trial["best_epoch"] + 1, **options)
             return forecaster
-        from deepspark.training import Estimator
+        from deepspark.automl.results import saved_estimator
 
-        path = trial["model_path"]
-        if not path or not fsspec.core.url_to_fs(path)[0].exists(path):
-            raise FileNotFoundError(
-                f"trial {trial['number']} has no saved model at {path!r} (refit=False reads "
-                "the trials' own models): was the search's directory removed?"
-            )
-        forecaster.model_ = Estimator.load(path).get_model()
+        forecaster.model_ = saved_estimator(trial["number"], trial["model_path"]).get_model()
         forecaster.columns_ = columns
         return forecaster
 
