@@ -4,9 +4,9 @@ Each trial is a `deepspark.automl` trial: a distributed fit of one global networ
 series, on the windows of its own lookback (rolled once per lookback and reused), stopped early
 when its validation loss stops improving. Validation windows take their inputs from the end of
 the training data, so a validation split of a few horizons per series is enough. The result
-is a `TSPipeline`: the training data's scaler and the best forecaster (by default the mean of
-the best few configs' forecasts, `EnsembleForecaster`), which predicts the real future of
-unscaled data and saves and loads as one directory.
+is a `TSPipeline`: the training data's scaler and the forecaster (by default the mean of the
+best trial of each of the 5 best kind-and-lookback pairs, an `EnsembleForecaster`), which
+predicts the real future of unscaled data and saves and loads as one directory.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ class AutoTS:
         best epoch's weights (default 5; None trains every epoch). Trials are then ranked by
         their best epoch's validation loss.
     refit : bool
-        Train the best config again on the training and validation steps together, for as
+        Train each chosen config again on the training and validation steps together, for as
         many epochs as its trial needed to reach its best validation loss (default True), so
-        the pipeline has seen the latest steps; False keeps the trial's own model.
+        the pipeline has seen the latest steps; False keeps the trials' own models.
     ensemble : int
         How many configs forecast together (default 5): the best trial of each of the best
         (kind, lookback) pairs. The pipeline forecasts the mean of their forecasts
@@ -165,8 +165,9 @@ class AutoTS:
     ) -> TSPipeline:
         """Search on `train`, judge on `validation_data` (both scaled alike, e.g.
         ``train.scale("standard")`` and ``val.scale(train.scaler, fit=False)``), and return
-        the best `TSPipeline`: the `ensemble` best configs trained again on `train` and
-        `validation_data` together (`refit`), or those trials' own models, trained on `train`.
+        the `TSPipeline` of the chosen trials (see `ensemble`): their configs trained again on
+        `train` and `validation_data` together (`refit`), or their own models, trained on
+        `train`.
 
         `validation_data` continues `train` in time (the ``val`` of `TSDataset.split`): its
         windows read their inputs from the end of each training series and forecast validation
