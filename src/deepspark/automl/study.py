@@ -117,12 +117,25 @@ def _sampler(sampler: Any, seed: int | None, grid: Callable[[], dict[str, list[A
             )
         return sampler
     if sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return _seeded(optuna.samplers.TPESampler(seed=seed), seed)
     if sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return _seeded(optuna.samplers.RandomSampler(seed=seed), seed)
     if sampler == "grid":
-        return optuna.samplers.GridSampler(grid(), seed=seed)
+        return _seeded(optuna.samplers.GridSampler(grid(), seed=seed), seed)
     raise ValueError(f"AutoEstimator(sampler={sampler!r}): use one of {SAMPLERS}")
+
+
+def _seeded(sampler: Any, seed: int | None) -> Any:
+    """Keep a seeded sampler's stream when trials run at once. Optuna reseeds the sampler
+    from the OS for every trial of ``optimize(n_jobs > 1)``, which throws the seed away; the
+    search draws each trial's config under its lock, so one stream serves every thread."""
+    if seed is not None:
+        sampler.reseed_rng = _keep_stream
+    return sampler
+
+
+def _keep_stream() -> None:
+    """Stands in for a seeded sampler's ``reseed_rng``."""
 
 
 def _pruner(pruner: Any) -> Any:
