@@ -70,6 +70,9 @@ class EpochRunner:
         self.val_metrics = build_metrics(metric_defs, device)
         self.train_metrics = build_metrics(metric_defs, device)
         self.callbacks = cloudpickle.loads(spec.callbacks_blob) if spec.callbacks_blob else []
+        # the per-step hook runs only for callbacks that define it: its state and the batch
+        # loss (a host sync) every step cost more than a small model's step
+        self.batch_callbacks = [c for c in self.callbacks if _defines(c, "on_batch_end")]
         self.ddp: nn.Module | None = None
         self.steps: StepRunner | None = None
         # validation every N steps: one record per validation, besides the epoch records
@@ -223,12 +226,13 @@ class EpochRunner:
             position.global_step += 1
             if "first_step" not in self.marks:
                 self.marks["first_step"] = time.time()
-            if self.callbacks:
+            if self.batch_callbacks:
                 self._callbacks(
                     "on_batch_end",
                     epoch=epoch,
                     step=step - 1,
                     logs={"loss": float(loss_part) / max(real, 1)},
+                    only=self.batch_callbacks,
                 )
             now = time.perf_counter()
             if rank == 0 and self.progress is not None and now - last_report >= PROGRESS_INTERVAL_S:
@@ -350,9 +354,13 @@ class EpochRunner:
         dist.all_reduce(vote, op=dist.ReduceOp.MAX)
         return bool(vote.item() > 0)
 
-    def _callbacks(self, hook: str, *, epoch: int, step: int, logs: dict[str, Any]):
-        """Run the rank's callbacks for ``hook``; returns their state (None without any)."""
-        if not self.callbacks:
+    def _callbacks(
+        self, hook: str, *, epoch: int, step: int, logs: dict[str, Any], only: Any = None
+    ):
+        """Run the rank's callbacks (or ``only`` these) for ``hook``; returns their state
+        (None without any)."""
+        callbacks = self.callbacks if only is None else only
+        if not callbacks:
             return None
         from deepspark.training.callbacks import CallbackState, call_worker_hook
 
@@ -370,8 +378,16 @@ class EpochRunner:
                 "num_workers": self.spec.world_size,
             },
         )
-        call_worker_hook(self.callbacks, hook, state)
+        call_worker_hook(callbacks, hook, state)
         return state
+
+
+def _defines(callback: Any, hook: str) -> bool:
+    """Whether ``callback`` has its own ``hook`` (not `Callback`'s empty default)."""
+    from deepspark.training.callbacks import Callback
+
+    method = getattr(callback, hook, None)
+    return method is not None and getattr(method, "__func__", None) is not getattr(Callback, hook)
 
 
 def _update_metrics(metrics, outputs: Any, labels: tuple[Any, ...], rows: int) -> None:
