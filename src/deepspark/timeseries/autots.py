@@ -24,6 +24,7 @@ from deepspark.timeseries import validation_steps, windows
 from deepspark.timeseries.ensemble import EnsembleForecaster
 from deepspark.timeseries.forecast_model import make_loss
 from deepspark.timeseries.forecaster import Forecaster
+from deepspark.timeseries.forecaster_io import read_json
 from deepspark.timeseries.networks import NETWORK_KINDS
 from deepspark.timeseries.scaler import TSScaler
 from deepspark.timeseries.tsdataset import TSDataset
@@ -369,10 +370,7 @@ class TSPipeline:
     @classmethod
     def load(cls, path: str) -> TSPipeline:
         fs, root = fsspec.core.url_to_fs(path)
-        if not fs.exists(f"{root}/{_PIPELINE_FILE}"):
-            raise FileNotFoundError(f"{path} holds no {_PIPELINE_FILE}: not a saved TSPipeline")
-        with fs.open(f"{root}/{_PIPELINE_FILE}", "r") as handle:
-            config = json.load(handle)["config"]
+        config = read_json(path, _PIPELINE_FILE, "TSPipeline.save")["config"]
         scaler = None
         if fs.exists(f"{root}/{_SCALER_FILE}"):
             with fs.open(f"{root}/{_SCALER_FILE}", "r") as handle:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from deepspark.timeseries.forecaster import Forecaster
+from deepspark.timeseries.forecaster_io import read_json
 
 __all__ = ["EnsembleForecaster", "MeanForecastModel"]
 
@@ -106,11 +107,7 @@ class EnsembleForecaster(Forecaster):
 
     @classmethod
     def load(cls, path: str) -> EnsembleForecaster:
-        fs, root = fsspec.core.url_to_fs(path)
-        if not fs.exists(f"{root}/{_ENSEMBLE_FILE}"):
-            raise FileNotFoundError(f"{path} holds no {_ENSEMBLE_FILE}: not a saved ensemble")
-        with fs.open(f"{root}/{_ENSEMBLE_FILE}", "r") as handle:
-            names = json.load(handle)["members"]
+        names = read_json(path, _ENSEMBLE_FILE, "EnsembleForecaster.save")["members"]
         return cls([Forecaster.load(f"{path.rstrip('/')}/{name}") for name in names])
 
     @staticmethod

@@ -42,15 +42,18 @@ def write_forecaster(
         handle.write(save_tensors(tensors))
 
 
+def read_json(path: str, name: str, written_by: str) -> Any:
+    """The JSON file `name` in directory `path` (any fsspec URL); a clear error when absent."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(f"{root}/{name}"):
+        raise FileNotFoundError(f"{path} holds no {name}: give a directory written by {written_by}")
+    with fs.open(f"{root}/{name}", "r") as handle:
+        return json.load(handle)
+
+
 def read_forecaster(path: str) -> tuple[dict[str, Any], SeriesColumns, dict[str, torch.Tensor]]:
     fs, root = fsspec.core.url_to_fs(path)
-    settings_path = f"{root}/{SETTINGS_FILE}"
-    if not fs.exists(settings_path):
-        raise FileNotFoundError(
-            f"{path} holds no {SETTINGS_FILE}: give a directory written by Forecaster.save"
-        )
-    with fs.open(settings_path, "r") as handle:
-        document = json.load(handle)
+    document = read_json(path, SETTINGS_FILE, "Forecaster.save")
     if document.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} was written in format {document.get('format_version')}; this deepspark "
