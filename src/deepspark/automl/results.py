@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 __all__ = [
+    "best_trial",
     "ranked_trials",
     "saved_estimator",
     "trial_best_epoch",
@@ -41,6 +42,17 @@ def trials_frame(study: Any) -> pd.DataFrame:
         rows.append(row)
     columns = ["number", "state", "value", *_ATTR_COLUMNS]
     return pd.DataFrame(rows, columns=None if rows else columns)
+
+
+def best_trial(study: Any) -> Any:
+    """The study's best complete trial; a clear error when none is complete."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise ValueError(
+            f"study {study.study_name!r} has no complete trial yet (see .trials for why)"
+        )
+    return study.best_trial
 
 
 def trial_config(trial: Any, fixed: dict[str, Any]) -> dict[str, Any]:

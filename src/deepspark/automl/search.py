@@ -447,14 +447,9 @@ class AutoEstimator:
         return trials_frame(self._require_study())
 
     def _best_trial(self) -> Any:
-        from optuna.trial import TrialState
+        from deepspark.automl.results import best_trial
 
-        study = self._require_study()
-        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            raise ValueError(
-                f"study {study.study_name!r} has no complete trial yet (see .trials for why)"
-            )
-        return study.best_trial
+        return best_trial(self._require_study())
 
     @property
     def best_config(self) -> dict[str, Any]:
