@@ -67,9 +67,9 @@ def trial_best_epoch(trial: Any) -> int:
     return int(trial.user_attrs.get("best_epoch", trial.user_attrs.get("epochs_trained", 1) - 1))
 
 
-def ranked_trials(study: Any, count: int, fixed: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``count`` best complete trials, best first: number, value, config, best_epoch and
-    model_path (where the trial saved its fitted estimator)."""
+def ranked_trials(study: Any, count: int | None, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``count`` best complete trials (None: all), best first: number, value, config,
+    best_epoch and model_path (where the trial saved its fitted estimator)."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 

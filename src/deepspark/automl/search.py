@@ -466,8 +466,8 @@ class AutoEstimator:
 
         return trial_best_epoch(self._best_trial())
 
-    def top_trials(self, count: int) -> list[dict[str, Any]]:
-        """The `count` best complete trials, best first: dicts of number, value, config,
+    def top_trials(self, count: int | None) -> list[dict[str, Any]]:
+        """The `count` best complete trials (None: all), best first: dicts of number, value, config,
         best_epoch and model_path (the trial's saved `Estimator`)."""
         from deepspark.automl.results import ranked_trials
 

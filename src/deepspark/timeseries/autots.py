@@ -263,7 +263,7 @@ class AutoTS:
     def _chosen(self) -> list[dict[str, Any]]:
         """The trials the pipeline forecasts with: the best of each (kind, lookback), best
         first, then the next best trials if there are fewer pairs than `ensemble`."""
-        ranked = self.search_.top_trials(len(self.search_.study_.trials))
+        ranked = self.search_.top_trials(None)
         firsts: dict[tuple[str, int], dict[str, Any]] = {}
         for trial in ranked:
             firsts.setdefault((trial["config"]["model"], int(trial["config"]["lookback"])), trial)
