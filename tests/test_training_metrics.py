@@ -170,6 +170,21 @@ def test_multiclass_logits_match_sklearn():
     assert column_targets["accuracy"] == values["accuracy"]
 
 
+def test_a_raw_multiclass_head_whose_first_batch_lies_in_0_1_is_read_as_logits():
+    case = digits_case()
+    logits, labels = case["outputs"], case["labels"]
+    # the first batch squeezed into [0, 1] (its rows do not sum to 1), the rest as they are
+    first = (logits[:BATCH] - logits[:BATCH].min()) / (logits[:BATCH].max() - logits[:BATCH].min())
+    raw = torch.cat([first, logits[BATCH:]])
+    assert ((raw[:BATCH] >= 0) & (raw[:BATCH] <= 1)).all() and (raw[BATCH:] > 1).any()
+    values = computed(("accuracy", "auc"), raw, labels)
+    expected = sklearn_multiclass(raw.numpy(), labels.numpy())
+    assert_close(values, {name: expected[name] for name in ("accuracy", "auc")})
+    softmax = get_metric("auc")  # real probabilities stay probabilities: no second softmax
+    softmax.update(logits[:BATCH].softmax(1), labels[:BATCH])
+    assert softmax.task is not None and not softmax.task.logits
+
+
 def test_regression_matches_sklearn():
     case = diabetes_case()
     values = computed(("mse", "mae", "rmse", "r2"), case["outputs"], case["labels"])

@@ -100,7 +100,10 @@ def _rows(outputs: torch.Tensor) -> int:
 def _classification_task(
     outputs: torch.Tensor, targets: torch.Tensor, name: str, logits: bool | None = None
 ) -> Task:
-    """The batch's task; ``logits`` when already known (no look at the values then)."""
+    """The batch's task; ``logits`` when already known (no look at the values then).
+
+    Outputs outside [0, 1] are logits; so are multiclass scores whose classes do not sum to 1,
+    which a raw head's first batch can show even when all its values lie in [0, 1]."""
     if logits is None:
         logits = bool(((outputs < 0) | (outputs > 1)).any())
     if outputs.dim() <= 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
@@ -109,6 +112,9 @@ def _classification_task(
     elif targets.shape == outputs.shape:
         return Task("multilabel", int(outputs.shape[1]), logits)
     elif targets.numel() * outputs.shape[1] == outputs.numel():
+        if not logits:  # probabilities sum to 1 over the classes (dim 1), to the dtype's rounding
+            tolerance = 1e-2 if outputs.element_size() < 4 else 1e-4
+            logits = bool(((outputs.double().sum(dim=1) - 1).abs() > tolerance).any())
         return Task("multiclass", int(outputs.shape[1]), logits)
     raise ValueError(
         f"{name}: outputs of shape {tuple(outputs.shape)} do not match targets of shape "
