@@ -91,9 +91,11 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
     spark_future = pipeline.predict(on_spark).toPandas()
     np.testing.assert_allclose(spark_future["y"], future["y"], rtol=1e-4)
 
+    # co2 is never negative: the pipeline's floor is 0 ("auto"), kept by save and load
+    assert pipeline.floor == 0.0 and "floor=0.0" in repr(pipeline)
     path = pipeline.save(str(tmp_path / "pipeline"))
     loaded = TSPipeline.load(path)
-    assert loaded.config == pipeline.config
+    assert loaded.config == pipeline.config and loaded.floor == 0.0
     pd.testing.assert_frame_equal(loaded.predict(history), future)
 
 
@@ -108,6 +110,7 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
         (dict(season=0), "season=0"),
         (dict(patience=-1), "patience=-1"),
         (dict(ensemble=0), "ensemble=0"),
+        (dict(floor="high"), "floor='high'"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -201,3 +204,27 @@ def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches
     assert any(not torch.equal(t, other[n]) for n, t in first.model_.state_dict().items())
     history = TSDataset.from_pandas(_co2(), dt_col="ds", target_col="y")
     assert pipeline.predict(history)["y"].between(330, 390).all()
+
+
+def test_autots_sets_no_floor_for_data_with_negative_values(spark, tmp_path):
+    below = _co2().assign(y=lambda frame: frame["y"] - 340.0)  # ppm above 340: some negative
+    train, val, _ = TSDataset.from_pandas(
+        below, dt_col="ds", target_col="y", with_split=True, val_ratio=0.1, test_ratio=0.1
+    )
+    train.scale("standard")
+    val.scale(train.scaler, fit=False)
+    assert train.target_min()["y"] == pytest.approx(below["y"].iloc[: len(train.to_pandas())].min())
+    auto = AutoTS(
+        horizon=HORIZON,
+        lookback=(24,),
+        models=("dlinear",),
+        ensemble=1,
+        directory=str(tmp_path),
+        seed=0,
+    )
+    pipeline = auto.fit(train, val, n_trials=1, epochs=1, batch_size=64)
+    assert pipeline.floor is None
+    history = TSDataset.from_pandas(below, dt_col="ds", target_col="y")
+    fixed = TSPipeline(pipeline.forecaster, pipeline.scaler, pipeline.config, floor=35.0)
+    future = fixed.predict(history)["y"]
+    np.testing.assert_allclose(future, np.maximum(pipeline.predict(history)["y"], 35.0))

@@ -206,3 +206,55 @@ def test_named_forecasters_build_their_network(named, kind):
     x, _ = data.roll(16, 4).to_numpy()
     out = model(torch.from_numpy(x[:5].reshape(5, -1)))
     assert out.shape == (5, 4) and torch.isfinite(out).all()
+
+
+def _solar() -> pd.DataFrame:
+    """sktime's half-hourly solar generation (six days; zero every night)."""
+    import os
+
+    import sktime
+
+    path = os.path.join(os.path.dirname(sktime.__file__), "datasets", "data", "solar")
+    frame = pd.read_csv(os.path.join(path, "solar.csv"))
+    stamps = pd.to_datetime(frame["datetime_gmt"]).dt.tz_localize(None)
+    return pd.DataFrame({"ds": stamps, "y": frame["solar_gen"].astype(float)})
+
+
+def test_a_floor_raises_forecasts_below_it_in_predict_and_evaluate(spark):
+    frame = _solar()
+    # two series per id, the second lifted: per-id scaling, and a least value per series
+    both = pd.concat([frame.assign(id="a"), frame.assign(id="b", y=frame["y"] + 5.0)])
+    data = TSDataset.from_pandas(both, dt_col="ds", target_col="y", id_col="id")
+    train, _, test = data.split(val_ratio=0, test_ratio=0.4)  # 115 steps: 20 windows
+    train_min, test_frame = train.to_pandas()["y"].min(), test.to_pandas()
+    train.scale("standard")
+    test.scale(train.scaler, fit=False)
+    assert train.target_min() == pytest.approx({"y": train_min}, abs=1e-9)  # unscaled units
+    on_spark = TSDataset.from_spark(
+        spark.createDataFrame(both), dt_col="ds", target_col="y", id_col="id"
+    )
+    on_spark.scale("standard")
+    assert on_spark.target_min() == pytest.approx({"y": 0.0}, abs=1e-9)
+
+    forecaster = Forecaster("dlinear", lookback=48, horizon=48, lr=1e-2)
+    forecaster.fit(train, epochs=3, batch_size=32, num_workers=1, progress=False)
+    raw = forecaster.predict(test)
+    floor = float(frame["y"].median())  # above every night: some forecasts lie below it
+    raised = forecaster.predict(test, floor=floor)
+    assert (raw["y"] < floor).any() and (raised["y"] >= floor).all()
+    np.testing.assert_allclose(raised["y"], np.maximum(raw["y"], floor))
+    spark_test = TSDataset.from_spark(
+        spark.createDataFrame(test_frame), dt_col="ds", target_col="y", id_col="id"
+    ).scale(train.scaler, fit=False)
+    spark_raised = forecaster.predict(spark_test, floor=floor).toPandas()
+    spark_raised = spark_raised.sort_values(["id", "ds"]).reset_index(drop=True)
+    np.testing.assert_allclose(spark_raised["y"], raised["y"], rtol=1e-4, atol=1e-6)
+    # raising a forecast to a floor the actuals never go below cannot add error
+    plain, floored = (
+        forecaster.evaluate(test, season=48),
+        forecaster.evaluate(test, season=48, floor=0.0),
+    )
+    assert floored["mae"] <= plain["mae"] and floored["mase"] <= plain["mase"]
+    assert forecaster.evaluate(test, season=48, floor=-1e9) == plain
+    with pytest.raises(ValueError, match="floor='low'"):
+        forecaster.predict(test, floor="low")

@@ -23,7 +23,7 @@ import torch
 from deepspark.timeseries import validation_steps, windows
 from deepspark.timeseries.ensemble import EnsembleForecaster
 from deepspark.timeseries.forecast_model import make_loss
-from deepspark.timeseries.forecaster import Forecaster
+from deepspark.timeseries.forecaster import Forecaster, check_floor
 from deepspark.timeseries.forecaster_io import read_json
 from deepspark.timeseries.networks import NETWORK_KINDS
 from deepspark.timeseries.scaler import TSScaler
@@ -76,6 +76,10 @@ class AutoTS:
         Train each chosen config again on the training and validation steps together, for as
         many epochs as its trial needed to reach its best validation loss (default True), so
         the pipeline has seen the latest steps; False keeps the trials' own models.
+    floor : "auto", float or None
+        The least value the pipeline forecasts (see `TSPipeline`). ``"auto"`` (default): 0
+        when no target of the training data is negative (energy, sales, counts), so such
+        series never get negative forecasts; otherwise none. None: no floor.
     ensemble : int
         How many configs forecast together (default 5): the best trial of each of the best
         (kind, lookback) pairs. The pipeline forecasts the mean of their forecasts
@@ -105,6 +109,7 @@ class AutoTS:
         patience: int | None = 5,
         refit: bool = True,
         ensemble: int = 5,
+        floor: str | float | None = "auto",
         **search_options: Any,
     ) -> None:
         self.horizon = horizon
@@ -118,6 +123,7 @@ class AutoTS:
         self.patience = patience
         self.refit = refit
         self.ensemble = ensemble
+        self.floor = floor
         self.search_options = search_options
         self.search_: Any = None
         self.pipeline_: TSPipeline | None = None
@@ -152,6 +158,13 @@ class AutoTS:
                 raise ValueError(f"AutoTS(sizes={{{kind!r}: ...}}): {kind!r} is not searched")
             sizes[kind] = {name: list(values) for name, values in choices.items()}
         make_loss(self.loss)
+        if self.floor != "auto":
+            try:
+                check_floor(self.floor)
+            except ValueError:
+                raise ValueError(
+                    f"AutoTS(floor={self.floor!r}): 'auto', a finite number or None"
+                ) from None
         return sizes
 
     def fit(
@@ -257,7 +270,10 @@ class AutoTS:
             self._member(trial, continued, columns, refit_options) for trial in self.members_
         ]
         forecaster = members[0] if len(members) == 1 else EnsembleForecaster(members)
-        self.pipeline_ = TSPipeline(forecaster, train.scaler, self.search_.best_config)
+        floor = self.floor
+        if floor == "auto":
+            floor = 0.0 if all(value >= 0 for value in train.target_min().values()) else None
+        self.pipeline_ = TSPipeline(forecaster, train.scaler, self.search_.best_config, floor)
         return self.pipeline_
 
     def _chosen(self) -> list[dict[str, Any]]:
@@ -312,19 +328,31 @@ class TSPipeline:
         What the forecaster's training data was scaled with.
     config : dict
         The search's config that made it (model, lookback, lr, sizes).
+    floor : float, optional
+        Forecasts below it are raised to it, in `predict` and `evaluate` (AutoTS sets 0 for
+        data without negative values).
     """
 
-    def __init__(self, forecaster: Forecaster, scaler: TSScaler | None, config: dict[str, Any]):
+    def __init__(
+        self,
+        forecaster: Forecaster,
+        scaler: TSScaler | None,
+        config: dict[str, Any],
+        floor: float | None = None,
+    ):
+        check_floor(floor)
         self.forecaster = forecaster
         self.scaler = scaler
         self.config = dict(config)
+        self.floor = floor
 
     @property
     def lookback(self) -> int:
         return self.forecaster.lookback
 
     def __repr__(self) -> str:
-        return f"TSPipeline({self.forecaster!r}, scaled={self.scaler is not None})"
+        floor = "" if self.floor is None else f", floor={self.floor!r}"
+        return f"TSPipeline({self.forecaster!r}, scaled={self.scaler is not None}{floor})"
 
     def _scaled(self, data: TSDataset) -> bool:
         """Scale `data` with the pipeline's scaler when it is not scaled; True if it did."""
@@ -335,6 +363,7 @@ class TSPipeline:
 
     def predict(self, data: TSDataset, horizon: int | None = None, **options: Any) -> Any:
         """Forecast the steps after each series' end; `data` is left as it was given."""
+        options.setdefault("floor", self.floor)
         scaled = self._scaled(data)
         try:
             return self.forecaster.predict(data, horizon, **options)
@@ -344,6 +373,7 @@ class TSPipeline:
 
     def evaluate(self, test: TSDataset, **options: Any) -> dict[str, float]:
         """`Forecaster.evaluate` on `test` (scaled here when given unscaled)."""
+        options.setdefault("floor", self.floor)
         scaled = self._scaled(test)
         train = options.get("train")
         scaled_train = train is not None and self._scaled(train)
@@ -361,7 +391,7 @@ class TSPipeline:
         fs.makedirs(root, exist_ok=True)
         self.forecaster.save(f"{path.rstrip('/')}/{_FORECASTER_DIR}")
         with fs.open(f"{root}/{_PIPELINE_FILE}", "w") as handle:
-            json.dump({"config": _plain(self.config)}, handle, indent=2)
+            json.dump({"config": _plain(self.config), "floor": self.floor}, handle, indent=2)
         if self.scaler is not None:
             with fs.open(f"{root}/{_SCALER_FILE}", "w") as handle:
                 json.dump(self.scaler.to_dict(), handle)
@@ -370,14 +400,14 @@ class TSPipeline:
     @classmethod
     def load(cls, path: str) -> TSPipeline:
         fs, root = fsspec.core.url_to_fs(path)
-        config = read_json(path, _PIPELINE_FILE, "TSPipeline.save")["config"]
+        saved = read_json(path, _PIPELINE_FILE, "TSPipeline.save")
         scaler = None
         if fs.exists(f"{root}/{_SCALER_FILE}"):
             with fs.open(f"{root}/{_SCALER_FILE}", "r") as handle:
                 scaler = TSScaler.from_dict(json.load(handle))
         where = f"{path.rstrip('/')}/{_FORECASTER_DIR}"
-        saved = EnsembleForecaster if EnsembleForecaster.saved_at(where) else Forecaster
-        return cls(saved.load(where), scaler, config)
+        kind = EnsembleForecaster if EnsembleForecaster.saved_at(where) else Forecaster
+        return cls(kind.load(where), scaler, saved["config"], saved.get("floor"))
 
 
 # AutoEstimator.fit's options that a single refit does not take

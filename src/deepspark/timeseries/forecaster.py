@@ -186,6 +186,7 @@ class Forecaster:
         *,
         onnx: bool | str = False,
         batch_size: int = 1024,
+        floor: float | None = None,
     ) -> Any:
         """Forecast the `horizon` steps after each series' last timestamp.
 
@@ -193,11 +194,13 @@ class Forecaster:
         (future timestamps at `data.freq`) and one per target. Pandas in, pandas out (the
         model runs in this process); Spark in, Spark out (``deepspark.predict`` on the
         executors). ``onnx=True`` runs an ONNX export through ONNX Runtime (``onnx="f.onnx"``:
-        that file, written by `export_onnx`).
+        that file, written by `export_onnx`). `floor` raises unscaled forecasts below it to it
+        (0 for data that cannot be negative: energy, sales, counts).
         """
         model, cols = self._fitted()
         _check_dataset(data, "data")
         self._check_columns(data, "data")
+        check_floor(floor)
         steps = self.horizon if horizon is None else horizon
         if not isinstance(steps, int) or not 1 <= steps <= self.horizon:
             raise ValueError(
@@ -216,13 +219,13 @@ class Forecaster:
             x = np.stack(last[windows.X_COL].to_numpy()).astype("float32")
             flat = run_onnx(onnx_path, x) if onnx_path else run_torch(model, x, batch_size)
             forecasts = flat.reshape(len(x), *shape)[:, :steps]
-            return windows.forecast_rows(last, forecasts, data.columns, freq, scaler)
+            return windows.forecast_rows(last, forecasts, data.columns, freq, scaler, floor)
         scored = self._score_spark(last, onnx_path, batch_size)
         data_cols = data.columns
 
         def rows(frame: pd.DataFrame) -> pd.DataFrame:
             forecasts = windows.stacked(frame[PREDICTION_COL], *shape)[:, :steps]
-            return windows.forecast_rows(frame, forecasts, data_cols, freq, scaler)
+            return windows.forecast_rows(frame, forecasts, data_cols, freq, scaler, floor)
 
         from deepspark.timeseries import tsdataset_spark
 
@@ -252,9 +255,11 @@ class Forecaster:
         season: int = 1,
         train: TSDataset | None = None,
         onnx: bool | str = False,
+        floor: float | None = None,
     ) -> dict[str, float]:
         """Forecast every window of `test` and score it: MAE, MSE, sMAPE (percent) and MASE,
-        over all series, steps and targets, on unscaled values.
+        over all series, steps and targets, on unscaled values (raised to `floor`, as
+        `predict` does).
 
         MASE divides each error by its series' in-sample seasonal-naive MAE (`season` steps
         back) on `train` (default: the data `fit` trained on). For Spark data each partition
@@ -266,6 +271,7 @@ class Forecaster:
         self._check_columns(test, "test")
         if not isinstance(season, int) or season < 1:
             raise ValueError(f"season must be a positive int, got {season!r}")
+        check_floor(floor)
         history = train if train is not None else self._train
         naive = None
         if "mase" in names and history is not None:
@@ -285,6 +291,7 @@ class Forecaster:
             if scaler is not None:
                 y = scaler.inverse_windows(y, ids, targets)
                 yhat = scaler.inverse_windows(yhat, ids, targets)
+            yhat = windows.floored(yhat, floor)
             if naive is None:
                 denominators = np.full((len(frame), len(targets)), np.nan)
             elif id_col:
@@ -390,6 +397,14 @@ def _check_dataset(data: Any, name: str) -> None:
             f"{name} must be a TSDataset (TSDataset.from_pandas / from_spark), got "
             f"{type(data).__name__}"
         )
+
+
+def check_floor(floor: Any) -> None:
+    """A clear error unless `floor` is None or a finite number."""
+    if floor is not None and (
+        isinstance(floor, bool) or not isinstance(floor, (int, float)) or not np.isfinite(floor)
+    ):
+        raise ValueError(f"floor={floor!r}: a finite number (the least value to forecast) or None")
 
 
 class _NamedForecaster(Forecaster):

@@ -333,6 +333,27 @@ class TSDataset:
             table[list(cols.target_col)] = table[list(cols.target_col)].to_numpy() * spread
         return table
 
+    def target_min(self) -> dict[str, float]:
+        """The least value of each target over every series, in unscaled units (nan for a
+        target with no values). Spark data is reduced per series by Spark; one row per series
+        returns."""
+        cols = self._cols
+        targets = list(cols.target_col)
+        if self.is_spark:
+            from deepspark.timeseries import tsdataset_spark
+
+            table = tsdataset_spark.target_minima(self._spark_rows(), cols)
+        elif cols.id_col:
+            table = self._data.groupby(cols.id_col, sort=True)[targets].min().reset_index()
+        else:
+            table = self._data[targets].min().to_frame().T
+        least = table[targets].to_numpy("float64")
+        if self.scaler is not None:  # scale > 0: each series' least scaled value unscales to
+            ids = table[cols.id_col].to_numpy() if cols.id_col else np.zeros(len(table))
+            center, spread = self.scaler.factors(ids, targets)  # its least value
+            least = least * spread + center
+        return {name: float(pd.Series(least[:, i]).min()) for i, name in enumerate(targets)}
+
     def _map_rows(self, step: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
         if self.is_spark:
             self._pending.append(step)  # row-wise steps also run per series

@@ -260,6 +260,14 @@ def naive_errors(sdf: DataFrame, cols: SeriesColumns, season: int) -> pd.DataFra
     return _grouped(sdf, cols).applyInPandas(errors, out).toPandas()
 
 
+def target_minima(sdf: DataFrame, cols: SeriesColumns) -> pd.DataFrame:
+    """Per series, the least value of each target (one row per series, with its id)."""
+    least = [F.min(F.col(name)).cast("double").alias(name) for name in cols.target_col]
+    if cols.id_col:
+        return sdf.groupBy(cols.id_col).agg(*least).toPandas()
+    return sdf.agg(*least).toPandas()
+
+
 def summed_errors(
     scored: DataFrame, sums_of: Callable[[pd.DataFrame], dict[str, float]]
 ) -> dict[str, float]:

@@ -107,21 +107,28 @@ def future_times(last: pd.Timestamp, freq, horizon: int) -> pd.DatetimeIndex:
     return pd.date_range(start=last, periods=horizon + 1, freq=freq)[1:]
 
 
+def floored(values: np.ndarray, floor: float | None) -> np.ndarray:
+    """`values` raised to `floor` where below it (None: as they are)."""
+    return values if floor is None else np.maximum(values, floor)
+
+
 def forecast_rows(
     windows: pd.DataFrame,
     predictions: np.ndarray,
     cols: SeriesColumns,
     freq,
     scaler: TSScaler | None,
+    floor: float | None = None,
 ) -> pd.DataFrame:
     """Forecasts (windows, horizon, targets) as long rows: id, dt (future), one column per
-    target, unscaled with `scaler`."""
+    target, unscaled with `scaler`, and raised to `floor` where they fall below it."""
     horizon = predictions.shape[1]
     ids = windows[cols.id_col].to_numpy() if cols.id_col is not None else None
     if scaler is not None:
         predictions = scaler.inverse_windows(
             predictions, ids if ids is not None else np.zeros(len(windows)), cols.target_col
         )
+    predictions = floored(predictions, floor)
     stamps = [future_times(last, freq, horizon) for last in windows[cols.dt_col]]
     result = pd.DataFrame({cols.dt_col: np.concatenate(stamps) if stamps else pd.DatetimeIndex([])})
     if ids is not None:
