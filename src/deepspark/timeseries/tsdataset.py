@@ -348,9 +348,9 @@ class TSDataset:
         else:
             table = self._data[targets].min().to_frame().T
         least = table[targets].to_numpy("float64")
-        if self.scaler is not None:  # scale > 0: each series' least scaled value unscales to
+        if self.scaler is not None:  # scale > 0, so the least scaled value is the least value
             ids = table[cols.id_col].to_numpy() if cols.id_col else np.zeros(len(table))
-            center, spread = self.scaler.factors(ids, targets)  # its least value
+            center, spread = self.scaler.factors(ids, targets)
             least = least * spread + center
         return {name: float(pd.Series(least[:, i]).min()) for i, name in enumerate(targets)}
 

@@ -100,10 +100,8 @@ def _rows(outputs: torch.Tensor) -> int:
 def _classification_task(
     outputs: torch.Tensor, targets: torch.Tensor, name: str, logits: bool | None = None
 ) -> Task:
-    """The batch's task; ``logits`` when already known (no look at the values then).
-
-    Outputs outside [0, 1] are logits; so are multiclass scores whose classes do not sum to 1,
-    which a raw head's first batch can show even when all its values lie in [0, 1]."""
+    """The batch's task; ``logits`` when already known (no look at the values then). Values
+    outside [0, 1] are logits, and so are multiclass scores whose classes do not sum to 1."""
     if logits is None:
         logits = bool(((outputs < 0) | (outputs > 1)).any())
     if outputs.dim() <= 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
