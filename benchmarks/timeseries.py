@@ -177,7 +177,10 @@ def autots_model(n_trials: int) -> Forecast:
         )
         pipeline = search.fit(train, validation, n_trials=n_trials, epochs=epochs, batch_size=32)
         members = [(t["config"]["model"], t["config"]["lookback"]) for t in search.members_]
-        AUTOTS_CONFIGS.append({**pipeline.config, "members": members})
+        check = {
+            k: round(v, 5) if isinstance(v, float) else v for k, v in search.validation_.items()
+        }
+        AUTOTS_CONFIGS.append({**pipeline.config, "members": members, "naive_check": check})
         return pipeline.predict(dataset(history))["y"].to_numpy()
 
     return forecast

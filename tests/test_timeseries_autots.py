@@ -8,7 +8,7 @@ import pytest
 import statsmodels.api as sm
 import torch
 
-from deepspark.timeseries import TSDataset
+from deepspark.timeseries import SeasonalNaiveForecaster, TSDataset
 from deepspark.timeseries.autots import AutoTS, TSPipeline
 
 HORIZON = 12
@@ -68,6 +68,10 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
         reported = trial.intermediate_values
         assert trial.value == min(reported.values())
         assert reported[trial.user_attrs["best_epoch"]] == trial.value
+    # the trials beat seasonal naive on the validation windows by far: they are kept
+    check = auto.validation_
+    assert check["chosen"] == "networks", check
+    assert check["networks"] < 0.8 * check["seasonal_naive"], check
     # each member was trained again on train + validation, for its trial's epochs
     for member, trial in zip(members, auto.members_, strict=True):
         assert len(member.history_) == trial["best_epoch"] + 1
@@ -111,6 +115,8 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
         (dict(patience=-1), "patience=-1"),
         (dict(ensemble=0), "ensemble=0"),
         (dict(floor="high"), "floor='high'"),
+        (dict(fallback=1.5), "fallback=1.5"),
+        (dict(fallback=True), "fallback=True"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -192,6 +198,7 @@ def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches
         models=("dlinear",),
         refit=False,
         ensemble=2,
+        fallback=None,  # the trials' models, whatever seasonal naive scores
         directory=str(tmp_path / "search"),
         seed=0,
     )
@@ -228,3 +235,48 @@ def test_autots_sets_no_floor_for_data_with_negative_values(spark, tmp_path):
     fixed = TSPipeline(pipeline.forecaster, pipeline.scaler, pipeline.config, floor=35.0)
     future = fixed.predict(history)["y"]
     np.testing.assert_allclose(future, np.maximum(pipeline.predict(history)["y"], 35.0))
+
+
+def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, tmp_path):
+    from sktime.datasets import load_airline
+
+    series = load_airline()
+    frame = pd.DataFrame({"ds": series.index.to_timestamp(), "y": series.to_numpy(float)})
+    train, val, _ = TSDataset.from_pandas(
+        frame, dt_col="ds", target_col="y", with_split=True, val_ratio=0.15, test_ratio=0.1
+    )
+    train.scale("standard")
+    val.scale(train.scaler, fit=False)
+    # Trials that cannot learn the yearly cycle: half a season of lookback, one epoch at a
+    # learning rate of 1e-6. Repeating last year is far better on the validation windows.
+    options = dict(
+        horizon=HORIZON,
+        season=12,
+        models=("dlinear",),
+        lookback=(6,),
+        lr=(1e-6, 1e-6),
+        ensemble=1,
+        seed=0,
+    )
+    auto = AutoTS(directory=str(tmp_path / "checked"), **options)
+    pipeline = auto.fit(train, val, n_trials=2, epochs=1, batch_size=64)
+    check = auto.validation_
+    assert check["chosen"] == "seasonal_naive" and check["difference"] > 0, check
+    assert check["windows"] == len(val.to_pandas()) - HORIZON + 1
+    assert auto.members_ == [] and isinstance(pipeline.forecaster, SeasonalNaiveForecaster)
+    assert pipeline.config == {"model": "seasonal_naive", "lookback": 12, "season": 12}
+
+    # the real future repeats the last year of the history it is given, unscaled
+    history = TSDataset.from_pandas(frame, dt_col="ds", target_col="y")
+    future = pipeline.predict(history)
+    # exactly: seasonal naive reads the unscaled data, so no scaling round trip blurs it
+    np.testing.assert_array_equal(future["y"], frame["y"].iloc[-HORIZON:])
+    loaded = TSPipeline.load(pipeline.save(str(tmp_path / "pipeline")))
+    assert isinstance(loaded.forecaster, SeasonalNaiveForecaster)
+    pd.testing.assert_frame_equal(loaded.predict(history), future)
+
+    # fallback=None: the same search keeps its (untrained) network unchecked
+    kept = AutoTS(directory=str(tmp_path / "unchecked"), fallback=None, **options)
+    unchecked = kept.fit(train, val, n_trials=2, epochs=1, batch_size=64)
+    assert kept.validation_ is None and unchecked.forecaster.kind == "dlinear"
+    assert np.abs(unchecked.predict(history)["y"] - future["y"]).max() > 1.0

@@ -7,6 +7,7 @@ global network over all of them with deepspark's distributed engine.
 from deepspark.timeseries.anomaly import ThresholdDetector
 from deepspark.timeseries.anomaly_models import AEDetector, ForecastResidualDetector
 from deepspark.timeseries.autots import AutoTS, TSPipeline
+from deepspark.timeseries.baseline import SeasonalNaiveForecaster
 from deepspark.timeseries.ensemble import EnsembleForecaster
 from deepspark.timeseries.forecast_metrics import mae, mase, mse, smape
 from deepspark.timeseries.forecaster import (
@@ -33,6 +34,7 @@ __all__ = [
     "LSTMForecaster",
     "NBeatsForecaster",
     "PatchTSTForecaster",
+    "SeasonalNaiveForecaster",
     "Seq2SeqForecaster",
     "TCNForecaster",
     "TSDataset",

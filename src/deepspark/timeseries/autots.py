@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from deepspark.timeseries import validation_steps, windows
+from deepspark.timeseries.baseline import SeasonalNaiveForecaster, naive_check
 from deepspark.timeseries.ensemble import EnsembleForecaster
 from deepspark.timeseries.forecast_model import make_loss
 from deepspark.timeseries.forecaster import Forecaster, check_floor
@@ -86,6 +87,16 @@ class AutoTS:
         (`EnsembleForecaster`), which depends less on which config won by a few per cent on
         the validation steps than the winner alone, and members that read different windows
         err less alike than near-copies of the winner. 1 keeps the best alone.
+    fallback : float or None
+        How much better than the seasonal-naive forecast (the last value without `season`)
+        the chosen trials must be on the validation windows, as a fraction of its loss
+        (default 0.01). Both forecast every window and are compared window by window with the
+        search's loss: the trials' mean forecast is kept only when its mean loss is lower by
+        more than this fraction and by more than one standard error of the per-window
+        differences. Otherwise the pipeline forecasts seasonal naive
+        (`SeasonalNaiveForecaster`): networks that learnt nothing beyond it only add noise,
+        and refitting moves a forecast by more than a gain of under 1%. `validation_` holds
+        the comparison. None keeps the trials unchecked.
     **search_options
         `deepspark.automl.AutoEstimator`'s: ``workers_per_trial``, ``max_concurrent``,
         ``sampler``, ``pruner``, ``study_name``, ``storage``, ``directory``, ``seed``.
@@ -110,6 +121,7 @@ class AutoTS:
         refit: bool = True,
         ensemble: int = 5,
         floor: str | float | None = "auto",
+        fallback: float | None = 0.01,
         **search_options: Any,
     ) -> None:
         self.horizon = horizon
@@ -124,10 +136,12 @@ class AutoTS:
         self.refit = refit
         self.ensemble = ensemble
         self.floor = floor
+        self.fallback = fallback
         self.search_options = search_options
         self.search_: Any = None
         self.pipeline_: TSPipeline | None = None
         self.members_: list[dict[str, Any]] = []  # the trials the pipeline forecasts with
+        self.validation_: dict[str, Any] | None = None  # the seasonal-naive check (fallback)
 
     def _lookbacks(self) -> tuple[int, ...]:
         if self.lookback is not None:
@@ -158,6 +172,12 @@ class AutoTS:
                 raise ValueError(f"AutoTS(sizes={{{kind!r}: ...}}): {kind!r} is not searched")
             sizes[kind] = {name: list(values) for name, values in choices.items()}
         make_loss(self.loss)
+        if self.fallback is not None and (
+            isinstance(self.fallback, bool)
+            or not isinstance(self.fallback, (int, float))
+            or not 0 <= self.fallback < 1
+        ):
+            raise ValueError(f"AutoTS(fallback={self.fallback!r}): a fraction in [0, 1) or None")
         if self.floor != "auto":
             try:
                 check_floor(self.floor)
@@ -189,6 +209,7 @@ class AutoTS:
         horizon``. Training windows never reach into the validation steps.
         """
         from deepspark.automl import AutoEstimator
+        from deepspark.automl.results import saved_estimator
         from deepspark.training.builtin_callbacks import EarlyStopping
 
         sizes = self._check()
@@ -263,6 +284,24 @@ class AutoTS:
             **fit_options,
         )
         self.members_ = self._chosen()
+        naive = SeasonalNaiveForecaster(season=season or 1, horizon=horizon)
+        if self.fallback is not None:
+            longest = max([naive.lookback] + [int(t["config"]["lookback"]) for t in self.members_])
+            models = [
+                saved_estimator(t["number"], t["model_path"]).get_model() for t in self.members_
+            ]
+            self.validation_ = naive_check(
+                models,
+                naive.build_model(columns),
+                data_for({"lookback": longest})[1],
+                self.loss,
+                self.fallback,
+            )
+            if self.validation_["chosen"] == "seasonal_naive":
+                self.members_ = []
+                config = {"model": naive.kind, "lookback": naive.lookback, "season": naive.season}
+                naive.fit(continued.data)
+                return self._pipeline(naive, train, config)
         refit_options = {k: v for k, v in fit_options.items() if k not in _SEARCH_ONLY}
         refit_options.setdefault("progress", False)
         refit_options.update(batch_size=batch_size, num_workers=self.search_.workers_per_trial)
@@ -270,10 +309,15 @@ class AutoTS:
             self._member(trial, continued, columns, refit_options) for trial in self.members_
         ]
         forecaster = members[0] if len(members) == 1 else EnsembleForecaster(members)
+        return self._pipeline(forecaster, train, self.search_.best_config)
+
+    def _pipeline(
+        self, forecaster: Forecaster, train: TSDataset, config: dict[str, Any]
+    ) -> TSPipeline:
         floor = self.floor
         if floor == "auto":
             floor = 0.0 if all(value >= 0 for value in train.target_min().values()) else None
-        self.pipeline_ = TSPipeline(forecaster, train.scaler, self.search_.best_config, floor)
+        self.pipeline_ = TSPipeline(forecaster, train.scaler, config, floor)
         return self.pipeline_
 
     def _chosen(self) -> list[dict[str, Any]]:
@@ -356,7 +400,7 @@ class TSPipeline:
 
     def _scaled(self, data: TSDataset) -> bool:
         """Scale `data` with the pipeline's scaler when it is not scaled; True if it did."""
-        if data.scaler is not None or self.scaler is None:
+        if data.scaler is not None or self.scaler is None or self.forecaster.scale_free:
             return False
         data.scale(self.scaler, fit=False)
         return True

@@ -65,6 +65,10 @@ def mase(y: np.ndarray, yhat: np.ndarray, train_y: np.ndarray, season: int = 1) 
     return mae(y, yhat) / naive_scale(train_y, season)
 
 
+# The keys of `error_sums`.
+SUMS = ("count", "abs", "sq", "smape", "scaled", "scaled_count")
+
+
 def error_sums(y: np.ndarray, yhat: np.ndarray, naive: np.ndarray) -> dict[str, float]:
     """Sums that add up across partitions: y and yhat of shape (windows, horizon, targets),
     `naive` of shape (windows, targets), the MASE denominator of each window's series."""

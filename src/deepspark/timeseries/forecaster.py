@@ -81,6 +81,9 @@ class Forecaster:
         self.estimator_: Any = None
         self._train: TSDataset | None = None
         self._onnx_path: str | None = None
+        # True when forecasts commute with each series' scaling (a TSPipeline then passes
+        # the data unscaled)
+        self.scale_free = False
 
     def __repr__(self) -> str:
         kind = "" if isinstance(self, _NamedForecaster) else f"{self.kind!r}, "
@@ -216,8 +219,8 @@ class Forecaster:
         last = data.last_windows(self.lookback)
         scaler, shape = data.scaler, (self.horizon, len(cols.target_col))
         if not data.is_spark:
-            x = np.stack(last[windows.X_COL].to_numpy()).astype("float32")
-            flat = run_onnx(onnx_path, x) if onnx_path else run_torch(model, x, batch_size)
+            x = np.stack(last[windows.X_COL].to_numpy())
+            flat = self._run_here(model, x, onnx_path, batch_size)
             forecasts = flat.reshape(len(x), *shape)[:, :steps]
             return windows.forecast_rows(last, forecasts, data.columns, freq, scaler, floor)
         scored = self._score_spark(last, onnx_path, batch_size)
@@ -232,6 +235,13 @@ class Forecaster:
         out_cols = SeriesColumns(data_cols.dt_col, data_cols.target_col, data_cols.id_col)
         out = tsdataset_spark.schema(scored, out_cols)
         return tsdataset_spark.per_rows(scored, rows, out)
+
+    def _run_here(
+        self, model: torch.nn.Module, x: np.ndarray, onnx_path: str | None, batch_size: int
+    ) -> np.ndarray:
+        """Flat forecasts of flat windows `x`, in this process (float32, as trained)."""
+        x = x.astype("float32")
+        return run_onnx(onnx_path, x) if onnx_path else run_torch(model, x, batch_size)
 
     def _score_spark(self, rows: Any, onnx_path: str | None, batch_size: int) -> Any:
         import deepspark as ds
@@ -308,7 +318,7 @@ class Forecaster:
             sums = tsdataset_spark.summed_errors(scored, sums_of)
         else:
             x = windows.stacked(rolled[windows.X_COL], *shape_x).reshape(len(rolled), -1)
-            flat = run_onnx(onnx_path, x) if onnx_path else run_torch(model, x)
+            flat = self._run_here(model, x, onnx_path, 4096)
             rolled[PREDICTION_COL] = list(flat)
             sums = sums_of(rolled)
         return forecast_metrics.metrics_from_sums(sums, names)
@@ -349,8 +359,12 @@ class Forecaster:
         """A forecaster written by `save`, ready to `predict` and `evaluate`."""
         settings, cols, weights = read_forecaster(path)
         kind = settings.pop("kind")
-        if kind in _NAMED:
-            forecaster: Forecaster = _NAMED[kind](**settings)
+        if kind == "seasonal_naive":
+            from deepspark.timeseries.baseline import SeasonalNaiveForecaster
+
+            forecaster: Forecaster = SeasonalNaiveForecaster(**settings)
+        elif kind in _NAMED:
+            forecaster = _NAMED[kind](**settings)
         else:
             forecaster = Forecaster(kind, **settings)
         model = forecaster.build_model(cols)

@@ -403,8 +403,9 @@ class TSDataset:
             from deepspark.timeseries import tsdataset_spark
 
             return tsdataset_spark.last_windows(self._spark_rows(), spec)
+        # float64: networks cast as they run; seasonal naive forecasts the values themselves
         return tsdataset_pandas.windows_of(
-            self._data, self._cols, lambda frame: windows.last_window(frame, spec)
+            self._data, self._cols, lambda frame: windows.last_window(frame, spec, "float64")
         )
 
     def roll(

@@ -9,7 +9,7 @@ summed errors of an evaluation. Rows of data are never collected.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
 from pyspark.sql import DataFrame, Window
@@ -269,10 +269,12 @@ def target_minima(sdf: DataFrame, cols: SeriesColumns) -> pd.DataFrame:
 
 
 def summed_errors(
-    scored: DataFrame, sums_of: Callable[[pd.DataFrame], dict[str, float]]
+    scored: DataFrame,
+    sums_of: Callable[[pd.DataFrame], dict[str, float]],
+    names: Sequence[str] = forecast_metrics.SUMS,
 ) -> dict[str, float]:
-    """`sums_of` on each batch of scored windows, added up by Spark: one row comes back."""
-    names = ("count", "abs", "sq", "smape", "scaled", "scaled_count")
+    """`sums_of` on each batch of scored windows (a dict with keys `names`), added up by
+    Spark: one row comes back."""
     out = T.StructType([T.StructField(name, T.DoubleType()) for name in names])
 
     def apply(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:

@@ -64,13 +64,13 @@ def check_series(frame: pd.DataFrame, spec: WindowSpec, needed: int) -> None:
         )
 
 
-def roll_series(frame: pd.DataFrame, spec: WindowSpec) -> pd.DataFrame:
+def roll_series(frame: pd.DataFrame, spec: WindowSpec, dtype: str = "float32") -> pd.DataFrame:
     """Every window of one series: columns id (if any), dt (the window's last input step),
-    x (flat float32 array), and y (flat float32 array; absent when horizon is 0)."""
+    x (flat `dtype` array), and y (flat `dtype` array; absent when horizon is 0)."""
     cols = spec.cols
     frame = sort_series(frame, cols)
     check_series(frame, spec, spec.lookback + spec.horizon)
-    values = frame[cols.value_cols].to_numpy("float32")
+    values = frame[cols.value_cols].to_numpy(dtype)
     count = len(frame) - spec.lookback - spec.horizon + 1
     inputs = np.lib.stride_tricks.sliding_window_view(values, spec.lookback, axis=0)[:count]
     # sliding_window_view puts the window axis last: (count, channels, lookback)
@@ -89,10 +89,10 @@ def roll_series(frame: pd.DataFrame, spec: WindowSpec) -> pd.DataFrame:
     return result
 
 
-def last_window(frame: pd.DataFrame, spec: WindowSpec) -> pd.DataFrame:
+def last_window(frame: pd.DataFrame, spec: WindowSpec, dtype: str = "float32") -> pd.DataFrame:
     """The one window that ends at the series' last step: the input of a real forecast."""
     tail = sort_series(frame, spec.cols).iloc[-spec.lookback :]
-    return roll_series(tail, WindowSpec(spec.cols, spec.lookback, 0))
+    return roll_series(tail, WindowSpec(spec.cols, spec.lookback, 0), dtype)
 
 
 def stacked(column: pd.Series, steps: int, channels: int) -> np.ndarray:

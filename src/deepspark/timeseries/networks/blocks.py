@@ -33,13 +33,28 @@ class WindowNormalized(nn.Module):
         return self.network(normalized) * std + mean
 
 
+class SeasonalNaive(nn.Module):
+    """The seasonal-naive forecast: the window's last ``season`` target steps, repeated over
+    the horizon (``season=1``: the last value). No weights."""
+
+    def __init__(self, *, season: int, lookback: int, horizon: int, output_size: int) -> None:
+        super().__init__()
+        self.output_size = output_size
+        # Step h of the horizon repeats step (lookback - season + h % season) of the window.
+        repeat = lookback - season + torch.arange(horizon) % season
+        self.register_buffer("repeat", repeat, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.repeat, : self.output_size]
+
+
 class SeasonalResidual(nn.Module):
     """Wrap a network so that it forecasts a correction to the seasonal-naive forecast.
 
-    The seasonal-naive forecast repeats the window's last ``season`` target steps over the
-    horizon; ``network``'s output is added to it, scaled by a learnt gate that starts at zero.
-    Training then starts from the forecast that is hard to beat on short, strongly seasonal
-    series (a few days of half-hourly data) and learns only what improves on it.
+    The seasonal-naive forecast (`SeasonalNaive`) is added to ``network``'s output, scaled
+    by a learnt gate that starts at zero. Training then starts from the forecast that is hard
+    to beat on short, strongly seasonal series (a few days of half-hourly data) and learns
+    only what improves on it.
     """
 
     def __init__(
@@ -47,15 +62,13 @@ class SeasonalResidual(nn.Module):
     ) -> None:
         super().__init__()
         self.network = network
-        self.output_size = output_size
-        # Step h of the horizon repeats step (lookback - season + h % season) of the window.
-        repeat = lookback - season + torch.arange(horizon) % season
-        self.register_buffer("repeat", repeat, persistent=False)
+        self.naive = SeasonalNaive(
+            season=season, lookback=lookback, horizon=horizon, output_size=output_size
+        )
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        naive = x[:, self.repeat, : self.output_size]
-        return naive + self.gate * self.network(x)
+        return self.naive(x) + self.gate * self.network(x)
 
 
 def mlp(in_features: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Sequential:
