@@ -5,7 +5,8 @@ series, on the windows of its own lookback (rolled once per lookback and reused)
 when its validation loss stops improving. Validation windows take their inputs from the end of
 the training data, so a validation split of a few horizons per series is enough. The result
 is a `TSPipeline`: the training data's scaler and the forecaster (by default the mean of the
-best trial of each of the 5 best kind-and-lookback pairs, an `EnsembleForecaster`), which
+best trial of each of the 5 best kind-and-lookback pairs, an `EnsembleForecaster`, or the
+seasonal-naive forecast when those trials do not clearly beat it on validation), which
 predicts the real future of unscaled data and saves and loads as one directory.
 """
 
