@@ -36,6 +36,7 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
         models=("dlinear", "nbeats"),
         lookback=(24, 36),
         ensemble=3,
+        refit=2,  # each chosen config trained again twice, from seeds 0 and 1
         directory=str(tmp_path / "search"),
         max_concurrent=2,
         pruner="none",  # every trial completes: 3 to choose from
@@ -51,7 +52,8 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
     # the pipeline forecasts with the best trial of each of the 3 best (kind, lookback)
     # pairs, best first (then the next best trials, when fewer pairs were tried)
     members = pipeline.forecaster.members
-    assert len(members) == 3 and auto.members_[0]["config"] == best == pipeline.config
+    assert len(members) == 6 and auto.members_[0]["config"] == best == pipeline.config
+    assert [m.seed for m in members] == [0, 1] * 3
     assert auto.members_[0]["value"] == auto.search_.best_value
     firsts = {}
     for trial in auto.search_.top_trials(4):
@@ -59,7 +61,8 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
     expected = list(firsts.values())[:3]
     expected += [t for t in auto.search_.top_trials(4) if t not in expected][: 3 - len(expected)]
     assert [t["number"] for t in auto.members_] == [t["number"] for t in expected]
-    assert [m.lookback for m in members] == [t["config"]["lookback"] for t in auto.members_]
+    per_trial = [t["config"]["lookback"] for t in auto.members_ for _ in range(2)]
+    assert [m.lookback for m in members] == per_trial
     assert pipeline.lookback == max(member.lookback for member in members)
     # trials keep their best epoch's weights, so each is scored at that epoch
     from optuna.trial import TrialState
@@ -72,9 +75,13 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
     check = auto.validation_
     assert check["chosen"] == "networks", check
     assert check["networks"] < 0.8 * check["seasonal_naive"], check
-    # each member was trained again on train + validation, for its trial's epochs
-    for member, trial in zip(members, auto.members_, strict=True):
-        assert len(member.history_) == trial["best_epoch"] + 1
+    # each member was trained again on train + validation, for its trial's epochs, and
+    # the two seeds of one config learnt different weights
+    for index, trial in enumerate(auto.members_):
+        first, second = members[2 * index : 2 * index + 2]
+        assert len(first.history_) == len(second.history_) == trial["best_epoch"] + 1
+        weights = second.model_.state_dict()
+        assert any(not torch.equal(t, weights[n]) for n, t in first.model_.state_dict().items())
 
     # the test split, given unscaled: the pipeline scales it with the training scaler
     scores = pipeline.evaluate(test, train=train)
@@ -117,6 +124,8 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
         (dict(floor="high"), "floor='high'"),
         (dict(fallback=1.5), "fallback=1.5"),
         (dict(fallback=True), "fallback=True"),
+        (dict(refit=-1), "refit=-1"),
+        (dict(refit="yes"), "refit='yes'"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -256,6 +265,7 @@ def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, t
         lookback=(6,),
         lr=(1e-6, 1e-6),
         ensemble=1,
+        refit=True,  # once: the kept pipeline is one network
         seed=0,
     )
     auto = AutoTS(directory=str(tmp_path / "checked"), **options)

@@ -12,11 +12,9 @@ predicts the real future of unscaled data and saves and loads as one directory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import torch
@@ -26,9 +24,8 @@ from deepspark.timeseries.baseline import SeasonalNaiveForecaster, naive_check
 from deepspark.timeseries.ensemble import EnsembleForecaster
 from deepspark.timeseries.forecast_model import make_loss
 from deepspark.timeseries.forecaster import Forecaster, check_floor
-from deepspark.timeseries.forecaster_io import read_json
 from deepspark.timeseries.networks import NETWORK_KINDS
-from deepspark.timeseries.scaler import TSScaler
+from deepspark.timeseries.pipeline import TSPipeline
 from deepspark.timeseries.tsdataset import TSDataset
 
 __all__ = ["DEFAULT_SIZE_SPACE", "AutoTS", "TSPipeline"]
@@ -43,7 +40,6 @@ DEFAULT_SIZE_SPACE: dict[str, dict[str, list[Any]]] = {
     "patchtst": {"d_model": [32, 64], "num_layers": [1, 2]},
     "nhits": {"hidden_size": [64, 128]},
 }
-_SCALER_FILE, _PIPELINE_FILE, _FORECASTER_DIR = "scaler.json", "pipeline.json", "forecaster"
 
 
 class AutoTS:
@@ -74,10 +70,13 @@ class AutoTS:
         Stop a trial after this many epochs without a better validation loss and keep its
         best epoch's weights (default 5; None trains every epoch). Trials are then ranked by
         their best epoch's validation loss.
-    refit : bool
+    refit : bool or int
         Train each chosen config again on the training and validation steps together, for as
-        many epochs as its trial needed to reach its best validation loss (default True), so
-        the pipeline has seen the latest steps; False keeps the trials' own models.
+        many epochs as its trial needed to reach its best validation loss, so the pipeline
+        has seen the latest steps. An int n trains each config n times from different
+        initial weights (seeds 0 to n-1) and the pipeline averages them all (default 3): on
+        short series one training run's forecast varies more than the configs differ. True
+        is 1; False (0) keeps the trials' own models.
     floor : "auto", float or None
         The least value the pipeline forecasts (see `TSPipeline`). ``"auto"`` (default): 0
         when no target of the training data is negative (energy, sales, counts), so such
@@ -119,7 +118,7 @@ class AutoTS:
         loss: str = "mse",
         metric: str = "val_loss",
         patience: int | None = 5,
-        refit: bool = True,
+        refit: bool | int = 3,
         ensemble: int = 5,
         floor: str | float | None = "auto",
         fallback: float | None = 0.01,
@@ -156,6 +155,8 @@ class AutoTS:
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise ValueError(f"AutoTS({name}={value!r}): a positive int")
+        if not isinstance(self.refit, int) or self.refit < 0:
+            raise ValueError(f"AutoTS(refit={self.refit!r}): True, False or a count of seeds")
         unknown = [kind for kind in self.models if kind not in NETWORK_KINDS]
         if not self.models or unknown:
             raise ValueError(
@@ -307,7 +308,9 @@ class AutoTS:
         refit_options.setdefault("progress", False)
         refit_options.update(batch_size=batch_size, num_workers=self.search_.workers_per_trial)
         members = [
-            self._member(trial, continued, columns, refit_options) for trial in self.members_
+            forecaster
+            for trial in self.members_
+            for forecaster in self._members(trial, continued, columns, refit_options)
         ]
         forecaster = members[0] if len(members) == 1 else EnsembleForecaster(members)
         return self._pipeline(forecaster, train, self.search_.best_config)
@@ -332,20 +335,26 @@ class AutoTS:
         chosen += [t for t in ranked if t not in chosen][: self.ensemble - len(chosen)]
         return chosen
 
-    def _member(
+    def _members(
         self, trial: dict[str, Any], continued: TSDataset, columns: Any, options: dict[str, Any]
-    ) -> Forecaster:
-        """One trial's forecaster: its config trained again on train + validation steps for
-        as many epochs as the trial needed (`refit`), or the model the trial saved."""
-        forecaster = _forecaster(trial["config"], self.horizon, self.loss, self.season)
+    ) -> list[Forecaster]:
+        """One trial's forecasters: its config trained again on train + validation steps for
+        as many epochs as the trial needed, once per seed (`refit`), or the trial's model."""
         if self.refit:
-            forecaster.fit(continued.data, epochs=trial["best_epoch"] + 1, **options)
-            return forecaster
+            refitted = []
+            for seed in range(int(self.refit)):
+                forecaster = _forecaster(trial["config"], self.horizon, self.loss, self.season)
+                forecaster.seed = seed
+                forecaster.fit(continued.data, epochs=trial["best_epoch"] + 1, **options)
+                refitted.append(forecaster)
+            return refitted
         from deepspark.automl.results import saved_estimator
+
+        forecaster = _forecaster(trial["config"], self.horizon, self.loss, self.season)
 
         forecaster.model_ = saved_estimator(trial["number"], trial["model_path"]).get_model()
         forecaster.columns_ = columns
-        return forecaster
+        return [forecaster]
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -359,100 +368,6 @@ class AutoTS:
         if self.search_ is None:
             raise RuntimeError("AutoTS has not searched: call fit first")
         return self.search_.best_config
-
-
-class TSPipeline:
-    """A fitted forecaster with the scaler of its training data: unscaled data in, the real
-    future out (unscaled, with timestamps).
-
-    Parameters
-    ----------
-    forecaster : Forecaster
-        Trained.
-    scaler : TSScaler or None
-        What the forecaster's training data was scaled with.
-    config : dict
-        The search's config that made it (model, lookback, lr, sizes).
-    floor : float, optional
-        Forecasts below it are raised to it, in `predict` and `evaluate` (AutoTS sets 0 for
-        data without negative values).
-    """
-
-    def __init__(
-        self,
-        forecaster: Forecaster,
-        scaler: TSScaler | None,
-        config: dict[str, Any],
-        floor: float | None = None,
-    ):
-        check_floor(floor)
-        self.forecaster = forecaster
-        self.scaler = scaler
-        self.config = dict(config)
-        self.floor = floor
-
-    @property
-    def lookback(self) -> int:
-        return self.forecaster.lookback
-
-    def __repr__(self) -> str:
-        floor = "" if self.floor is None else f", floor={self.floor!r}"
-        return f"TSPipeline({self.forecaster!r}, scaled={self.scaler is not None}{floor})"
-
-    def _scaled(self, data: TSDataset) -> bool:
-        """Scale `data` with the pipeline's scaler when it is not scaled; True if it did."""
-        if data.scaler is not None or self.scaler is None or self.forecaster.scale_free:
-            return False
-        data.scale(self.scaler, fit=False)
-        return True
-
-    def predict(self, data: TSDataset, horizon: int | None = None, **options: Any) -> Any:
-        """Forecast the steps after each series' end; `data` is left as it was given."""
-        options.setdefault("floor", self.floor)
-        scaled = self._scaled(data)
-        try:
-            return self.forecaster.predict(data, horizon, **options)
-        finally:
-            if scaled:
-                data.unscale()
-
-    def evaluate(self, test: TSDataset, **options: Any) -> dict[str, float]:
-        """`Forecaster.evaluate` on `test` (scaled here when given unscaled)."""
-        options.setdefault("floor", self.floor)
-        scaled = self._scaled(test)
-        train = options.get("train")
-        scaled_train = train is not None and self._scaled(train)
-        try:
-            return self.forecaster.evaluate(test, **options)
-        finally:
-            if scaled:
-                test.unscale()
-            if scaled_train:
-                train.unscale()
-
-    def save(self, path: str) -> str:
-        """Write the forecaster, the scaler and the config to directory `path` (fsspec)."""
-        fs, root = fsspec.core.url_to_fs(path)
-        fs.makedirs(root, exist_ok=True)
-        self.forecaster.save(f"{path.rstrip('/')}/{_FORECASTER_DIR}")
-        with fs.open(f"{root}/{_PIPELINE_FILE}", "w") as handle:
-            json.dump({"config": _plain(self.config), "floor": self.floor}, handle, indent=2)
-        if self.scaler is not None:
-            with fs.open(f"{root}/{_SCALER_FILE}", "w") as handle:
-                json.dump(self.scaler.to_dict(), handle)
-        return path
-
-    @classmethod
-    def load(cls, path: str) -> TSPipeline:
-        fs, root = fsspec.core.url_to_fs(path)
-        saved = read_json(path, _PIPELINE_FILE, "TSPipeline.save")
-        scaler = None
-        if fs.exists(f"{root}/{_SCALER_FILE}"):
-            with fs.open(f"{root}/{_SCALER_FILE}", "r") as handle:
-                scaler = TSScaler.from_dict(json.load(handle))
-        where = f"{path.rstrip('/')}/{_FORECASTER_DIR}"
-        kind = EnsembleForecaster if EnsembleForecaster.saved_at(where) else Forecaster
-        return cls(kind.load(where), scaler, saved["config"], saved.get("floor"))
 
 
 # AutoEstimator.fit's options that a single refit does not take
@@ -486,13 +401,3 @@ def _rows(rows: Any, is_spark: bool) -> Any:
         windows.X_COL: np.stack(rows[windows.X_COL].to_numpy()).astype("float32"),
         windows.Y_COL: np.stack(rows[windows.Y_COL].to_numpy()).astype("float32"),
     }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if hasattr(value, "item"):
-        return value.item()
-    return value
