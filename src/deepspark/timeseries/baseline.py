@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from deepspark.timeseries import windows
-from deepspark.timeseries.ensemble import MeanForecastModel
+from deepspark.timeseries.ensemble import MeanForecastModel, own_steps
 from deepspark.timeseries.forecast_model import LOSSES, FlatWindowModel, run_torch
 from deepspark.timeseries.forecaster import Forecaster, _check_dataset
 from deepspark.timeseries.networks.blocks import SeasonalNaive
@@ -114,13 +114,7 @@ class _Paired(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         steps = x.reshape(-1, self.lookback, self.input_size)
-        return torch.cat(
-            [
-                model(steps[:, self.lookback - model.lookback :, :].flatten(1))
-                for model in self.models
-            ],
-            dim=1,
-        )
+        return torch.cat([model(own_steps(steps, model)) for model in self.models], dim=1)
 
 
 def naive_comparison(

@@ -20,7 +20,7 @@ from torch import nn
 from deepspark.timeseries.forecaster import Forecaster
 from deepspark.timeseries.forecaster_io import read_json
 
-__all__ = ["EnsembleForecaster", "MeanForecastModel"]
+__all__ = ["EnsembleForecaster", "MeanForecastModel", "own_steps"]
 
 _ENSEMBLE_FILE = "ensemble.json"
 
@@ -39,11 +39,13 @@ class MeanForecastModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         windows = x.reshape(-1, self.lookback, self.input_size)
-        forecasts = [
-            member(windows[:, self.lookback - member.lookback :, :].flatten(1))
-            for member in self.members
-        ]
+        forecasts = [member(own_steps(windows, member)) for member in self.members]
         return torch.stack(forecasts).mean(dim=0)
+
+
+def own_steps(windows: torch.Tensor, member: nn.Module) -> torch.Tensor:
+    """The last ``member.lookback`` steps of `windows` (batch, steps, channels), flat."""
+    return windows[:, windows.shape[1] - member.lookback :, :].flatten(1)
 
 
 class EnsembleForecaster(Forecaster):
