@@ -6,7 +6,7 @@ global network over all of them with deepspark's distributed engine.
 
 from deepspark.timeseries.anomaly import ThresholdDetector
 from deepspark.timeseries.anomaly_models import AEDetector, ForecastResidualDetector
-from deepspark.timeseries.autots import AutoTS, TSPipeline
+from deepspark.timeseries.autots import AutoTS
 from deepspark.timeseries.baseline import SeasonalNaiveForecaster
 from deepspark.timeseries.ensemble import EnsembleForecaster
 from deepspark.timeseries.forecast_metrics import mae, mase, mse, smape
@@ -20,6 +20,7 @@ from deepspark.timeseries.forecaster import (
     TCNForecaster,
 )
 from deepspark.timeseries.networks import NETWORK_KINDS, build_network
+from deepspark.timeseries.pipeline import TSPipeline
 from deepspark.timeseries.scaler import TSScaler
 from deepspark.timeseries.tsdataset import TSDataset
 
