@@ -1,13 +1,25 @@
 """Image pipeline: deepspark.vision against the connector way, and against decoding alone.
 
 One run, the same JPEG files (variants of real photos at product-photo sizes) and the same
-models (YOLOv3-tiny by OpenCV DNN, EfficientNet-Lite0 features per crop):
+models, in two sections:
+
+* ``detect``: YOLOv3-tiny (OpenCV DNN, the fastest of its runtimes here: the profile times
+  all three) finds boxes and EfficientNet-Lite0 embeds each crop,
+  the issue's pipeline;
+* ``embed``: EfficientNet-Lite0 embeds each whole image, what ``dedup`` and ``search`` run.
+
+Each section times three paths on the same files:
 
 * decode-only: Spark reads the files and decodes them in the tasks, nothing else (the limit);
-* deepspark: ``vision.detect(read_images(folder), embed_crops=True)`` written to Parquet;
+* deepspark: ``vision.detect(...)`` or ``vision.embed(...)`` written to Parquet;
 * connector: Spark exports the images to Parquet files, one separate Python process (the
-  "GPU cluster", here the CPU, with all cores as threads) detects and embeds with the same
-  worker code and writes features, and Spark imports them back into a table.
+  "GPU cluster", here the CPU, with all cores as threads) runs the same worker code and
+  writes features, and Spark imports them back into a table.
+
+It also measures the models' own cost per image on one thread (no Spark, no files), and from
+it the **model bound**: the seconds any path needs on these cores for the model work alone.
+``connector_s / model_bound_s`` is then the most any pipeline could gain over the connector
+here, and ``decode_only_s / model_bound_s`` the most it could reach of the decode limit.
 
 Each path runs once on a warm-up set first. ``--scale N`` instead pushes N generated images
 (and one corrupt file) through read, decode and embed, and records the Python workers' peak
@@ -39,43 +51,55 @@ def make_images(folder: str, count: int, seed: int) -> int:
     return len(write_near_duplicates(folder, count=count, seed=seed, long_side=LONG_SIDE))
 
 
-def _decode_only_fn(batches):
-    import pyarrow as pa
+def _decode_only_fn(min_side: int):
+    def decode_batches(batches):
+        import pyarrow as pa
 
-    from deepspark.vision.decoding import DecoderChooser, ImageError
+        from deepspark.vision.decoding import DecoderChooser, ImageError
 
-    chooser = DecoderChooser(min_side=416)
-    for batch in batches:
-        decoded = 0
-        for data in batch.column("content").to_pylist():
-            try:
-                chooser.decode(data)
-                decoded += 1
-            except ImageError:
-                pass
-        yield pa.RecordBatch.from_pydict({"decoded": pa.array([decoded], pa.int64())})
+        chooser = DecoderChooser(min_side=min_side)
+        for batch in batches:
+            decoded = 0
+            for data in batch.column("content").to_pylist():
+                try:
+                    chooser.decode(data)
+                    decoded += 1
+                except ImageError:
+                    pass
+            yield pa.RecordBatch.from_pydict({"decoded": pa.array([decoded], pa.int64())})
+
+    return decode_batches
 
 
-def decode_only(spark, folder: str) -> tuple[float, int]:
+MIN_SIDE = {"detect": 416, "embed": 224}
+"""The smallest decoded side each section needs (a JPEG may be decoded reduced down to it)."""
+
+
+def decode_only(spark, section: str, folder: str) -> tuple[float, int]:
     from deepspark import vision
 
     start = time.perf_counter()
     images = vision.read_images(folder)
-    counts = images.mapInArrow(_decode_only_fn, "decoded long").groupBy().sum().first()[0]
+    decode = _decode_only_fn(MIN_SIDE[section])
+    counts = images.mapInArrow(decode, "decoded long").groupBy().sum().first()[0]
     return time.perf_counter() - start, int(counts)
 
 
-def deepspark_pipeline(spark, folder: str, out: str) -> tuple[float, int]:
+def deepspark_pipeline(spark, section: str, folder: str, out: str) -> tuple[float, int]:
     from deepspark import vision
 
     start = time.perf_counter()
     images = vision.read_images(folder)
-    vision.detect(images, embed_crops=True, with_crops=False).write.mode("overwrite").parquet(out)
+    if section == "detect":
+        result = vision.detect(images, embed_crops=True, with_crops=False)
+    else:
+        result = vision.embed(images)
+    result.write.mode("overwrite").parquet(out)
     seconds = time.perf_counter() - start
     return seconds, spark.read.parquet(out).count()
 
 
-def connector(spark, folder: str, work: str, runtime: str) -> dict[str, float]:
+def connector(spark, section: str, folder: str, work: str, runtime: str) -> dict[str, float]:
     """Export with Spark, detect and embed in one separate process, import with Spark."""
     export, features, table = (os.path.join(work, name) for name in ("export", "features", "table"))
     start = time.perf_counter()
@@ -85,7 +109,10 @@ def connector(spark, folder: str, work: str, runtime: str) -> dict[str, float]:
     exported = time.perf_counter()
     command = [sys.executable, os.path.abspath(__file__), "--connector-worker", export, features]
     done = subprocess.run(
-        [*command, "--runtime", runtime], capture_output=True, text=True, timeout=3600
+        [*command, "--runtime", runtime, "--sections", section],
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     if done.returncode != 0:
         raise RuntimeError(f"connector process failed:\n{done.stderr[-3000:]}")
@@ -103,25 +130,41 @@ def connector(spark, folder: str, work: str, runtime: str) -> dict[str, float]:
     }
 
 
-def connector_worker(export: str, out: str, runtime: str) -> None:
+def connector_worker(export: str, out: str, runtime: str, section: str) -> None:
     """The separate process: all cores as threads, the same worker code as the tasks."""
     import pyarrow.dataset as pds
     import pyarrow.parquet as pq
 
-    from deepspark.vision.image_tasks import DetectSpec, EmbedSpec, ImageColumns, detect_partition
+    from deepspark.inference import load_model
+    from deepspark.vision.image_tasks import (
+        DetectSpec,
+        EmbedSpec,
+        ImageColumns,
+        detect_partition,
+        embed_partition,
+        load_detector,
+    )
     from deepspark.vision.images import default_embedder
     from deepspark.vision.zoo import yolov3_tiny_files
 
     start = time.perf_counter()
     columns = ImageColumns("content", None, ("path",))
-    embed = EmbedSpec(default_embedder(runtime), columns, resize="stretch", num_threads=CORES)
-    spec = DetectSpec(
-        columns, files=yolov3_tiny_files(), with_crops=False, num_threads=CORES, embed=embed
-    )
+    if section == "detect":
+        embed = EmbedSpec(default_embedder(runtime), columns, resize="stretch", num_threads=CORES)
+        spec = DetectSpec(
+            columns, files=yolov3_tiny_files(), with_crops=False, num_threads=CORES, embed=embed
+        )
+        load_detector(spec)
+        load_model(embed.model, num_threads=CORES)
+        run = detect_partition
+    else:
+        spec = EmbedSpec(default_embedder(runtime), columns, num_threads=CORES)
+        load_model(spec.model, num_threads=CORES)
+        run = embed_partition
     load_s = time.perf_counter() - start
     batches = pds.dataset(export, format="parquet").to_batches(batch_size=64)
     writer = None
-    for result in detect_partition(batches, spec):
+    for result in run(batches, spec):
         writer = writer or pq.ParquetWriter(out + ".parquet", result.schema)
         writer.write_batch(result)
     if writer is not None:
@@ -131,50 +174,81 @@ def connector_worker(export: str, out: str, runtime: str) -> None:
     print(json.dumps({"load_s": load_s}))
 
 
-def stage_profile(folder: str, count: int = 12) -> dict[str, float]:
-    """Milliseconds per image of each stage, one thread, in this process: where time goes."""
+def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
+    """Milliseconds per image of each stage, one thread, in this process: where time goes.
+
+    The images are read, decoded and sent through the models stage by stage, the embedder
+    in batches of 32 as in the tasks, each after one warm-up call.
+    """
+    import cv2
+    import numpy as np
     import torch
 
     from deepspark.inference import load_model
+    from deepspark.vision.darknet import RUNTIMES as DARKNET_RUNTIMES
     from deepspark.vision.decoding import DecoderChooser, fit_image
     from deepspark.vision.images import default_embedder
     from deepspark.vision.zoo import DarknetDetector, yolov3_tiny_files
 
     torch.set_num_threads(1)
-    import cv2
-
     cv2.setNumThreads(1)
     files = sorted(os.listdir(folder))[:count]
     detector = DarknetDetector(yolov3_tiny_files(), num_threads=1)
     embedder = load_model(default_embedder("auto"), num_threads=1)
-    chooser = DecoderChooser(min_side=416)
-    spent = {"read": 0.0, "decode": 0.0, "detect": 0.0, "embed_crops": 0.0}
-    crops = 0
-    for name in files:
-        t0 = time.perf_counter()
+    for_detect, for_embed = DecoderChooser(min_side=416), DecoderChooser(min_side=224)
+    spent: dict[str, float] = {}
+
+    def timed(stage: str, work):
+        start = time.perf_counter()
+        result = work()
+        spent[stage] = spent.get(stage, 0.0) + time.perf_counter() - start
+        return result
+
+    def embed_all(pixels: list[np.ndarray]) -> None:
+        for start in range(0, len(pixels), 32):
+            embedder((torch.from_numpy(np.stack(pixels[start : start + 32])),))
+
+    def read(name: str) -> bytes:
         with open(os.path.join(folder, name), "rb") as handle:
-            data = handle.read()
-        t1 = time.perf_counter()
-        image = chooser.decode(data)
-        t2 = time.perf_counter()
-        boxes = detector(image)
-        t3 = time.perf_counter()
-        pixels = [
-            fit_image(
-                image[int(b.y0) : int(b.y1) + 1, int(b.x0) : int(b.x1) + 1], 224, "stretch"
-            ).pixels
-            for b in boxes
-        ]
-        if pixels:
-            embedder((torch.from_numpy(__import__("numpy").stack(pixels)),))
-        t4 = time.perf_counter()
-        crops += len(boxes)
-        for key, seconds in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-            spent[key] += seconds
+            return handle.read()
+
+    encoded = timed("read", lambda: [read(name) for name in files])
+    for chooser in (for_detect, for_embed):  # let each pick its decoder before the clock
+        [chooser.decode(data) for data in encoded[:8]]
+    decoded = timed("decode", lambda: [for_detect.decode(data) for data in encoded])
+    small = timed("decode_small", lambda: [for_embed.decode(data) for data in encoded])
+    detector(decoded[0])
+    boxes = timed("detect", lambda: [detector(image) for image in decoded])
+    crops = [
+        fit_image(image[int(b.y0) : int(b.y1) + 1, int(b.x0) : int(b.x1) + 1], 224, "stretch")
+        for image, found in zip(decoded, boxes, strict=True)
+        for b in found
+    ]
+    embed_all([crop.pixels for crop in crops[:1]] or [np.zeros((224, 224, 3), np.uint8)])
+    timed("embed_crops", lambda: embed_all([crop.pixels for crop in crops]))
+    fitted = timed("fit", lambda: [fit_image(image, 224, "center_crop").pixels for image in small])
+    timed("embed_images", lambda: embed_all(fitted))
     profile = {f"{key}_ms_per_image": round(1000 * s / len(files), 2) for key, s in spent.items()}
-    profile["crops_per_image"] = round(crops / len(files), 2)
-    profile["decoder_chosen"] = chooser.chosen.get("jpeg", "")
+    # The detector's runtimes side by side on the first 8 images, as one batch each.
+    for runtime in DARKNET_RUNTIMES:
+        other = DarknetDetector(yolov3_tiny_files(), num_threads=1, runtime=runtime)
+        other.detect(decoded[:2])
+        start = time.perf_counter()
+        other.detect(decoded[:8])
+        seconds = time.perf_counter() - start
+        profile[f"detect_{runtime}_ms_per_image"] = round(1000 * seconds / len(decoded[:8]), 2)
+    profile["crops_per_image"] = round(len(crops) / len(files), 2)
+    profile["decoder_chosen"] = for_detect.chosen.get("jpeg", "")
     return profile
+
+
+def model_bounds(profile: dict[str, float], count: int) -> dict[str, float]:
+    """Seconds the models alone need for ``count`` images on ``CORES`` cores, per section."""
+    per_image = {
+        "detect": profile["detect_ms_per_image"] + profile["embed_crops_ms_per_image"],
+        "embed": profile["embed_images_ms_per_image"],
+    }
+    return {section: count * ms / 1000 / CORES for section, ms in per_image.items()}
 
 
 class PeakRss:
@@ -237,6 +311,42 @@ def scale_run(spark, count: int, work: str) -> dict[str, object]:
     }
 
 
+def compare(
+    spark, section: str, warm: str, folder: str, work: str, runtime: str, bounds: dict
+) -> dict[str, object]:
+    """Decode-only, deepspark and the connector on ``folder`` (each warmed on ``warm``)."""
+    count = len(os.listdir(folder))
+    out = os.path.join(work, section)
+    decode_only(spark, section, warm)
+    deepspark_pipeline(spark, section, warm, os.path.join(out, "warm_out"))
+    connector(spark, section, warm, os.path.join(out, "warm_connector"), runtime)
+    decode_s, decoded = decode_only(spark, section, folder)
+    pipeline_s, rows = deepspark_pipeline(spark, section, folder, os.path.join(out, "out"))
+    conn = connector(spark, section, folder, os.path.join(out, "connector"), runtime)
+    bound = bounds[section]
+    figures = {
+        "decode_only_s": round(decode_s, 2),
+        "decode_only_images_per_s_per_core": round(decoded / decode_s / CORES, 2),
+        "deepspark_s": round(pipeline_s, 2),
+        "deepspark_rows": rows,
+        "deepspark_images_per_s_per_core": round(count / pipeline_s / CORES, 2),
+        "connector_s": round(conn["seconds"], 2),
+        "connector_export_s": round(conn["export_s"], 2),
+        "connector_process_s": round(conn["process_s"], 2),
+        "connector_model_load_s": round(conn["process_model_load_s"], 2),
+        "connector_import_s": round(conn["import_s"], 2),
+        "connector_rows": conn["rows"],
+        "connector_images_per_s_per_core": round(count / conn["seconds"] / CORES, 2),
+        "model_bound_s": round(bound, 2),
+        "ratio_deepspark_vs_connector": round(conn["seconds"] / pipeline_s, 3),
+        "ratio_deepspark_vs_decode_only": round(decode_s / pipeline_s, 3),
+        "ratio_deepspark_vs_model_bound": round(bound / pipeline_s, 3),
+        "ceiling_vs_connector": round(conn["seconds"] / bound, 3),
+        "ceiling_vs_decode_only": round(decode_s / bound, 3),
+    }
+    return {f"{section}_{key}": value for key, value in figures.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images, for CI and laptops")
@@ -245,10 +355,16 @@ def main() -> None:
     parser.add_argument(
         "--connector-worker", nargs=2, metavar=("EXPORT", "OUT"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--sections", default="detect,embed", help="comma-separated: detect, embed (both)"
+    )
     parser.add_argument("--runtime", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    if not sections or any(name not in MIN_SIDE for name in sections):
+        parser.error(f"--sections={args.sections!r}: give detect, embed or both")
     if args.connector_worker:
-        connector_worker(*args.connector_worker, args.runtime)
+        connector_worker(*args.connector_worker, args.runtime, sections[0])
         return
 
     import deepspark as ds
@@ -276,32 +392,11 @@ def main() -> None:
             warm, folder = os.path.join(work, "warm"), os.path.join(work, "images")
             make_images(warm, 8, seed=1)
             results["images"] = make_images(folder, count, seed=2)
-            decode_only(spark, warm)
-            deepspark_pipeline(spark, warm, os.path.join(work, "warm_out"))
-            connector(spark, warm, os.path.join(work, "warm_connector"), runtime)
-            decode_s, decoded = decode_only(spark, folder)
-            pipeline_s, rows = deepspark_pipeline(spark, folder, os.path.join(work, "out"))
-            conn = connector(spark, folder, os.path.join(work, "connector"), runtime)
-            results.update(
-                decode_only_s=round(decode_s, 2),
-                decode_only_images_per_s_per_core=round(decoded / decode_s / CORES, 2),
-                deepspark_s=round(pipeline_s, 2),
-                deepspark_rows=rows,
-                deepspark_images_per_s_per_core=round(count / pipeline_s / CORES, 2),
-                connector_s=round(conn["seconds"], 2),
-                connector_export_s=round(conn["export_s"], 2),
-                connector_process_s=round(conn["process_s"], 2),
-                connector_model_load_s=round(conn["process_model_load_s"], 2),
-                connector_import_s=round(conn["import_s"], 2),
-                connector_rows=conn["rows"],
-                connector_images_per_s_per_core=round(count / conn["seconds"] / CORES, 2),
-                ratio_deepspark_vs_connector=round(conn["seconds"] / pipeline_s, 3),
-                ratio_deepspark_vs_connector_without_model_load=round(
-                    (conn["seconds"] - conn["process_model_load_s"]) / pipeline_s, 3
-                ),
-                ratio_deepspark_vs_decode_only=round(decode_s / pipeline_s, 3),
-            )
-            results.update(stage_profile(folder))
+            profile = stage_profile(folder)
+            bounds = model_bounds(profile, count)
+            for section in sections:
+                results.update(compare(spark, section, warm, folder, work, runtime, bounds))
+            results.update(profile)
     finally:
         ds.stop_context()
     results["load_average_1m_after"] = round(os.getloadavg()[0], 2)
@@ -312,14 +407,24 @@ def main() -> None:
             results["scale_images"], results["scale_embed_s"], results["scale_images_per_s"],
             results["scale_error_rows"], results["scale_worker_peak_rss_mib"]]])  # fmt: skip
     else:
-        print_table(["path", "seconds", "images/s/core", "vs deepspark"], [
-            ["decode only (limit)", results["decode_only_s"],
-             results["decode_only_images_per_s_per_core"],
-             results["ratio_deepspark_vs_decode_only"]],
-            ["deepspark", results["deepspark_s"], results["deepspark_images_per_s_per_core"], 1.0],
-            ["connector", results["connector_s"], results["connector_images_per_s_per_core"],
-             results["ratio_deepspark_vs_connector"]],
-        ])  # fmt: skip
+        paths = (
+            ("decode only (limit)", "decode_only", "ratio_deepspark_vs_decode_only"),
+            ("models alone (bound)", "model_bound", "ratio_deepspark_vs_model_bound"),
+            ("deepspark", "deepspark", None),
+            ("connector", "connector", "ratio_deepspark_vs_connector"),
+        )
+        rows = [
+            [
+                section,
+                label,
+                results[f"{section}_{key}_s"],
+                results.get(f"{section}_{key}_images_per_s_per_core", ""),
+                results[f"{section}_{ratio}"] if ratio else 1.0,
+            ]
+            for section in sections
+            for label, key, ratio in paths
+        ]
+        print_table(["section", "path", "seconds", "images/s/core", "vs deepspark"], rows)
     emit_json(results)
 
 

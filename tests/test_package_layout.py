@@ -51,6 +51,7 @@ RANK_SIDE = [
     "deepspark.automl.reports",
     "deepspark.vision.decoding",
     "deepspark.vision.zoo",
+    "deepspark.vision.darknet",
     "deepspark.vision.image_tasks",
     "deepspark.vision.samples",
     "deepspark.timeseries.series_ops",

@@ -89,6 +89,8 @@ class DetectSpec:
     decoder: str = "auto"
     num_threads: int | None = None
     embed: EmbedSpec | None = None
+    runtime: str = "opencv"
+    batch_size: int = 16
 
 
 _detectors: dict[str, Callable[[np.ndarray], list[Box]]] = {}
@@ -108,6 +110,7 @@ def load_detector(spec: DetectSpec) -> Callable[[np.ndarray], list[Box]]:
                         spec.scales,
                         spec.score_threshold,
                         spec.iou_threshold,
+                        spec.runtime,
                     )
                 ).encode()
             ).hexdigest()
@@ -124,6 +127,7 @@ def load_detector(spec: DetectSpec) -> Callable[[np.ndarray], list[Box]]:
                     score_threshold=spec.score_threshold,
                     iou_threshold=spec.iou_threshold,
                     num_threads=spec.num_threads,
+                    runtime=spec.runtime,
                 )
             else:
                 import cloudpickle
@@ -241,58 +245,68 @@ def detect_partition(
     gives no row."""
     _set_threads(spec.num_threads)
     detector = load_detector(spec)
+    chooser = DecoderChooser(spec.decoder, min_side=spec.input_size)
+    for whole in batches:
+        for start in range(0, whole.num_rows, spec.batch_size):
+            yield _detect_batch(whole.slice(start, spec.batch_size), spec, detector, chooser)
+
+
+def _detect_batch(
+    batch: pa.RecordBatch, spec: DetectSpec, detector, chooser: DecoderChooser
+) -> pa.RecordBatch:
+    """The rows of one slice of images: decoded, detected as one batch, cropped, embedded."""
     names = tuple(getattr(detector, "class_names", ())) or spec.class_names
     wanted = set(spec.classes)
-    chooser = DecoderChooser(spec.decoder, min_side=spec.input_size)
-    for batch in batches:
-        source_rows: list[int] = []
-        fields: dict[str, list] = {
-            key: [] for key in ("box_index", "label", "class_id", "score", "box", "crop", ERROR_COL)
-        }
-        crops_pixels: list[np.ndarray | ImageError] = []
-        for row, data in enumerate(_image_bytes(batch, spec.columns)):
-            image = _decoded(chooser, data)
-            if isinstance(image, ImageError):
-                source_rows.append(row)
-                for key in fields:
-                    fields[key].append(str(image) if key == ERROR_COL else None)
-                crops_pixels.append(image)
-                continue
-            # A JPEG may be decoded reduced: boxes are given in the original's pixels.
-            factor = original_size(data, image)[0] / image.shape[0]
-            boxes = [
-                b for b in detector(image) if not wanted or _label(names, b.class_id) in wanted
-            ]
-            for index, box in enumerate(boxes):
-                crop = image[int(box.y0) : int(np.ceil(box.y1)), int(box.x0) : int(np.ceil(box.x1))]
-                source_rows.append(row)
-                fields["box_index"].append(index)
-                fields["label"].append(_label(names, box.class_id))
-                fields["class_id"].append(box.class_id)
-                fields["score"].append(box.score)
-                corners = (box.x0, box.y0, box.x1, box.y1)
-                fields["box"].append([value * factor for value in corners])
-                fields["crop"].append(encode_jpeg(crop) if spec.with_crops else None)
-                fields[ERROR_COL].append(None)
-                crops_pixels.append(np.ascontiguousarray(crop))
-        columns = {
-            name: batch.column(name).take(pa.array(source_rows, pa.int64()))
-            for name in spec.columns.keep_cols
-        }
-        columns["box_index"] = pa.array(fields["box_index"], pa.int32())
-        columns["label"] = pa.array(fields["label"], pa.string())
-        columns["class_id"] = pa.array(fields["class_id"], pa.int32())
-        columns["score"] = pa.array(fields["score"], pa.float32())
-        columns["box"] = pa.array(fields["box"], pa.list_(pa.float32()))
-        if spec.with_crops:
-            columns["crop"] = pa.array(fields["crop"], pa.binary())
-        if spec.embed is not None:
-            features = embed_images(spec.embed, crops_pixels)
-            columns[spec.embed.features_col] = _list_column(
-                [None if isinstance(f, ImageError) else f for f in features]
-            )
-        columns[ERROR_COL] = pa.array(fields[ERROR_COL], pa.string())
-        yield pa.RecordBatch.from_pydict(columns)
+    encoded = _image_bytes(batch, spec.columns)
+    images = [_decoded(chooser, data) for data in encoded]
+    ready = [image for image in images if not isinstance(image, ImageError)]
+    # Darknet detectors run a batch per view; a plugged-in one takes an image at a time.
+    found = iter(detector.detect(ready) if hasattr(detector, "detect") else map(detector, ready))
+    source_rows: list[int] = []
+    fields: dict[str, list] = {
+        key: [] for key in ("box_index", "label", "class_id", "score", "box", "crop", ERROR_COL)
+    }
+    crops_pixels: list[np.ndarray | ImageError] = []
+    for row, (data, image) in enumerate(zip(encoded, images, strict=True)):
+        if isinstance(image, ImageError):
+            source_rows.append(row)
+            for key in fields:
+                fields[key].append(str(image) if key == ERROR_COL else None)
+            crops_pixels.append(image)
+            continue
+        # A JPEG may be decoded reduced: boxes are given in the original's pixels.
+        factor = original_size(data, image)[0] / image.shape[0]
+        boxes = [b for b in next(found) if not wanted or _label(names, b.class_id) in wanted]
+        for index, box in enumerate(boxes):
+            crop = image[int(box.y0) : int(np.ceil(box.y1)), int(box.x0) : int(np.ceil(box.x1))]
+            source_rows.append(row)
+            fields["box_index"].append(index)
+            fields["label"].append(_label(names, box.class_id))
+            fields["class_id"].append(box.class_id)
+            fields["score"].append(box.score)
+            corners = (box.x0, box.y0, box.x1, box.y1)
+            fields["box"].append([value * factor for value in corners])
+            fields["crop"].append(encode_jpeg(crop) if spec.with_crops else None)
+            fields[ERROR_COL].append(None)
+            crops_pixels.append(np.ascontiguousarray(crop))
+    columns = {
+        name: batch.column(name).take(pa.array(source_rows, pa.int64()))
+        for name in spec.columns.keep_cols
+    }
+    columns["box_index"] = pa.array(fields["box_index"], pa.int32())
+    columns["label"] = pa.array(fields["label"], pa.string())
+    columns["class_id"] = pa.array(fields["class_id"], pa.int32())
+    columns["score"] = pa.array(fields["score"], pa.float32())
+    columns["box"] = pa.array(fields["box"], pa.list_(pa.float32()))
+    if spec.with_crops:
+        columns["crop"] = pa.array(fields["crop"], pa.binary())
+    if spec.embed is not None:
+        features = embed_images(spec.embed, crops_pixels)
+        columns[spec.embed.features_col] = _list_column(
+            [None if isinstance(f, ImageError) else f for f in features]
+        )
+    columns[ERROR_COL] = pa.array(fields[ERROR_COL], pa.string())
+    return pa.RecordBatch.from_pydict(columns)
 
 
 def _label(names: tuple[str, ...], class_id: int) -> str:

