@@ -1,8 +1,8 @@
 """Darknet YOLO networks (``.cfg`` + ``.weights``) as torch modules.
 
-OpenCV DNN runs a Darknet network one image at a time on the CPU. The same network as a
-torch module runs batches, on a GPU when there is one, and exports to ONNX for ONNX Runtime;
-:class:`~deepspark.vision.zoo.DarknetDetector` measures which is fastest. The module reads
+OpenCV DNN runs a Darknet network one image at a time. The same network as a torch module
+runs batches and exports to ONNX for ONNX Runtime; :class:`DarknetRunner` runs any of the
+three, and :func:`fastest_runtime` measures which is fastest here. The module reads
 the layer types YOLOv3 and YOLOv3-tiny use (convolutional, maxpool, upsample, route,
 shortcut, yolo) and gives the rows OpenCV gives: per anchor and cell, the box centre and
 size as fractions of the input, the objectness, then each class's score times the
@@ -293,28 +293,30 @@ class DarknetRunner:
 
     def _session(self, side: int):
         if side not in self._sessions:
-            import io
+            import os
+            import tempfile
 
+            from deepspark.inference import export_onnx
             from deepspark.inference.runtimes import import_onnxruntime
 
             onnxruntime = import_onnxruntime()
-            buffer = io.BytesIO()
             sample = torch.zeros(1, side, side, 3, dtype=torch.uint8)
-            torch.onnx.export(
-                self.network,
-                (sample,),
-                buffer,
-                input_names=["images"],
-                output_names=["rows"],
-                dynamic_axes={"images": {0: "batch"}, "rows": {0: "batch"}},
-                dynamo=False,
-            )
-            options = onnxruntime.SessionOptions()
-            if self.num_threads:
-                options.intra_op_num_threads = self.num_threads
-            self._sessions[side] = onnxruntime.InferenceSession(
-                buffer.getvalue(), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            with tempfile.TemporaryDirectory(prefix="deepspark-darknet-") as folder:
+                # Exported and checked against torch by the inference engine's exporter.
+                path = export_onnx(
+                    self.network,
+                    os.path.join(folder, "darknet.onnx"),
+                    sample,
+                    input_names=["images"],
+                    output_name="rows",
+                    dynamo=False,
+                )
+                options = onnxruntime.SessionOptions()
+                if self.num_threads:
+                    options.intra_op_num_threads = self.num_threads
+                self._sessions[side] = onnxruntime.InferenceSession(
+                    path, sess_options=options, providers=["CPUExecutionProvider"]
+                )
         return self._sessions[side]
 
 

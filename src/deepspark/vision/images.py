@@ -378,8 +378,8 @@ def detect(
     decoder, num_threads
         As in :func:`embed`.
     detector_runtime : str
-        What runs the default detector: ``"opencv"`` (OpenCV DNN, the fastest on the CPUs
-        measured), ``"torch"``, ``"onnx"`` (ONNX Runtime), or ``"auto"``: the fastest
+        What runs the default detector: ``"opencv"`` (OpenCV DNN, the default: nothing to
+        export first), ``"torch"``, ``"onnx"`` (ONNX Runtime), or ``"auto"``: the fastest
         measured here on a batch, once per driver (a few seconds).
 
     Returns

