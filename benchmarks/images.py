@@ -145,6 +145,7 @@ def connector_worker(export: str, out: str, runtime: str, section: str, launched
     import pyarrow.parquet as pq
 
     from deepspark.inference import load_model
+    from deepspark.vision.embedder import default_embedder
     from deepspark.vision.image_tasks import (
         DetectSpec,
         EmbedSpec,
@@ -153,7 +154,6 @@ def connector_worker(export: str, out: str, runtime: str, section: str, launched
         embed_partition,
         load_detector,
     )
-    from deepspark.vision.images import default_embedder
     from deepspark.vision.zoo import yolov3_tiny_files
 
     start = time.perf_counter()
@@ -198,7 +198,7 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
     from deepspark.inference import load_model
     from deepspark.vision.darknet import RUNTIMES as DARKNET_RUNTIMES
     from deepspark.vision.decoding import DecoderChooser, fit_image
-    from deepspark.vision.images import default_embedder
+    from deepspark.vision.embedder import default_embedder
     from deepspark.vision.zoo import DarknetDetector, yolov3_tiny_files
 
     torch.set_num_threads(1)
@@ -395,7 +395,7 @@ def main() -> None:
 
     import deepspark as ds
     from deepspark.inference import ModelKind
-    from deepspark.vision.images import default_embedder
+    from deepspark.vision.embedder import default_embedder
 
     count = args.images or (32 if args.quick else 160)
     results: dict[str, object] = {

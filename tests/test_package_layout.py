@@ -46,6 +46,7 @@ RANK_SIDE = [
     "deepspark.training.driver.progress_bar",
     "deepspark.training.driver.timeline",
     "deepspark.inference.keras_runtime",
+    "deepspark.inference.quantize",
     "deepspark.keras.torch_backend",
     "deepspark.keras.keras_callbacks",
     "deepspark.automl.reports",

@@ -10,7 +10,12 @@ import pytest
 from skimage import data
 
 from deepspark import vision
-from deepspark.vision.darknet import RUNTIMES, DarknetNetwork, DarknetRunner, fastest_runtime
+from deepspark.vision.darknet import (
+    EXACT_RUNTIMES,
+    DarknetNetwork,
+    DarknetRunner,
+    fastest_runtime,
+)
 from deepspark.vision.decoding import encode_jpeg, fit_image
 from deepspark.vision.zoo import DarknetDetector, yolov3_tiny_files
 
@@ -23,7 +28,9 @@ def files():
 
 
 def test_torch_and_onnx_give_opencv_rows_and_boxes(files):
-    runners = {runtime: DarknetRunner(files.cfg, files.weights, runtime, 1) for runtime in RUNTIMES}
+    runners = {
+        runtime: DarknetRunner(files.cfg, files.weights, runtime, 1) for runtime in EXACT_RUNTIMES
+    }
     for side in (416, 320):
         canvases = np.stack([fit_image(photo, side, "letterbox").pixels for photo in PHOTOS])
         rows = {runtime: runner(canvases) for runtime, runner in runners.items()}
@@ -35,7 +42,7 @@ def test_torch_and_onnx_give_opencv_rows_and_boxes(files):
             np.testing.assert_allclose(rows[runtime], rows["opencv"], atol=1e-4)
     found = {
         runtime: DarknetDetector(files, runtime=runtime, num_threads=1).detect(list(PHOTOS))
-        for runtime in RUNTIMES
+        for runtime in EXACT_RUNTIMES
     }
     labels = [[box.class_id for box in boxes] for boxes in found["opencv"]]
     assert labels[0][0] == 0 and labels[1][0] == 15  # person, cat
@@ -49,7 +56,35 @@ def test_torch_and_onnx_give_opencv_rows_and_boxes(files):
     single = DarknetDetector(files, runtime="opencv", num_threads=1)
     assert [single(photo) for photo in PHOTOS] == found["opencv"]
     assert single.detect([]) == []
-    assert fastest_runtime(files.cfg, files.weights, 416) in RUNTIMES
+    assert fastest_runtime(files.cfg, files.weights, 416) in EXACT_RUNTIMES
+
+
+def _iou(a, b) -> float:
+    width = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0))
+    height = max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+    inter = width * height
+    area = (a.x1 - a.x0) * (a.y1 - a.y0) + (b.x1 - b.x0) * (b.y1 - b.y0)
+    return inter / (area - inter)
+
+
+def test_int8_detector_finds_what_the_float_one_finds(files):
+    # Calibrated on pictures that are not these photos (samples.calibration_photos).
+    found = {
+        runtime: DarknetDetector(files, runtime=runtime, num_threads=1).detect(list(PHOTOS))
+        for runtime in ("onnx", "onnx-int8")
+    }
+    for exact, int8 in zip(found["onnx"], found["onnx-int8"], strict=True):
+        best = max(exact, key=lambda box: box.score)
+        same = [box for box in int8 if box.class_id == best.class_id]
+        assert same, (best, int8)
+        closest = max(same, key=lambda box: box.score)
+        assert abs(closest.score - best.score) < 0.1
+        assert _iou(closest, best) > 0.6, (closest, best)
+    with pytest.raises(ValueError, match="needs calibration canvases"):
+        DarknetRunner(files.cfg, files.weights, "onnx-int8")
+    odd = DarknetRunner(files.cfg, files.weights, "onnx-int8", 1, np.zeros((2, 320, 320, 3)))
+    with pytest.raises(ValueError, match="cannot calibrate 416 x 416"):
+        odd(np.zeros((1, 416, 416, 3), np.uint8))
 
 
 def test_darknet_files_that_do_not_match_are_refused(files, tmp_path):
@@ -73,7 +108,7 @@ def test_darknet_files_that_do_not_match_are_refused(files, tmp_path):
         DarknetRunner(files.cfg, files.weights, "tensorrt")
 
 
-def test_detect_on_spark_with_the_torch_runtime(spark, tmp_path):
+def test_detect_on_spark_with_the_torch_and_int8_runtimes(spark, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("astronaut", "chelsea", "coffee"):
@@ -81,7 +116,7 @@ def test_detect_on_spark_with_the_torch_runtime(spark, tmp_path):
     (folder / "notes.jpg").write_bytes(b"not a picture\n")
     images = vision.read_images(str(folder))
     rows = {}
-    for runtime in ("opencv", "torch"):
+    for runtime in ("opencv", "torch", "onnx-int8"):
         found = vision.detect(images, with_crops=False, detector_runtime=runtime).collect()
         rows[runtime] = sorted(
             (os.path.basename(r.image_id), r.label, r.error is not None) for r in found
@@ -90,5 +125,8 @@ def test_detect_on_spark_with_the_torch_runtime(spark, tmp_path):
     labels = {(name, label) for name, label, _ in rows["torch"]}
     assert {("astronaut.jpg", "person"), ("chelsea.jpg", "cat")} <= labels
     assert ("notes.jpg", None, True) in rows["torch"]
+    int8_labels = {(name, label) for name, label, _ in rows["onnx-int8"]}
+    assert {("astronaut.jpg", "person"), ("chelsea.jpg", "cat")} <= int8_labels
+    assert ("notes.jpg", None, True) in rows["onnx-int8"]
     with pytest.raises(ValueError, match="detector_runtime='cuda'"):
         vision.detect(images, detector_runtime="cuda")

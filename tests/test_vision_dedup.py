@@ -42,17 +42,32 @@ def _true_pairs(photo_of: dict[str, str]) -> set[tuple[str, str]]:
     }
 
 
+def _precision_recall(features, photo_of: dict[str, str]) -> tuple[float, float]:
+    pairs = vision.near_duplicates(features, threshold=THRESHOLD).collect()
+    assert all(row.similarity >= THRESHOLD - 1e-6 for row in pairs)
+    found = {(row.id_a, row.id_b) for row in pairs}
+    truth = _true_pairs(photo_of)
+    hits = len(found & truth)
+    return hits / max(1, len(found)), hits / len(truth)
+
+
 def test_duplicate_pairs_have_precision_and_recall_above_095(sample_set):
     features, photo_of = sample_set
     errors = features.where("error IS NOT NULL").collect()
     assert [os.path.basename(row.image_id) for row in errors] == ["broken.jpg"]
-    pairs = vision.near_duplicates(features, threshold=THRESHOLD).collect()
-    found = {(row.id_a, row.id_b) for row in pairs}
-    truth = _true_pairs(photo_of)
-    hits = len(found & truth)
-    precision, recall = hits / max(1, len(found)), hits / len(truth)
-    assert precision >= 0.95 and recall >= 0.95, (precision, recall, len(found), len(truth))
-    assert all(row.similarity >= THRESHOLD - 1e-6 for row in pairs)
+    precision, recall = _precision_recall(features, photo_of)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+
+
+def test_int8_features_keep_precision_and_recall_above_095(spark, sample_files):
+    folder, photo_of = sample_files
+    images = vision.read_images(str(folder / "images"), num_partitions=2)
+    features = vision.embed(images, runtime="onnx-int8").cache()
+    assert features.where("error IS NULL").count() == len(photo_of)
+    precision, recall = _precision_recall(features, photo_of)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    with pytest.raises(ValueError, match="runtime='int4'"):
+        vision.embed(images, runtime="int4")
 
 
 def test_groups_are_the_photos(sample_set):

@@ -4,7 +4,7 @@ Driver side: :func:`predict`. Worker side (no pyspark): :mod:`~deepspark.inferen
 (model sources, loading, the per-worker cache), :mod:`~deepspark.inference.runtimes` (one
 predictor per runtime), :mod:`~deepspark.inference.worker` (the loop inside a task).
 Export with verification: :func:`export_onnx`, :func:`export_torchscript`,
-:func:`export_program`.
+:func:`export_program`; int8 copies of ONNX models: :func:`quantize_onnx`.
 """
 
 from deepspark.inference.export import (
@@ -23,6 +23,7 @@ from deepspark.inference.models import (
     model_source,
 )
 from deepspark.inference.predict import predict
+from deepspark.inference.quantize import QuantizationError, quantize_onnx
 from deepspark.inference.runtimes import ModelInputError, Predictor
 from deepspark.inference.worker import OutputKind, PredictError, PredictSpec, predict_partition
 
@@ -36,6 +37,7 @@ __all__ = [
     "PredictError",
     "PredictSpec",
     "Predictor",
+    "QuantizationError",
     "cache_info",
     "clear_cache",
     "export_onnx",
@@ -45,4 +47,5 @@ __all__ = [
     "model_source",
     "predict",
     "predict_partition",
+    "quantize_onnx",
 ]

@@ -242,8 +242,11 @@ class DarknetNetwork(nn.Module):
         return torch.cat(found, dim=1)
 
 
-RUNTIMES = ("opencv", "torch", "onnx")
-"""The ways to run a Darknet network, slowest to set up last."""
+EXACT_RUNTIMES = ("opencv", "torch", "onnx")
+"""The ways to run a Darknet network in float32 (the same rows), slowest to set up last."""
+
+RUNTIMES = (*EXACT_RUNTIMES, "onnx-int8")
+"""Also the ONNX export quantized to int8 (about twice as fast on CPUs with VNNI)."""
 
 
 class DarknetRunner:
@@ -251,14 +254,26 @@ class DarknetRunner:
 
     ``runner(canvases)`` takes uint8 ``(N, side, side, 3)`` RGB and returns float32
     ``(N, rows, 5 + classes)``, whatever the runtime: OpenCV DNN (one image per call), the
-    torch module, or the module exported to ONNX for ONNX Runtime (one export per side).
+    torch module, or the module exported to ONNX for ONNX Runtime (one export per side),
+    there optionally quantized to int8 after calibrating on ``calibration`` (canvases like
+    the ones it will see; its convolutions only, so the decoding of the boxes stays float).
     """
 
-    def __init__(self, cfg: str, weights: str, runtime: str, num_threads: int | None = None):
+    def __init__(
+        self,
+        cfg: str,
+        weights: str,
+        runtime: str,
+        num_threads: int | None = None,
+        calibration: np.ndarray | None = None,
+    ):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime={runtime!r}: use one of {', '.join(RUNTIMES)} or 'auto'")
+        if runtime == "onnx-int8" and calibration is None:
+            raise ValueError("runtime='onnx-int8' needs calibration canvases (N, side, side, 3)")
         self.runtime = runtime
         self.num_threads = num_threads
+        self.calibration = calibration
         self._sessions: dict[int, object] = {}
         if runtime == "opencv":
             import cv2
@@ -296,14 +311,14 @@ class DarknetRunner:
             import os
             import tempfile
 
-            from deepspark.inference import export_onnx
+            from deepspark.inference import export_onnx, quantize_onnx
             from deepspark.inference.runtimes import import_onnxruntime
 
             onnxruntime = import_onnxruntime()
             sample = torch.zeros(1, side, side, 3, dtype=torch.uint8)
             with tempfile.TemporaryDirectory(prefix="deepspark-darknet-") as folder:
                 # Exported and checked against torch by the inference engine's exporter.
-                path = export_onnx(
+                model = export_onnx(
                     self.network,
                     os.path.join(folder, "darknet.onnx"),
                     sample,
@@ -311,20 +326,31 @@ class DarknetRunner:
                     output_name="rows",
                     dynamo=False,
                 )
+                if self.runtime == "onnx-int8":
+                    model = quantize_onnx(model, self._calibration(side), op_types=("Conv",))
                 options = onnxruntime.SessionOptions()
                 if self.num_threads:
                     options.intra_op_num_threads = self.num_threads
                 self._sessions[side] = onnxruntime.InferenceSession(
-                    path, sess_options=options, providers=["CPUExecutionProvider"]
+                    model, sess_options=options, providers=["CPUExecutionProvider"]
                 )
         return self._sessions[side]
+
+    def _calibration(self, side: int) -> list[np.ndarray]:
+        canvases = self.calibration
+        if canvases.ndim != 4 or canvases.shape[1:] != (side, side, 3):
+            raise ValueError(
+                f"calibration canvases of shape {canvases.shape} cannot calibrate {side} x "
+                f"{side} inputs: give uint8 (N, {side}, {side}, 3)"
+            )
+        return [canvases[start : start + 4] for start in range(0, len(canvases), 4)]
 
 
 _fastest: dict[tuple, str] = {}
 
 
 def fastest_runtime(cfg: str, weights: str, side: int, batch: int = 4) -> str:
-    """The runtime that runs a batch of ``side`` x ``side`` images fastest here on one
+    """The float runtime that runs a batch of ``side`` x ``side`` images fastest here on one
     thread (measured once per process and network; ONNX only when onnxruntime is installed)."""
     import time
 
@@ -333,9 +359,9 @@ def fastest_runtime(cfg: str, weights: str, side: int, batch: int = 4) -> str:
         try:
             import onnxruntime  # noqa: F401
 
-            candidates = RUNTIMES
+            candidates = EXACT_RUNTIMES
         except ImportError:
-            candidates = RUNTIMES[:2]
+            candidates = EXACT_RUNTIMES[:2]
         import cv2
 
         threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()

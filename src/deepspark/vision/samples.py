@@ -4,7 +4,8 @@ No pyspark here and nothing downloads: the photos come from scikit-image (``skim
 and scikit-learn (``load_sample_images``). Each variant of a photo is made by cropping,
 rescaling, flipping, shifting its colours and re-encoding it as JPEG, so which files are
 duplicates of which is known by construction. Used by the tests, the docs and
-``benchmarks/images.py``.
+``benchmarks/images.py``. :func:`calibration_photos` are other photos, kept apart for
+calibrating int8 models.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import numpy as np
 
 from deepspark.vision.decoding import encode_jpeg
 
-__all__ = ["PHOTO_NAMES", "SampleImage", "photos", "variant", "write_near_duplicates"]
+__all__ = [
+    "PHOTO_NAMES",
+    "SampleImage",
+    "calibration_photos",
+    "photos",
+    "variant",
+    "write_near_duplicates",
+]
 
 PHOTO_NAMES = (
     "astronaut",
@@ -55,21 +63,50 @@ def photos() -> dict[str, np.ndarray]:
             "the sample photos need scikit-image and scikit-learn: "
             "run `pip install scikit-image scikit-learn`"
         ) from err
-    found: dict[str, np.ndarray] = {}
-    for name in PHOTO_NAMES:
-        image = np.asarray(getattr(data, name)())
-        if image.dtype != np.uint8:
-            image = (
-                (image * 255).clip(0, 255).astype(np.uint8)
-                if image.max() <= 1
-                else image.astype(np.uint8)
-            )
-        if image.ndim == 2:
-            image = np.stack([image] * 3, axis=-1)
-        found[name] = np.ascontiguousarray(image[..., :3])
+    found = {name: _rgb(getattr(data, name)()) for name in PHOTO_NAMES}
     for name, image in zip(("china", "flower"), load_sample_images().images, strict=True):
         found[name] = np.ascontiguousarray(image)
     return found
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """A grey, float, boolean or RGBA picture as ``(H, W, 3)`` uint8 RGB."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        scale = 255 if image.max() <= 1 else 1
+        image = (image.astype(np.float32) * scale).clip(0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+CALIBRATION_NAMES = ("cell", "logo", "colorwheel", "microaneurysms")
+"""scikit-image pictures for calibration, besides the stereo motorcycle pair."""
+
+
+def calibration_photos(seed: int = 0) -> list[np.ndarray]:
+    """Pictures for calibrating an int8 model, none of them one of :func:`photos`: the
+    quantized models are then tested on photos their calibration never saw.
+
+    scikit-image's stereo motorcycle pair, cell, logo, colour wheel and microaneurysms, as
+    ``(H, W, 3)`` uint8 RGB, each followed by one :func:`variant` of it (12 in all).
+
+    Raises
+    ------
+    ImportError
+        When scikit-image is missing.
+    """
+    try:
+        from skimage import data
+    except ImportError as err:
+        raise ImportError(
+            "int8 calibration needs scikit-image's pictures: run `pip install scikit-image`"
+        ) from err
+    left, right, _ = data.stereo_motorcycle()
+    pictures = [_rgb(left), _rgb(right)]
+    pictures += [_rgb(getattr(data, name)()) for name in CALIBRATION_NAMES]
+    rng = np.random.default_rng(seed)
+    return [made for picture in pictures for made in (picture, variant(picture, rng))]
 
 
 def variant(

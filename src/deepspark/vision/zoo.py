@@ -159,7 +159,10 @@ class DarknetDetector:
     ``runtime`` is ``"opencv"`` (the default: nothing to export first), ``"torch"``,
     ``"onnx"`` (the torch network exported for ONNX Runtime), or ``"auto"``: measure them
     here and keep the fastest (:func:`~deepspark.vision.darknet.fastest_runtime`, a few
-    seconds). All give the same boxes.
+    seconds). All give the same boxes. ``"onnx-int8"`` runs the ONNX export with int8
+    convolutions, calibrated on :func:`~deepspark.vision.samples.calibration_photos` seen as
+    this detector sees images (a few seconds per process; needs scikit-image): about twice
+    as fast on CPUs with VNNI, its scores within a few hundredths of the float ones.
 
     Examples
     --------
@@ -187,19 +190,25 @@ class DarknetDetector:
         from deepspark.vision.darknet import DarknetRunner, fastest_runtime
 
         self.side = network_side(input_size)
+        self.scales = scales
         if runtime == "auto":
             runtime = fastest_runtime(files.cfg, files.weights, self.side)
-        self.runner = DarknetRunner(files.cfg, files.weights, runtime, num_threads)
+        calibration = None
+        if runtime == "onnx-int8":
+            from deepspark.vision.samples import calibration_photos
+
+            pictures = calibration_photos()
+            calibration = np.concatenate([self._canvases(pictures, f)[0] for f in scales])
+        self.runner = DarknetRunner(files.cfg, files.weights, runtime, num_threads, calibration)
         with open(files.names) as handle:
             self.class_names = [line.strip() for line in handle if line.strip()]
         self.input_size = input_size
-        self.scales = scales
         self.score_threshold = score_threshold
         self.iou_threshold = iou_threshold
 
     @property
     def runtime(self) -> str:
-        """The runtime in use: ``"opencv"``, ``"torch"`` or ``"onnx"``."""
+        """The runtime in use: ``"opencv"``, ``"torch"``, ``"onnx"`` or ``"onnx-int8"``."""
         return self.runner.runtime
 
     def __call__(self, image: np.ndarray) -> list[Box]:
@@ -210,18 +219,23 @@ class DarknetDetector:
         """The boxes found in each ``(H, W, 3)`` RGB image, each view run as one batch."""
         found: list[list[Box]] = [[] for _ in images]
         for fraction in self.scales if images else ():
-            inner = max(8, round(self.side * fraction))
-            pad = (self.side - inner) // 2
-            canvases = np.full((len(images), self.side, self.side, 3), LETTERBOX_FILL, np.uint8)
-            fitted = []
-            for canvas, image in zip(canvases, images, strict=True):
-                fit = fit_image(image, inner, "letterbox")
-                canvas[pad : pad + inner, pad : pad + inner] = fit.pixels
-                fitted.append(Fitted(fit.pixels, fit.scale, fit.offset_x + pad, fit.offset_y + pad))
+            canvases, fitted = self._canvases(images, fraction)
             rows = self.runner(canvases)
             for boxes, image, fit, image_rows in zip(found, images, fitted, rows, strict=True):
                 boxes.extend(self._boxes(image_rows, fit, image.shape[:2]))
         return [nms_boxes(boxes, self.iou_threshold) for boxes in found]
+
+    def _canvases(self, images: list[np.ndarray], fraction: float):
+        """Each image letterboxed into ``fraction`` of the side, centred on a blank canvas."""
+        inner = max(8, round(self.side * fraction))
+        pad = (self.side - inner) // 2
+        canvases = np.full((len(images), self.side, self.side, 3), LETTERBOX_FILL, np.uint8)
+        fitted = []
+        for canvas, image in zip(canvases, images, strict=True):
+            fit = fit_image(image, inner, "letterbox")
+            canvas[pad : pad + inner, pad : pad + inner] = fit.pixels
+            fitted.append(Fitted(fit.pixels, fit.scale, fit.offset_x + pad, fit.offset_y + pad))
+        return canvases, fitted
 
     def _boxes(self, rows: np.ndarray, fitted: Fitted, shape: tuple[int, int]) -> list[Box]:
         """One view's rows above the score threshold, as boxes in the image's pixels."""
