@@ -8,6 +8,10 @@ models, in two sections:
   the issue's pipeline;
 * ``embed``: EfficientNet-Lite0 embeds each whole image, what ``dedup`` and ``search`` run.
 
+Each section runs at each of ``--precisions``: ``fp32`` (the defaults) and ``int8`` (both
+models quantized, ``detector_runtime="onnx-int8"`` and ``runtime="onnx-int8"``, in every
+path alike); the int8 figures carry ``_int8`` after the section's name.
+
 Each section times three paths on the same files:
 
 * decode-only: Spark reads the files and decodes them in the tasks, nothing else (the limit);
@@ -87,15 +91,27 @@ def decode_only(spark, section: str, folder: str) -> tuple[float, int]:
     return time.perf_counter() - start, int(counts)
 
 
-def deepspark_pipeline(spark, section: str, folder: str, out: str) -> tuple[float, int]:
+DETECTOR_RUNTIME = {"fp32": "opencv", "int8": "onnx-int8"}
+
+
+def deepspark_pipeline(
+    spark, section: str, folder: str, out: str, runtime: str
+) -> tuple[float, int]:
     from deepspark import vision
 
     start = time.perf_counter()
     images = vision.read_images(folder)
     if section == "detect":
-        result = vision.detect(images, embed_crops=True, with_crops=False)
+        int8 = runtime == "onnx-int8"
+        result = vision.detect(
+            images,
+            embed_crops=True,
+            with_crops=False,
+            detector_runtime=DETECTOR_RUNTIME["int8" if int8 else "fp32"],
+            embedder=vision.default_embedder(runtime) if int8 else None,
+        )
     else:
-        result = vision.embed(images)
+        result = vision.embed(images, runtime=runtime)
     result.write.mode("overwrite").parquet(out)
     seconds = time.perf_counter() - start
     return seconds, spark.read.parquet(out).count()
@@ -161,8 +177,9 @@ def connector_worker(export: str, out: str, runtime: str, section: str, launched
     if section == "detect":
         embed = EmbedSpec(default_embedder(runtime), columns, resize="stretch", num_threads=CORES)
         spec = DetectSpec(
-            columns, files=yolov3_tiny_files(), with_crops=False, num_threads=CORES, embed=embed
-        )
+            columns, files=yolov3_tiny_files(), with_crops=False, num_threads=CORES, embed=embed,
+            runtime=DETECTOR_RUNTIME["int8" if runtime == "onnx-int8" else "fp32"],
+        )  # fmt: skip
         load_detector(spec)
         load_model(embed.model, num_threads=CORES)
         run = detect_partition
@@ -206,6 +223,8 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
     files = sorted(os.listdir(folder))[:count]
     detector = DarknetDetector(yolov3_tiny_files(), num_threads=1)
     embedder = load_model(default_embedder("auto"), num_threads=1)
+    detector_int8 = DarknetDetector(yolov3_tiny_files(), num_threads=1, runtime="onnx-int8")
+    embedder_int8 = load_model(default_embedder("onnx-int8"), num_threads=1)
     for_detect, for_embed = DecoderChooser(min_side=416), DecoderChooser(min_side=224)
     spent: dict[str, float] = {}
 
@@ -215,9 +234,9 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
         spent[stage] = spent.get(stage, 0.0) + time.perf_counter() - start
         return result
 
-    def embed_all(pixels: list[np.ndarray]) -> None:
+    def embed_all(pixels: list[np.ndarray], model=embedder) -> None:
         for start in range(0, len(pixels), 32):
-            embedder((torch.from_numpy(np.stack(pixels[start : start + 32])),))
+            model((torch.from_numpy(np.stack(pixels[start : start + 32])),))
 
     def read(name: str) -> bytes:
         with open(os.path.join(folder, name), "rb") as handle:
@@ -239,6 +258,11 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
     timed("embed_crops", lambda: embed_all([crop.pixels for crop in crops]))
     fitted = timed("fit", lambda: [fit_image(image, 224, "center_crop").pixels for image in small])
     timed("embed_images", lambda: embed_all(fitted))
+    detector_int8(decoded[0])
+    timed("detect_int8", lambda: [detector_int8(image) for image in decoded])
+    embed_all(fitted[:1], embedder_int8)
+    timed("embed_crops_int8", lambda: embed_all([crop.pixels for crop in crops], embedder_int8))
+    timed("embed_images_int8", lambda: embed_all(fitted, embedder_int8))
     profile = {f"{key}_ms_per_image": round(1000 * s / len(files), 2) for key, s in spent.items()}
     # The detector's runtimes side by side on 16 images as one batch: three rounds, each in
     # a rotated order, the best round of each kept.
@@ -263,11 +287,14 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
 
 
 def model_bounds(profile: dict[str, float], count: int) -> dict[str, float]:
-    """Seconds the models alone need for ``count`` images on ``CORES`` cores, per section."""
-    per_image = {
-        "detect": profile["detect_ms_per_image"] + profile["embed_crops_ms_per_image"],
-        "embed": profile["embed_images_ms_per_image"],
-    }
+    """Seconds the models alone need for ``count`` images on ``CORES`` cores, per section
+    (and per section at int8)."""
+    per_image = {}
+    for suffix in ("", "_int8"):
+        per_image[f"detect{suffix}"] = (
+            profile[f"detect{suffix}_ms_per_image"] + profile[f"embed_crops{suffix}_ms_per_image"]
+        )
+        per_image[f"embed{suffix}"] = profile[f"embed_images{suffix}_ms_per_image"]
     return {section: count * ms / 1000 / CORES for section, ms in per_image.items()}
 
 
@@ -334,16 +361,18 @@ def scale_run(spark, count: int, work: str) -> dict[str, object]:
 def compare(
     spark, section: str, warm: str, folder: str, work: str, runtime: str, bounds: dict
 ) -> dict[str, object]:
-    """Decode-only, deepspark and the connector on ``folder`` (each warmed on ``warm``)."""
+    """Decode-only, deepspark and the connector on ``folder`` (each warmed on ``warm``), the
+    models run by ``runtime`` (``"onnx-int8"``: both models quantized)."""
     count = len(os.listdir(folder))
-    out = os.path.join(work, section)
+    name = f"{section}_int8" if runtime == "onnx-int8" else section
+    out = os.path.join(work, name)
     decode_only(spark, section, warm)
-    deepspark_pipeline(spark, section, warm, os.path.join(out, "warm_out"))
+    deepspark_pipeline(spark, section, warm, os.path.join(out, "warm_out"), runtime)
     connector(spark, section, warm, os.path.join(out, "warm_connector"), runtime)
     decode_s, decoded = decode_only(spark, section, folder)
-    pipeline_s, rows = deepspark_pipeline(spark, section, folder, os.path.join(out, "out"))
+    pipeline_s, rows = deepspark_pipeline(spark, section, folder, os.path.join(out, "out"), runtime)
     conn = connector(spark, section, folder, os.path.join(out, "connector"), runtime)
-    bound = bounds[section]
+    bound = bounds[name]
     # A connector whose model server already runs: export, the work, import.
     warm_connector = conn["export_s"] + conn["process_work_s"] + conn["import_s"]
     figures = {
@@ -369,7 +398,7 @@ def compare(
         "ceiling_vs_connector": round(conn["seconds"] / bound, 3),
         "ceiling_vs_decode_only": round(decode_s / bound, 3),
     }
-    return {f"{section}_{key}": value for key, value in figures.items()}
+    return {f"{name}_{key}": value for key, value in figures.items()}
 
 
 def main() -> None:
@@ -383,12 +412,18 @@ def main() -> None:
     parser.add_argument(
         "--sections", default="detect,embed", help="comma-separated: detect, embed (both)"
     )
+    parser.add_argument(
+        "--precisions", default="fp32,int8", help="comma-separated: fp32, int8 (both)"
+    )
     parser.add_argument("--runtime", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     if not sections or any(name not in MIN_SIDE for name in sections):
         parser.error(f"--sections={args.sections!r}: give detect, embed or both")
+    precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
+    if not precisions or any(name not in DETECTOR_RUNTIME for name in precisions):
+        parser.error(f"--precisions={args.precisions!r}: give fp32, int8 or both")
     if args.connector_worker:
         connector_worker(*args.connector_worker, args.runtime, sections[0], args.launched)
         return
@@ -421,7 +456,9 @@ def main() -> None:
             profile = stage_profile(folder)
             bounds = model_bounds(profile, count)
             for section in sections:
-                results.update(compare(spark, section, warm, folder, work, runtime, bounds))
+                for precision in precisions:
+                    chosen = runtime if precision == "fp32" else "onnx-int8"
+                    results.update(compare(spark, section, warm, folder, work, chosen, bounds))
             results.update(profile)
     finally:
         ds.stop_context()
@@ -439,15 +476,20 @@ def main() -> None:
             ("deepspark", "deepspark", None),
             ("connector", "connector", "ratio_deepspark_vs_connector"),
         )
+        names = [
+            section + ("_int8" if precision == "int8" else "")
+            for section in sections
+            for precision in precisions
+        ]
         rows = [
             [
-                section,
+                name,
                 label,
-                results[f"{section}_{key}_s"],
-                results.get(f"{section}_{key}_images_per_s_per_core", ""),
-                results[f"{section}_{ratio}"] if ratio else 1.0,
+                results[f"{name}_{key}_s"],
+                results.get(f"{name}_{key}_images_per_s_per_core", ""),
+                results[f"{name}_{ratio}"] if ratio else 1.0,
             ]
-            for section in sections
+            for name in names
             for label, key, ratio in paths
         ]
         print_table(["section", "path", "seconds", "images/s/core", "vs deepspark"], rows)

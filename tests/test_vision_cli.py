@@ -61,3 +61,25 @@ def test_bad_commands_exit_with_usage(capsys):
         main(["embed", "somewhere"])  # --out missing
     assert exit_info.value.code == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_int8_embed_and_search_from_the_command_line(spark, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("rocket", "coffee", "chelsea"):
+        photo = getattr(data, name)()
+        (photos / f"{name}.jpg").write_bytes(encode_jpeg(photo))
+        (photos / f"{name}_copy.jpg").write_bytes(encode_jpeg(photo[20:, ::-1], quality=70))
+    features = str(tmp_path / "features")
+    assert main(["embed", str(photos), "--out", features, "--int8"]) == 0
+    assert "6 rows (0 unreadable) written to" in capsys.readouterr().err
+    assert len(spark.read.parquet(features).first().features) == 1280
+    query = str(photos / "rocket_copy.jpg")
+    assert main(["search", features, "--query", query, "--k", "2", "--int8"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [os.path.basename(line[2]) for line in lines] == ["rocket_copy.jpg", "rocket.jpg"]
+    assert float(lines[0][3]) > 0.99
+    with pytest.raises(SystemExit) as exit_info:
+        main(["embed", str(photos), "--out", features, "--int8", "--model", "m.onnx"])
+    assert exit_info.value.code == 2
+    assert "--int8 quantizes the default models" in capsys.readouterr().err

@@ -20,6 +20,12 @@ from typing import Any
 __all__ = ["main"]
 
 
+INT8_HELP = (
+    "run the default models quantized to int8 (about twice as fast on CPUs with VNNI, "
+    "features within about 0.04 of cosine similarity)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepspark-images",
@@ -38,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--model", help="embedder file (TorchScript or ONNX; default EfficientNet-Lite0)"
     )
+    embed.add_argument("--int8", action="store_true", help=INT8_HELP)
     embed.add_argument("--size", type=int, default=224, help="model input side (default 224)")
     embed.add_argument(
         "--resize", default="center_crop", choices=["center_crop", "letterbox", "stretch"]
@@ -58,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--k", type=int, default=5, help="results per query (5)")
     search.add_argument("--faiss", action="store_true", help="search through a FAISS index")
     search.add_argument("--model", help="the embedder the feature table was made with")
+    search.add_argument("--int8", action="store_true", help="the table was made with --int8")
     search.add_argument("--out", help="write the results here instead of printing them")
     search.add_argument("--format", default="auto", choices=["auto", "parquet", "delta"])
     return parser
@@ -65,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``deepspark-images`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "int8", False) and args.model:
+        parser.error("--int8 quantizes the default models; drop it or --model")
     from pyspark.sql import SparkSession
 
     import deepspark as ds
@@ -128,10 +139,19 @@ def _embed(spark: Any, args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     images = _images(spark, args.source, args.content_col, args.path_col, args.partitions)
+    runtime = "onnx-int8" if args.int8 else "auto"
     if args.detect:
-        table = vision.detect(images, embed_crops=True, embedder=args.model, with_crops=False)
+        table = vision.detect(
+            images,
+            embed_crops=True,
+            embedder=vision.default_embedder(runtime) if args.int8 else args.model,
+            with_crops=False,
+            detector_runtime="onnx-int8" if args.int8 else "opencv",
+        )
     else:
-        table = vision.embed(images, model=args.model, size=args.size, resize=args.resize)
+        table = vision.embed(
+            images, model=args.model, size=args.size, resize=args.resize, runtime=runtime
+        )
     written = write_table(table, args.out, format=args.format)
     saved = spark.read.format(written).load(args.out)
     rows = saved.count()
@@ -165,7 +185,10 @@ def _search(spark: Any, args: argparse.Namespace) -> int:
     from deepspark.vision.tables import read_table, write_table
 
     features = read_table(spark, args.features)
-    queries = vision.embed(vision.read_images(args.query, spark=spark), model=args.model)
+    runtime = "onnx-int8" if args.int8 else "auto"
+    queries = vision.embed(
+        vision.read_images(args.query, spark=spark), model=args.model, runtime=runtime
+    )
     index = vision.FeatureIndex.build(features) if args.faiss else None
     found = vision.search(features, queries, k=args.k, index=index)
     if args.out:
