@@ -206,7 +206,7 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
     """Milliseconds per image of each stage, one thread, in this process: where time goes.
 
     The images are read, decoded and sent through the models stage by stage, the embedder
-    in batches of 32 as in the tasks, each after one warm-up call.
+    in batches of 32 as in the tasks, each model after a warm-up call of the same size.
     """
     import cv2
     import numpy as np
@@ -254,15 +254,14 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
         for image, found in zip(decoded, boxes, strict=True)
         for b in found
     ]
-    embed_all([crop.pixels for crop in crops[:1]] or [np.zeros((224, 224, 3), np.uint8)])
-    timed("embed_crops", lambda: embed_all([crop.pixels for crop in crops]))
     fitted = timed("fit", lambda: [fit_image(image, 224, "center_crop").pixels for image in small])
-    timed("embed_images", lambda: embed_all(fitted))
     detector_int8(decoded[0])
     timed("detect_int8", lambda: [detector_int8(image) for image in decoded])
-    embed_all(fitted[:1], embedder_int8)
-    timed("embed_crops_int8", lambda: embed_all([crop.pixels for crop in crops], embedder_int8))
-    timed("embed_images_int8", lambda: embed_all(fitted, embedder_int8))
+    crop_pixels = [crop.pixels for crop in crops]
+    for suffix, model in (("", embedder), ("_int8", embedder_int8)):
+        embed_all(fitted, model)  # a full batch first: buffers are sized on the first one
+        timed(f"embed_crops{suffix}", lambda model=model: embed_all(crop_pixels, model))
+        timed(f"embed_images{suffix}", lambda model=model: embed_all(fitted, model))
     profile = {f"{key}_ms_per_image": round(1000 * s / len(files), 2) for key, s in spent.items()}
     # The detector's runtimes side by side on 16 images as one batch: three rounds, each in
     # a rotated order, the best round of each kept.
