@@ -363,6 +363,20 @@ _ONNX_DTYPES = {
 }
 
 
+def onnx_session_options(onnxruntime: Any, num_threads: int | None) -> Any:
+    """ONNX Runtime session options for ``num_threads`` threads (its default when None).
+
+    With more than one thread, the pool's threads do not spin between runs: they would keep
+    cores busy while the task decodes the next batch or runs another model."""
+    options = onnxruntime.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+    if num_threads is None or num_threads > 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxPredictor(Predictor):
     """An ONNX model run by ONNX Runtime on the CPU."""
 
@@ -371,10 +385,7 @@ class OnnxPredictor(Predictor):
     def __init__(self, model: str | bytes, *, nbytes: int, num_threads: int | None = None) -> None:
         super().__init__("cpu")
         onnxruntime = import_onnxruntime()
-        options = onnxruntime.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-            options.inter_op_num_threads = 1
+        options = onnx_session_options(onnxruntime, num_threads)
         self.session = onnxruntime.InferenceSession(
             model, sess_options=options, providers=["CPUExecutionProvider"]
         )

@@ -306,13 +306,19 @@ class DarknetRunner:
             [out.reshape(-1, out.shape[-1]) for out in self.net.forward(self.outputs)]
         )
 
+    def prepare(self, side: int) -> None:
+        """Build what runs ``side`` x ``side`` inputs now (the ONNX export and its int8
+        quantization, seconds), not on the first call."""
+        if self.runtime.startswith("onnx"):
+            self._session(side)
+
     def _session(self, side: int):
         if side not in self._sessions:
             import os
             import tempfile
 
             from deepspark.inference import export_onnx, quantize_onnx
-            from deepspark.inference.runtimes import import_onnxruntime
+            from deepspark.inference.runtimes import import_onnxruntime, onnx_session_options
 
             onnxruntime = import_onnxruntime()
             sample = torch.zeros(1, side, side, 3, dtype=torch.uint8)
@@ -328,9 +334,7 @@ class DarknetRunner:
                 )
                 if self.runtime == "onnx-int8":
                     model = quantize_onnx(model, self._calibration(side), op_types=("Conv",))
-                options = onnxruntime.SessionOptions()
-                if self.num_threads:
-                    options.intra_op_num_threads = self.num_threads
+                options = onnx_session_options(onnxruntime, self.num_threads)
                 self._sessions[side] = onnxruntime.InferenceSession(
                     model, sess_options=options, providers=["CPUExecutionProvider"]
                 )

@@ -200,6 +200,7 @@ class DarknetDetector:
             pictures = calibration_photos()
             calibration = np.concatenate([self._canvases(pictures, f)[0] for f in scales])
         self.runner = DarknetRunner(files.cfg, files.weights, runtime, num_threads, calibration)
+        self.runner.prepare(self.side)
         with open(files.names) as handle:
             self.class_names = [line.strip() for line in handle if line.strip()]
         self.input_size = input_size
