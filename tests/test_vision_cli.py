@@ -21,13 +21,18 @@ class ColourHistogram(torch.nn.Module):
         return torch.cat(counts, dim=1)
 
 
-def test_embed_dedup_and_search_from_the_command_line(spark, tmp_path, capsys):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("astronaut", "coffee", "chelsea"):
+def _photos_with_copies(folder, names: tuple[str, ...], top: int = 0):
+    """Each photo as JPEG, and a copy mirrored, less its ``top`` rows, at another quality."""
+    folder.mkdir()
+    for name in names:
         photo = getattr(data, name)()
-        (photos / f"{name}.jpg").write_bytes(encode_jpeg(photo))
-        (photos / f"{name}_copy.jpg").write_bytes(encode_jpeg(photo[:, ::-1], quality=70))
+        (folder / f"{name}.jpg").write_bytes(encode_jpeg(photo))
+        (folder / f"{name}_copy.jpg").write_bytes(encode_jpeg(photo[top:, ::-1], quality=70))
+    return folder
+
+
+def test_embed_dedup_and_search_from_the_command_line(spark, tmp_path, capsys):
+    photos = _photos_with_copies(tmp_path / "photos", ("astronaut", "coffee", "chelsea"))
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 nothing")
     model = tmp_path / "histogram.pt"
     torch.jit.save(torch.jit.script(ColourHistogram()), str(model))
@@ -64,12 +69,7 @@ def test_bad_commands_exit_with_usage(capsys):
 
 
 def test_int8_embed_and_search_from_the_command_line(spark, tmp_path, capsys):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("rocket", "coffee", "chelsea"):
-        photo = getattr(data, name)()
-        (photos / f"{name}.jpg").write_bytes(encode_jpeg(photo))
-        (photos / f"{name}_copy.jpg").write_bytes(encode_jpeg(photo[20:, ::-1], quality=70))
+    photos = _photos_with_copies(tmp_path / "photos", ("rocket", "coffee", "chelsea"), top=20)
     features = str(tmp_path / "features")
     assert main(["embed", str(photos), "--out", features, "--int8"]) == 0
     assert "6 rows (0 unreadable) written to" in capsys.readouterr().err
