@@ -85,6 +85,7 @@ def _seconds_per_batch(source: ModelSource) -> float:
 
 
 def embedder_source(model: Any, runtime: str) -> ModelSource:
+    """``model`` as a source for the tasks: the default embedder on ``runtime`` when None."""
     if model is None:
         return default_embedder(runtime)
     if isinstance(model, ModelSource):
