@@ -50,8 +50,8 @@ def float_model(tmp_path_factory):
 def test_int8_answers_like_float_on_photos_it_was_not_calibrated_on(float_model):
     calibration = _nchw(calibration_photos())
     batches = [
-        {"images": calibration[start : start + 4], "scale": np.ones((4, 1), np.float32)}
-        for start in range(0, len(calibration), 4)
+        {"images": images, "scale": np.ones((len(images), 1), np.float32)}
+        for images in np.split(calibration, range(4, len(calibration), 4))
     ]
     quantized = quantize_onnx(float_model, batches)
     with open(float_model, "rb") as handle:
