@@ -91,24 +91,25 @@ def decode_only(spark, section: str, folder: str) -> tuple[float, int]:
     return time.perf_counter() - start, int(counts)
 
 
-DETECTOR_RUNTIME = {"fp32": "opencv", "int8": "onnx-int8"}
+PRECISIONS = ("fp32", "int8")
 
 
-def deepspark_pipeline(
-    spark, section: str, folder: str, out: str, runtime: str
-) -> tuple[float, int]:
+def detector_runtime(runtime: str) -> str:  # int8 with int8, else the default
+    return "onnx-int8" if runtime == "onnx-int8" else "opencv"
+
+
+def deepspark_pipeline(spark, section: str, folder: str, out: str, runtime: str):
     from deepspark import vision
 
     start = time.perf_counter()
     images = vision.read_images(folder)
     if section == "detect":
-        int8 = runtime == "onnx-int8"
         result = vision.detect(
             images,
             embed_crops=True,
             with_crops=False,
-            detector_runtime=DETECTOR_RUNTIME["int8" if int8 else "fp32"],
-            embedder=vision.default_embedder(runtime) if int8 else None,
+            detector_runtime=detector_runtime(runtime),
+            embedder=vision.default_embedder(runtime) if runtime == "onnx-int8" else None,
         )
     else:
         result = vision.embed(images, runtime=runtime)
@@ -178,7 +179,7 @@ def connector_worker(export: str, out: str, runtime: str, section: str, launched
         embed = EmbedSpec(default_embedder(runtime), columns, resize="stretch", num_threads=CORES)
         spec = DetectSpec(
             columns, files=yolov3_tiny_files(), with_crops=False, num_threads=CORES, embed=embed,
-            runtime=DETECTOR_RUNTIME["int8" if runtime == "onnx-int8" else "fp32"],
+            runtime=detector_runtime(runtime),
         )  # fmt: skip
         load_detector(spec)
         load_model(embed.model, num_threads=CORES)
@@ -421,7 +422,7 @@ def main() -> None:
     if not sections or any(name not in MIN_SIDE for name in sections):
         parser.error(f"--sections={args.sections!r}: give detect, embed or both")
     precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
-    if not precisions or any(name not in DETECTOR_RUNTIME for name in precisions):
+    if not precisions or any(name not in PRECISIONS for name in precisions):
         parser.error(f"--precisions={args.precisions!r}: give fp32, int8 or both")
     if args.connector_worker:
         connector_worker(*args.connector_worker, args.runtime, sections[0], args.launched)

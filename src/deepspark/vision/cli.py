@@ -133,13 +133,17 @@ def _images(
     return vision.read_images(source, spark=spark, num_partitions=partitions)
 
 
+def _embedder_runtime(args: argparse.Namespace) -> str:
+    return "onnx-int8" if args.int8 else "auto"
+
+
 def _embed(spark: Any, args: argparse.Namespace) -> int:
     from deepspark import vision
     from deepspark.vision.tables import write_table
 
     start = time.perf_counter()
     images = _images(spark, args.source, args.content_col, args.path_col, args.partitions)
-    runtime = "onnx-int8" if args.int8 else "auto"
+    runtime = _embedder_runtime(args)
     if args.detect:
         table = vision.detect(
             images,
@@ -185,9 +189,10 @@ def _search(spark: Any, args: argparse.Namespace) -> int:
     from deepspark.vision.tables import read_table, write_table
 
     features = read_table(spark, args.features)
-    runtime = "onnx-int8" if args.int8 else "auto"
     queries = vision.embed(
-        vision.read_images(args.query, spark=spark), model=args.model, runtime=runtime
+        vision.read_images(args.query, spark=spark),
+        model=args.model,
+        runtime=_embedder_runtime(args),
     )
     index = vision.FeatureIndex.build(features) if args.faiss else None
     found = vision.search(features, queries, k=args.k, index=index)
