@@ -6,7 +6,13 @@ import datetime
 import json
 import os
 import platform
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+# Every run's JSON line lands here, met or missed (benchmarks/README.md, "The log").
+LOG_PATH = Path(__file__).with_name("log.jsonl")
 
 
 def machine() -> str:
@@ -54,4 +60,43 @@ def emit_json(result: dict) -> None:
     niceness = os.nice(0) if hasattr(os, "nice") else 0
     if niceness:
         result = {**result, "nice": niceness}
-    print(json.dumps(result, separators=(", ", ": ")), flush=True)
+    line = json.dumps(result, separators=(", ", ": "))
+    print(line, flush=True)
+    append_log(result)
+
+
+def append_log(result: dict) -> None:
+    """Append one run to ``benchmarks/log.jsonl`` with what identifies it.
+
+    The record keeps the benchmark's own JSON under ``"result"`` and adds the time, the
+    command line, the commit it ran on, the machine and the load average at the end of the run,
+    so that RESULTS.md can quote a line and a reader can find it.
+    """
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    record = {
+        "logged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "commit": _commit(),
+        "machine": machine(),
+        "load_average_1m_end": round(load[0], 2) if load else None,
+        "result": result,
+    }
+    with LOG_PATH.open("a") as handle:
+        handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with ``+dirty`` when uncommitted changes were measured."""
+    try:
+        root = Path(__file__).resolve().parent
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+            check=True, timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head
