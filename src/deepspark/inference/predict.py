@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
+from deepspark.context.spark_versions import collect_arrow
 from deepspark.inference.models import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_INLINE_LIMIT_BYTES,
@@ -361,7 +362,7 @@ def _probe_outputs(
 
     with _driver_predictor(model, source, cache_bytes) as predictor:
         predictor.check_input_names(input_names)
-        sample = df.select(*_columns_of(features)).limit(rows).toArrow()
+        sample = collect_arrow(df.select(*_columns_of(features)).limit(rows))
         if not sample.num_rows:
             return None, 0
         inputs = assemble(features, batch_to_tensors(sample, features))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from deepspark.context.spark_versions import collect_arrow
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
@@ -205,7 +207,7 @@ def predict_creator(
         )
 
     frame = spark.range(0, tasks, 1, tasks)
-    table = frame.mapInArrow(task, "order long, payload binary").toArrow().sort_by("order")
+    table = collect_arrow(frame.mapInArrow(task, "order long, payload binary")).sort_by("order")
     parts = [
         torch.load(io.BytesIO(payload), weights_only=True)
         for payload in table.column("payload").to_pylist()
