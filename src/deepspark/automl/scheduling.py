@@ -7,6 +7,14 @@ from typing import Any
 
 __all__ = ["is_classic", "report_host", "trial_scope"]
 
+# The thread-local Spark properties a trial sets (setJobGroup sets the last three).
+_TRIAL_PROPERTIES = (
+    "spark.scheduler.pool",
+    "spark.jobGroup.id",
+    "spark.job.description",
+    "spark.job.interruptOnCancel",
+)
+
 
 @contextlib.contextmanager
 def trial_scope(spark: Any, number: int):
@@ -15,15 +23,16 @@ def trial_scope(spark: Any, number: int):
     if context is None:
         yield
         return
+    # The thread's own values come back afterwards: a job group or pool the user set stays.
+    before = {key: context.getLocalProperty(key) for key in _TRIAL_PROPERTIES}
     pool = f"deepspark-trial-{number}"
     context.setLocalProperty("spark.scheduler.pool", pool)
     context.setJobGroup(pool, f"deepspark AutoML trial {number}", interruptOnCancel=True)
     try:
         yield
     finally:
-        context.setLocalProperty("spark.scheduler.pool", None)
-        context.setLocalProperty("spark.jobGroup.id", None)
-        context.setLocalProperty("spark.job.description", None)
+        for key, value in before.items():
+            context.setLocalProperty(key, value)
 
 
 def is_classic(spark: Any) -> bool:
