@@ -192,6 +192,14 @@ def local_cluster_spark():
     )
 
 
+def skip_connect_before_pyspark_4() -> None:
+    """deepspark refuses Spark Connect on PySpark 3.5 (make test-spark35): its tests skip."""
+    from deepspark.context.spark_versions import pyspark_version
+
+    if pyspark_version() < (4, 0):
+        pytest.skip("Spark Connect through deepspark needs PySpark >= 4.0; this is 3.5")
+
+
 CONNECT_PORT = 15002  # where pyspark's client looks for a local Connect server
 
 
@@ -216,6 +224,7 @@ def _wait_for_connect_port(timeout_s: float = 60.0) -> None:
 @pytest.fixture
 def connect_spark():
     """A Spark Connect client talking to a local Connect server (`remote("local[2]")`)."""
+    skip_connect_before_pyspark_4()
     if _switch.kind != "connect_spark":
         _switch.stop()
         _wait_for_connect_port()
@@ -515,6 +524,7 @@ def start_connect_server(master: str = "local-cluster[2,1,1024]", startup_timeou
 @pytest.fixture(scope="module")
 def connect_server() -> Iterator[ConnectServer]:
     """A Spark Connect server (local-cluster[2,1,1024]) on loopback, stopped at teardown."""
+    skip_connect_before_pyspark_4()
     server = start_connect_server()
     try:
         yield server
@@ -528,6 +538,7 @@ def connect_server() -> Iterator[ConnectServer]:
 @pytest.fixture
 def connect_server_spark(connect_server):
     """A Spark Connect client of `connect_server`, made with `init_context("connect", ...)`."""
+    skip_connect_before_pyspark_4()
     return _switch.get(
         "connect_server_spark",
         lambda: ds.init_context(

@@ -42,6 +42,7 @@ RANK_SIDE = [
     "deepspark.training.rank.first_epoch",
     "deepspark.data.stream",
     "deepspark.data.chunks",
+    "deepspark.data.finite",
     "deepspark.training.driver.progress_server",
     "deepspark.training.driver.progress_bar",
     "deepspark.training.driver.timeline",
