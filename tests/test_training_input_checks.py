@@ -8,7 +8,6 @@ import time
 
 import cloudpickle
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -19,9 +18,10 @@ from deepspark.data import FeedError
 cloudpickle.register_pickle_by_value(helpers)
 
 
-def _frame(spark, x: np.ndarray, y: np.ndarray, features_type: str = "array<double>"):
-    pdf = pd.DataFrame({"features": list(x.astype(np.float64)), "label": y.astype(np.int64)})
-    return spark.createDataFrame(pdf, f"features {features_type}, label long")
+def _frame(spark, x: np.ndarray, y: np.ndarray):
+    # From Python rows: a pandas frame would arrive with its NaN turned into nulls (Arrow).
+    rows = [(row.tolist(), int(label)) for row, label in zip(x.astype(np.float64), y, strict=True)]
+    return spark.createDataFrame(rows, "features array<double>, label long")
 
 
 def _estimator() -> ds.Estimator:
