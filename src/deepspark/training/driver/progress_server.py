@@ -65,7 +65,7 @@ class ProgressServer:
         in sending order). Its exceptions are logged, never raised.
     advertise_host : str, optional
         The host name or address ranks connect to. Defaults to ``host``, or this machine's
-        address (:func:`deepspark.training.rank.rendezvous.local_ip`) when ``host`` is a wildcard.
+        address (:func:`deepspark.context.topology.local_ip`) when ``host`` is a wildcard.
     max_events : int, default 100_000
         History length; older events are forgotten first.
     max_connections : int, optional
@@ -128,7 +128,7 @@ class ProgressServer:
         if self.advertise_host:
             return self.advertise_host, port
         if self.host in ("", "0.0.0.0", "::"):
-            from deepspark.training.rank.rendezvous import local_ip
+            from deepspark.context.topology import local_ip
 
             return local_ip(), port
         return self.host, port
