@@ -427,10 +427,6 @@ def test_topology_of_a_local_session(spark):
 def test_topology_of_a_local_cluster_counts_its_executors(local_cluster_spark):
     layout = executor_layout(local_cluster_spark)
     assert (layout.executors, layout.cores_per_executor, layout.task_slots) == (2, 1, 2)
-    # the slots a barrier stage can have are the scheduler's own count
-    tracker = local_cluster_spark.sparkContext._jsc.sc()
-    profile = tracker.resourceProfileManager().defaultResourceProfile()
-    assert layout.task_slots == tracker.maxNumConcurrentTasks(profile)
 
 
 def test_topology_of_a_connect_session_is_the_servers(connect_spark):

@@ -22,6 +22,9 @@ IMPORT = re.compile(r"^\s*(?:from|import)\s+(deepspark(?:\.\w+)*)", re.M)
 # Spark-free modules of the engine: they run inside tasks, and on machines without Java.
 RANK_SIDE = [
     "deepspark.context.topology",
+    "deepspark.context.channel",
+    "deepspark.context.channel_server",
+    "deepspark.context.channel_client",
     "deepspark.persist.weights",
     "deepspark.persist.estimator_dir",
     "deepspark.persist.optimizer_state",

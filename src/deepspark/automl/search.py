@@ -321,7 +321,7 @@ class AutoEstimator:
         options = dict(fixed)
         options["epochs"] = int(config.get("epochs", options["epochs"]))
         options["batch_size"] = int(config.get("batch_size", options["batch_size"]))
-        reporter = TrialReporter(server.address, server.key_hex, trial.number, self.metric)
+        reporter = TrialReporter(server.address, server.token, trial.number, self.metric)
         options["callbacks"] = [*options["callbacks"], reporter]
         options.setdefault("progress", False)
         if self.seed is not None:

@@ -56,6 +56,9 @@ __all__ = [
 
 # How long a classic cluster's first executor may take to register before counting fails.
 EXECUTOR_REGISTRATION_TIMEOUT_S = 60.0
+# Within this long of an application's start, executors still register: wait for a steady count.
+EXECUTOR_SETTLE_S = 30.0
+_STEADY_S = 2.0
 _CONNECT_PORT = 15002
 
 
@@ -229,7 +232,8 @@ def executor_layout(spark: SparkSession) -> ExecutorLayout:
     """The executors of the application behind `spark`, their cores and its task slots.
 
     A local master fixes the layout. On a classic cluster the registered executors are
-    counted (waiting up to a minute for the first one), and their cores come from
+    counted (waiting up to a minute for the first one and, in the application's first
+    seconds, for their number to hold), and their cores come from
     ``spark.executor.cores`` or else the scheduler's own count of concurrent tasks. Over Spark
     Connect the server's ``spark.executor.instances`` and ``spark.executor.cores`` say it when
     static; otherwise a probe job reports the executors it ran on.
@@ -272,7 +276,7 @@ def _classic_executors(spark: SparkSession, per_task: int) -> tuple[int, int]:
                 "cores and memory for an executor (spark.executor.cores, spark.executor.memory)"
             )
         time.sleep(0.5)
-    executors = int(tracker.getExecutorIds().size())
+    executors = _settled_executor_count(spark, tracker)
     cores = int(_conf_number(spark, "spark.executor.cores"))
     if cores:
         return executors, cores
@@ -280,6 +284,26 @@ def _classic_executors(spark: SparkSession, per_task: int) -> tuple[int, int]:
     profile = tracker.resourceProfileManager().defaultResourceProfile()
     slots = int(tracker.maxNumConcurrentTasks(profile))
     return executors, max(1, slots * per_task // executors)
+
+
+def _settled_executor_count(spark: SparkSession, tracker: Any) -> int:
+    """The registered executors; in an application's first seconds, once their number holds.
+
+    Right after the session starts, a cluster's executors register one by one; counting the
+    first alone would plan too few ranks. Later the count is taken as it is.
+    """
+    expected = int(_conf_number(spark, "spark.executor.instances"))
+    settle_until = spark.sparkContext.startTime / 1000 + EXECUTOR_SETTLE_S
+    count = int(tracker.getExecutorIds().size())
+    steady_since = time.monotonic()
+    while time.time() < settle_until and not (expected and count >= expected):
+        if time.monotonic() - steady_since >= _STEADY_S:
+            break
+        time.sleep(0.25)
+        now = int(tracker.getExecutorIds().size())
+        if now != count:
+            count, steady_since = now, time.monotonic()
+    return count
 
 
 def _connect_executors(spark: SparkSession) -> tuple[int, int]:
