@@ -249,3 +249,32 @@ def test_the_topology_check_sees_the_patterns_it_forbids():
     found = _topology_questions(sample, "sample.py")
     lines = sorted(place.split()[0] for place in found)
     assert lines == ["sample.py:3", "sample.py:3", "sample.py:4", "sample.py:5"], found
+
+
+def test_importing_the_package_loads_neither_pyspark_nor_torch():
+    code = (
+        "import sys, deepspark\n"
+        "heavy = sorted(m for m in ('pyspark', 'torch', 'pyarrow') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('deepspark.'))\n"
+        "assert not loaded, loaded\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_every_public_name_of_the_package_resolves():
+    code = (
+        "import deepspark\n"
+        "missing = [name for name in deepspark.__all__ if getattr(deepspark, name, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert set(deepspark.__all__) <= set(dir(deepspark))\n"
+        "try:\n"
+        "    deepspark.no_such_name\n"
+        "except AttributeError as error:\n"
+        "    assert 'no_such_name' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('an unknown name resolved')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]

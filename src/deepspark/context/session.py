@@ -34,7 +34,6 @@ __all__ = [
     "held_task_slots",
     "hold_task_slots",
     "init_context",
-    "on_init_context",
     "on_stop_context",
     "stop_context",
 ]
@@ -51,8 +50,6 @@ _stop_hooks: list[Callable[[SparkSession], None]] = []
 # A lock of its own: stop hooks, which run under _lock, give slots back.
 _held_slots: dict[str, int] = {}
 _slots_lock = threading.Lock()
-# Called with each new session and its config once it is up (deepspark.ray starts Ray here).
-_start_hooks: list[Callable[[SparkSession, ContextConfig], None]] = []
 
 _JVM_MODES = {
     ClusterMode.LOCAL,
@@ -174,10 +171,22 @@ def init_context(
         _active = (config, session)
         if warm_workers:
             _warm_workers(session)
-        start_hooks = list(_start_hooks)
-    for hook in start_hooks:  # outside the lock: a hook may ask for current_session()
-        hook(session, config)
+    if config.ray is not False:  # outside the lock: Ray asks for current_session()
+        _start_ray(config.ray)
     return session
+
+
+def _start_ray(ray: bool | dict[str, Any]) -> None:
+    """``init_context(ray=...)``: start Ray on Spark once the session is up.
+
+    Ray on Spark is the one capability a session starts when asked; its package is loaded by
+    name, only then, so that neither an import of it here (it stands above this floor) nor a
+    registration when it is imported is needed.
+    """
+    import importlib
+
+    start = importlib.import_module("deepspark.ray").start
+    start(**({} if ray is True else dict(ray)))
 
 
 def stop_context() -> None:
@@ -245,17 +254,6 @@ def on_stop_context(hook: Callable[[SparkSession], None]) -> None:
     with _lock:
         if hook not in _stop_hooks:
             _stop_hooks.append(hook)
-
-
-def on_init_context(hook: Callable[[SparkSession, ContextConfig], None]) -> None:
-    """Have `init_context` call ``hook(session, config)`` once a new session is up.
-
-    A capability that starts something with the session when asked through the config
-    (`deepspark.ray` for ``ray=``) registers here; the hook does nothing when not asked.
-    """
-    with _lock:
-        if hook not in _start_hooks:
-            _start_hooks.append(hook)
 
 
 def current_session() -> SparkSession | None:

@@ -176,8 +176,10 @@ def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey 
 
 # What the first fit or predict of a session would otherwise import, seconds of it on a small
 # machine: torch's first optimizer imports torch._dynamo, the first metric torchmetrics. The
-# workers import these ahead of time (`warm_workers`), the driver those marked for it; the
-# engines add their own task modules with `warm_modules`.
+# workers import these ahead of time (`warm_workers`), the driver those marked for it. A
+# training rank's modules are named here as data (imported by name in the workers, never by
+# this module), so the warm-up knows them before anything imported the engine; others can be
+# added with `warm_modules`.
 _warm_worker_modules = [
     "torch",
     "torch.distributed",
@@ -185,8 +187,12 @@ _warm_worker_modules = [
     "torch._dynamo",
     "torchmetrics",
     "deepspark.data",
+    "deepspark.training.rank.run",
+    "deepspark.training.rank.loop",
+    "deepspark.training.rank.metrics",
 ]
-_warm_driver_modules = ["torch._dynamo"]
+# the driver's checks update every metric once: torchmetrics there too
+_warm_driver_modules = ["torch._dynamo", "deepspark.training.rank.metrics"]
 
 
 def warm_modules(*names: str, driver: bool = False) -> None:

@@ -156,6 +156,7 @@ def cache(df: DataFrame, *, max_bytes: int | None = None) -> CachedFrame:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    on_stop_context(_drop_session_caches)  # once: what a session caches goes with it
     if max_bytes is not None and (
         isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0
     ):
@@ -461,6 +462,3 @@ def _drop_session_caches(spark: SparkSession) -> None:
         ]
     for cached in mine:
         cached.unpersist()
-
-
-on_stop_context(_drop_session_caches)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deepspark.context.config import ClusterMode
-from deepspark.context.session import hold_task_slots, on_init_context, on_stop_context
+from deepspark.context.session import hold_task_slots, on_stop_context
 from deepspark.context.topology import master_of, task_cpus
 from deepspark.ray.leftovers import CLUSTER_MARK, end_marked_processes
 from deepspark.ray.preflight import (
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
     from pyspark.sql import SparkSession
 
-    from deepspark.context import ContextConfig
 
 __all__ = ["RayCluster", "current", "start", "stop"]
 
@@ -353,14 +352,3 @@ def _register_teardown() -> None:
 
 def _stop_with_session(session: SparkSession) -> None:
     stop()
-
-
-def _start_for_context(session: SparkSession, config: ContextConfig) -> None:
-    """`init_context(ray=...)`: start Ray once the session is up."""
-    if config.ray is False:
-        return
-    options = {} if config.ray is True else dict(config.ray)
-    start(**options)
-
-
-on_init_context(_start_for_context)
