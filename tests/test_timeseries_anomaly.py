@@ -120,6 +120,7 @@ def test_spark_scores_per_series_as_pandas_does(spark, yahoo):
         np.testing.assert_array_equal(got, np.sort(positions))
 
 
+@pytest.mark.slow
 def test_autoencoder_trains_on_spark_workers_and_scores_each_series(spark, yahoo):
     frame = two_series(yahoo)
     detector = AEDetector(
@@ -191,6 +192,7 @@ def planted_series() -> tuple[pd.DataFrame, dict[str, set[int]]]:
     return pd.concat(frames, ignore_index=True), planted
 
 
+@pytest.mark.slow
 def test_forecast_residual_detector_with_a_spark_trained_forecaster(spark):
     from deepspark.timeseries import DLinearForecaster, TSDataset
 
