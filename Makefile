@@ -1,4 +1,5 @@
-# deepspark: two commands. `make demo` sets up and runs the main job; `make test` runs the tests.
+# deepspark: two commands. `make demo` sets up and runs the main job; `make test` runs the tests
+# (`make test-fast` the fast tier of them).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

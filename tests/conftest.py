@@ -47,7 +47,11 @@ class _SessionSwitch:
         self.session = None
 
     def get(self, kind: str, start) -> object:
-        if self.kind == kind and self.session is not None and _alive(self.session):
+        if self.kind == kind and self.session is not None:
+            if not _alive(self.session):
+                # A test stopped it, and may have started the same kind again: init_context
+                # hands back a running session, so that one is kept instead of restarted.
+                self.session = start()
             return self.session
         self.stop()
         self.session = start()

@@ -54,7 +54,9 @@ def torch_outputs(df, model: torch.nn.Module) -> tuple[list[int], torch.Tensor]:
 MODEL_KINDS = ["torch", "torchscript", "torch_export", "onnx", "saved"]
 
 
-@pytest.fixture(scope="module")
+# session scope: the tests are ordered by session kind, so this module's local and Connect
+# tests do not run in one stretch, and a module-scoped fixture would be built twice
+@pytest.fixture(scope="session")
 def model_files(tmp_path_factory) -> dict[str, object]:
     """One MLP in every form predict takes, each export verified against torch."""
     from deepspark import Estimator
