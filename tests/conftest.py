@@ -48,11 +48,15 @@ class _SessionSwitch:
 
     def get(self, kind: str, start) -> object:
         if self.kind == kind and self.session is not None:
-            if not _alive(self.session):
-                # A test stopped it, and may have started the same kind again: init_context
-                # hands back a running session, so that one is kept instead of restarted.
-                self.session = start()
-            return self.session
+            if _alive(self.session):
+                return self.session
+            # A test stopped it and may have started the same kind again: init_context hands
+            # a running session back, and that one is kept rather than restarted.
+            with contextlib.suppress(Exception):
+                again = start()
+                if _alive(again):
+                    self.session = again
+                    return again
         self.stop()
         self.session = start()
         self.kind = kind
