@@ -81,7 +81,8 @@ _switch = _SessionSwitch()
 
 
 # Fixtures that start JVMs beyond the run's local session and its one Connect session: their
-# tests belong to the slow tier, which `make test-fast` (`-m "not slow"`) leaves out.
+# tests belong to the slow tier, which `make test-fast` (`-m "not slow"`) leaves out. Such a test
+# gets the mark here when its file forgot it, so the fast tier never starts a cluster.
 SLOW_TIER_FIXTURES = frozenset(
     {
         "local_cluster_spark",
@@ -93,6 +94,7 @@ SLOW_TIER_FIXTURES = frozenset(
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # the marks added here must be in place before `-m` selects
 def pytest_collection_modifyitems(config, items):
     def kind_rank(item) -> int:
         names = getattr(item, "fixturenames", ())
@@ -102,17 +104,10 @@ def pytest_collection_modifyitems(config, items):
         return 0
 
     items.sort(key=kind_rank)
-    unmarked = [
-        item.nodeid
-        for item in items
-        if SLOW_TIER_FIXTURES & set(getattr(item, "fixturenames", ()))
-        and item.get_closest_marker("slow") is None
-    ]
-    if unmarked:
-        raise pytest.UsageError(
-            "these tests start a cluster or server of their own but are not marked "
-            "@pytest.mark.slow, so the fast tier would run them: " + ", ".join(unmarked)
-        )
+    for item in items:
+        uses = SLOW_TIER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
 
 
 class _RunService:
