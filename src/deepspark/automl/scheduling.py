@@ -1,11 +1,13 @@
-"""Where a trial's jobs run: a scheduler pool and job group per trial, and the report address."""
+"""Where a trial's jobs run: a scheduler pool and job group per trial."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any
 
-__all__ = ["is_classic", "report_host", "trial_scope"]
+from deepspark.context.topology import is_connect
+
+__all__ = ["trial_scope"]
 
 # The thread-local Spark properties a trial sets (setJobGroup sets the last three).
 _TRIAL_PROPERTIES = (
@@ -19,7 +21,7 @@ _TRIAL_PROPERTIES = (
 @contextlib.contextmanager
 def trial_scope(spark: Any, number: int):
     """The trial's jobs run in a scheduler pool and job group of their own (classic Spark)."""
-    context = getattr(spark, "sparkContext", None) if is_classic(spark) else None
+    context = None if is_connect(spark) else getattr(spark, "sparkContext", None)
     if context is None:
         yield
         return
@@ -33,17 +35,3 @@ def trial_scope(spark: Any, number: int):
     finally:
         for key, value in before.items():
             context.setLocalProperty(key, value)
-
-
-def is_classic(spark: Any) -> bool:
-    return not type(spark).__module__.startswith("pyspark.sql.connect")
-
-
-def report_host(spark: Any) -> tuple[str, str]:
-    """(listen on, ranks connect to): loopback for local masters, else every interface."""
-    from deepspark.training.driver.stage import is_loopback_master
-    from deepspark.training.rank.rendezvous import local_ip
-
-    if is_loopback_master(spark):
-        return "127.0.0.1", "127.0.0.1"
-    return "0.0.0.0", local_ip()
