@@ -1,5 +1,8 @@
 """`predict` on streaming DataFrames: every query runs on real files and a real Spark session,
-and stops on its own (``trigger(availableNow=True)`` with a bounded ``awaitTermination``)."""
+and stops on its own (``trigger(availableNow=True)`` with a bounded ``awaitTermination``).
+
+The fast tier keeps the checks that start no query (errors before the start, the version
+records); every test that runs a query or scores rows is marked slow."""
 
 from __future__ import annotations
 
@@ -88,6 +91,7 @@ def inputs(spark, tmp_path) -> Path:
 # Every model kind, on a stream, gives the predictions of batch predict.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["torch", "torchscript", "onnx"])
 def test_a_stream_scores_like_a_batch_for_each_model_kind(spark, inputs, tmp_path, kind):
     model = make_mlp()
@@ -112,6 +116,7 @@ def test_a_stream_scores_like_a_batch_for_each_model_kind(spark, inputs, tmp_pat
     assert all(abs(got[key] - want[key]) < 1e-5 for key in want)
 
 
+@pytest.mark.slow
 def test_estimator_predict_takes_a_stream(spark, inputs, tmp_path):
     estimator = ds.Estimator.from_torch(model=make_mlp(seed=3))
     scored = estimator.predict(
@@ -127,8 +132,12 @@ def test_estimator_predict_takes_a_stream(spark, inputs, tmp_path):
 # Clear errors on the driver, before any query starts.
 
 
-def test_a_model_or_column_mismatch_fails_before_the_query_starts(spark, inputs):
-    stream = input_stream(spark, inputs)
+def test_a_model_or_column_mismatch_fails_before_the_query_starts(spark):
+    stream = (
+        spark.readStream.format("rate")
+        .load()
+        .selectExpr("value as id", f"array_repeat(cast(value as float), {FEATURES}) as x")
+    )
     with pytest.raises(FeedError, match="feature_shapes"):
         predict(stream, make_mlp(), "x")  # no rows to read the array's length from
     with pytest.raises(ModelInputError, match=r"\(N, 4\)|mat1 and mat2"):
@@ -159,6 +168,7 @@ class LoadToken(torch.nn.Module):
         return torch.full((x.shape[0], 1), self.token, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_the_model_loads_once_per_python_worker_across_micro_batches(spark, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -205,6 +215,7 @@ def id_stream(spark, folder: Path):
     return input_stream(spark, folder).selectExpr("id", "array(cast(id as float)) as x")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sink", ["parquet", "foreachBatch"])
 def test_no_row_is_lost_or_written_twice_after_a_killed_worker(spark, tmp_path, sink):
     folder = tmp_path / "in"
@@ -233,6 +244,7 @@ def test_no_row_is_lost_or_written_twice_after_a_killed_worker(spark, tmp_path, 
     assert all(row.prediction == 2 * row.id for row in rows)
 
 
+@pytest.mark.slow
 def test_idempotent_batch_writer_skips_a_committed_batch_and_clears_a_dead_attempt(spark, tmp_path):
     out = tmp_path / "out"
     write = idempotent_batch_writer(str(out))
@@ -270,6 +282,7 @@ class Constant(torch.nn.Module):
         return torch.full((x.shape[0], 1), self.value)
 
 
+@pytest.mark.slow
 def test_a_new_model_version_starts_at_a_batch_boundary(spark, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -330,6 +343,7 @@ def test_model_versions_order_skip_hidden_and_incomplete_and_pin_each_batch(tmp_
     assert versions.for_batch("another-query", 7).name == "20"
 
 
+@pytest.mark.slow
 def test_model_versions_on_a_batch_frame_score_with_the_newest(spark, tmp_path):
     location = tmp_path / "models"
     location.mkdir()
