@@ -53,6 +53,7 @@ RANK_SIDE = [
     "deepspark.training.driver.timeline",
     "deepspark.inference.keras_runtime",
     "deepspark.inference.quantize",
+    "deepspark.inference.versions",
     "deepspark.keras.torch_backend",
     "deepspark.keras.keras_callbacks",
     "deepspark.automl.reports",
