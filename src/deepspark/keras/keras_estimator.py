@@ -2,35 +2,16 @@
 
 Driver side. Built by ``Estimator.from_keras`` (see `build_keras_estimator`).
 
-Contract between the backends (read by ``tf_driver.py``)
---------------------------------------------------------
-A `KerasEstimator` keeps on itself:
-
-* ``keras_model`` -- the driver's Keras model; after ``fit`` it holds the trained weights.
-* ``keras_optimizer`` -- the compile-style optimizer argument as given: a name (``"adam"``) or
-  a Keras optimizer object.
-* ``keras_loss`` -- the compile-style loss as given (name, Keras loss, function, dict/list per
-  output); ``keras_loss_weights`` likewise.
-* ``keras_metrics`` -- the compile-style metrics as given (list, or dict by output).
-* ``backend`` -- ``"torch"`` or ``"tensorflow"``.
-* ``config`` -- the config dict (given to a model creator).
-* ``history`` -- a pandas DataFrame, one row per epoch of the last ``fit``.
-
-On the ``"tensorflow"`` backend ``fit`` and ``evaluate`` call::
-
-    deepspark.keras.tf_driver.fit(estimator, df, feature_cols=..., label_cols=...,
-                                  **the other keyword arguments of Estimator.fit)
-        -> pandas.DataFrame (the history; fit also stores it as estimator.history)
-    deepspark.keras.tf_driver.evaluate(estimator, df, feature_cols=..., label_cols=...,
-                                       batch_size=..., num_workers=...) -> dict
-
-and they update ``estimator.keras_model``'s weights. ``predict``, ``save`` and ``load`` are
-shared by both backends (``deepspark.predict`` runs a Keras model on either). On the ``"torch"``
-backend the engine trains a `torch_backend.KerasModule` (``get_model()``).
+Both backends train through the engine's one entry (`deepspark.training.engine.fit`): on
+``"torch"`` the engine's torch loop trains a `torch_backend.KerasModule` (``get_model()``); on
+``"tensorflow"`` a `tf_backend.TensorflowBackend` hands the ``.keras`` model and its compile
+arguments to the engine's TensorFlow loop, and the trained weights come back into
+``keras_model``. ``predict``, ``save`` and ``load`` are shared by both backends.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -40,16 +21,16 @@ from typing import Any
 
 import pandas as pd
 
-from deepspark.inference.keras_runtime import (
+from deepspark.persist.keras_files import (
     chosen_backend,
     import_keras,
     is_keras_model,
     keras_to_bytes,
     load_keras_file,
 )
-from deepspark.training.driver.estimator import Estimator
+from deepspark.training import Estimator, EvaluateOptions, FitOptions, engine
 
-__all__ = ["KerasEstimator", "build_keras_estimator"]
+__all__ = ["KerasEstimator", "build_keras_estimator", "holds_keras_model"]
 
 KERAS_FILE = "model.keras"
 METADATA = "metadata.json"
@@ -134,19 +115,14 @@ class KerasEstimator(Estimator):
         df: Any,
         feature_cols: Any = None,
         label_cols: Any = None,
-        epochs: int = 1,
-        batch_size: int = 32,
+        *,
         validation_data: Any = None,
-        num_workers: int | None = None,
-        checkpoint_dir: str | None = None,
-        checkpoint_every: int = 1,
-        resume: bool = False,
-        max_failures: int = 0,
         callbacks: Sequence[Any] | None = None,
-        seed: int | None = None,
-        **options: Any,
+        options: FitOptions | None = None,
+        **keywords: Any,
     ) -> pd.DataFrame:
-        """Train on `df` as `Estimator.fit` does; Keras callbacks are honoured.
+        """Train on `df` as `Estimator.fit` does (the same options); Keras callbacks are
+        honoured.
 
         ``keras.callbacks.EarlyStopping``, ``ModelCheckpoint`` and ``CSVLogger`` act as in
         Keras, across every rank (monitor names ``"val_loss"``, ``"val_accuracy"``, ``"loss"``
@@ -155,38 +131,33 @@ class KerasEstimator(Estimator):
         ``ReduceLROnPlateau``, ``LearningRateScheduler`` and ``ProgbarLogger`` are refused
         with what to use instead (see `deepspark.keras.keras_callbacks`).
         """
-        arguments = {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "validation_data": validation_data,
-            "num_workers": num_workers,
-            "checkpoint_dir": checkpoint_dir,
-            "checkpoint_every": checkpoint_every,
-            "resume": resume,
-            "max_failures": max_failures,
-            "seed": seed,
-            **options,
-        }
+        columns = {"feature_cols": feature_cols, "label_cols": label_cols}
+        options = FitOptions.from_keywords(
+            options,
+            **{name: value for name, value in columns.items() if value is not None},
+            callbacks=callbacks,
+            **keywords,
+        )
         if self.backend == "tensorflow":
-            tf_driver = _tf_driver()
-            history = tf_driver.fit(
-                self,
-                df,
-                feature_cols=feature_cols,
-                label_cols=label_cols,
-                callbacks=callbacks,
-                **arguments,
+            from deepspark.keras.tf_backend import TensorflowBackend, set_keras_weights
+
+            result = engine.fit(
+                TensorflowBackend(self), df, options, validation_data=validation_data
             )
-            self.history = history
-            self._feature_cols = feature_cols
-            return history
+            set_keras_weights(self.keras_model, result.weights)
+            self.history = result.history
+            self._feature_cols = options.data.feature_cols
+            self.attempts_ = result.attempts
+            self.first_step_s_ = result.first_step_s
+            self.job_ports_ = result.ports
+            self.timings_ = result.timings()
+            return self.history
         from deepspark.keras.keras_callbacks import report_back, translate_callbacks
 
-        engine_callbacks, pairs = translate_callbacks(callbacks)
-        self._model.seed = seed  # the ranks seed torch, numpy and random with it
-        history = super().fit(
-            df, feature_cols, label_cols, callbacks=engine_callbacks or None, **arguments
-        )
+        engine_callbacks, pairs = translate_callbacks(options.callbacks)
+        self._model.seed = options.loop.seed  # the ranks seed torch, numpy and random with it
+        options = dataclasses.replace(options, callbacks=tuple(engine_callbacks))
+        history = super().fit(df, validation_data=validation_data, options=options)
         report_back(pairs, history)
         return history
 
@@ -195,22 +166,22 @@ class KerasEstimator(Estimator):
         df: Any,
         feature_cols: Any = None,
         label_cols: Any = None,
-        batch_size: int = 256,
-        num_workers: int | None = None,
-        **options: Any,
+        *,
+        options: EvaluateOptions | None = None,
+        **keywords: Any,
     ) -> dict[str, float]:
         """Loss and metrics over every row of `df`, as `Estimator.evaluate`."""
-        if self.backend == "tensorflow":
-            return _tf_driver().evaluate(
-                self,
-                df,
-                feature_cols=feature_cols,
-                label_cols=label_cols,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                **options,
-            )
-        return super().evaluate(df, feature_cols, label_cols, batch_size, num_workers, **options)
+        if self.backend != "tensorflow":
+            return super().evaluate(df, feature_cols, label_cols, options=options, **keywords)
+        from deepspark.keras.tf_backend import TensorflowBackend
+
+        columns = {"feature_cols": feature_cols, "label_cols": label_cols}
+        options = EvaluateOptions.from_keywords(
+            options,
+            **{name: value for name, value in columns.items() if value is not None},
+            **keywords,
+        )
+        return engine.evaluate(TensorflowBackend(self), df, options)
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -317,15 +288,12 @@ def _loaded() -> set[str]:
     return {name for name in ("keras", "tensorflow") if name in sys.modules}
 
 
-def _tf_driver() -> Any:
-    try:
-        from deepspark.keras import tf_driver
-    except ImportError as error:
-        raise NotImplementedError(
-            "the tensorflow backend's training is not available in this build "
-            f"({error}); use backend='torch'"
-        ) from error
-    return tf_driver
+def holds_keras_model(path: str) -> bool:
+    """Whether `path` is a ``.keras`` file or a directory `KerasEstimator.save` wrote."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    return root.endswith(".keras") or fs.exists(f"{root.rstrip('/')}/{KERAS_FILE}")
 
 
 def build_keras_estimator(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspark.inference.keras_runtime import (
+from deepspark.persist.keras_files import (
     import_keras,
     keras_from_bytes,
     keras_to_bytes,

@@ -1,11 +1,44 @@
-"""Distributed PyTorch training inside Spark: `Estimator` (driver) and the rank-side engine."""
+"""Distributed training inside Spark: the `Estimator` and the engine's public entry.
+
+`deepspark.training.engine.fit` / `evaluate` run any backend's job on N ranks with the options
+of `deepspark.training.options` (`FitOptions` and its groups); `Estimator` is the facade for a
+PyTorch model. The engine's `driver/` and `rank/` modules are its own: nothing outside
+`deepspark.training` imports them.
+"""
 
 from deepspark.context.workers import warm_modules
+from deepspark.training.backend import Backend
 from deepspark.training.driver.estimator import Estimator, TrainingError
+from deepspark.training.engine import FitResult
+from deepspark.training.job_spec import JobKind, RankLoop, RankProgram
+from deepspark.training.options import (
+    DataOptions,
+    EvaluateOptions,
+    FitOptions,
+    LoopOptions,
+    RecoveryOptions,
+    RunOptions,
+    StepOptions,
+)
 
 # What a rank imports: init_context's warm-up imports it in the workers ahead of the first fit
 # (the metrics, with torchmetrics, also on the driver, whose checks update every metric once).
 warm_modules("deepspark.training.rank.run", "deepspark.training.rank.loop")
 warm_modules("deepspark.training.rank.metrics", driver=True)
 
-__all__ = ["Estimator", "TrainingError"]
+__all__ = [
+    "Backend",
+    "DataOptions",
+    "Estimator",
+    "EvaluateOptions",
+    "FitOptions",
+    "FitResult",
+    "JobKind",
+    "LoopOptions",
+    "RankLoop",
+    "RankProgram",
+    "RecoveryOptions",
+    "RunOptions",
+    "StepOptions",
+    "TrainingError",
+]

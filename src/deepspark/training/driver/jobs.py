@@ -8,6 +8,7 @@ sent back. The `Estimator` only validates arguments and interprets results.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -17,12 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from deepspark.training.job_spec import SPLIT_COLUMN, JobKind, ResultKind, TrainSpec
+from deepspark.training.job_spec import SPLIT_COLUMN, JobKind, RankLoop, ResultKind, TrainSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
-
-    from deepspark.training.driver.stage import RankEntry
 
 __all__ = ["JobResult", "TrainingError", "job_input", "run_job"]
 
@@ -135,15 +134,14 @@ def run_job(
     data: DataFrame,
     spec: TrainSpec,
     *,
+    loop: RankLoop = RankLoop.TORCH,
     max_failures: int = 0,
     progress: bool = True,
     started: float | None = None,
-    rank_entry: RankEntry | None = None,
 ) -> JobResult:
     """Run `spec` over `data`, re-running failed attempts from the latest checkpoint.
 
-    `rank_entry` is what each task runs (`stage.run_barrier_stage`); the torch engine's
-    `run_rank` by default.
+    Each task runs the rank `loop` (`stage.run_barrier_stage`).
 
     Raises
     ------
@@ -161,7 +159,7 @@ def run_job(
     spec.rendezvous_host = "127.0.0.1" if loopback else None
     bind_host, advertise_host = _driver_host(spark)
     started = time.perf_counter() if started is None else started
-    bar = ProgressBar(epochs=spec.epochs) if progress else None
+    bar = ProgressBar(epochs=spec.loop.epochs) if progress else None
     first_step: list[float] = []
     attempt_number = [1]
     epoch_attempts: dict[int, int] = {}
@@ -191,7 +189,7 @@ def run_job(
                 errors_before = len(server.events("error"))
                 try:
                     submitted = time.time()
-                    table = run_barrier_stage(data, spec, rank_entry)
+                    table = run_barrier_stage(data, spec, loop)
                 except Exception as error:
                     # a failed rank's report can trail Spark's verdict by a moment
                     server.wait_for(
@@ -216,7 +214,7 @@ def run_job(
                         attempt + 1,
                         cause.splitlines()[0],
                     )
-                    spec.resume = True
+                    spec.recovery = dataclasses.replace(spec.recovery, resume=True)
                     continue
                 ports = [server.address[1]] + [
                     int(event["rendezvous_port"])

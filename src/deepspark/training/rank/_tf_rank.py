@@ -1,6 +1,6 @@
 """One rank of a Keras TensorFlow-backend job, inside its Spark task. No pyspark here, and no
 TensorFlow either: TensorFlow runs in the worker process this rank starts
-(`deepspark.keras.tf_worker`, which says why it is a process of its own).
+(`deepspark.training.rank._tf_worker`, which says why it is a process of its own).
 
 `run_tf_rank` is the barrier task's work (`stage.run_barrier_stage` calls it): it starts the
 worker process at once (TensorFlow's import overlaps the rest), spills the partition's Arrow
@@ -74,7 +74,7 @@ def run_tf_rank(
         spill = stream.finish(spec.collective_timeout_s)
         peers = _meet(spec, context, progress, spill)
         context.marks["ranks_met"] = time.time()
-        from deepspark.keras.tf_worker import WorkerJob
+        from deepspark.training.rank._tf_loop import WorkerJob
 
         job = WorkerJob(
             spec=spec,
@@ -171,7 +171,7 @@ class _WorkerProcess:
                 [
                     sys.executable,
                     "-m",
-                    "deepspark.keras.tf_worker",
+                    "deepspark.training.rank._tf_worker",
                     str(write_fd),
                     str(os.getpid()),
                 ],

@@ -1,6 +1,6 @@
 """The training loop of one ``MultiWorkerMirroredStrategy`` worker (Keras, TensorFlow backend).
 
-Rank side, inside the process `deepspark.keras.tf_worker` starts; no pyspark here.
+Rank side, inside the process `deepspark.training.rank._tf_worker` starts; no pyspark here.
 
 A custom loop (``strategy.run`` with a ``GradientTape`` and ``optimizer.apply``) rather than
 ``model.fit``: under ``MultiWorkerMirroredStrategy`` Keras 3.15's ``fit`` fails ("Attempt to
@@ -24,17 +24,30 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
 import numpy as np
 
-from deepspark.keras.tf_worker import WorkerJob
 from deepspark.training.job_spec import TRAIN_SPLIT, VALIDATION_SPLIT, JobKind
 
-__all__ = ["TFTrainer", "restore_portable"]
+__all__ = ["TFTrainer", "WorkerJob", "restore_portable"]
 
 PROGRESS_INTERVAL_S = 0.5
+
+
+@dataclass
+class WorkerJob:
+    """Everything the worker process needs, sent by its Spark task once the ranks have met."""
+
+    spec: Any  # deepspark.training.job_spec.TrainSpec
+    rank: int
+    spill: Any  # deepspark.data.PartitionSpill (a copy that does not own the files)
+    tf_config: dict[str, Any]
+    train_rows: list[int]  # every rank's training rows, in rank order
+    output_dir: str
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 def restore_portable(value: Any, keras: Any) -> Any:
@@ -55,7 +68,7 @@ def restore_portable(value: Any, keras: Any) -> Any:
 
 def _model_from(blob: bytes, config: dict[str, Any]) -> Any:
     """The model inside the strategy's scope: a ``.keras`` file's bytes, or a creator."""
-    from deepspark.inference.keras_runtime import keras_from_bytes
+    from deepspark.persist.keras_files import keras_from_bytes
 
     kind, payload = cloudpickle.loads(blob)
     if kind == "keras-file":
@@ -145,12 +158,14 @@ class TFTrainer:
             )
         keras.utils.set_random_seed(int(spec.seed) + self.rank)
         with self.strategy.scope():
-            self.model = _model_from(spec.model_blob, spec.config)
-            loss, loss_weights = restore_portable(cloudpickle.loads(spec.loss_blob), keras)
-            metrics = restore_portable(cloudpickle.loads(spec.metrics_blob), keras) or None
+            self.model = _model_from(spec.program.model_blob, spec.program.config)
+            loss, loss_weights = restore_portable(cloudpickle.loads(spec.program.loss_blob), keras)
+            metrics = restore_portable(cloudpickle.loads(spec.program.metrics_blob), keras) or None
             self.optimizer = None
-            if spec.optimizer_blob is not None:
-                self.optimizer = keras.optimizers.get(cloudpickle.loads(spec.optimizer_blob))
+            if spec.program.optimizer_blob is not None:
+                self.optimizer = keras.optimizers.get(
+                    cloudpickle.loads(spec.program.optimizer_blob)
+                )
             # as weighted metrics: the weights are 0 for the filler rows that keep the workers
             # in step and 1 for real rows (Keras's plain metrics ignore weights)
             self.model.compile(
@@ -347,9 +362,9 @@ class TFTrainer:
         from deepspark.training.rank.checkpoint import latest_checkpoint, load_checkpoint
 
         spec = self.spec
-        if not (spec.checkpoint_dir and spec.resume):
+        if not (spec.recovery.checkpoint_dir and spec.recovery.resume):
             return 0, []
-        info = latest_checkpoint(spec.checkpoint_dir)
+        info = latest_checkpoint(spec.recovery.checkpoint_dir)
         if info is None:
             return 0, []
         if info.extra.get("backend") != "tensorflow":
@@ -365,7 +380,7 @@ class TFTrainer:
         from deepspark.training.rank.checkpoint import save_checkpoint
 
         save_checkpoint(
-            self.spec.checkpoint_dir,
+            self.spec.recovery.checkpoint_dir,
             epoch,
             self._weights(),
             _VariablesState(self.optimizer.variables),
@@ -381,7 +396,7 @@ class TFTrainer:
         plan = self._plan()
         steps = plan.steps_per_epoch
         params = {
-            "epochs": spec.epochs,
+            "epochs": spec.loop.epochs,
             "batch_size": spec.batch_size,
             "num_workers": spec.world_size,
             "steps": steps,
@@ -396,7 +411,7 @@ class TFTrainer:
                 world_size=spec.world_size,
                 logs=logs,
                 model=self.model,
-                epochs=spec.epochs,
+                epochs=spec.loop.epochs,
                 params=params,
             )
             call_worker_hook(self.callbacks, name, state)
@@ -405,8 +420,8 @@ class TFTrainer:
         hook("on_train_begin", start, 0, {})
         if keras_callbacks is not None:
             keras_callbacks.on_train_begin()
-        iterator = self._train_iterator(plan, start) if start < spec.epochs else None
-        for epoch in range(start, spec.epochs):
+        iterator = self._train_iterator(plan, start) if start < spec.loop.epochs else None
+        for epoch in range(start, spec.loop.epochs):
             hook("on_epoch_begin", epoch, 0, {})
             if keras_callbacks is not None:
                 keras_callbacks.on_epoch_begin(epoch)
@@ -426,16 +441,18 @@ class TFTrainer:
             stopped = self._sum_over_workers(float(stop)) > 0
             if (
                 rank == 0
-                and spec.checkpoint_dir
+                and spec.recovery.checkpoint_dir
                 and (
-                    (epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs or stopped
+                    (epoch + 1) % spec.recovery.checkpoint_every == 0
+                    or epoch + 1 == spec.loop.epochs
+                    or stopped
                 )
             ):
                 self._checkpoint(epoch, history)
             if stopped:
                 break
         self.marks["train_done"] = time.time()
-        hook("on_train_end", spec.epochs, 0, history[-1] if history else {})
+        hook("on_train_end", spec.loop.epochs, 0, history[-1] if history else {})
         if keras_callbacks is not None:
             keras_callbacks.on_train_end(_keras_logs(history[-1]) if history else {})
         return history
@@ -448,7 +465,7 @@ class TFTrainer:
             add_history=False,
             add_progbar=False,
             model=self.model,
-            epochs=self.spec.epochs,
+            epochs=self.spec.loop.epochs,
             steps=steps,
             verbose=0,
         )
@@ -479,7 +496,7 @@ class TFTrainer:
                     {
                         "kind": "step",
                         "epoch": epoch,
-                        "epochs": spec.epochs,
+                        "epochs": spec.loop.epochs,
                         "step": step + 1,
                         "steps": steps,
                         "loss": logs["loss"],
