@@ -9,11 +9,8 @@ Importing this package registers the Keras model family with the engine
 ``.keras`` file reach `KerasEstimator` through it.
 """
 
-from deepspark.keras.keras_estimator import (
-    KerasEstimator,
-    build_keras_estimator,
-    holds_keras_model,
-)
+from deepspark.keras.keras_estimator import KerasEstimator, build_keras_estimator
+from deepspark.persist.keras_estimator_dir import holds_keras_model
 from deepspark.training.model_families import ModelFamily, register_family
 
 register_family(

@@ -4,7 +4,7 @@ Driver side. Built by ``Estimator.from_keras`` (see `build_keras_estimator`).
 
 Both backends train through the engine's one entry (`deepspark.training.engine.fit`): on
 ``"torch"`` the engine's torch loop trains a `torch_backend.KerasModule` (``get_model()``); on
-``"tensorflow"`` a `tf_backend.TensorflowBackend` hands the ``.keras`` model and its compile
+``"tensorflow"`` a `deepspark.training.TensorflowBackend` hands the ``.keras`` model and its compile
 arguments to the engine's TensorFlow loop, and the trained weights come back into
 ``keras_model``. ``predict``, ``save`` and ``load`` are shared by both backends.
 """
@@ -12,30 +12,32 @@ arguments to the engine's TensorFlow loop, and the trained weights come back int
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
 
+from deepspark.persist.keras_estimator_dir import (
+    SavedKerasEstimator,
+    load_keras_estimator,
+    save_keras_estimator,
+)
 from deepspark.persist.keras_files import (
     chosen_backend,
     import_keras,
     is_keras_model,
     keras_to_bytes,
-    load_keras_file,
 )
-from deepspark.training import Estimator, EvaluateOptions, FitOptions, engine
+from deepspark.training import (
+    Estimator,
+    EvaluateOptions,
+    FitOptions,
+    TensorflowBackend,
+    engine,
+)
 
-__all__ = ["KerasEstimator", "build_keras_estimator", "holds_keras_model"]
-
-KERAS_FILE = "model.keras"
-METADATA = "metadata.json"
-OPTIMIZER = "optimizer.pt"
-FORMAT = "deepspark-keras"
+__all__ = ["KerasEstimator", "build_keras_estimator"]
 
 
 class KerasEstimator(Estimator):
@@ -139,12 +141,9 @@ class KerasEstimator(Estimator):
             **keywords,
         )
         if self.backend == "tensorflow":
-            from deepspark.keras.tf_backend import TensorflowBackend, set_keras_weights
-
-            result = engine.fit(
-                TensorflowBackend(self), df, options, validation_data=validation_data
-            )
-            set_keras_weights(self.keras_model, result.weights)
+            backend = self._tensorflow_backend()
+            result = engine.fit(backend, df, options, validation_data=validation_data)
+            backend.load_weights(result.weights)
             self.history = result.history
             self._feature_cols = options.data.feature_cols
             self.attempts_ = result.attempts
@@ -173,15 +172,23 @@ class KerasEstimator(Estimator):
         """Loss and metrics over every row of `df`, as `Estimator.evaluate`."""
         if self.backend != "tensorflow":
             return super().evaluate(df, feature_cols, label_cols, options=options, **keywords)
-        from deepspark.keras.tf_backend import TensorflowBackend
-
         columns = {"feature_cols": feature_cols, "label_cols": label_cols}
         options = EvaluateOptions.from_keywords(
             options,
             **{name: value for name, value in columns.items() if value is not None},
             **keywords,
         )
-        return engine.evaluate(TensorflowBackend(self), df, options)
+        return engine.evaluate(self._tensorflow_backend(), df, options)
+
+    def _tensorflow_backend(self) -> TensorflowBackend:
+        return TensorflowBackend(
+            keras_model=self.keras_model,
+            optimizer=self.keras_optimizer,
+            loss=self.keras_loss,
+            loss_weights=self.keras_loss_weights,
+            metrics=self.keras_metrics,
+            config=self.config,
+        )
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -195,30 +202,15 @@ class KerasEstimator(Estimator):
         load with ``Estimator.load``; loading unpickles no code (custom layers must be
         registered with ``keras.saving.register_keras_serializable``).
         """
-        import fsspec
-
-        data = self._keras_bytes()
-        fs, root = fsspec.core.url_to_fs(path)
-        if root.endswith(".keras"):
-            parent = os.path.dirname(root)
-            if parent:
-                fs.makedirs(parent, exist_ok=True)
-            fs.pipe_file(root, data)
-            return path
-        fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(f"{root}/{KERAS_FILE}", data)
-        metadata = {
-            "format": FORMAT,
-            "backend": self.backend,
-            "config": self.config,
-            "feature_cols": self._feature_cols,
-            "history": self.history.to_dict(orient="records"),
-            "optimizer_state": None if self._optimizer_state is None else OPTIMIZER,
-        }
-        if self._optimizer_state is not None:
-            fs.pipe_file(f"{root}/{OPTIMIZER}", self._optimizer_state)
-        fs.pipe_file(f"{root}/{METADATA}", json.dumps(metadata, default=str).encode())
-        return path
+        saved = SavedKerasEstimator(
+            backend=self.backend,
+            keras_bytes=self._keras_bytes(),
+            config=self.config,
+            feature_cols=self._feature_cols,
+            history=self.history,
+            optimizer_state=self._optimizer_state,
+        )
+        return save_keras_estimator(saved, path)
 
     def _keras_bytes(self) -> bytes:
         """The model's ``.keras`` bytes, compiled with this estimator's arguments when Keras
@@ -250,20 +242,8 @@ class KerasEstimator(Estimator):
         estimator trains on; ``metrics`` replaces the saved ones. The backend is this
         process's Keras backend (``KERAS_BACKEND``), or the directory's.
         """
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        metadata: dict[str, Any] = {}
-        keras_path = root
-        if fs.isdir(root):
-            keras_path = f"{root}/{KERAS_FILE}"
-            if fs.exists(f"{root}/{METADATA}"):
-                metadata = json.loads(fs.cat_file(f"{root}/{METADATA}"))
-        backend = chosen_backend(None if "keras" in _loaded() else metadata.get("backend"))
-        with tempfile.TemporaryDirectory(prefix="deepspark-keras-") as folder:
-            local = os.path.join(folder, KERAS_FILE)
-            fs.get_file(keras_path, local)
-            model = load_keras_file(local, backend, compile=True)
+        saved = load_keras_estimator(path)
+        model = saved.model
         compiled = model.get_compile_config() if hasattr(model, "get_compile_config") else None
         compiled = compiled or {}
         estimator = build_keras_estimator(
@@ -272,28 +252,13 @@ class KerasEstimator(Estimator):
             loss=compiled.get("loss"),
             metrics=metrics if metrics is not None else compiled.get("metrics"),
             loss_weights=compiled.get("loss_weights"),
-            backend=backend,
-            config=metadata.get("config"),
+            backend=saved.backend,
+            config=saved.config,
         )
-        estimator._feature_cols = metadata.get("feature_cols")
-        estimator.history = pd.DataFrame(metadata.get("history") or [])
-        if metadata.get("optimizer_state") and backend == "torch":
-            estimator._optimizer_state = fs.cat_file(f"{root}/{OPTIMIZER}")
+        estimator._feature_cols = saved.feature_cols
+        estimator.history = saved.history
+        estimator._optimizer_state = saved.optimizer_state
         return estimator
-
-
-def _loaded() -> set[str]:
-    import sys
-
-    return {name for name in ("keras", "tensorflow") if name in sys.modules}
-
-
-def holds_keras_model(path: str) -> bool:
-    """Whether `path` is a ``.keras`` file or a directory `KerasEstimator.save` wrote."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    return root.endswith(".keras") or fs.exists(f"{root.rstrip('/')}/{KERAS_FILE}")
 
 
 def build_keras_estimator(

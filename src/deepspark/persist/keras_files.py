@@ -26,7 +26,9 @@ __all__ = [
     "keras_to_bytes",
     "load_keras_file",
     "model_backend",
+    "portable_keras_objects",
     "quiet_tensorflow",
+    "restored_keras_objects",
     "without_tensorflow",
 ]
 
@@ -180,3 +182,35 @@ def load_keras_file(path: str, backend: str, compile: bool = False) -> Any:
 def model_backend(model: Any) -> str:
     """The backend a live Keras model runs: its process's Keras backend."""
     return sys.modules["keras"].backend.backend()
+
+
+def portable_keras_objects(value: Any, kind: str) -> Any:
+    """A loss or metrics argument as it travels to other processes: Keras objects as
+    ``("keras-object", kind, config)`` (their variables belong to this process's backend);
+    names, functions and None as they are; dicts, lists and tuples item by item.
+
+    `kind` is ``"loss"`` or ``"metric"``: which Keras module rebuilds the object
+    (`restored_keras_objects`).
+    """
+    if isinstance(value, dict):
+        return {key: portable_keras_objects(item, kind) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable_keras_objects(item, kind) for item in value)
+    if type(value).__module__.split(".")[0] == "keras" and hasattr(value, "get_config"):
+        keras = sys.modules["keras"]
+        with without_tensorflow(keras):
+            return ("keras-object", kind, keras.saving.serialize_keras_object(value))
+    return value
+
+
+def restored_keras_objects(value: Any, keras: Any) -> Any:
+    """`portable_keras_objects`'s result with the Keras objects rebuilt by `keras`."""
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == "keras-object":
+        module = keras.losses if value[1] == "loss" else keras.metrics
+        with without_tensorflow(keras):
+            return module.deserialize(value[2])
+    if isinstance(value, dict):
+        return {key: restored_keras_objects(item, keras) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(restored_keras_objects(item, keras) for item in value)
+    return value

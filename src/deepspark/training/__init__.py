@@ -9,6 +9,7 @@ PyTorch model. The engine's `driver/` and `rank/` modules are its own: nothing o
 from deepspark.context.workers import warm_modules
 from deepspark.training.backend import Backend
 from deepspark.training.driver.estimator import Estimator, TrainingError
+from deepspark.training.driver.tf_job import TensorflowBackend
 from deepspark.training.engine import FitResult
 from deepspark.training.job_spec import JobKind, RankLoop, RankProgram
 from deepspark.training.options import (
@@ -40,5 +41,6 @@ __all__ = [
     "RecoveryOptions",
     "RunOptions",
     "StepOptions",
+    "TensorflowBackend",
     "TrainingError",
 ]

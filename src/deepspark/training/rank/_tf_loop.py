@@ -32,7 +32,7 @@ import numpy as np
 
 from deepspark.training.job_spec import TRAIN_SPLIT, VALIDATION_SPLIT, JobKind
 
-__all__ = ["TFTrainer", "WorkerJob", "restore_portable"]
+__all__ = ["TFTrainer", "WorkerJob"]
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -48,22 +48,6 @@ class WorkerJob:
     train_rows: list[int]  # every rank's training rows, in rank order
     output_dir: str
     marks: dict[str, float] = field(default_factory=dict)
-
-
-def restore_portable(value: Any, keras: Any) -> Any:
-    """A loss or metrics argument as the driver sent it, with Keras objects rebuilt.
-
-    The driver sends Keras loss and metric objects as ``("keras-object", kind, config)``
-    (their variables belong to the driver's backend); names and functions travel as they are.
-    """
-    if isinstance(value, tuple) and len(value) == 3 and value[0] == "keras-object":
-        module = keras.losses if value[1] == "loss" else keras.metrics
-        return module.deserialize(value[2])
-    if isinstance(value, dict):
-        return {key: restore_portable(item, keras) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(restore_portable(item, keras) for item in value)
-    return value
 
 
 def _model_from(blob: bytes, config: dict[str, Any]) -> Any:
@@ -143,6 +127,8 @@ class TFTrainer:
         self.job, self.spec, self.rank = job, job.spec, job.rank
         self.messages = messages
         self.marks: dict[str, float] = {"validation_s": 0.0}
+        from deepspark.persist.keras_files import restored_keras_objects
+
         self.tf, self.keras = tf, keras
         spec = self.spec
         options = tf.distribute.experimental.CommunicationOptions(
@@ -159,8 +145,12 @@ class TFTrainer:
         keras.utils.set_random_seed(int(spec.seed) + self.rank)
         with self.strategy.scope():
             self.model = _model_from(spec.program.model_blob, spec.program.config)
-            loss, loss_weights = restore_portable(cloudpickle.loads(spec.program.loss_blob), keras)
-            metrics = restore_portable(cloudpickle.loads(spec.program.metrics_blob), keras) or None
+            loss, loss_weights = restored_keras_objects(
+                cloudpickle.loads(spec.program.loss_blob), keras
+            )
+            metrics = (
+                restored_keras_objects(cloudpickle.loads(spec.program.metrics_blob), keras) or None
+            )
             self.optimizer = None
             if spec.program.optimizer_blob is not None:
                 self.optimizer = keras.optimizers.get(
