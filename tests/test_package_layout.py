@@ -57,6 +57,7 @@ RANK_SIDE = [
     "deepspark.training.rank._tf_rank",
     "deepspark.training.rank._tf_worker",
     "deepspark.training.rank._tf_loop",
+    "deepspark.training.rank._tf_variables",
     "deepspark.inference.quantize",
     "deepspark.keras.torch_backend",
     "deepspark.keras.keras_callbacks",

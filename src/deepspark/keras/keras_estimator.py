@@ -4,8 +4,8 @@ Driver side. Built by ``Estimator.from_keras`` (see `build_keras_estimator`).
 
 Both backends train through the engine's one entry (`deepspark.training.engine.fit`): on
 ``"torch"`` the engine's torch loop trains a `torch_backend.KerasModule` (``get_model()``); on
-``"tensorflow"`` a `deepspark.training.TensorflowBackend` hands the ``.keras`` model and its compile
-arguments to the engine's TensorFlow loop, and the trained weights come back into
+``"tensorflow"`` a `deepspark.training.TensorflowBackend` hands the ``.keras`` model and its
+compile arguments to the engine's TensorFlow loop, and the trained weights come back into
 ``keras_model``. ``predict``, ``save`` and ``load`` are shared by both backends.
 """
 
@@ -97,7 +97,7 @@ class KerasEstimator(Estimator):
                 config=config,
                 use_gpu=use_gpu,
             )
-        else:  # the TensorFlow backend trains in tf_driver; predict runs the Keras model
+        else:  # the engine's TensorFlow loop trains it; predict runs the Keras model
             self.config = dict(config or {})
             self._model = keras_model
             self._optimizer_factory = None
@@ -133,10 +133,10 @@ class KerasEstimator(Estimator):
         ``ReduceLROnPlateau``, ``LearningRateScheduler`` and ``ProgbarLogger`` are refused
         with what to use instead (see `deepspark.keras.keras_callbacks`).
         """
-        columns = {"feature_cols": feature_cols, "label_cols": label_cols}
         options = FitOptions.from_keywords(
             options,
-            **{name: value for name, value in columns.items() if value is not None},
+            feature_cols=feature_cols,
+            label_cols=label_cols,
             callbacks=callbacks,
             **keywords,
         )
@@ -172,11 +172,8 @@ class KerasEstimator(Estimator):
         """Loss and metrics over every row of `df`, as `Estimator.evaluate`."""
         if self.backend != "tensorflow":
             return super().evaluate(df, feature_cols, label_cols, options=options, **keywords)
-        columns = {"feature_cols": feature_cols, "label_cols": label_cols}
         options = EvaluateOptions.from_keywords(
-            options,
-            **{name: value for name, value in columns.items() if value is not None},
-            **keywords,
+            options, feature_cols=feature_cols, label_cols=label_cols, **keywords
         )
         return engine.evaluate(self._tensorflow_backend(), df, options)
 

@@ -139,7 +139,8 @@ def fit(
             collective_timeout_s=options.run.collective_timeout_s,
             has_validation=job.has_validation,
             job_id=uuid.uuid4().hex[:12],
-            **job.spec_values,
+            creator_blobs=job.creator_blobs,
+            creator_keys=job.creator_keys,
         )
         marks = {"fit_start": started_wall, "checks_done": time.time()}
         result = _run_with_hooks(backend, job, spec, options, started)
@@ -169,7 +170,8 @@ def evaluate(backend: Backend, data: Any, options: EvaluateOptions) -> dict[str,
         loop=LoopOptions(epochs=0),  # no training: the progress bar has no epochs
         collective_timeout_s=options.run.collective_timeout_s,
         job_id=uuid.uuid4().hex[:12],
-        **job.spec_values,
+        creator_blobs=job.creator_blobs,
+        creator_keys=job.creator_keys,
     )
     result = run_job(job.spark, job.frame, spec, loop=backend.loop, progress=False)
     return json.loads(result.payload(ResultKind.METRICS))

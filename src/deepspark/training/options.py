@@ -305,6 +305,8 @@ def _grouped(
     }
     changes: dict[str, dict[str, Any]] = {group: {} for group in groups}
     for name, value in keywords.items():
+        if value is None and name in _NOT_GIVEN_WHEN_NONE:
+            continue
         if name not in known:
             raise TypeError(
                 f"{call}() got an unexpected keyword argument {name!r}; its options are "
@@ -316,6 +318,9 @@ def _grouped(
         for group, values in changes.items()
     }
 
+
+# the columns of fit(df, feature_cols, label_cols): None (their default) keeps what `base` says
+_NOT_GIVEN_WHEN_NONE = ("feature_cols", "label_cols")
 
 _FIT_GROUPS = {
     "data": DataOptions,
@@ -349,11 +354,13 @@ class FitOptions:
     def from_keywords(cls, base: FitOptions | None = None, /, **keywords: Any) -> FitOptions:
         """`base` (default: every default) with the flat keyword arguments of ``fit`` applied.
 
-        ``callbacks`` is taken too (a list becomes a tuple). An unknown name raises
-        ``TypeError`` naming the known ones.
+        ``callbacks`` is taken too (a list becomes a tuple). ``feature_cols``, ``label_cols``
+        and ``callbacks`` given as None keep `base`'s. An unknown name raises ``TypeError``
+        naming the known ones.
         """
         base = base or cls()
-        callbacks = tuple(keywords.pop("callbacks", base.callbacks) or ())
+        callbacks = keywords.pop("callbacks", None)
+        callbacks = base.callbacks if callbacks is None else tuple(callbacks)
         return cls(**_grouped(_FIT_GROUPS, base, keywords, "fit"), callbacks=callbacks)
 
     def keywords(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,7 +32,9 @@ class JobData:
     features: tuple[Any, ...] = ()
     labels: tuple[Any, ...] = ()
     has_validation: bool = False
-    spec_values: dict[str, Any] = field(default_factory=dict)
+    # data the ranks make themselves: the pickled creators per split, and the dict keys
+    creator_blobs: dict[int, bytes] | None = None
+    creator_keys: tuple[Any, Any] | None = None
 
 
 def is_creator(data: Any) -> bool:
@@ -130,8 +132,14 @@ def _creator_data(
         blobs[VALIDATION_SPLIT] = pickled("validation data creator", validation)
     keys = (_keys(feature_cols), _keys(label_cols))
     frame = spark.range(0, num_workers, 1, num_workers)
-    values = {"creator_blobs": blobs, "creator_keys": keys if keys != (None, None) else None}
-    return JobData(spark, num_workers, frame, (), (), validation is not None, values)
+    return JobData(
+        spark,
+        num_workers,
+        frame,
+        has_validation=validation is not None,
+        creator_blobs=blobs,
+        creator_keys=keys if keys != (None, None) else None,
+    )
 
 
 def _session() -> SparkSession:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import re
 import time
@@ -158,20 +159,8 @@ def run_job(
     loopback = is_loopback_master(spark)
     spec.rendezvous_host = "127.0.0.1" if loopback else None
     bind_host, advertise_host = _driver_host(spark)
-    started = time.perf_counter() if started is None else started
     bar = ProgressBar(epochs=spec.loop.epochs) if progress else None
-    first_step: list[float] = []
-    attempt_number = [1]
-    epoch_attempts: dict[int, int] = {}
-
-    def sink(event: dict[str, Any]) -> None:
-        if event.get("kind") == "step" and not first_step:
-            first_step.append(time.perf_counter() - started)
-        if event.get("kind") == "epoch" and "epoch" in event:
-            epoch_attempts[int(event["epoch"])] = attempt_number[0]
-        if bar is not None:
-            bar(event)
-
+    sink = _ProgressSink(time.perf_counter() if started is None else started, bar)
     causes: list[str] = []
     server = ProgressServer(
         host=bind_host,
@@ -184,21 +173,13 @@ def run_job(
             spec.progress_address = server.address
             spec.progress_token = server.token
             for attempt in range(max_failures + 1):
-                attempt_number[0] = attempt + 1
-                spec.attempt = attempt + 1
+                sink.attempt = spec.attempt = attempt + 1
                 errors_before = len(server.events("error"))
                 try:
                     submitted = time.time()
                     table = run_barrier_stage(data, spec, loop)
                 except Exception as error:
-                    # a failed rank's report can trail Spark's verdict by a moment
-                    server.wait_for(
-                        lambda events, seen=errors_before: (
-                            sum(1 for event in events if event.get("kind") == "error") > seen
-                        ),
-                        timeout_s=2.0,
-                    )
-                    cause = _failure_summary(error, server.events("error")[errors_before:])
+                    cause = _failure_cause(server, error, errors_before)
                     causes.append(cause)
                     if attempt == max_failures:
                         detail = "\n".join(
@@ -216,30 +197,11 @@ def run_job(
                     )
                     spec.recovery = dataclasses.replace(spec.recovery, resume=True)
                     continue
-                ports = [server.address[1]] + [
-                    int(event["rendezvous_port"])
-                    for event in server.events("log")
-                    if "rendezvous_port" in event
-                ]
-                if spec.kind is JobKind.FIT:
-                    # rank 0 reports its timeline before its results; the server may lag
-                    server.wait_for(
-                        lambda events: any("timeline" in event for event in events),
-                        timeout_s=2.0,
-                    )
-                marks = [event["timeline"] for event in server.events("log") if "timeline" in event]
-                return JobResult(
-                    table=table,
-                    attempts=attempt + 1,
-                    first_step_s=first_step[0] if first_step else float("nan"),
-                    ports=ports,
-                    epoch_attempts=dict(epoch_attempts),
-                    marks={
-                        **(marks[-1] if marks else {}),
-                        "submitted": submitted,
-                        "job_done": time.time(),
-                    },
-                )
+                result = _job_result(server, spec, table, submitted)
+                result.attempts = attempt + 1
+                result.first_step_s = sink.first_step_s
+                result.epoch_attempts = dict(sink.epoch_attempts)
+                return result
     finally:
         # after the server stopped: its thread no longer calls the sink
         if bar is not None:
@@ -280,6 +242,55 @@ def _driver_host(spark: SparkSession) -> tuple[str, str]:
             udp.connect((server, 15002))
             address = udp.getsockname()[0]
     return address, address
+
+
+class _ProgressSink:
+    """What the driver takes from the ranks' progress events: the first step's moment, the
+    attempt that trained each epoch; the events go on to the progress bar."""
+
+    def __init__(self, started: float, bar: Any) -> None:
+        self.started, self.bar = started, bar
+        self.attempt = 1
+        self.first_step_s = float("nan")
+        self.epoch_attempts: dict[int, int] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "step" and math.isnan(self.first_step_s):
+            self.first_step_s = time.perf_counter() - self.started
+        if event.get("kind") == "epoch" and "epoch" in event:
+            self.epoch_attempts[int(event["epoch"])] = self.attempt
+        if self.bar is not None:
+            self.bar(event)
+
+
+def _failure_cause(server: Any, error: Exception, errors_before: int) -> str:
+    """What ended an attempt, with the ranks' own reports of it (see `_failure_summary`)."""
+    # a failed rank's report can trail Spark's verdict by a moment
+    server.wait_for(
+        lambda events: sum(1 for event in events if event.get("kind") == "error") > errors_before,
+        timeout_s=2.0,
+    )
+    return _failure_summary(error, server.events("error")[errors_before:])
+
+
+def _job_result(server: Any, spec: TrainSpec, table: pa.Table, submitted: float) -> JobResult:
+    """A successful attempt's results, with the ports it used and rank 0's timeline."""
+    ports = [server.address[1]] + [
+        int(event["rendezvous_port"])
+        for event in server.events("log")
+        if "rendezvous_port" in event
+    ]
+    if spec.kind is JobKind.FIT:
+        # rank 0 reports its timeline before its results; the server may lag
+        server.wait_for(lambda events: any("timeline" in event for event in events), timeout_s=2.0)
+    marks = [event["timeline"] for event in server.events("log") if "timeline" in event]
+    return JobResult(
+        table=table,
+        attempts=1,
+        first_step_s=float("nan"),
+        ports=ports,
+        marks={**(marks[-1] if marks else {}), "submitted": submitted, "job_done": time.time()},
+    )
 
 
 def _failure_summary(error: Exception, errors: list[dict[str, Any]]) -> str:

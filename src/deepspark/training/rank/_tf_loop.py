@@ -24,30 +24,18 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
 import numpy as np
 
 from deepspark.training.job_spec import TRAIN_SPLIT, VALIDATION_SPLIT, JobKind
+from deepspark.training.rank._tf_rank import WorkerJob
+from deepspark.training.rank._tf_variables import VariablesState
 
-__all__ = ["TFTrainer", "WorkerJob"]
+__all__ = ["TFTrainer"]
 
 PROGRESS_INTERVAL_S = 0.5
-
-
-@dataclass
-class WorkerJob:
-    """Everything the worker process needs, sent by its Spark task once the ranks have met."""
-
-    spec: Any  # deepspark.training.job_spec.TrainSpec
-    rank: int
-    spill: Any  # deepspark.data.PartitionSpill (a copy that does not own the files)
-    tf_config: dict[str, Any]
-    train_rows: list[int]  # every rank's training rows, in rank order
-    output_dir: str
-    marks: dict[str, float] = field(default_factory=dict)
 
 
 def _model_from(blob: bytes, config: dict[str, Any]) -> Any:
@@ -84,37 +72,6 @@ def _padded(value: Any, rows: int) -> Any:
     if len(value) == rows:
         return value
     return np.take(value, np.arange(rows) % len(value), axis=0)
-
-
-class _VariablesState:
-    """Keras variables seen as the ``state_dict`` / ``load_state_dict`` that the checkpoint
-    files of `deepspark.training.rank.checkpoint` store (by position: names can repeat)."""
-
-    def __init__(self, variables: list[Any]) -> None:
-        self.variables = list(variables)
-
-    def state_dict(self) -> dict[str, Any]:
-        import torch
-
-        return {
-            f"{index:05d}": torch.from_numpy(np.array(variable.numpy()))
-            for index, variable in enumerate(self.variables)
-        }
-
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        if len(state) != len(self.variables):
-            raise ValueError(
-                f"the checkpoint holds {len(state)} values, the model has "
-                f"{len(self.variables)} variables: it is another model's checkpoint"
-            )
-        for index, variable in enumerate(self.variables):
-            value = state[f"{index:05d}"].numpy()
-            if tuple(value.shape) != tuple(variable.shape):
-                raise ValueError(
-                    f"checkpoint value {index} has shape {tuple(value.shape)}, the variable "
-                    f"{variable.path} has {tuple(variable.shape)}: another model's checkpoint"
-                )
-            variable.assign(value)
 
 
 class TFTrainer:
@@ -191,8 +148,8 @@ class TFTrainer:
         with open(os.path.join(self.job.output_dir, name), "wb") as handle:
             handle.write(data)
 
-    def _weights(self) -> _VariablesState:
-        return _VariablesState(self.model.weights)
+    def _weights(self) -> VariablesState:
+        return VariablesState(self.model.weights)
 
     # --- steps --------------------------------------------------------------------------------
 
@@ -362,7 +319,7 @@ class TFTrainer:
                 f"the checkpoint {info.path} was not written by a Keras TensorFlow-backend fit; "
                 "resume it with the estimator that wrote it, or give a new checkpoint_dir"
             )
-        optimizer = _VariablesState(self.optimizer.variables)
+        optimizer = VariablesState(self.optimizer.variables)
         load_checkpoint(info, self._weights(), optimizer, restore_rng=False)
         return info.epoch + 1, list(info.extra.get("history", []))
 
@@ -373,7 +330,7 @@ class TFTrainer:
             self.spec.recovery.checkpoint_dir,
             epoch,
             self._weights(),
-            _VariablesState(self.optimizer.variables),
+            VariablesState(self.optimizer.variables),
             extra={"history": history, "backend": "tensorflow"},
         )
 

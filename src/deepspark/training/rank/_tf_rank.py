@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -40,12 +41,25 @@ from deepspark.training.job_spec import (
     TrainSpec,
 )
 
-__all__ = ["TFWorkerError", "run_tf_rank"]
+__all__ = ["TFWorkerError", "WorkerJob", "run_tf_rank"]
 
 _RESULT_SCHEMA = pa.schema(
     [("rank", pa.int32()), ("kind", pa.string()), ("seq", pa.int32()), ("payload", pa.binary())]
 )
 _LOG_TAIL_LINES = 15
+
+
+@dataclass
+class WorkerJob:
+    """Everything the worker process needs, sent by its Spark task once the ranks have met."""
+
+    spec: Any  # deepspark.training.job_spec.TrainSpec
+    rank: int
+    spill: Any  # deepspark.data.PartitionSpill (a copy that does not own the files)
+    tf_config: dict[str, Any]
+    train_rows: list[int]  # every rank's training rows, in rank order
+    output_dir: str
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 class TFWorkerError(RuntimeError):
@@ -74,8 +88,6 @@ def run_tf_rank(
         spill = stream.finish(spec.collective_timeout_s)
         peers = _meet(spec, context, progress, spill)
         context.marks["ranks_met"] = time.time()
-        from deepspark.training.rank._tf_loop import WorkerJob
-
         job = WorkerJob(
             spec=spec,
             rank=rank,

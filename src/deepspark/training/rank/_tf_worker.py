@@ -2,7 +2,7 @@
 
 Rank side; no pyspark here. Each Spark task of a Keras TensorFlow-backend job starts one of
 these (`deepspark.training.rank._tf_rank`) and talks to it over two pipes: the task writes the
-job (a `_tf_loop.WorkerJob`, cloudpickled) to the process's stdin once the ranks have met; the
+job (a `_tf_rank.WorkerJob`, cloudpickled) to the process's stdin once the ranks have met; the
 process writes JSON lines back on a file descriptor of its own (its stdout and stderr go to a
 log file, so that nothing TensorFlow or the user's code prints can be taken for a message).
 

@@ -237,17 +237,8 @@ class EpochRunner:
             now = time.perf_counter()
             if rank == 0 and self.progress is not None and now - last_report >= PROGRESS_INTERVAL_S:
                 last_report = now
-                self.progress.send(
-                    {
-                        "kind": "step",
-                        "epoch": epoch,
-                        "epochs": spec.loop.epochs,
-                        "step": step,
-                        "steps": steps,
-                        "loss": float(loss_sum) / max(loss_rows, 1),
-                        "samples_per_s": rows_done / max(now - started, 1e-9),
-                    }
-                )
+                loss = float(loss_sum) / max(loss_rows, 1)
+                self._report_step(epoch, (step, steps), loss, rows_done / max(now - started, 1e-9))
             if spec.loop.max_steps is not None and position.global_step >= spec.loop.max_steps:
                 break
             if self._every(spec.loop.validate_every_steps, position.global_step):
@@ -282,6 +273,16 @@ class EpochRunner:
         for metric in self.train_metrics:
             record[f"train_{metric.name}"] = _finite(metric.compute())
         return record
+
+    def _report_step(
+        self, epoch: int, position: tuple[int, int | None], loss: float, samples_per_s: float
+    ) -> None:
+        """Rank 0's progress event for the driver's bar: (step, steps of the epoch), the
+        epoch's mean loss so far and the rate."""
+        step, steps = position
+        event = {"kind": "step", "epoch": epoch, "epochs": self.spec.loop.epochs, "step": step}
+        event.update(steps=steps, loss=loss, samples_per_s=samples_per_s)
+        self.progress.send(event)
 
     @staticmethod
     def _every(interval: int | None, global_step: int) -> bool:
