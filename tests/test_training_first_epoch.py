@@ -306,9 +306,9 @@ def test_a_fit_meets_through_the_driver_not_spark_barrier_calls(spark, monkeypat
     hellos = []
     original = ProgressServer._hello
 
-    def counting(self, connection, event, selector):
+    def counting(self, peer, event):
         hellos.append((event["rank"], event["attempt"]))
-        original(self, connection, event, selector)
+        original(self, peer, event)
 
     monkeypatch.setattr(ProgressServer, "_hello", counting)
     rng = np.random.default_rng(1)

@@ -20,12 +20,8 @@ from deepspark.context.config import (
     executor_path_with,
     resolve_spark_conf,
 )
-from deepspark.context.workers import (
-    PYTHON_CONF,
-    mark_workers_ready,
-    shares_machine,
-    worker_python,
-)
+from deepspark.context.topology import is_connect, parse_master
+from deepspark.context.workers import PYTHON_CONF, mark_workers_ready, worker_python
 from deepspark.context.workers import warm_workers as _warm_workers
 
 if TYPE_CHECKING:
@@ -208,7 +204,7 @@ def stop_context() -> None:
             session.stop()
         except Exception as error:  # a session whose JVM already died cannot stop cleanly
             _log.warning("stop_context: the session did not stop cleanly: %s", error)
-        if _is_connect_session(session) and "SPARK_REMOTE" not in os.environ:
+        if is_connect(session) and "SPARK_REMOTE" not in os.environ:
             # pyspark marks the process Connect-only for a remote server and leaves the mark
             # after stop(); a later classic init_context would then fail
             os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
@@ -276,13 +272,9 @@ def current_session() -> SparkSession | None:
 
 
 def _is_alive(session: SparkSession) -> bool:
-    if _is_connect_session(session):
+    if is_connect(session):
         return not getattr(session.client, "is_closed", False)
     return session.sparkContext._jsc is not None
-
-
-def _is_connect_session(session: Any) -> bool:
-    return type(session).__module__.startswith("pyspark.sql.connect")
 
 
 def _create_session(config: ContextConfig) -> SparkSession:
@@ -302,11 +294,15 @@ def _create_session(config: ContextConfig) -> SparkSession:
         session = _build_session(config, spark_conf)
     if python is None:
         return session
-    if not _is_connect_session(session):
+    if not is_connect(session):
         # PySpark reads PYSPARK_PYTHON once and ignores spark.pyspark.python unless
         # spark-submit launched it; the SparkContext's own setting reaches every task.
         session.sparkContext.pythonExec = python
-    if python == sys.executable and shares_machine(master) and _workers_run(session, python):
+    if (
+        python == sys.executable
+        and parse_master(master).shares_machine
+        and _workers_run(session, python)
+    ):
         mark_workers_ready(session)
     return session
 
@@ -334,7 +330,7 @@ def _workers_run(session: SparkSession, python: str) -> bool:
     A local Connect server runs in this process's JVM, which may have started before with
     another environment; then the first job checks the workers instead.
     """
-    if not _is_connect_session(session):
+    if not is_connect(session):
         return True
     from pyspark import SparkContext
 

@@ -25,13 +25,13 @@ __all__ = ["prepared_recovery"]
 @contextlib.contextmanager
 def prepared_recovery(spark: SparkSession, options: RecoveryOptions) -> Iterator[RecoveryOptions]:
     """`options` as the job runs with them: checked, with a private directory if need be."""
+    from deepspark.context.topology import master_of
     from deepspark.training.driver.checks import check_checkpoint_dir
-    from deepspark.training.driver.stage import is_loopback_master
 
     own_directory = None
     if options.checkpoint_dir is None:
         if options.max_failures > 0:
-            if not is_loopback_master(spark):
+            if not master_of(spark).is_local:
                 raise ValueError(
                     "max_failures > 0 needs checkpoint_dir= (a URL every executor can "
                     "reach, e.g. hdfs:// or s3a://) so a re-run can resume"
