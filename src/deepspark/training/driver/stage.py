@@ -7,30 +7,24 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from deepspark.context.spark_versions import collect_arrow
-from deepspark.training.job_spec import RESULT_SCHEMA, TrainSpec
+from deepspark.training.job_spec import RESULT_SCHEMA, RankLoop, TrainSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-# What a barrier task runs: (spec, the task's Arrow batches, RankContext) -> result batches.
-RankEntry = Callable[[TrainSpec, Iterable[pa.RecordBatch], Any], Iterator[pa.RecordBatch]]
-
 __all__ = ["run_barrier_stage"]
 
 
-def run_barrier_stage(
-    df: DataFrame, spec: TrainSpec, rank_entry: RankEntry | None = None
-) -> pa.Table:
+def run_barrier_stage(df: DataFrame, spec: TrainSpec, loop: RankLoop = RankLoop.TORCH) -> pa.Table:
     """Run `spec` as one barrier stage over `df` (already `spec.world_size` partitions).
 
-    Each task runs `rank_entry(spec, batches, context)`, a module-level function of a rank
-    module (no pyspark): `deepspark.training.rank.run.run_rank` by default.
+    Each task runs the rank `loop`: `deepspark.training.rank.run.run_rank` (torch) or
+    `deepspark.training.rank._tf_rank.run_tf_rank` (TensorFlow), rank modules without pyspark.
     """
 
     def train_task(batches):
@@ -38,6 +32,11 @@ def run_barrier_stage(
         from pyspark import BarrierTaskContext
 
         from deepspark.training.rank.run import RankContext, run_rank
+
+        if loop is RankLoop.TENSORFLOW:
+            from deepspark.training.rank._tf_rank import run_tf_rank as rank_entry
+        else:
+            rank_entry = run_rank
 
         task = BarrierTaskContext.get()
         if task.attemptNumber() > 0:
@@ -57,7 +56,7 @@ def run_barrier_stage(
             task_cpus=int(task.cpus()),
             gpu_ids=gpus,
         )
-        yield from (rank_entry or run_rank)(spec, batches, context)
+        yield from rank_entry(spec, batches, context)
 
     result = df.mapInArrow(train_task, RESULT_SCHEMA, barrier=True)
     return collect_arrow(result)
