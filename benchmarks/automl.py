@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 import torch
-from _common import emit_json, machine, print_table, today
+from _common import emit_json, machine, print_table, run_logged, today
 
 SEED = 0
 
@@ -322,4 +322,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("automl", main)

@@ -45,7 +45,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit_json, machine, print_table, today
+from _common import emit_json, machine, print_table, run_logged, today
 
 CORES = 2
 LONG_SIDE = 640  # product photos: a few hundred pixels to a side
@@ -497,4 +497,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("images", main)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from _common import emit_json, machine, print_table, today
+from _common import emit_json, machine, print_table, run_logged, today
 
 BATCH_SIZE = 1024
 CORES = 2
@@ -367,4 +367,4 @@ _TABLE_PATHS = (
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("predict", main)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import torch
-from _common import emit_json, machine, print_table, today
+from _common import emit_json, machine, print_table, run_logged, today
 from predict import BATCH_SIZE, make_cnn, make_mlp
 
 from deepspark.data import TensorSpec, batch_to_tensors
@@ -148,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("predict_parts", main)
