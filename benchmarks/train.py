@@ -138,8 +138,12 @@ def _torchdistributor_train(path, epochs, batch, lr, out):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
+    # Each rank reads the whole Parquet folder and keeps its contiguous share of the rows
+    # (a small warm-up frame may be a single file, fewer files than ranks).
     files = sorted(f for f in os.listdir(path) if f.endswith(".parquet"))
-    table = pq.read_table([os.path.join(path, f) for f in files[rank::world]])
+    table = pq.read_table([os.path.join(path, f) for f in files])
+    share = table.num_rows // world
+    table = table.slice(rank * share, share)
     flat = table.column("features").combine_chunks().flatten().to_numpy()
     x = torch.from_numpy(flat.reshape(-1, 64).copy()).float()
     y = torch.from_numpy(table.column("label").to_numpy()).long()
