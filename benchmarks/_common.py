@@ -134,8 +134,12 @@ def run_logged(benchmark: str, main: Callable[[], None]) -> None:
     """Run a benchmark's ``main``; if it fails, still append a line saying so, then re-raise.
 
     A run that breaks down is a run too (benchmarks/README.md, "The log"): its line holds the
-    benchmark's name, the command line and the error, so a reader sees every attempt.
+    benchmark's name, the command line and the error, so a reader sees every attempt. Every
+    run also leaves a ``"started"`` line first.
     """
+    # A line before the run too: a run killed from outside (SIGKILL, the OOM killer) cannot
+    # write its own, and its "started" line without a result then shows it.
+    append_log({"benchmark": benchmark, "started": True})
     try:
         main()
     except BaseException as err:  # KeyboardInterrupt and timeouts too: the attempt happened

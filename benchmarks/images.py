@@ -155,7 +155,9 @@ def connector_pipeline(spark, folder: str, out: str, server: ServerProcess):
     return seconds, spark.read.parquet(out).count()
 
 
-def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
+def stage_profile(
+    folder: str, sections: list[str], precisions: list[str], count: int = 32
+) -> dict[str, float]:
     """Milliseconds per image of each stage, one thread, in this process: where time goes.
 
     The images are read, decoded and sent through the models stage by stage, the embedder
@@ -174,10 +176,11 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     files = sorted(os.listdir(folder))[:count]
-    detector = DarknetDetector(yolov3_tiny_files(), num_threads=1)
+    detecting, int8 = "detect" in sections, "int8" in precisions  # profile only what runs
     embedder = load_model(default_embedder("auto"), num_threads=1)
-    detector_int8 = DarknetDetector(yolov3_tiny_files(), num_threads=1, runtime="onnx-int8")
-    embedder_int8 = load_model(default_embedder("onnx-int8"), num_threads=1)
+    embedders = [("", embedder)]
+    if int8:
+        embedders.append(("_int8", load_model(default_embedder("onnx-int8"), num_threads=1)))
     for_detect, for_embed = DecoderChooser(min_side=416), DecoderChooser(min_side=224)
     spent: dict[str, float] = {}
 
@@ -200,22 +203,32 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
         [chooser.decode(data) for data in encoded[:8]]
     decoded = timed("decode", lambda: [for_detect.decode(data) for data in encoded])
     small = timed("decode_small", lambda: [for_embed.decode(data) for data in encoded])
-    detector(decoded[0])
-    boxes = timed("detect", lambda: [detector(image) for image in decoded])
-    crops = [
-        fit_image(image[int(b.y0) : int(b.y1) + 1, int(b.x0) : int(b.x1) + 1], 224, "stretch")
-        for image, found in zip(decoded, boxes, strict=True)
-        for b in found
-    ]
     fitted = timed("fit", lambda: [fit_image(image, 224, "center_crop").pixels for image in small])
-    detector_int8(decoded[0])
-    timed("detect_int8", lambda: [detector_int8(image) for image in decoded])
-    crop_pixels = [crop.pixels for crop in crops]
-    for suffix, model in (("", embedder), ("_int8", embedder_int8)):
+    crop_pixels: list[np.ndarray] = []
+    if detecting:
+        detector = DarknetDetector(yolov3_tiny_files(), num_threads=1)
+        detector(decoded[0])
+        boxes = timed("detect", lambda: [detector(image) for image in decoded])
+        crop_pixels = [
+            fit_image(
+                image[int(b.y0) : int(b.y1) + 1, int(b.x0) : int(b.x1) + 1], 224, "stretch"
+            ).pixels
+            for image, found in zip(decoded, boxes, strict=True)
+            for b in found
+        ]
+        if int8:
+            detector_int8 = DarknetDetector(yolov3_tiny_files(), num_threads=1, runtime="onnx-int8")
+            detector_int8(decoded[0])
+            timed("detect_int8", lambda: [detector_int8(image) for image in decoded])
+    for suffix, model in embedders:
         embed_all(fitted, model)  # a full batch first: buffers are sized on the first one
-        timed(f"embed_crops{suffix}", lambda model=model: embed_all(crop_pixels, model))
+        if detecting:
+            timed(f"embed_crops{suffix}", lambda model=model: embed_all(crop_pixels, model))
         timed(f"embed_images{suffix}", lambda model=model: embed_all(fitted, model))
     profile = {f"{key}_ms_per_image": round(1000 * s / len(files), 2) for key, s in spent.items()}
+    if not detecting:
+        profile["decoder_chosen"] = for_embed.chosen.get("jpeg", "")
+        return profile
     # The detector's runtimes side by side on 16 images as one batch: three rounds, each in
     # a rotated order, the best round of each kept.
     detectors = {
@@ -233,7 +246,7 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
             best[runtime] = min(best.get(runtime, seconds), seconds)
     for runtime, seconds in best.items():
         profile[f"detect_{runtime}_ms_per_image"] = round(1000 * seconds, 2)
-    profile["crops_per_image"] = round(len(crops) / len(files), 2)
+    profile["crops_per_image"] = round(len(crop_pixels) / len(files), 2)
     profile["decoder_chosen"] = for_detect.chosen.get("jpeg", "")
     return profile
 
@@ -243,10 +256,13 @@ def model_bounds(profile: dict[str, float], count: int) -> dict[str, float]:
     (and per section at int8)."""
     per_image = {}
     for suffix in ("", "_int8"):
-        per_image[f"detect{suffix}"] = (
-            profile[f"detect{suffix}_ms_per_image"] + profile[f"embed_crops{suffix}_ms_per_image"]
-        )
-        per_image[f"embed{suffix}"] = profile[f"embed_images{suffix}_ms_per_image"]
+        if f"detect{suffix}_ms_per_image" in profile:
+            per_image[f"detect{suffix}"] = (
+                profile[f"detect{suffix}_ms_per_image"]
+                + profile[f"embed_crops{suffix}_ms_per_image"]
+            )
+        if f"embed_images{suffix}_ms_per_image" in profile:
+            per_image[f"embed{suffix}"] = profile[f"embed_images{suffix}_ms_per_image"]
     return {section: count * ms / 1000 / CORES for section, ms in per_image.items()}
 
 
@@ -448,7 +464,7 @@ def main() -> None:
             warm, folder = os.path.join(work, "warm"), os.path.join(work, "images")
             make_images(warm, 8, seed=1)
             results["images"] = make_images(folder, count, seed=2)
-            profile = stage_profile(folder)
+            profile = stage_profile(folder, sections, precisions)
             bounds = model_bounds(profile, count)
             for section in sections:
                 for precision in precisions:
