@@ -181,7 +181,8 @@ def _commit() -> str | None:
             timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # the log itself changes with every run: not a change to what was measured
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!log.jsonl"],
             cwd=root,
             capture_output=True,
             text=True,
