@@ -24,9 +24,8 @@ pytest.importorskip("PIL")
 
 def _connector_frame(spark, folder: str, url: str):
     """The benchmark's connector path: Spark reads the files, its tasks call the server."""
-    from pyspark.sql.pandas.types import from_arrow_schema
-
     import pyarrow as pa
+    from pyspark.sql.pandas.types import from_arrow_schema
 
     files = spark.read.format("binaryFile").load(folder).select("path", "content").repartition(2)
     # The answer's schema, from one request made here on the driver.
@@ -35,6 +34,7 @@ def _connector_frame(spark, folder: str, url: str):
     return files.mapInArrow(client_fn(url, rows_per_request=2), from_arrow_schema(answered.schema))
 
 
+@pytest.mark.slow  # a server process of its own, and a model scored in Spark jobs
 def test_connector_server_answers_every_job_from_one_warm_process(spark, tmp_path):
     from deepspark.vision.samples import write_near_duplicates
 
