@@ -6,9 +6,11 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 # Every run's JSON line lands here, met or missed (benchmarks/README.md, "The log").
@@ -50,6 +52,68 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def warm_up(runs: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+    """Run every path once, untimed for the figures, in the order given; its seconds back.
+
+    The same warm-up for every side of a comparison (benchmarks/README.md, "Warm and cold"):
+    Python workers started, models loaded, allocators and page caches filled. The seconds are
+    returned so that a benchmark may report the cold run as its own row.
+    """
+    seconds = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        run()
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
+def interleaved_rounds(
+    runs: Mapping[str, Callable[[], object]], rounds: int = 3
+) -> dict[str, dict[str, object]]:
+    """Time each path ``rounds`` times, the paths taking turns; median, min and max per path.
+
+    Round ``r`` starts at path ``r`` of the list (a rotation), so that no path always runs
+    first after a pause or last before one: a change in the machine's load is spread over
+    every path instead of being charged to whichever ran then. Warm the paths first with
+    :func:`warm_up` (or time them cold on purpose). Each path's entry holds ``median_s``,
+    ``min_s``, ``max_s``, ``spread`` (``max / min``) and every round's ``seconds``.
+    """
+    if rounds < 3:
+        raise ValueError(f"rounds={rounds}: the protocol asks for at least 3 rounds")
+    names = list(runs)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: summarise(values) for name, values in seconds.items()}
+
+
+def summarise(seconds: Sequence[float]) -> dict[str, object]:
+    """Median, min, max and spread (max / min) of one path's rounds, rounded for the log."""
+    low, high = min(seconds), max(seconds)
+    return {
+        "median_s": round(statistics.median(seconds), 4),
+        "min_s": round(low, 4),
+        "max_s": round(high, 4),
+        "spread": round(high / low, 3) if low > 0 else None,
+        "seconds": [round(value, 4) for value in seconds],
+    }
+
+
+def speed_ratio(path: Mapping[str, object], baseline: Mapping[str, object]) -> dict[str, float]:
+    """How many times faster ``path`` ran than ``baseline`` (above 1: faster), from two
+    :func:`interleaved_rounds` entries: the ratio of the medians, and its range, ``low``
+    pairing the path's slowest round with the baseline's fastest and ``high`` the opposite."""
+    return {
+        "median": round(float(baseline["median_s"]) / float(path["median_s"]), 3),
+        "low": round(float(baseline["min_s"]) / float(path["max_s"]), 3),
+        "high": round(float(baseline["max_s"]) / float(path["min_s"]), 3),
+    }
+
+
 def emit_json(result: dict) -> None:
     """The benchmark's last line: one JSON object.
 
@@ -61,11 +125,29 @@ def emit_json(result: dict) -> None:
     if niceness:
         result = {**result, "nice": niceness}
     line = json.dumps(result, separators=(", ", ": "))
+    logged_at = append_log(result)
+    print(f"appended to {LOG_PATH.name}, logged_at {logged_at}", file=sys.stderr, flush=True)
     print(line, flush=True)
-    append_log(result)
 
 
-def append_log(result: dict) -> None:
+def run_logged(benchmark: str, main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; if it fails, still append a line saying so, then re-raise.
+
+    A run that breaks down is a run too (benchmarks/README.md, "The log"): its line holds the
+    benchmark's name, the command line and the error, so a reader sees every attempt. Every
+    run also leaves a ``"started"`` line first.
+    """
+    # A line before the run too: a run killed from outside (SIGKILL, the OOM killer) cannot
+    # write its own, and its "started" line without a result then shows it.
+    append_log({"benchmark": benchmark, "started": True})
+    try:
+        main()
+    except BaseException as err:  # KeyboardInterrupt and timeouts too: the attempt happened
+        append_log({"benchmark": benchmark, "completed": False, "error": repr(err)[:500]})
+        raise
+
+
+def append_log(result: dict) -> str:
     """Append one run to ``benchmarks/log.jsonl`` with what identifies it.
 
     The record keeps the benchmark's own JSON under ``"result"`` and adds the time, the
@@ -83,6 +165,7 @@ def append_log(result: dict) -> None:
     }
     with LOG_PATH.open("a") as handle:
         handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+    return str(record["logged_at"])
 
 
 def _commit() -> str | None:
@@ -98,7 +181,8 @@ def _commit() -> str | None:
             timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # the log itself changes with every run: not a change to what was measured
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!log.jsonl"],
             cwd=root,
             capture_output=True,
             text=True,

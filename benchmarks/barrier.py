@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
+from _common import emit_json, machine, run_logged
 
 
 def exchange_times(calls: int, store_dir: str):
@@ -85,7 +85,7 @@ def main() -> None:
     figures = {
         "benchmark": "barrier",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "machine": machine(),
         "calls_per_task": calls,
         "spark_allgather_s_median": round(spark_s, 4),
         "gloo_all_gather_object_s_median": round(gloo_s, 5),
@@ -96,8 +96,8 @@ def main() -> None:
     print(f"{'exchange of one small message':40}{'median s':>10}")
     print(f"{'BarrierTaskContext.allGather':40}{spark_s:>10.4f}")
     print(f"{'gloo all_gather_object':40}{gloo_s:>10.5f}")
-    print(json.dumps(figures))
+    emit_json(figures)
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("barrier", main)

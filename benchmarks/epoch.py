@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from _common import emit_json, machine, print_table, today
+from _common import emit_json, machine, print_table, run_logged, today
 from train import FEATURES
 from train import make_data as make_mlp_data
 from train import make_model as make_mlp
@@ -381,4 +381,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("epoch", main)

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit_json, machine, print_table, today
+from _common import emit_json, machine, print_table, run_logged, today
 
 BATCH = 256
 FILES = 8
@@ -461,4 +461,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("feed", main)

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from _common import emit_json, machine, today
+from _common import emit_json, machine, run_logged, today
 
 FEATURES, CLASSES = 64, 10
 
@@ -199,4 +199,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("fixed_cost", main)

@@ -16,18 +16,27 @@ Each section times three paths on the same files:
 
 * decode-only: Spark reads the files and decodes them in the tasks, nothing else (the limit);
 * deepspark: ``vision.detect(...)`` or ``vision.embed(...)`` written to Parquet;
-* connector: Spark exports the images to Parquet files, one separate Python process (the
-  "GPU cluster", here the CPU, with all cores as threads) runs the same worker code and
-  writes features, and Spark imports them back into a table. Its ratio is given twice: as
-  run (``ratio_deepspark_vs_connector``), and without the process's start and model load
-  (``ratio_deepspark_vs_warm_connector``), as if its model server were already running.
+* connector: the case the JD.com figure stands for, images shipped from Spark to a separate,
+  long-lived inference service. ``benchmarks/connector_server.py`` runs as one process on
+  loopback with its models loaded once at start-up and all cores as threads; Spark reads the
+  files (``binaryFile``), each task sends its image bytes in requests of 32 over HTTP
+  (keep-alive), the server batches the requests that arrive together (dynamic batching, as
+  TorchServe and Triton do) and runs the same worker code as deepspark's tasks, and the task
+  writes the answers to Parquet.
+
+Protocol (benchmarks/README.md): warm against warm. The server is started and its models
+loaded before any timing; every path runs once on a warm-up set; then the three paths take
+turns over 3 rounds and the median and range are reported. The server's ``/stats`` after the
+rounds (pid, model loads, requests, batches) go into the JSON to show that one warm process
+answered everything. Cold is a separate, labelled row (``--cold``): each run the first of a
+new SparkContext, the connector also starting its server and loading its models.
 
 It also measures the models' own cost per image on one thread (no Spark, no files), and from
 it the **model bound**: the seconds any path needs on these cores for the model work alone.
 ``connector_s / model_bound_s`` is then the most any pipeline could gain over the connector
 here, and ``decode_only_s / model_bound_s`` the most it could reach of the decode limit.
 
-Each path runs once on a warm-up set first. ``--scale N`` instead pushes N generated images
+``--scale N`` instead pushes N generated images
 (and one corrupt file) through read, decode and embed, and records the Python workers' peak
 RSS. The last line printed is one JSON object with the figures and the ratios.
 """
@@ -35,9 +44,7 @@ RSS. The last line printed is one JSON object with the figures and the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,9 +52,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit_json, machine, print_table, today
+from _common import (
+    emit_json,
+    interleaved_rounds,
+    machine,
+    print_table,
+    run_logged,
+    speed_ratio,
+    today,
+    warm_up,
+)
+from connector_server import ServerProcess, client_fn
 
 CORES = 2
+ROUNDS = 3
 LONG_SIDE = 640  # product photos: a few hundred pixels to a side
 
 
@@ -118,92 +136,28 @@ def deepspark_pipeline(spark, section: str, folder: str, out: str, runtime: str)
     return seconds, spark.read.parquet(out).count()
 
 
-def connector(spark, section: str, folder: str, work: str, runtime: str) -> dict[str, float]:
-    """Export with Spark, detect and embed in one separate process, import with Spark."""
-    export, features, table = (os.path.join(work, name) for name in ("export", "features", "table"))
+def connector_frame(spark, folder: str, server: ServerProcess):
+    """The connector path's DataFrame: Spark reads the files, its tasks call the server."""
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    files = spark.read.format("binaryFile").load(folder).select("path", "content")
+    # The answer's schema, from one request made on the driver (the server is warm anyway).
+    sample = files.limit(1).toArrow().to_batches()
+    answered = pa.Table.from_batches(list(client_fn(server.url)(iter(sample))))
+    return files.mapInArrow(client_fn(server.url), from_arrow_schema(answered.schema))
+
+
+def connector_pipeline(spark, folder: str, out: str, server: ServerProcess):
     start = time.perf_counter()
-    spark.read.format("binaryFile").load(folder).select("path", "content").write.mode(
-        "overwrite"
-    ).parquet(export)
-    exported = time.perf_counter()
-    command = [sys.executable, os.path.abspath(__file__), "--connector-worker", export, features]
-    done = subprocess.run(
-        [*command, "--runtime", runtime, "--sections", section, "--launched", str(time.time())],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"connector process failed:\n{done.stderr[-3000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    processed = time.perf_counter()
-    spark.read.parquet(features).write.mode("overwrite").parquet(table)
-    imported = time.perf_counter()
-    return {
-        "seconds": imported - start,
-        "export_s": exported - start,
-        "process_s": processed - exported,
-        "process_start_s": report["start_s"],
-        "process_model_load_s": report["load_s"],
-        "process_work_s": report["work_s"],
-        "import_s": imported - processed,
-        "rows": spark.read.parquet(table).count(),
-    }
+    connector_frame(spark, folder, server).write.mode("overwrite").parquet(out)
+    seconds = time.perf_counter() - start
+    return seconds, spark.read.parquet(out).count()
 
 
-def connector_worker(export: str, out: str, runtime: str, section: str, launched: float) -> None:
-    """The separate process: all cores as threads, the same worker code as the tasks.
-
-    It reports the seconds from its launch to here (Python and its imports), loading the
-    models, and the work itself: a connector whose model server is already running pays only
-    the work."""
-    start_s = time.time() - launched
-    import pyarrow.dataset as pds
-    import pyarrow.parquet as pq
-
-    from deepspark.inference import load_model
-    from deepspark.vision.embedder import default_embedder
-    from deepspark.vision.image_tasks import (
-        DetectSpec,
-        EmbedSpec,
-        ImageColumns,
-        detect_partition,
-        embed_partition,
-        load_detector,
-    )
-    from deepspark.vision.zoo import yolov3_tiny_files
-
-    start = time.perf_counter()
-    columns = ImageColumns("content", None, ("path",))
-    if section == "detect":
-        embed = EmbedSpec(default_embedder(runtime), columns, resize="stretch", num_threads=CORES)
-        spec = DetectSpec(
-            columns, files=yolov3_tiny_files(), with_crops=False, num_threads=CORES, embed=embed,
-            runtime=detector_runtime(runtime),
-        )  # fmt: skip
-        load_detector(spec)
-        load_model(embed.model, num_threads=CORES)
-        run = detect_partition
-    else:
-        spec = EmbedSpec(default_embedder(runtime), columns, num_threads=CORES)
-        load_model(spec.model, num_threads=CORES)
-        run = embed_partition
-    load_s = time.perf_counter() - start
-    start = time.perf_counter()
-    batches = pds.dataset(export, format="parquet").to_batches(batch_size=64)
-    writer = None
-    for result in run(batches, spec):
-        writer = writer or pq.ParquetWriter(out + ".parquet", result.schema)
-        writer.write_batch(result)
-    if writer is not None:
-        writer.close()
-    os.makedirs(out, exist_ok=True)
-    os.replace(out + ".parquet", os.path.join(out, "part-0.parquet"))
-    work_s = time.perf_counter() - start
-    print(json.dumps({"start_s": start_s, "load_s": load_s, "work_s": work_s}))
-
-
-def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
+def stage_profile(
+    folder: str, sections: list[str], precisions: list[str], count: int = 32
+) -> dict[str, float]:
     """Milliseconds per image of each stage, one thread, in this process: where time goes.
 
     The images are read, decoded and sent through the models stage by stage, the embedder
@@ -222,10 +176,11 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     files = sorted(os.listdir(folder))[:count]
-    detector = DarknetDetector(yolov3_tiny_files(), num_threads=1)
+    detecting, int8 = "detect" in sections, "int8" in precisions  # profile only what runs
     embedder = load_model(default_embedder("auto"), num_threads=1)
-    detector_int8 = DarknetDetector(yolov3_tiny_files(), num_threads=1, runtime="onnx-int8")
-    embedder_int8 = load_model(default_embedder("onnx-int8"), num_threads=1)
+    embedders = [("", embedder)]
+    if int8:
+        embedders.append(("_int8", load_model(default_embedder("onnx-int8"), num_threads=1)))
     for_detect, for_embed = DecoderChooser(min_side=416), DecoderChooser(min_side=224)
     spent: dict[str, float] = {}
 
@@ -248,22 +203,32 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
         [chooser.decode(data) for data in encoded[:8]]
     decoded = timed("decode", lambda: [for_detect.decode(data) for data in encoded])
     small = timed("decode_small", lambda: [for_embed.decode(data) for data in encoded])
-    detector(decoded[0])
-    boxes = timed("detect", lambda: [detector(image) for image in decoded])
-    crops = [
-        fit_image(image[int(b.y0) : int(b.y1) + 1, int(b.x0) : int(b.x1) + 1], 224, "stretch")
-        for image, found in zip(decoded, boxes, strict=True)
-        for b in found
-    ]
     fitted = timed("fit", lambda: [fit_image(image, 224, "center_crop").pixels for image in small])
-    detector_int8(decoded[0])
-    timed("detect_int8", lambda: [detector_int8(image) for image in decoded])
-    crop_pixels = [crop.pixels for crop in crops]
-    for suffix, model in (("", embedder), ("_int8", embedder_int8)):
+    crop_pixels: list[np.ndarray] = []
+    if detecting:
+        detector = DarknetDetector(yolov3_tiny_files(), num_threads=1)
+        detector(decoded[0])
+        boxes = timed("detect", lambda: [detector(image) for image in decoded])
+        crop_pixels = [
+            fit_image(
+                image[int(b.y0) : int(b.y1) + 1, int(b.x0) : int(b.x1) + 1], 224, "stretch"
+            ).pixels
+            for image, found in zip(decoded, boxes, strict=True)
+            for b in found
+        ]
+        if int8:
+            detector_int8 = DarknetDetector(yolov3_tiny_files(), num_threads=1, runtime="onnx-int8")
+            detector_int8(decoded[0])
+            timed("detect_int8", lambda: [detector_int8(image) for image in decoded])
+    for suffix, model in embedders:
         embed_all(fitted, model)  # a full batch first: buffers are sized on the first one
-        timed(f"embed_crops{suffix}", lambda model=model: embed_all(crop_pixels, model))
+        if detecting:
+            timed(f"embed_crops{suffix}", lambda model=model: embed_all(crop_pixels, model))
         timed(f"embed_images{suffix}", lambda model=model: embed_all(fitted, model))
     profile = {f"{key}_ms_per_image": round(1000 * s / len(files), 2) for key, s in spent.items()}
+    if not detecting:
+        profile["decoder_chosen"] = for_embed.chosen.get("jpeg", "")
+        return profile
     # The detector's runtimes side by side on 16 images as one batch: three rounds, each in
     # a rotated order, the best round of each kept.
     detectors = {
@@ -281,7 +246,7 @@ def stage_profile(folder: str, count: int = 32) -> dict[str, float]:
             best[runtime] = min(best.get(runtime, seconds), seconds)
     for runtime, seconds in best.items():
         profile[f"detect_{runtime}_ms_per_image"] = round(1000 * seconds, 2)
-    profile["crops_per_image"] = round(len(crops) / len(files), 2)
+    profile["crops_per_image"] = round(len(crop_pixels) / len(files), 2)
     profile["decoder_chosen"] = for_detect.chosen.get("jpeg", "")
     return profile
 
@@ -291,10 +256,13 @@ def model_bounds(profile: dict[str, float], count: int) -> dict[str, float]:
     (and per section at int8)."""
     per_image = {}
     for suffix in ("", "_int8"):
-        per_image[f"detect{suffix}"] = (
-            profile[f"detect{suffix}_ms_per_image"] + profile[f"embed_crops{suffix}_ms_per_image"]
-        )
-        per_image[f"embed{suffix}"] = profile[f"embed_images{suffix}_ms_per_image"]
+        if f"detect{suffix}_ms_per_image" in profile:
+            per_image[f"detect{suffix}"] = (
+                profile[f"detect{suffix}_ms_per_image"]
+                + profile[f"embed_crops{suffix}_ms_per_image"]
+            )
+        if f"embed_images{suffix}_ms_per_image" in profile:
+            per_image[f"embed{suffix}"] = profile[f"embed_images{suffix}_ms_per_image"]
     return {section: count * ms / 1000 / CORES for section, ms in per_image.items()}
 
 
@@ -361,44 +329,90 @@ def scale_run(spark, count: int, work: str) -> dict[str, object]:
 def compare(
     spark, section: str, warm: str, folder: str, work: str, runtime: str, bounds: dict
 ) -> dict[str, object]:
-    """Decode-only, deepspark and the connector on ``folder`` (each warmed on ``warm``), the
-    models run by ``runtime`` (``"onnx-int8"``: both models quantized)."""
+    """Decode-only, deepspark and the warm connector server on ``folder``, each warmed on
+    ``warm``, interleaved over ``ROUNDS`` rounds; the models run by ``runtime``
+    (``"onnx-int8"``: both models quantized)."""
     count = len(os.listdir(folder))
     name = f"{section}_int8" if runtime == "onnx-int8" else section
     out = os.path.join(work, name)
-    decode_only(spark, section, warm)
-    deepspark_pipeline(spark, section, warm, os.path.join(out, "warm_out"), runtime)
-    connector(spark, section, warm, os.path.join(out, "warm_connector"), runtime)
-    decode_s, decoded = decode_only(spark, section, folder)
-    pipeline_s, rows = deepspark_pipeline(spark, section, folder, os.path.join(out, "out"), runtime)
-    conn = connector(spark, section, folder, os.path.join(out, "connector"), runtime)
+    with ServerProcess(section, runtime, threads=CORES) as server:
+        started = server.stats()
+
+        def paths(source: str) -> dict:
+            return {
+                "decode_only": lambda: decode_only(spark, section, source),
+                "deepspark": lambda: deepspark_pipeline(
+                    spark, section, source, os.path.join(out, "deepspark"), runtime
+                ),
+                "connector": lambda: connector_pipeline(
+                    spark, source, os.path.join(out, "connector"), server
+                ),
+            }
+
+        warm_up(paths(warm))
+        timed = interleaved_rounds(paths(folder), ROUNDS)
+        rows = {
+            "deepspark": spark.read.parquet(os.path.join(out, "deepspark")).count(),
+            "connector": spark.read.parquet(os.path.join(out, "connector")).count(),
+        }
+        ended = server.stats()
     bound = bounds[name]
-    # A connector whose model server already runs: export, the work, import.
-    warm_connector = conn["export_s"] + conn["process_work_s"] + conn["import_s"]
-    figures = {
-        "decode_only_s": round(decode_s, 2),
-        "decode_only_images_per_s_per_core": round(decoded / decode_s / CORES, 2),
-        "deepspark_s": round(pipeline_s, 2),
-        "deepspark_rows": rows,
-        "deepspark_images_per_s_per_core": round(count / pipeline_s / CORES, 2),
-        "connector_s": round(conn["seconds"], 2),
-        "connector_export_s": round(conn["export_s"], 2),
-        "connector_process_s": round(conn["process_s"], 2),
-        "connector_process_start_s": round(conn["process_start_s"], 2),
-        "connector_model_load_s": round(conn["process_model_load_s"], 2),
-        "connector_work_s": round(conn["process_work_s"], 2),
-        "connector_import_s": round(conn["import_s"], 2),
-        "connector_rows": conn["rows"],
-        "connector_images_per_s_per_core": round(count / conn["seconds"] / CORES, 2),
+    figures: dict[str, object] = {
+        "images": count,
+        **timed,
+        "deepspark_rows": rows["deepspark"],
+        "connector_rows": rows["connector"],
+        "connector_server": {
+            "start_s": round(server.start_s, 2),
+            "model_load_s": round(started["load_s"], 2),
+            "pid_same_throughout": started["pid"] == ended["pid"],
+            "model_loads": ended["model_loads"],
+            "requests": ended["requests"],
+            "batches": ended["batches"],
+        },
         "model_bound_s": round(bound, 2),
-        "ratio_deepspark_vs_connector": round(conn["seconds"] / pipeline_s, 3),
-        "ratio_deepspark_vs_warm_connector": round(warm_connector / pipeline_s, 3),
-        "ratio_deepspark_vs_decode_only": round(decode_s / pipeline_s, 3),
-        "ratio_deepspark_vs_model_bound": round(bound / pipeline_s, 3),
-        "ceiling_vs_connector": round(conn["seconds"] / bound, 3),
-        "ceiling_vs_decode_only": round(decode_s / bound, 3),
+        "ratio_deepspark_vs_warm_connector": speed_ratio(timed["deepspark"], timed["connector"]),
+        "ratio_deepspark_vs_decode_only": speed_ratio(timed["deepspark"], timed["decode_only"]),
+        "ratio_deepspark_vs_model_bound": round(bound / timed["deepspark"]["median_s"], 3),
+        "images_per_s_per_core": {
+            path: round(count / timed[path]["median_s"] / CORES, 2) for path in timed
+        },
     }
-    return {f"{name}_{key}": value for key, value in figures.items()}
+    return {name: figures}
+
+
+def compare_cold(spark_args: dict, section: str, folder: str, work: str, runtime: str) -> dict:
+    """The cold row, apart from the warm comparison: every run the first of a new
+    SparkContext (new Python workers, models loaded again); the connector also starts its
+    server process and loads its models inside the timed run."""
+    import deepspark as ds
+
+    out = os.path.join(work, f"cold_{section}")
+
+    def fresh_session():
+        ds.stop_context()
+        spark = ds.init_context(**spark_args)
+        spark.sparkContext.setLogLevel("ERROR")
+        return spark
+
+    def deepspark_cold() -> None:
+        spark = fresh_session()
+        deepspark_pipeline(spark, section, folder, os.path.join(out, "deepspark"), runtime)
+
+    def connector_cold() -> None:
+        spark = fresh_session()
+        with ServerProcess(section, runtime, threads=CORES) as server:
+            connector_pipeline(spark, folder, os.path.join(out, "connector"), server)
+
+    timed = interleaved_rounds({"deepspark": deepspark_cold, "connector": connector_cold}, ROUNDS)
+    return {
+        f"{section}_cold": {
+            **timed,
+            "ratio_deepspark_vs_cold_connector": speed_ratio(
+                timed["deepspark"], timed["connector"]
+            ),
+        }
+    }
 
 
 def main() -> None:
@@ -407,16 +421,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="images in the comparison (default 160)")
     parser.add_argument("--scale", type=int, help="run the scale test with this many images")
     parser.add_argument(
-        "--connector-worker", nargs=2, metavar=("EXPORT", "OUT"), help=argparse.SUPPRESS
-    )
-    parser.add_argument(
         "--sections", default="detect,embed", help="comma-separated: detect, embed (both)"
     )
     parser.add_argument(
         "--precisions", default="fp32,int8", help="comma-separated: fp32, int8 (both)"
     )
-    parser.add_argument("--runtime", default="auto", help=argparse.SUPPRESS)
-    parser.add_argument("--launched", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cold", action="store_true", help="also the cold row (new sessions, server started)"
+    )
     args = parser.parse_args()
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     if not sections or any(name not in MIN_SIDE for name in sections):
@@ -424,9 +436,6 @@ def main() -> None:
     precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
     if not precisions or any(name not in PRECISIONS for name in precisions):
         parser.error(f"--precisions={args.precisions!r}: give fp32, int8 or both")
-    if args.connector_worker:
-        connector_worker(*args.connector_worker, args.runtime, sections[0], args.launched)
-        return
 
     import deepspark as ds
     from deepspark.inference import ModelKind
@@ -437,12 +446,14 @@ def main() -> None:
         "benchmark": "images",
         "quick": args.quick,
         "cores": CORES,
+        "rounds": ROUNDS,
         "date": today(),
         "machine": machine(),
         "load_average_1m_before": round(os.getloadavg()[0], 2),
     }
     work = tempfile.mkdtemp(prefix="bench-images-")
-    spark = ds.init_context(cores=CORES, driver_memory="4g", app_name="benchmark-images")
+    spark_args = {"cores": CORES, "driver_memory": "4g", "app_name": "benchmark-images"}
+    spark = ds.init_context(**spark_args)
     spark.sparkContext.setLogLevel("ERROR")
     try:
         if args.scale:
@@ -453,16 +464,29 @@ def main() -> None:
             warm, folder = os.path.join(work, "warm"), os.path.join(work, "images")
             make_images(warm, 8, seed=1)
             results["images"] = make_images(folder, count, seed=2)
-            profile = stage_profile(folder)
+            profile = stage_profile(folder, sections, precisions)
             bounds = model_bounds(profile, count)
             for section in sections:
                 for precision in precisions:
                     chosen = runtime if precision == "fp32" else "onnx-int8"
                     results.update(compare(spark, section, warm, folder, work, chosen, bounds))
-            results.update(profile)
+            if args.cold:
+                for section in sections:
+                    results.update(compare_cold(spark_args, section, folder, work, runtime))
+            results["profile"] = profile
     finally:
         ds.stop_context()
     results["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    if not args.scale:
+        results["targets"] = {
+            f"{name}_ge_1x_warm_connector": results[name]["ratio_deepspark_vs_warm_connector"][
+                "median"
+            ]
+            >= 1.0
+            for name in results
+            if isinstance(results[name], dict)
+            and "ratio_deepspark_vs_warm_connector" in results[name]
+        }
 
     print()
     if args.scale:
@@ -470,31 +494,17 @@ def main() -> None:
             results["scale_images"], results["scale_embed_s"], results["scale_images_per_s"],
             results["scale_error_rows"], results["scale_worker_peak_rss_mib"]]])  # fmt: skip
     else:
-        paths = (
-            ("decode only (limit)", "decode_only", "ratio_deepspark_vs_decode_only"),
-            ("models alone (bound)", "model_bound", "ratio_deepspark_vs_model_bound"),
-            ("deepspark", "deepspark", None),
-            ("connector", "connector", "ratio_deepspark_vs_connector"),
-        )
-        names = [
-            section + ("_int8" if precision == "int8" else "")
-            for section in sections
-            for precision in precisions
-        ]
-        rows = [
-            [
-                name,
-                label,
-                results[f"{name}_{key}_s"],
-                results.get(f"{name}_{key}_images_per_s_per_core", ""),
-                results[f"{name}_{ratio}"] if ratio else 1.0,
-            ]
-            for name in names
-            for label, key, ratio in paths
-        ]
-        print_table(["section", "path", "seconds", "images/s/core", "vs deepspark"], rows)
+        rows = []
+        for name, block in results.items():
+            if not isinstance(block, dict) or "deepspark" not in block:
+                continue
+            for path in ("decode_only", "deepspark", "connector"):
+                if path in block:
+                    ratio = speed_ratio(block["deepspark"], block[path])["median"]
+                    rows.append([name, path, block[path]["median_s"], block[path]["spread"], ratio])
+        print_table(["section", "path", "median s", "spread max/min", "deepspark vs it"], rows)
     emit_json(results)
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("images", main)

@@ -36,7 +36,7 @@ import time
 
 import pandas as pd
 import torch
-from _common import emit_json, machine, print_table, today
+from _common import emit_json, machine, print_table, run_logged, today
 from train import CLASSES, FEATURES, HIDDEN, make_data
 from train import make_model as make_torch_model
 
@@ -334,4 +334,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("keras", main)

@@ -13,13 +13,19 @@ Usage: python benchmarks/predict_parts.py [--quick]
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
-from _common import emit_json, machine, print_table, today
+from _common import (
+    emit_json,
+    interleaved_rounds,
+    machine,
+    print_table,
+    run_logged,
+    today,
+    warm_up,
+)
 from predict import BATCH_SIZE, make_cnn, make_mlp
 
 from deepspark.data import TensorSpec, batch_to_tensors
@@ -42,17 +48,7 @@ def arrow_batches(rows: int, row_shape: tuple[int, ...]) -> list[pa.RecordBatch]
     return table.to_batches(max_chunksize=ARROW_BATCH_ROWS)
 
 
-def best_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def measure(name: str, model: torch.nn.Module, row_shape, rows: int, repeats: int) -> dict:
+def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int) -> dict:
     batches = arrow_batches(rows, row_shape)
     feature = TensorSpec("features", "array", row_shape)
     spec = PredictSpec(
@@ -94,20 +90,23 @@ def measure(name: str, model: torch.nn.Module, row_shape, rows: int, repeats: in
             prediction = pa.ListArray.from_arrays(offsets, pa.array(out.numpy().reshape(-1)))
             pa.RecordBatch.from_arrays([batch.column("id"), prediction], ["id", "prediction"])
 
-    seconds = {
-        "deepspark_loop": best_seconds(lambda: list(predict_partition(batches, spec)), repeats),
-        "rebatch": best_seconds(lambda: list(rebatch(batches, BATCH_SIZE)), repeats),
-        "to_tensors": best_seconds(
-            lambda: [batch_to_tensors(batch, (feature,)) for batch in model_batches], repeats
-        ),
-        "model": best_seconds(forward, repeats),
-        "output_column": best_seconds(
-            lambda: [output_column(out, OutputKind.ARRAY, len(out)) for out in outputs], repeats
-        ),
-        "output_batch": best_seconds(assemble, repeats),
-        "expert_loop": best_seconds(expert, repeats),
+    runs = {
+        "deepspark_loop": lambda: list(predict_partition(batches, spec)),
+        "rebatch": lambda: list(rebatch(batches, BATCH_SIZE)),
+        "to_tensors": lambda: [batch_to_tensors(batch, (feature,)) for batch in model_batches],
+        "model": forward,
+        "output_column": lambda: [
+            output_column(out, OutputKind.ARRAY, len(out)) for out in outputs
+        ],
+        "output_batch": assemble,
+        "expert_loop": expert,
     }
+    warm_up(runs)
+    timed = interleaved_rounds(runs, rounds)
+    seconds = {part: float(stats["median_s"]) for part, stats in timed.items()}
+    spreads = {part: stats["spread"] for part, stats in timed.items()}
     result = {f"{name}_{part}_ms": round(value * 1000, 2) for part, value in seconds.items()}
+    result[f"{name}_spread"] = spreads
     result[f"{name}_model_share_of_deepspark_loop"] = round(
         seconds["model"] / seconds["deepspark_loop"], 3
     )
@@ -134,7 +133,7 @@ def main() -> None:
     for name, model, row_shape, rows in cases:
         rows = rows // 5 if args.quick else rows
         results[f"{name}_rows"] = rows
-        results.update(measure(name, model, row_shape, rows, repeats=3 if args.quick else 5))
+        results.update(measure(name, model, row_shape, rows, rounds=3 if args.quick else 5))
     parts = ("deepspark_loop", "rebatch", "to_tensors", "model", "output_column", "output_batch")
     print_table(
         ["model", *parts, "expert_loop"],
@@ -143,9 +142,9 @@ def main() -> None:
             for name, *_ in cases
         ],
     )
-    print("(milliseconds, one thread)")
+    print("(milliseconds, one thread, median of the rounds)")
     emit_json(results)
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("predict_parts", main)

@@ -25,7 +25,7 @@ import cloudpickle
 import numpy as np
 import pyarrow as pa
 import torch
-from _common import emit_json, machine, today
+from _common import emit_json, machine, run_logged, today
 from epoch import make_cnn as epoch_cnn
 
 WORLD, BATCH, EPOCHS, IMAGE = 2, 256, 3, 28 * 28
@@ -191,4 +191,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("rank_vs_ddp", main)
