@@ -305,7 +305,7 @@ def test_a_search_whose_driver_was_killed_resumes_without_retraining(spark, tmp_
 
 @pytest.mark.slow
 def test_slots_held_by_ray_on_spark_are_not_offered_to_trials_or_fits(digits, tmp_path):
-    from deepspark.context.session import hold_task_slots
+    from deepspark.context.topology import hold_task_slots
 
     train, _ = digits
     hold_task_slots("Ray on Spark", 2)

@@ -18,14 +18,13 @@ import pytest
 import deepspark as ds
 from conftest import free_port, spark_class
 from deepspark.context import ClusterMode, ContextConfig, resolve_spark_conf
+from deepspark.context.identity import is_connect, session_identity
 from deepspark.context.topology import (
     DriverAddress,
     driver_address,
     executor_layout,
-    is_connect,
     master_of,
     parse_master,
-    session_identity,
 )
 
 

@@ -54,7 +54,7 @@ RAY_PROGRAM = textwrap.dedent(
                          "temp_dir": cluster.temp_dir, "num_workers": cluster.num_workers}
     result["executor_path"] = spark.conf.get("spark.executorEnv.PATH")
     result["resources"] = ray.cluster_resources()
-    from deepspark.context.session import held_task_slots
+    from deepspark.context.topology import held_task_slots
     result["held_slots"] = held_task_slots()
     try:  # a fit cannot have slots Ray holds: refused at once, not left waiting
         ds.Estimator.from_torch(torch.nn.Linear(1, 1), optimizer=lambda p: torch.optim.SGD(p, 0.1),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from deepspark.context.topology import is_connect
+from deepspark.context.identity import is_connect
 
 __all__ = ["trial_scope"]
 

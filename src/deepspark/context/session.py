@@ -20,9 +20,10 @@ from deepspark.context.config import (
     executor_path_with,
     resolve_spark_conf,
 )
+from deepspark.context.identity import is_connect
 from deepspark.context.spark_versions import require_pyspark
-from deepspark.context.topology import is_connect, parse_master
-from deepspark.context.workers import PYTHON_CONF, mark_workers_ready, worker_python
+from deepspark.context.topology import clear_held_task_slots, parse_master, task_slots
+from deepspark.context.workers import PYTHON_CONF, mark_workers_ready
 from deepspark.context.workers import warm_workers as _warm_workers
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "current_session",
-    "held_task_slots",
-    "hold_task_slots",
     "init_context",
     "on_stop_context",
     "stop_context",
@@ -49,8 +48,6 @@ _CONNECT_TOKEN = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 _stop_hooks: list[Callable[[SparkSession], None]] = []
 # Task slots that long-running jobs of this session keep busy (Ray's worker nodes): by holder.
 # A lock of its own: stop hooks, which run under _lock, give slots back.
-_held_slots: dict[str, int] = {}
-_slots_lock = threading.Lock()
 
 _JVM_MODES = {
     ClusterMode.LOCAL,
@@ -171,7 +168,7 @@ def init_context(
         session = _create_session(config)
         _active = (config, session)
         if warm_workers:
-            _warm_workers(session)
+            _warm_workers(session, lambda: task_slots(session))
     if config.ray is not False:  # outside the lock: Ray asks for current_session()
         _start_ray(config.ray)
     return session
@@ -220,30 +217,7 @@ def stop_context() -> None:
             os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
         while _leftover_env:
             os.environ.pop(_leftover_env.pop(), None)
-        with _slots_lock:
-            _held_slots.clear()
-
-
-def hold_task_slots(holder: str, slots: int) -> None:
-    """Say that `holder` keeps `slots` task slots of the session busy (0: gives them back).
-
-    Long-running jobs that are not deepspark's own (Ray on Spark's worker nodes) record here
-    what they hold, so that fits count only the slots left and refuse, rather than wait for
-    ever, when a barrier stage cannot get its tasks.
-    """
-    if slots < 0:
-        raise ValueError(f"hold_task_slots: slots must be >= 0, got {slots}")
-    with _slots_lock:
-        if slots:
-            _held_slots[holder] = int(slots)
-        else:
-            _held_slots.pop(holder, None)
-
-
-def held_task_slots() -> dict[str, int]:
-    """``{holder: slots}`` that `hold_task_slots` recorded for the running session."""
-    with _slots_lock:
-        return dict(_held_slots)
+        clear_held_task_slots()
 
 
 def on_stop_context(hook: Callable[[SparkSession], None]) -> None:
@@ -255,6 +229,29 @@ def on_stop_context(hook: Callable[[SparkSession], None]) -> None:
     with _lock:
         if hook not in _stop_hooks:
             _stop_hooks.append(hook)
+
+
+def worker_python(master: str | None, conf: dict[str, str]) -> str | None:
+    """The interpreter `init_context` gives Spark's Python workers, or None to leave Spark's.
+
+    A ``spark.pyspark.python`` conf wins, then the ``PYSPARK_PYTHON`` environment variable
+    (Spark's own order); without either, executors that share this machine (``local``,
+    ``local-cluster``, a standalone master on loopback) run this very interpreter.
+
+    Examples
+    --------
+    >>> worker_python("yarn", {"spark.pyspark.python": "./environment/bin/python"})
+    './environment/bin/python'
+    >>> worker_python("k8s://https://api:443", {}) is None
+    True
+    """
+    if conf.get(PYTHON_CONF):
+        return conf[PYTHON_CONF]
+    if os.environ.get("PYSPARK_PYTHON"):
+        return None
+    if master is not None and parse_master(master).shares_machine:
+        return sys.executable
+    return None
 
 
 def current_session() -> SparkSession | None:

@@ -19,6 +19,7 @@ import ipaddress
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from deepspark.context.config import (
     ClusterMode,
     ContextError,
 )
+from deepspark.context.identity import is_connect
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -40,16 +42,17 @@ __all__ = [
     "DriverAddress",
     "ExecutorLayout",
     "SparkMaster",
+    "clear_held_task_slots",
     "deploy_mode",
     "driver_address",
     "executor_layout",
     "free_task_slots",
-    "is_connect",
+    "held_task_slots",
+    "hold_task_slots",
     "is_loopback_host",
     "local_ip",
     "master_of",
     "parse_master",
-    "session_identity",
     "task_cpus",
     "task_slots",
 ]
@@ -60,6 +63,9 @@ EXECUTOR_REGISTRATION_TIMEOUT_S = 60.0
 EXECUTOR_SETTLE_S = 30.0
 _STEADY_S = 2.0
 _CONNECT_PORT = 15002
+# Task slots that long-running jobs of the session keep busy (`hold_task_slots`), by holder.
+_held_slots: dict[str, int] = {}
+_slots_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -156,21 +162,6 @@ def _connect_host(url: str) -> str:
     """The host of ``sc://host:port/;params``."""
     host_port = url[len("sc://") :].split("/", 1)[0].split(";", 1)[0]
     return host_port.rsplit(":", 1)[0] if ":" in host_port else host_port
-
-
-def is_connect(spark: Any) -> bool:
-    """Whether `spark` (a session, or a DataFrame) is a Spark Connect client's object."""
-    return type(spark).__module__.startswith("pyspark.sql.connect")
-
-
-def session_identity(spark: Any) -> str:
-    """A key naming `spark`'s workers: the application, or the Connect session.
-
-    Per-session state (the workers' check, the DataFrame caches) is kept under it.
-    """
-    if is_connect(spark):
-        return f"connect:{spark.session_id}"
-    return f"classic:{spark.sparkContext.applicationId}"
 
 
 def conf_value(spark: Any, key: str) -> str:
@@ -332,12 +323,38 @@ def free_task_slots(spark: SparkSession) -> tuple[int, dict[str, int]]:
     """``(slots a new barrier stage can have, {holder: slots held})``.
 
     :func:`task_slots` less what long-running jobs of the session hold
-    (`deepspark.context.session.hold_task_slots`: Ray on Spark's worker nodes); may be 0.
+    (:func:`hold_task_slots`: Ray on Spark's worker nodes); may be 0.
     """
-    from deepspark.context.session import held_task_slots
-
     held = held_task_slots()
     return max(0, task_slots(spark) - sum(held.values())), held
+
+
+def hold_task_slots(holder: str, slots: int) -> None:
+    """Say that `holder` keeps `slots` task slots of the session busy (0: gives them back).
+
+    Long-running jobs that are not deepspark's own (Ray on Spark's worker nodes) record here
+    what they hold, so that fits count only the slots left and refuse, rather than wait for
+    ever, when a barrier stage cannot get its tasks.
+    """
+    if slots < 0:
+        raise ValueError(f"hold_task_slots: slots must be >= 0, got {slots}")
+    with _slots_lock:
+        if slots:
+            _held_slots[holder] = int(slots)
+        else:
+            _held_slots.pop(holder, None)
+
+
+def held_task_slots() -> dict[str, int]:
+    """``{holder: slots}`` that `hold_task_slots` recorded for the running session."""
+    with _slots_lock:
+        return dict(_held_slots)
+
+
+def clear_held_task_slots() -> None:
+    """Forget every holder's slots: `deepspark.stop_context` ended the session they were in."""
+    with _slots_lock:
+        _held_slots.clear()
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Spark starts its Python workers with ``PYSPARK_PYTHON`` (or ``python3`` on the executors'
 ``PATH``), not with the driver's interpreter. Where driver and executors share a machine,
-`init_context` hands the workers the driver's own interpreter (:func:`worker_python`) and the
-workers need no check. Everywhere else the first job of a session runs :func:`check_workers`: one
+`init_context` hands the workers the driver's own interpreter
+(`deepspark.context.session.worker_python`) and the workers need no check. Everywhere else the first job of a session runs :func:`check_workers`: one
 small task per slot reports its interpreter and the versions of deepspark, torch and pyarrow it
 can import, and a mismatch raises one `WorkerEnvironmentError` that says what to fix, instead of
 a training job failing with a worker's traceback.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deepspark.context.config import ContextError
-from deepspark.context.topology import is_connect, parse_master, session_identity, task_slots
+from deepspark.context.identity import is_connect, session_identity
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -38,7 +38,6 @@ __all__ = [
     "mark_workers_ready",
     "warm_modules",
     "warm_workers",
-    "worker_python",
 ]
 
 # What every worker must import, at the driver's version.
@@ -98,29 +97,6 @@ class WorkerSurvey:
     @property
     def tasks(self) -> int:
         return len(self.reports)
-
-
-def worker_python(master: str | None, conf: dict[str, str]) -> str | None:
-    """The interpreter `init_context` gives Spark's Python workers, or None to leave Spark's.
-
-    A ``spark.pyspark.python`` conf wins, then the ``PYSPARK_PYTHON`` environment variable
-    (Spark's own order); without either, executors that share this machine (``local``,
-    ``local-cluster``, a standalone master on loopback) run this very interpreter.
-
-    Examples
-    --------
-    >>> worker_python("yarn", {"spark.pyspark.python": "./environment/bin/python"})
-    './environment/bin/python'
-    >>> worker_python("k8s://https://api:443", {}) is None
-    True
-    """
-    if conf.get(PYTHON_CONF):
-        return conf[PYTHON_CONF]
-    if os.environ.get("PYSPARK_PYTHON"):
-        return None
-    if master is not None and parse_master(master).shares_machine:
-        return sys.executable
-    return None
 
 
 def mark_workers_ready(spark: SparkSession) -> None:
@@ -205,7 +181,7 @@ def warm_modules(*names: str, driver: bool = False) -> None:
                 _warm_driver_modules.append(name)
 
 
-def warm_workers(spark: SparkSession) -> threading.Thread | None:
+def warm_workers(spark: SparkSession, count_slots: Callable[[], int]) -> threading.Thread | None:
     """Start the session's Python workers and import torch and the tasks' modules in them.
 
     A fresh worker spends seconds importing torch, torch._dynamo (the first optimizer) and
@@ -228,7 +204,7 @@ def warm_workers(spark: SparkSession) -> threading.Thread | None:
 
     def warm() -> None:
         try:
-            tasks = task_slots(spark)  # here: a cluster's executors may still be registering
+            tasks = count_slots()  # here: a cluster's executors may still be registering
             job = spark.range(0, tasks, 1, tasks).mapInArrow(_warm_task(on_workers), "ready long")
             job.collect()
         except Exception as error:  # a stopped session, a broken worker environment
@@ -343,10 +319,8 @@ def _probe_task(packages: tuple[str, ...]) -> Callable[[Iterator[pa.RecordBatch]
         import importlib.metadata
         import importlib.util
         import json
-        import os
         import platform
         import socket
-        import sys
         import time
 
         import pyarrow as pa

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from deepspark.context.identity import session_identity
 from deepspark.context.session import on_stop_context
 from deepspark.context.spark_versions import collect_arrow
-from deepspark.context.topology import session_identity
 from deepspark.data.chunks import (
     CACHE_SCHEMA,
     CHUNK_BYTES,

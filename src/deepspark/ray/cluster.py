@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deepspark.context.config import ClusterMode
-from deepspark.context.session import hold_task_slots, on_stop_context
-from deepspark.context.topology import master_of, task_cpus
+from deepspark.context.session import on_stop_context
+from deepspark.context.topology import hold_task_slots, master_of, task_cpus
 from deepspark.ray.leftovers import CLUSTER_MARK, end_marked_processes
 from deepspark.ray.preflight import (
     TEMP_PREFIX,

@@ -10,14 +10,9 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from deepspark.context.config import RAY_CLUSTER_MODES, ClusterMode
+from deepspark.context.identity import is_connect
 from deepspark.context.session import current_session
-from deepspark.context.topology import (
-    SparkMaster,
-    executor_layout,
-    is_connect,
-    master_of,
-    parse_master,
-)
+from deepspark.context.topology import SparkMaster, executor_layout, master_of, parse_master
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

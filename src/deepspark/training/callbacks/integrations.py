@@ -30,6 +30,7 @@ class TensorBoardCallback(Callback):
     Examples
     --------
     >>> import tempfile
+    >>> from deepspark.training.callbacks import call_worker_hook
     >>> callback = TensorBoardCallback(tempfile.mkdtemp())
     >>> state = CallbackState(epoch=0, step=5, rank=0, world_size=1, logs={"train_loss": 0.3})
     >>> for hook in ("on_train_begin", "on_epoch_end", "on_train_end"):

@@ -478,7 +478,7 @@ def _distribute(spark: SparkSession, table: pa.Table, partitions: int) -> DataFr
     (batches over ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows are split), so the
     table goes as one batch per slice of rows.
     """
-    from deepspark.context.topology import is_connect
+    from deepspark.context.identity import is_connect
 
     rows_per_partition = max(1, -(-table.num_rows // max(1, partitions)))
     sliced = pa.Table.from_batches(
@@ -495,7 +495,7 @@ def _distribute(spark: SparkSession, table: pa.Table, partitions: int) -> DataFr
 
 
 def _is_spark_frame(data: Any) -> bool:
-    from deepspark.context.topology import is_connect
+    from deepspark.context.identity import is_connect
 
     if is_connect(data):
         return type(data).__name__ == "DataFrame"

@@ -109,7 +109,7 @@ def job_input(
     """
     from pyspark.sql import functions as F
 
-    from deepspark.context.topology import is_connect
+    from deepspark.context.identity import is_connect
     from deepspark.data.cache import chunk_input
 
     parts = [(df, split)] + ([(validation, validation_split)] if validation is not None else [])
