@@ -5,7 +5,7 @@
 import deepspark.ray  # noqa: F401
 from deepspark.context import init_context, stop_context
 from deepspark.data.cache import cache, uncache
-from deepspark.training import Estimator, TrainingError
+from deepspark.training import Estimator, TrainingError, checkpoint, restore, run, shard
 
 __version__ = "0.1.0"
 
@@ -14,7 +14,11 @@ __all__ = [
     "TrainingError",
     "__version__",
     "cache",
+    "checkpoint",
     "init_context",
+    "restore",
+    "run",
+    "shard",
     "stop_context",
     "uncache",
 ]

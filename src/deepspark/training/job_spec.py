@@ -16,6 +16,7 @@ __all__ = ["RESULT_SCHEMA", "JobKind", "ResultKind", "TrainSpec"]
 class JobKind(str, Enum):
     FIT = "fit"
     EVALUATE = "evaluate"
+    RUN = "run"  # a user's own function or script (`deepspark.run`)
 
 
 class ResultKind(str, Enum):
@@ -26,6 +27,7 @@ class ResultKind(str, Enum):
     METRICS = "metrics"  # JSON dict (evaluate)
     STEP_HISTORY = "step_history"  # JSON list of validations every N steps
     OPTIMIZER = "optimizer"  # torch.save of the optimizers' state, in bounded chunks
+    RETURN = "return"  # cloudpickle of a user function's return value (`deepspark.run`)
 
 
 # One output row per result chunk; Spark's own result path carries them to the driver.

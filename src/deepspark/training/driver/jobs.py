@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -139,11 +140,13 @@ def run_job(
     progress: bool = True,
     started: float | None = None,
     rank_entry: RankEntry | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> JobResult:
     """Run `spec` over `data`, re-running failed attempts from the latest checkpoint.
 
     `rank_entry` is what each task runs (`stage.run_barrier_stage`); the torch engine's
-    `run_rank` by default.
+    `run_rank` by default. `on_event` sees every event the ranks send, as it arrives (on the
+    progress server's thread).
 
     Raises
     ------
@@ -173,6 +176,8 @@ def run_job(
             epoch_attempts[int(event["epoch"])] = attempt_number[0]
         if bar is not None:
             bar(event)
+        if on_event is not None:
+            on_event(event)
 
     causes: list[str] = []
     server = ProgressServer(
