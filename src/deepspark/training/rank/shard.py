@@ -118,14 +118,8 @@ def shard(
     plan = plan_steps(counts, batch_size, step_policy)
     groups = [*features, *labels]
     specs = tuple(
-        TensorSpec(
-            names,
-            kind,
-            tuple(shape),
-            dtype,
-            decode=(decoders or {}).get(names[0]),
-        )
-        for (_, names), (kind, shape, dtype) in zip(groups, described, strict=True)
+        TensorSpec(names, kind, tuple(shape), dtype, decode=(decoders or {}).get(names[0]))
+        for (_, names, _), (kind, shape, dtype) in zip(groups, described, strict=True)
     )
     return ShardDataset(
         spill,
@@ -134,7 +128,7 @@ def shard(
         plan=plan,
         rank=run.rank,
         split=data.index,
-        keys=[key for key, _ in groups] if keyed else None,
+        keys=[key for key, _, _ in groups] if keyed else None,
         shuffle=shuffle,
         seed=seed,
     )
@@ -215,15 +209,18 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
 def _column_groups(
     cols: ColumnsArg, arg: str, *, keyed: bool, allow_empty: bool
-) -> list[tuple[str, tuple[str, ...]]]:
-    """``(key, column names)`` per tensor: the key is the dict key (or the column's name)."""
+) -> list[tuple[str, tuple[str, ...], bool]]:
+    """``(key, column names, stacked)`` per tensor; the key is the dict key (or the names).
+
+    A nested list stacks its scalar columns into one ``(n, k)`` tensor, as in `Estimator.fit`.
+    """
     if cols is None or (not isinstance(cols, str) and len(cols) == 0):
         if allow_empty:
             return []
         raise ValueError(f"deepspark.shard: {arg}= is needed: name the columns to read")
     if isinstance(cols, Mapping):
         items = list(cols.items())
-    elif isinstance(cols, (str, TensorSpec)):
+    elif isinstance(cols, str):
         items = [(None, cols)]
     else:
         items = [(None, item) for item in cols]
@@ -235,7 +232,7 @@ def _column_groups(
                 f"deepspark.shard: {arg} takes column names (or nested lists of scalar column "
                 f"names), got {item!r}"
             )
-        groups.append((key or "+".join(names), names))
+        groups.append((key or "+".join(names), names, not isinstance(item, str)))
     if keyed and not isinstance(cols, Mapping) and arg == "label_cols" and len(groups) > 1:
         raise ValueError(
             f"deepspark.shard: with dict feature_cols, give {arg} as a dict too (its keys "
@@ -246,15 +243,15 @@ def _column_groups(
 
 def _resolve(
     schema: pa.Schema,
-    features: list[tuple[str, tuple[str, ...]]],
-    labels: list[tuple[str, tuple[str, ...]]],
+    features: list[tuple[str, tuple[str, ...], bool]],
+    labels: list[tuple[str, tuple[str, ...], bool]],
     dtypes: Mapping[str, str],
     decoders: Mapping[str, Callable[[Any], Any]],
 ) -> tuple[TensorSpec, ...]:
     """Specs from the spilled Arrow schema (shapes still open: the spill fills them in)."""
     specs = []
     for role, groups in (("feature", features), ("label", labels)):
-        for _, names in groups:
+        for _, names, stacked in groups:
             kinds, integral = [], True
             for name in names:
                 if name not in schema.names:
@@ -272,7 +269,9 @@ def _resolve(
                 )
             default = "int64" if role == "label" and integral else "float32"
             dtype = dtypes.get(names[0], default)
-            specs.append(TensorSpec(names, kinds[0], (), dtype, decode=decoders.get(names[0])))
+            shape = (len(names),) if stacked and kinds[0] == "scalar" else ()
+            decode = decoders.get(names[0])
+            specs.append(TensorSpec(names, kinds[0], shape, dtype, decode=decode))
     return tuple(specs)
 
 
@@ -295,6 +294,11 @@ def _kind_of(name: str, arrow_type: pa.DataType) -> tuple[str, bool]:
         return "binary", False
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
         return "string", False
+    if pa.types.is_decimal(arrow_type):
+        raise FeedError(
+            f"deepspark.shard: column {name!r} is a decimal ({arrow_type}); cast it to double "
+            f"in Spark before deepspark.run (F.col({name!r}).cast('double'))"
+        )
     raise FeedError(
         f"deepspark.shard: column {name!r} has type {arrow_type}, which cannot become a tensor; "
         "supported: numeric and boolean scalars, arrays of numbers, ML vectors, binary and "
