@@ -94,33 +94,34 @@ def make_specs(device: str, world_size: int, epochs: int, workdir: str, progress
     import cloudpickle
 
     from deepspark.data import TensorSpec
-    from deepspark.training.job_spec import JobKind, TrainSpec
+    from deepspark.training import JobKind, LoopOptions, RankProgram, RecoveryOptions
+    from deepspark.training.job_spec import TrainSpec
 
     first = TrainSpec(
         kind=JobKind.FIT,
-        model_blob=cloudpickle.dumps(make_model()),
-        loss_blob=cloudpickle.dumps(torch.nn.CrossEntropyLoss()),
-        optimizer_blob=cloudpickle.dumps(functools.partial(torch.optim.Adam, lr=0.01)),
-        scheduler_blob=None,
-        metrics_blob=cloudpickle.dumps(["accuracy"]),
-        callbacks_blob=None,
-        config={},
+        program=RankProgram(
+            model_blob=cloudpickle.dumps(make_model()),
+            loss_blob=cloudpickle.dumps(torch.nn.CrossEntropyLoss()),
+            optimizer_blob=cloudpickle.dumps(functools.partial(torch.optim.Adam, lr=0.01)),
+            metrics_blob=cloudpickle.dumps(["accuracy"]),
+            use_gpu=device == "cuda",
+        ),
         features=(TensorSpec("x", "array", (FEATURES,)),),
         labels=(TensorSpec("label", "scalar", (), dtype="int64"),),
         world_size=world_size,
-        epochs=epochs,
         batch_size=32,
+        loop=LoopOptions(epochs=epochs),
+        recovery=RecoveryOptions(checkpoint_dir=os.path.join(workdir, "checkpoints"), resume=True),
         has_validation=True,
-        checkpoint_dir=os.path.join(workdir, "checkpoints"),
-        resume=True,
         progress_address=progress.address,
         progress_token=progress.token,
         rendezvous_host="127.0.0.1",
         collective_timeout_s=120.0,
-        use_gpu=device == "cuda",
         job_id="harness-fit",
     )
-    resumed = dataclasses.replace(first, epochs=epochs + 1, job_id="harness-resume")
+    resumed = dataclasses.replace(
+        first, loop=LoopOptions(epochs=epochs + 1), job_id="harness-resume"
+    )
     return [first, resumed]
 
 

@@ -15,7 +15,7 @@ import pytest
 import _training_helpers as helpers
 import deepspark as ds
 from _training_helpers import KillRankOnce, digits_arrays, digits_frames
-from deepspark.inference.keras_runtime import import_keras
+from deepspark.persist.keras_files import import_keras
 
 cloudpickle.register_pickle_by_value(helpers)
 

@@ -39,7 +39,6 @@ import fsspec
 import torch
 
 from deepspark.inference._cache import CacheInfo, SizedLRUCache
-from deepspark.inference.keras_runtime import is_keras_model
 from deepspark.inference.runtimes import (
     ExportedProgramPredictor,
     OnnxPredictor,
@@ -48,6 +47,7 @@ from deepspark.inference.runtimes import (
     TorchScriptPredictor,
     torchscript_deprecation_silenced,
 )
+from deepspark.persist.keras_files import is_keras_model
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
@@ -145,7 +145,7 @@ class ModelSource:
         kind = ModelKind(kind) if kind is not None else _kind_of(fs, root, url, is_dir)
         backend = None
         if kind is ModelKind.KERAS:
-            from deepspark.inference.keras_runtime import chosen_backend
+            from deepspark.persist.keras_files import chosen_backend
 
             backend = chosen_backend()
             if is_dir:
@@ -223,7 +223,7 @@ def model_source(
         return ModelSource.from_path(model)
     backend = None
     if is_keras_model(model):  # before nn.Module: a Keras model on torch is one too
-        from deepspark.inference.keras_runtime import keras_to_bytes, model_backend
+        from deepspark.persist.keras_files import keras_to_bytes, model_backend
 
         kind, data, backend = ModelKind.KERAS, keras_to_bytes(model), model_backend(model)
     elif isinstance(model, torch.jit.ScriptModule):
@@ -504,7 +504,8 @@ def _load_uncached(source: ModelSource, device: str, num_threads: int | None) ->
     if kind is ModelKind.TORCH_EXPORT:
         return ExportedProgramPredictor(torch.export.load(io.BytesIO(data)), device)
     if kind is ModelKind.KERAS:
-        from deepspark.inference.keras_runtime import KerasPredictor, keras_from_bytes
+        from deepspark.inference.keras_runtime import KerasPredictor
+        from deepspark.persist.keras_files import keras_from_bytes
 
         backend = source.backend or "tensorflow"
         return KerasPredictor(keras_from_bytes(data, backend), backend)

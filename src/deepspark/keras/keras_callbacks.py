@@ -51,7 +51,7 @@ def translate_callbacks(callbacks: Any) -> tuple[list[Any], list[tuple[Any, Any]
 
     deepspark callbacks pass as they are. Refused Keras callbacks raise ``ValueError``.
     """
-    from deepspark.training.builtin_callbacks import CSVLogger, EarlyStopping
+    from deepspark.training.callbacks import CSVLogger, EarlyStopping
 
     translated: list[Any] = []
     pairs: list[tuple[Any, Any]] = []
@@ -155,7 +155,7 @@ class KerasModelCheckpoint(Callback):
         self.best = None if threshold is None or not math.isfinite(threshold) else threshold
 
     def on_epoch_end(self, state: CallbackState) -> None:
-        from deepspark.inference.keras_runtime import import_keras, without_tensorflow
+        from deepspark.persist.keras_files import import_keras, without_tensorflow
 
         logs = state.logs
         if self.save_best_only:

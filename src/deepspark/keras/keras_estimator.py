@@ -2,59 +2,42 @@
 
 Driver side. Built by ``Estimator.from_keras`` (see `build_keras_estimator`).
 
-Contract between the backends (read by ``tf_driver.py``)
---------------------------------------------------------
-A `KerasEstimator` keeps on itself:
-
-* ``keras_model`` -- the driver's Keras model; after ``fit`` it holds the trained weights.
-* ``keras_optimizer`` -- the compile-style optimizer argument as given: a name (``"adam"``) or
-  a Keras optimizer object.
-* ``keras_loss`` -- the compile-style loss as given (name, Keras loss, function, dict/list per
-  output); ``keras_loss_weights`` likewise.
-* ``keras_metrics`` -- the compile-style metrics as given (list, or dict by output).
-* ``backend`` -- ``"torch"`` or ``"tensorflow"``.
-* ``config`` -- the config dict (given to a model creator).
-* ``history`` -- a pandas DataFrame, one row per epoch of the last ``fit``.
-
-On the ``"tensorflow"`` backend ``fit`` and ``evaluate`` call::
-
-    deepspark.keras.tf_driver.fit(estimator, df, feature_cols=..., label_cols=...,
-                                  **the other keyword arguments of Estimator.fit)
-        -> pandas.DataFrame (the history; fit also stores it as estimator.history)
-    deepspark.keras.tf_driver.evaluate(estimator, df, feature_cols=..., label_cols=...,
-                                       batch_size=..., num_workers=...) -> dict
-
-and they update ``estimator.keras_model``'s weights. ``predict``, ``save`` and ``load`` are
-shared by both backends (``deepspark.predict`` runs a Keras model on either). On the ``"torch"``
-backend the engine trains a `torch_backend.KerasModule` (``get_model()``).
+Both backends train through the engine's one entry (`deepspark.training.engine.fit`): on
+``"torch"`` the engine's torch loop trains a `torch_backend.KerasModule` (``get_model()``); on
+``"tensorflow"`` a `deepspark.training.TensorflowBackend` hands the ``.keras`` model and its
+compile arguments to the engine's TensorFlow loop, and the trained weights come back into
+``keras_model``. ``predict``, ``save`` and ``load`` are shared by both backends.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
 
-from deepspark.inference.keras_runtime import (
+from deepspark.persist.keras_estimator_dir import (
+    SavedKerasEstimator,
+    load_keras_estimator,
+    save_keras_estimator,
+)
+from deepspark.persist.keras_files import (
     chosen_backend,
     import_keras,
     is_keras_model,
     keras_to_bytes,
-    load_keras_file,
 )
-from deepspark.training.driver.estimator import Estimator
+from deepspark.training import (
+    Estimator,
+    EvaluateOptions,
+    FitOptions,
+    TensorflowBackend,
+    engine,
+)
 
 __all__ = ["KerasEstimator", "build_keras_estimator"]
-
-KERAS_FILE = "model.keras"
-METADATA = "metadata.json"
-OPTIMIZER = "optimizer.pt"
-FORMAT = "deepspark-keras"
 
 
 class KerasEstimator(Estimator):
@@ -114,7 +97,7 @@ class KerasEstimator(Estimator):
                 config=config,
                 use_gpu=use_gpu,
             )
-        else:  # the TensorFlow backend trains in tf_driver; predict runs the Keras model
+        else:  # the engine's TensorFlow loop trains it; predict runs the Keras model
             self.config = dict(config or {})
             self._model = keras_model
             self._optimizer_factory = None
@@ -134,19 +117,14 @@ class KerasEstimator(Estimator):
         df: Any,
         feature_cols: Any = None,
         label_cols: Any = None,
-        epochs: int = 1,
-        batch_size: int = 32,
+        *,
         validation_data: Any = None,
-        num_workers: int | None = None,
-        checkpoint_dir: str | None = None,
-        checkpoint_every: int = 1,
-        resume: bool = False,
-        max_failures: int = 0,
         callbacks: Sequence[Any] | None = None,
-        seed: int | None = None,
-        **options: Any,
+        options: FitOptions | None = None,
+        **keywords: Any,
     ) -> pd.DataFrame:
-        """Train on `df` as `Estimator.fit` does; Keras callbacks are honoured.
+        """Train on `df` as `Estimator.fit` does (the same options); Keras callbacks are
+        honoured.
 
         ``keras.callbacks.EarlyStopping``, ``ModelCheckpoint`` and ``CSVLogger`` act as in
         Keras, across every rank (monitor names ``"val_loss"``, ``"val_accuracy"``, ``"loss"``
@@ -155,38 +133,30 @@ class KerasEstimator(Estimator):
         ``ReduceLROnPlateau``, ``LearningRateScheduler`` and ``ProgbarLogger`` are refused
         with what to use instead (see `deepspark.keras.keras_callbacks`).
         """
-        arguments = {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "validation_data": validation_data,
-            "num_workers": num_workers,
-            "checkpoint_dir": checkpoint_dir,
-            "checkpoint_every": checkpoint_every,
-            "resume": resume,
-            "max_failures": max_failures,
-            "seed": seed,
-            **options,
-        }
+        options = FitOptions.from_keywords(
+            options,
+            feature_cols=feature_cols,
+            label_cols=label_cols,
+            callbacks=callbacks,
+            **keywords,
+        )
         if self.backend == "tensorflow":
-            tf_driver = _tf_driver()
-            history = tf_driver.fit(
-                self,
-                df,
-                feature_cols=feature_cols,
-                label_cols=label_cols,
-                callbacks=callbacks,
-                **arguments,
-            )
-            self.history = history
-            self._feature_cols = feature_cols
-            return history
+            backend = self._tensorflow_backend()
+            result = engine.fit(backend, df, options, validation_data=validation_data)
+            backend.load_weights(result.weights)
+            self.history = result.history
+            self._feature_cols = options.data.feature_cols
+            self.attempts_ = result.attempts
+            self.first_step_s_ = result.first_step_s
+            self.job_ports_ = result.ports
+            self.timings_ = result.timings()
+            return self.history
         from deepspark.keras.keras_callbacks import report_back, translate_callbacks
 
-        engine_callbacks, pairs = translate_callbacks(callbacks)
-        self._model.seed = seed  # the ranks seed torch, numpy and random with it
-        history = super().fit(
-            df, feature_cols, label_cols, callbacks=engine_callbacks or None, **arguments
-        )
+        engine_callbacks, pairs = translate_callbacks(options.callbacks)
+        self._model.seed = options.loop.seed  # the ranks seed torch, numpy and random with it
+        options = dataclasses.replace(options, callbacks=tuple(engine_callbacks))
+        history = super().fit(df, validation_data=validation_data, options=options)
         report_back(pairs, history)
         return history
 
@@ -195,22 +165,27 @@ class KerasEstimator(Estimator):
         df: Any,
         feature_cols: Any = None,
         label_cols: Any = None,
-        batch_size: int = 256,
-        num_workers: int | None = None,
-        **options: Any,
+        *,
+        options: EvaluateOptions | None = None,
+        **keywords: Any,
     ) -> dict[str, float]:
         """Loss and metrics over every row of `df`, as `Estimator.evaluate`."""
-        if self.backend == "tensorflow":
-            return _tf_driver().evaluate(
-                self,
-                df,
-                feature_cols=feature_cols,
-                label_cols=label_cols,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                **options,
-            )
-        return super().evaluate(df, feature_cols, label_cols, batch_size, num_workers, **options)
+        if self.backend != "tensorflow":
+            return super().evaluate(df, feature_cols, label_cols, options=options, **keywords)
+        options = EvaluateOptions.from_keywords(
+            options, feature_cols=feature_cols, label_cols=label_cols, **keywords
+        )
+        return engine.evaluate(self._tensorflow_backend(), df, options)
+
+    def _tensorflow_backend(self) -> TensorflowBackend:
+        return TensorflowBackend(
+            keras_model=self.keras_model,
+            optimizer=self.keras_optimizer,
+            loss=self.keras_loss,
+            loss_weights=self.keras_loss_weights,
+            metrics=self.keras_metrics,
+            config=self.config,
+        )
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -224,30 +199,15 @@ class KerasEstimator(Estimator):
         load with ``Estimator.load``; loading unpickles no code (custom layers must be
         registered with ``keras.saving.register_keras_serializable``).
         """
-        import fsspec
-
-        data = self._keras_bytes()
-        fs, root = fsspec.core.url_to_fs(path)
-        if root.endswith(".keras"):
-            parent = os.path.dirname(root)
-            if parent:
-                fs.makedirs(parent, exist_ok=True)
-            fs.pipe_file(root, data)
-            return path
-        fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(f"{root}/{KERAS_FILE}", data)
-        metadata = {
-            "format": FORMAT,
-            "backend": self.backend,
-            "config": self.config,
-            "feature_cols": self._feature_cols,
-            "history": self.history.to_dict(orient="records"),
-            "optimizer_state": None if self._optimizer_state is None else OPTIMIZER,
-        }
-        if self._optimizer_state is not None:
-            fs.pipe_file(f"{root}/{OPTIMIZER}", self._optimizer_state)
-        fs.pipe_file(f"{root}/{METADATA}", json.dumps(metadata, default=str).encode())
-        return path
+        saved = SavedKerasEstimator(
+            backend=self.backend,
+            keras_bytes=self._keras_bytes(),
+            config=self.config,
+            feature_cols=self._feature_cols,
+            history=self.history,
+            optimizer_state=self._optimizer_state,
+        )
+        return save_keras_estimator(saved, path)
 
     def _keras_bytes(self) -> bytes:
         """The model's ``.keras`` bytes, compiled with this estimator's arguments when Keras
@@ -279,20 +239,8 @@ class KerasEstimator(Estimator):
         estimator trains on; ``metrics`` replaces the saved ones. The backend is this
         process's Keras backend (``KERAS_BACKEND``), or the directory's.
         """
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        metadata: dict[str, Any] = {}
-        keras_path = root
-        if fs.isdir(root):
-            keras_path = f"{root}/{KERAS_FILE}"
-            if fs.exists(f"{root}/{METADATA}"):
-                metadata = json.loads(fs.cat_file(f"{root}/{METADATA}"))
-        backend = chosen_backend(None if "keras" in _loaded() else metadata.get("backend"))
-        with tempfile.TemporaryDirectory(prefix="deepspark-keras-") as folder:
-            local = os.path.join(folder, KERAS_FILE)
-            fs.get_file(keras_path, local)
-            model = load_keras_file(local, backend, compile=True)
+        saved = load_keras_estimator(path)
+        model = saved.model
         compiled = model.get_compile_config() if hasattr(model, "get_compile_config") else None
         compiled = compiled or {}
         estimator = build_keras_estimator(
@@ -301,31 +249,13 @@ class KerasEstimator(Estimator):
             loss=compiled.get("loss"),
             metrics=metrics if metrics is not None else compiled.get("metrics"),
             loss_weights=compiled.get("loss_weights"),
-            backend=backend,
-            config=metadata.get("config"),
+            backend=saved.backend,
+            config=saved.config,
         )
-        estimator._feature_cols = metadata.get("feature_cols")
-        estimator.history = pd.DataFrame(metadata.get("history") or [])
-        if metadata.get("optimizer_state") and backend == "torch":
-            estimator._optimizer_state = fs.cat_file(f"{root}/{OPTIMIZER}")
+        estimator._feature_cols = saved.feature_cols
+        estimator.history = saved.history
+        estimator._optimizer_state = saved.optimizer_state
         return estimator
-
-
-def _loaded() -> set[str]:
-    import sys
-
-    return {name for name in ("keras", "tensorflow") if name in sys.modules}
-
-
-def _tf_driver() -> Any:
-    try:
-        from deepspark.keras import tf_driver
-    except ImportError as error:
-        raise NotImplementedError(
-            "the tensorflow backend's training is not available in this build "
-            f"({error}); use backend='torch'"
-        ) from error
-    return tf_driver
 
 
 def build_keras_estimator(

@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspark.inference.keras_runtime import (
+from deepspark.persist.keras_files import (
     import_keras,
     keras_from_bytes,
     keras_to_bytes,
+    portable_keras_objects,
+    restored_keras_objects,
     without_tensorflow,
 )
 
@@ -128,16 +130,8 @@ class KerasModule(nn.Module):
 # The loss.
 
 
-def _portable(item: Any) -> Any:
-    """A loss or metric as it travels: names and functions as they are, Keras objects as their
-    serialized config (rebuilt by Keras in the rank)."""
-    if isinstance(item, str) or item is None:
-        return item
-    if type(item).__module__.split(".")[0] == "keras":
-        keras = import_keras(BACKEND)
-        with without_tensorflow(keras):
-            return {"__keras__": keras.saving.serialize_keras_object(item)}
-    if callable(item):
+def _checked_loss(item: Any) -> Any:
+    if item is None or isinstance(item, str) or callable(item):
         return item
     raise TypeError(
         f'loss={item!r}: give a Keras loss name ("sparse_categorical_crossentropy"), a '
@@ -149,10 +143,8 @@ def _resolved(item: Any) -> Any:
     """A callable ``(y_true, y_pred) -> mean loss``: Keras's names resolve to per-row functions,
     which Keras's ``compile`` averages over the rows; so is a function of the user's."""
     keras = import_keras(BACKEND)
-    if isinstance(item, dict) and "__keras__" in item:
-        with without_tensorflow(keras):
-            item = keras.losses.deserialize(item["__keras__"])
-    elif isinstance(item, str):
+    item = restored_keras_objects(item, keras)
+    if isinstance(item, str):
         item = keras.losses.get(item)
     if item is None or isinstance(item, keras.losses.Loss):
         return item
@@ -192,12 +184,13 @@ class KerasLoss:
         output_names: Sequence[str] = (),
         loss_weights: Sequence[float] | Mapping[str, float] | None = None,
     ) -> None:
-        if isinstance(loss, Mapping):
-            self.spec: Any = {name: _portable(item) for name, item in loss.items()}
-        elif isinstance(loss, (list, tuple)):
-            self.spec = [_portable(item) for item in loss]
-        else:
-            self.spec = _portable(loss)
+        several = isinstance(loss, (Mapping, list, tuple))
+        for item in (loss.values() if isinstance(loss, Mapping) else loss) if several else [loss]:
+            _checked_loss(item)
+        # a dict by output name, a list in output order, or one loss
+        self.spec: Any = portable_keras_objects(
+            list(loss) if isinstance(loss, tuple) else loss, "loss"
+        )
         self.output_names = list(output_names)
         self.loss_weights = loss_weights
         self._built: Any = None
@@ -209,7 +202,7 @@ class KerasLoss:
 
     def _losses(self) -> Any:
         if self._built is None:
-            if isinstance(self.spec, dict) and "__keras__" not in self.spec:  # one per output
+            if isinstance(self.spec, dict):  # one per output
                 self._built = {name: _resolved(item) for name, item in self.spec.items()}
             elif isinstance(self.spec, list):
                 self._built = [_resolved(item) for item in self.spec]

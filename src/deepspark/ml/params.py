@@ -138,7 +138,7 @@ def _to_optimizer(value: Any) -> Any:
 
 
 def _to_loss(value: Any) -> Any:
-    from deepspark.training.driver.checks import check_loss
+    from deepspark.training.options import check_loss
 
     check_loss(value)
     return value

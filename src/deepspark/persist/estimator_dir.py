@@ -14,14 +14,20 @@ Layout of a saved directory::
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
 import fsspec
 import pandas as pd
 
-__all__ = ["FORMAT_VERSION", "load_estimator", "load_saved_model", "save_estimator"]
+__all__ = [
+    "FORMAT_VERSION",
+    "SavedEstimator",
+    "load_estimator",
+    "load_saved_model",
+    "save_estimator",
+]
 
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
@@ -31,33 +37,56 @@ TRAINING = "training.pkl"
 OPTIMIZER = "optimizer.pt"
 
 
-def save_estimator(estimator: Any, path: str) -> str:
+@dataclass
+class SavedEstimator:
+    """What a saved estimator directory holds, as the estimator hands it over and gets it back.
+
+    ``model`` carries its weights; ``loss``, ``optimizer_factory``, ``scheduler``, ``metrics``
+    and ``steps`` are stored with cloudpickle (trusted code only); ``optimizer_state`` is the
+    bytes of `deepspark.persist.optimizer_state`.
+    """
+
+    model: Any
+    loss: Any = None
+    optimizer_factory: Any = None
+    scheduler: Any = None
+    metrics: Any = None
+    steps: Any = None
+    config: dict[str, Any] = field(default_factory=dict)
+    use_gpu: bool = False
+    feature_cols: Any = None
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    optimizer_state: bytes | None = None
+
+
+def save_estimator(saved: SavedEstimator, path: str) -> str:
+    """Write `saved` into the directory `path` (any fsspec URL); metadata.json comes last."""
     from deepspark.persist.weights import weights_to_bytes
 
     fs, root = fsspec.core.url_to_fs(path)
     fs.makedirs(root, exist_ok=True)
-    model = estimator.get_model()
+    model = saved.model
     metadata = {
         "format_version": FORMAT_VERSION,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": estimator.config,
-        "feature_cols": estimator._feature_cols,
-        "use_gpu": estimator.use_gpu,
-        "history": estimator.history.to_dict(orient="records"),
-        "optimizer_state": None if estimator._optimizer_state is None else OPTIMIZER,
+        "config": saved.config,
+        "feature_cols": saved.feature_cols,
+        "use_gpu": saved.use_gpu,
+        "history": saved.history.to_dict(orient="records"),
+        "optimizer_state": None if saved.optimizer_state is None else OPTIMIZER,
     }
     _write(fs, f"{root}/{WEIGHTS}", weights_to_bytes(model.state_dict()))
     _write(fs, f"{root}/{MODEL}", cloudpickle.dumps(model))
     training = {
-        "loss": estimator.loss,
-        "optimizer": estimator._optimizer_factory,
-        "scheduler": estimator.scheduler,
-        "metrics": estimator.metrics,
-        "steps": estimator.steps,
+        "loss": saved.loss,
+        "optimizer": saved.optimizer_factory,
+        "scheduler": saved.scheduler,
+        "metrics": saved.metrics,
+        "steps": saved.steps,
     }
     _write(fs, f"{root}/{TRAINING}", cloudpickle.dumps(training))
-    if estimator._optimizer_state is not None:
-        _write(fs, f"{root}/{OPTIMIZER}", estimator._optimizer_state)
+    if saved.optimizer_state is not None:
+        _write(fs, f"{root}/{OPTIMIZER}", saved.optimizer_state)
     elif fs.exists(f"{root}/{OPTIMIZER}"):  # an earlier save's, into the same directory
         fs.rm(f"{root}/{OPTIMIZER}")
     # metadata last: a directory with metadata.json is complete
@@ -85,34 +114,33 @@ def load_saved_model(path: str):
     return model, metadata
 
 
-def load_estimator(cls: type, path: str, metrics: Sequence[Any] | None = None):
-    """An estimator of class ``cls`` from a saved directory (unpickles trusted code).
+def load_estimator(path: str) -> SavedEstimator:
+    """What a saved estimator directory holds (unpickles trusted code).
 
-    ``metrics``, when given, replace the saved ones. The optimizer state is checked to read as
-    tensors and plain values before the estimator keeps it.
+    The optimizer state is checked to read as tensors and plain values before it is kept.
     """
     from deepspark.persist.optimizer_state import optimizer_state_from_bytes
 
     model, metadata = load_saved_model(path)
     fs, root = fsspec.core.url_to_fs(path)
     training = cloudpickle.loads(fs.cat_file(f"{root}/{TRAINING}"))
-    estimator = cls(
-        model=model,
-        optimizer=training["optimizer"],
-        loss=training["loss"],
-        metrics=training["metrics"] if metrics is None else metrics,
-        scheduler=training["scheduler"],
-        config=metadata.get("config") or {},
-        use_gpu=bool(metadata.get("use_gpu", False)),
-        steps=training.get("steps"),  # saves before custom steps were stored have none
-    )
-    estimator.history = pd.DataFrame(metadata.get("history") or [])
-    estimator._feature_cols = metadata.get("feature_cols")
+    state = None
     if metadata.get("optimizer_state"):
         state = fs.cat_file(f"{root}/{metadata['optimizer_state']}")
         optimizer_state_from_bytes(state, map_location="meta")  # weights_only: no code runs
-        estimator._optimizer_state = state
-    return estimator
+    return SavedEstimator(
+        model=model,
+        loss=training["loss"],
+        optimizer_factory=training["optimizer"],
+        scheduler=training["scheduler"],
+        metrics=training["metrics"],
+        steps=training.get("steps"),  # saves before custom steps were stored have none
+        config=metadata.get("config") or {},
+        use_gpu=bool(metadata.get("use_gpu", False)),
+        feature_cols=metadata.get("feature_cols"),
+        history=pd.DataFrame(metadata.get("history") or []),
+        optimizer_state=state,
+    )
 
 
 def _write(fs, path: str, data: bytes) -> None:

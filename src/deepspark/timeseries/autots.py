@@ -212,7 +212,7 @@ class AutoTS:
         """
         from deepspark.automl import AutoEstimator
         from deepspark.automl.results import saved_estimator
-        from deepspark.training.builtin_callbacks import EarlyStopping
+        from deepspark.training.callbacks import EarlyStopping
 
         sizes = self._check()
         for name, data in (("train", train), ("validation_data", validation_data)):

@@ -53,6 +53,8 @@ class SeasonalNaiveForecaster(Forecaster):
     SeasonalNaiveForecaster(season=12, horizon=6)
     """
 
+    saved_kind = "seasonal_naive"  # how `Forecaster.load` finds this class for a saved one
+
     def __init__(
         self, *, season: int, horizon: int, lookback: int | None = None, **settings: Any
     ) -> None:

@@ -359,12 +359,11 @@ class Forecaster:
         """A forecaster written by `save`, ready to `predict` and `evaluate`."""
         settings, cols, weights = read_forecaster(path)
         kind = settings.pop("kind")
-        if kind == "seasonal_naive":
-            from deepspark.timeseries.baseline import SeasonalNaiveForecaster
-
-            forecaster: Forecaster = SeasonalNaiveForecaster(**settings)
-        elif kind in _NAMED:
-            forecaster = _NAMED[kind](**settings)
+        # the subclass that saved it: a named network's, or one that says so in saved_kind
+        # (SeasonalNaiveForecaster; deepspark.timeseries imports every forecaster module)
+        saved_by = {subclass.saved_kind: subclass for subclass in _subclasses(Forecaster)} | _NAMED
+        if kind in saved_by:
+            forecaster: Forecaster = saved_by[kind](**settings)
         else:
             forecaster = Forecaster(kind, **settings)
         model = forecaster.build_model(cols)
@@ -465,3 +464,13 @@ class PatchTSTForecaster(_NamedForecaster):
 
 
 _NAMED = {cls.network_kind: cls for cls in _NamedForecaster.__subclasses__()}
+
+
+def _subclasses(cls: type) -> list[type]:
+    """Every subclass of `cls` that names the kind it saves (``saved_kind``)."""
+    found = []
+    for subclass in cls.__subclasses__():
+        if subclass.__dict__.get("saved_kind"):
+            found.append(subclass)
+        found.extend(_subclasses(subclass))
+    return found

@@ -1,9 +1,29 @@
-"""Distributed PyTorch training inside Spark: `Estimator` (driver), `run` (a user's own function
-on N ranks) and the rank-side engine."""
+"""Distributed training inside Spark: the `Estimator` and the engine's public entry.
+
+`deepspark.training.engine.fit` / `evaluate` run any backend's job on N ranks with the options
+of `deepspark.training.options` (`FitOptions` and its groups); `Estimator` is the facade for a
+PyTorch model. `run` runs a user's own function or script on N ranks through the same job
+runner (`FunctionBackend`), and `shard`, `checkpoint` and `restore` serve that function on its
+ranks. The engine's `driver/` and `rank/` modules are its own: nothing outside
+`deepspark.training` imports them.
+"""
 
 from deepspark.context.workers import warm_modules
+from deepspark.training.backend import Backend
 from deepspark.training.driver.estimator import Estimator, TrainingError
-from deepspark.training.driver.function_job import RunError, run
+from deepspark.training.driver.function_job import FunctionBackend, RunError, run
+from deepspark.training.driver.tf_job import TensorflowBackend
+from deepspark.training.engine import FitResult
+from deepspark.training.job_spec import JobKind, RankLoop, RankProgram
+from deepspark.training.options import (
+    DataOptions,
+    EvaluateOptions,
+    FitOptions,
+    LoopOptions,
+    RecoveryOptions,
+    RunOptions,
+    StepOptions,
+)
 from deepspark.training.rank.function_state import checkpoint, restore
 from deepspark.training.rank.shard import ShardDataset, shard
 
@@ -13,9 +33,23 @@ warm_modules("deepspark.training.rank.run", "deepspark.training.rank.loop")
 warm_modules("deepspark.training.rank.metrics", driver=True)
 
 __all__ = [
+    "Backend",
+    "DataOptions",
     "Estimator",
+    "EvaluateOptions",
+    "FitOptions",
+    "FitResult",
+    "FunctionBackend",
+    "JobKind",
+    "LoopOptions",
+    "RankLoop",
+    "RankProgram",
+    "RecoveryOptions",
     "RunError",
+    "RunOptions",
     "ShardDataset",
+    "StepOptions",
+    "TensorflowBackend",
     "TrainingError",
     "checkpoint",
     "restore",

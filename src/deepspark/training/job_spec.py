@@ -6,17 +6,27 @@ plain values only, so nothing from the driver's objects (sessions, servers) leak
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-__all__ = ["RESULT_SCHEMA", "JobKind", "ResultKind", "TrainSpec"]
+from deepspark.training.options import LoopOptions, RecoveryOptions
+
+__all__ = ["RESULT_SCHEMA", "JobKind", "RankLoop", "RankProgram", "ResultKind", "TrainSpec"]
 
 
 class JobKind(str, Enum):
     FIT = "fit"
     EVALUATE = "evaluate"
     RUN = "run"  # a user's own function or script (`deepspark.run`)
+
+
+class RankLoop(str, Enum):
+    """The loop each rank of a job runs (`deepspark.training.engine.Backend.loop`)."""
+
+    TORCH = "torch"  # rank.run: DistributedDataParallel over torch.distributed
+    TENSORFLOW = "tensorflow"  # rank._tf_rank: MultiWorkerMirroredStrategy, a process per rank
+    FUNCTION = "function"  # rank.function_rank: a user's own function or script (deepspark.run)
 
 
 class ResultKind(str, Enum):
@@ -40,53 +50,63 @@ VALIDATION_SPLIT = 1
 
 
 @dataclass
-class TrainSpec:
-    """Everything a rank needs; see `deepspark.training.rank.run.run_rank`."""
+class RankProgram:
+    """What a backend's ranks build: the model and its training parts, pickled on the driver.
 
-    kind: JobKind
-    model_blob: bytes  # cloudpickle of the driver's nn.Module (with its current weights)
-    loss_blob: bytes | None  # None: an estimator built for inference (evaluate: metrics only)
-    optimizer_blob: bytes | None
-    scheduler_blob: bytes | None
-    metrics_blob: bytes  # cloudpickle of a list of metric names / objects
-    callbacks_blob: bytes | None
-    config: dict[str, Any]
-    features: tuple[Any, ...]  # deepspark.data.TensorSpec
-    labels: tuple[Any, ...]
-    world_size: int
-    epochs: int
-    batch_size: int
-    step_policy: str = "pad"
-    seed: int = 0
-    has_validation: bool = False
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 1
-    resume: bool = True
-    progress_address: tuple[str, int] | None = None
-    progress_token: str = ""
-    rendezvous_host: str | None = None
-    collective_timeout_s: float = 600.0
+    The torch loop reads every field; the TensorFlow loop reads the model (a ``.keras``
+    file's bytes), the loss, optimizer and metrics (Keras compile arguments) and the config.
+    """
+
+    model_blob: bytes  # cloudpickle of the driver's model (with its current weights)
+    loss_blob: bytes | None = None  # None: an estimator built for inference
+    optimizer_blob: bytes | None = None
+    scheduler_blob: bytes | None = None
+    metrics_blob: bytes | None = None  # cloudpickle of a list of metric names / objects
+    config: dict[str, Any] = field(default_factory=dict)
     use_gpu: bool = False
-    job_id: str = ""
-    attempt: int = 0  # the driver's attempt number: a rendezvous belongs to one attempt
-    stream_first_epoch: bool = True  # train epoch 0 while the partition arrives
-    # control of the loop (see Estimator.fit)
-    max_steps: int | None = None
-    steps_per_epoch: int | None = None
-    validate_every_steps: int | None = None
-    checkpoint_every_steps: int | None = None
-    accumulate_steps: int = 1
-    clip_grad_norm: float | None = None
-    precision: str = "fp32"
-    scheduler_interval: str = "epoch"  # or "step"
-    scheduler_monitor: str | None = None  # what ReduceLROnPlateau reads
     # the user's own steps and batch hook (cloudpickle), see Estimator.from_torch
     train_step_blob: bytes | None = None
     eval_step_blob: bytes | None = None
     collate_blob: bytes | None = None
+    scheduler_interval: str = "epoch"  # or "step"
+    scheduler_monitor: str | None = None  # what ReduceLROnPlateau reads
     # the last fit's optimizer state (deepspark.persist.optimizer_state), loaded into the
     # fresh optimizers so that this fit continues it; a checkpoint resumed from wins
     optimizer_state_blob: bytes | None = None
+
+
+@dataclass
+class TrainSpec:
+    """Everything a rank needs; see `deepspark.training.rank.run.run_rank`.
+
+    The fit's options travel as their groups (`deepspark.training.options`), with the values
+    the driver resolved: the step policy, the seed (0 when none was given).
+    """
+
+    kind: JobKind
+    program: RankProgram
+    features: tuple[Any, ...]  # deepspark.data.TensorSpec
+    labels: tuple[Any, ...]
+    world_size: int
+    batch_size: int
+    step_policy: str = "pad"
+    stream_first_epoch: bool = True  # train epoch 0 while the partition arrives
+    loop: LoopOptions = field(default_factory=LoopOptions)
+    recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+    collective_timeout_s: float = 600.0
+    has_validation: bool = False
+    callbacks_blob: bytes | None = None
+    # the job's identity and where its ranks meet the driver
+    job_id: str = ""
+    attempt: int = 0  # the driver's attempt number: a rendezvous belongs to one attempt
+    progress_address: tuple[str, int] | None = None
+    progress_token: str = ""
+    rendezvous_host: str | None = None
     # data the ranks make themselves: creator(config, batch_size) -> DataLoader, per split
     creator_blobs: dict[int, bytes] | None = None
     creator_keys: tuple[Any, Any] | None = None  # dict batches: (feature keys, label keys)
+
+    @property
+    def seed(self) -> int:
+        """The seed of the replicas and the shuffle."""
+        return int(self.loop.seed or 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deepspark.training.job_spec import JobKind
+from deepspark.training.options import RecoveryOptions
 
 __all__ = ["FrameHandle", "RunSpec"]
 
@@ -48,15 +49,13 @@ class RunSpec:
     script_source: bytes | None = None  # the script's text, for executors that lack the file
     frames: tuple[FrameHandle, ...] = ()
     use_gpu: bool = False
-    checkpoint_dir: str | None = None
+    recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
     max_log_lines: int = 1000  # per rank and attempt; later lines are counted, not sent
     max_line_chars: int = 2000
     collective_timeout_s: float = 600.0
     kind: JobKind = JobKind.RUN
-    epochs: int = 1  # the job runner's progress bar (not shown for runs)
     job_id: str = ""
     attempt: int = 0
-    resume: bool = True
     progress_address: tuple[str, int] | None = None
     progress_token: str = ""
     rendezvous_host: str | None = None

@@ -11,17 +11,17 @@ import cloudpickle
 import torch
 from torch import nn
 
+from deepspark.training.options import check_positive
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-    from deepspark.training.driver.options import ColumnOptions
+    from deepspark.training.options import DataOptions
 
 __all__ = [
     "check_checkpoint_dir",
-    "check_loss",
     "check_model",
     "check_optimizer_factory",
-    "check_positive",
     "columns_of",
     "dry_run",
     "flat_names",
@@ -214,19 +214,6 @@ def check_model(model: Any, config: dict[str, Any]) -> nn.Module:
     return built
 
 
-def check_loss(loss: Any) -> None:
-    """`loss` is callable as ``loss(outputs, labels)``: a function or a loss instance."""
-    if not callable(loss):
-        raise TypeError(
-            f"loss must be callable as loss(outputs, labels), e.g. torch.nn.CrossEntropyLoss(); "
-            f"got {type(loss).__name__} ({loss!r:.60})"
-        )
-    if isinstance(loss, type):
-        raise TypeError(
-            f"loss is the class {loss.__name__}; pass an instance, e.g. {loss.__name__}()"
-        )
-
-
 def check_checkpoint_dir(checkpoint_dir: str) -> None:
     """The URL's protocol is one fsspec knows, and the driver can create and write the folder."""
     import uuid
@@ -258,11 +245,6 @@ def check_checkpoint_dir(checkpoint_dir: str) -> None:
 def _name_of(value: Any) -> str:
     name = getattr(value, "__qualname__", None) or type(value).__name__
     return "<lambda>" if name.endswith("<lambda>") else name
-
-
-def check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: give a positive integer")
 
 
 def optimizer_factory(optimizer: Any) -> Callable[[Any], torch.optim.Optimizer] | None:
@@ -318,7 +300,7 @@ def columns_of(specs) -> list[str]:
 _first_rows_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def resolve_columns(df, feature_cols, label_cols, options: ColumnOptions):
+def resolve_columns(df, feature_cols, label_cols, options: DataOptions):
     """Column specs for features and labels, and the first rows they were checked on.
 
     One look at the first rows (a small Spark job, once per DataFrame object and columns)

@@ -1,16 +1,16 @@
 """`Estimator`: train, evaluate, predict, save and load a PyTorch model on Spark DataFrames.
 
-Driver side. Validates everything it can before a job starts, builds a plain `TrainSpec`, runs
-one barrier stage per attempt (`stage.run_barrier_stage`) and re-runs failed attempts from
-the latest checkpoint.
+Driver side. A facade over the engine (`deepspark.training.engine`): `fit` and `evaluate` turn
+their keyword arguments into the engine's options, hand the estimator's model to it as a
+`TorchBackend`, and keep what comes back (weights, optimizer state, history, timings).
+
+`from_torch` and `fit` run past 80 lines for their docstrings alone: they are the reference of
+the arguments users pass; their code is short.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,27 +18,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from deepspark.training.driver.checks import (
-    check_loss,
-    check_model,
-    check_positive,
-    optimizer_factory,
-    pickled,
-)
-from deepspark.training.driver.jobs import JobResult, TrainingError, run_job
+from deepspark.persist.weights import weights_from_bytes
+from deepspark.training.driver.checks import check_model, optimizer_factory
+from deepspark.training.driver.jobs import TrainingError
 from deepspark.training.driver.model_io import ModelIO
-from deepspark.training.driver.options import (
-    ColumnOptions,
-    LoopOptions,
-    RecoveryOptions,
-    StepOptions,
-)
-from deepspark.training.driver.timeline import fit_timeline
-from deepspark.training.job_spec import (
-    JobKind,
-    ResultKind,
-    TrainSpec,
-)
+from deepspark.training.driver.torch_job import TorchBackend
+from deepspark.training.options import EvaluateOptions, FitOptions, StepOptions, check_loss
 from deepspark.training.rank.metric_routing import metric_definitions
 
 if TYPE_CHECKING:
@@ -260,11 +245,10 @@ class Estimator(ModelIO):
         >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])  # doctest: +SKIP
         >>> est = ds.Estimator.from_keras(net, "adam", "mse", backend="torch")  # doctest: +SKIP
         """
-        # The one upward import of the engine: deepspark.keras builds on this class
-        # (tests/test_package_layout.py names it).
-        from deepspark.keras.keras_estimator import build_keras_estimator
+        from deepspark.training.model_families import model_family
 
-        return build_keras_estimator(
+        # deepspark.keras builds it (a KerasEstimator, a subclass of this class)
+        return model_family("keras").build(
             model,
             optimizer,
             loss,
@@ -276,238 +260,88 @@ class Estimator(ModelIO):
             use_gpu=use_gpu,
         )
 
-    # --- fit --------------------------------------------------------------------------------
+    # --- fit ----------------------------------------------------------------------------------
 
     def fit(
         self,
         df: InputData,
         feature_cols: ColumnsArg | None = None,
         label_cols: ColumnsArg | None = None,
-        epochs: int = 1,
-        batch_size: int = 32,
-        validation_data: InputData | None = None,
-        num_workers: int | None = None,
-        checkpoint_dir: str | None = None,
-        checkpoint_every: int = 1,
-        resume: bool = False,
-        max_failures: int = 0,
-        callbacks: Sequence[Any] | None = None,
-        seed: int | None = None,
         *,
-        feature_shapes: dict[str, Sequence[int]] | None = None,
-        feature_dtypes: dict[str, str] | None = None,
-        label_dtypes: dict[str, str] | None = None,
-        decoders: dict[str, Callable[[Any], Any]] | None = None,
-        step_policy: str | None = None,
-        collective_timeout_s: float = 600.0,
-        progress: bool = True,
-        stream_first_epoch: bool = True,
-        max_steps: int | None = None,
-        steps_per_epoch: int | None = None,
-        validate_every_steps: int | None = None,
-        checkpoint_every_steps: int | None = None,
-        accumulate_steps: int = 1,
-        clip_grad_norm: float | None = None,
-        precision: str = "fp32",
+        validation_data: InputData | None = None,
+        callbacks: Sequence[Any] | None = None,
+        options: FitOptions | None = None,
+        **keywords: Any,
     ) -> pd.DataFrame:
         """Train data-parallel on `df` inside one Spark barrier stage.
 
+        Runs `deepspark.training.engine.fit` with the torch loop. The options are the fields
+        of `deepspark.training.options.FitOptions`, given as flat keyword arguments, or
+        whole as ``options=`` (keywords then change it).
+
         Parameters
         ----------
-        df : Spark DataFrame, pandas DataFrame, pandas-on-Spark DataFrame or dict of arrays
+        df : Spark DataFrame, pandas DataFrame, pandas-on-Spark DataFrame, dict of arrays or
+             data creator
             Training rows. A pandas DataFrame or a dict of numpy arrays (``{column: array}``,
             one row per example) is sent to the workers through Arrow, once; a dict value of
-            shape ``(N, d1, d2, ...)`` becomes an array column of that per-row shape.
+            shape ``(N, d1, d2, ...)`` becomes an array column of that per-row shape. A data
+            creator ``(config, batch_size) -> DataLoader`` runs in every rank.
         feature_cols, label_cols : str or list
             Columns; a nested list of scalar columns stacks them into one tensor.
-        epochs : int
-        batch_size : int
-            The global batch size, split over the workers.
         validation_data : same types as `df`, optional
             Evaluated after every epoch, in the same stage, each rank on its share.
-        num_workers : int, optional
-            Ranks (Spark tasks); default: every free task slot.
-        checkpoint_dir : str, optional
-            fsspec URL where rank 0 writes a checkpoint every `checkpoint_every` epochs.
-        resume : bool
-            Continue the run whose checkpoints are in `checkpoint_dir`. Without it, a
-            `checkpoint_dir` that already holds checkpoints is refused (a second `fit` never
-            silently continues an old run); give a new directory to start afresh.
-        max_failures : int
-            How many times a failed job is re-run; a re-run always resumes from the latest
-            checkpoint of this `fit`.
         callbacks : list of deepspark.training.callbacks.Callback, optional
-        seed : int, optional
-            Seeds the model's replicas and the per-epoch shuffle.
-        feature_shapes, feature_dtypes, label_dtypes, decoders : dict, optional
-            Per column: the shape of an array column, tensor dtypes, and decode functions for
-            binary or string columns.
-        step_policy : {"pad", "drop", "wrap"}, optional
-            How ranks with fewer rows keep in step (see docs/data.md); default ``"pad"``, or
-            ``"wrap"`` with a custom ``train_step``.
-        collective_timeout_s : float
-            Longest wait of any rank on the others before the job fails.
-        progress : bool
-            Show a live progress bar on the driver.
-        stream_first_epoch : bool
-            Train the first epoch while the partitions arrive (the default): the first step
-            waits for one batch of rows, not the whole partition. Its rows are shuffled within
-            each window of arrived rows; every later epoch shuffles the whole spilled
-            partition. ``False`` spills the partition before the first step, so the first
-            epoch is shuffled like the others (for data sorted by label, say).
-            ``step_policy="wrap"`` always spills first.
-        max_steps : int, optional
-            Stop after this many optimizer-batch steps over the whole fit (mid-epoch if need
-            be); ``epochs`` stays an upper bound.
-        steps_per_epoch : int, optional
-            End each epoch after at most this many steps (the rest of the partition waits for
-            a later epoch's new order).
-        validate_every_steps : int, optional
-            Also validate every N steps (needs ``validation_data``); the results are in
-            `step_history`.
-        checkpoint_every_steps : int, optional
-            Also checkpoint every N steps; a resumed fit continues mid-epoch with the data in
-            the order it would have had (the first epoch is then spilled before it starts).
-        accumulate_steps : int
-            Apply the gradients of this many batches at once (the loss is their mean).
-        clip_grad_norm : float, optional
-            Clip the gradients' total norm before each optimizer step.
-        precision : {"fp32", "bf16", "fp16"}
-            ``"bf16"`` runs forward and loss under autocast (CPU or GPU); ``"fp16"`` also
-            scales the gradients (GPU only).
+        options : FitOptions, optional
+        **keywords
+            Any field of the option groups: `DataOptions` (``batch_size`` (the global batch
+            size, split over the workers; 32), ``feature_shapes``, ``feature_dtypes``,
+            ``label_dtypes``, ``decoders``, ``step_policy``, ``stream_first_epoch``),
+            `LoopOptions` (``epochs`` (1), ``seed``, ``max_steps``, ``steps_per_epoch``,
+            ``validate_every_steps``, ``checkpoint_every_steps``, ``accumulate_steps``,
+            ``clip_grad_norm``, ``precision``), `RecoveryOptions` (``checkpoint_dir``,
+            ``checkpoint_every``, ``resume``, ``max_failures``) and `RunOptions`
+            (``num_workers``, ``collective_timeout_s``, ``progress``); each class's docstring
+            says what its fields do.
 
         Returns
         -------
         pandas.DataFrame
             The history: one row per epoch (train loss and metrics, validation loss and
             metrics, samples/s, seconds); also kept as `history`.
+
+        Examples
+        --------
+        >>> import numpy as np, torch, deepspark as ds
+        >>> est = ds.Estimator.from_torch(
+        ...     torch.nn.Linear(2, 1), lambda p: torch.optim.SGD(p, 0.1), torch.nn.MSELoss()
+        ... )
+        >>> est.fit({"x": np.zeros((4, 2)), "y": np.zeros(4)}, "x", "y", epochs=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: epochs=0: give a positive integer
         """
-        from deepspark.training.driver.fit_data import job_data
+        from deepspark.training import engine
 
-        started = time.perf_counter()
-        started_wall = time.time()
-        check_positive("epochs", epochs)
-        check_positive("batch_size", batch_size)
-        self.steps.check_trainable(self.loss, self._optimizer_factory)
-        optimizer_state = self._carried_optimizer_state()  # the last fit's, if it fits
-        step_policy = self.steps.policy(step_policy)
-        loop = LoopOptions(
-            max_steps,
-            steps_per_epoch,
-            validate_every_steps,
-            checkpoint_every_steps,
-            accumulate_steps,
-            clip_grad_norm,
-            precision,
+        options = FitOptions.from_keywords(
+            options,
+            feature_cols=feature_cols,
+            label_cols=label_cols,
+            callbacks=callbacks,
+            **keywords,
         )
-        job = job_data(
-            self,
-            df,
-            validation_data,
-            feature_cols,
-            label_cols,
-            ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders),
-            num_workers=num_workers,
-            batch_size=batch_size,
-            training=True,
-        )
-        spark, num_workers = job.spark, job.num_workers
-        recovery = RecoveryOptions(checkpoint_dir, checkpoint_every, resume, max_failures)
-        recovery.prepare(spark)
-        loop.check(
-            has_validation=job.has_validation,
-            has_checkpoints=recovery.checkpoint_dir is not None,
-            use_gpu=self.use_gpu,
-        )
-        if seed is not None:
-            torch.manual_seed(seed)
-        spec = self._spec(
-            JobKind.FIT,
-            job.features,
-            job.labels,
-            num_workers,
-            epochs=epochs,
-            batch_size=batch_size,
-            step_policy=step_policy,
-            seed=0 if seed is None else seed,
-            has_validation=job.has_validation,
-            checkpoint_dir=recovery.checkpoint_dir,
-            checkpoint_every=recovery.checkpoint_every,
-            resume=recovery.resume,
-            collective_timeout_s=collective_timeout_s,
-            optimizer_state_blob=optimizer_state,
-            **{"stream_first_epoch": bool(stream_first_epoch), **loop.spec_values()},
-            **job.spec_values,
-        )
-        fit_params = {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-            "step_policy": step_policy,
-            "seed": seed,
-            "checkpoint_dir": recovery.checkpoint_dir,
-        }
-        checks_done = time.time()
-        try:
-            result = self._run_fit(
-                spark, job.frame, spec, recovery, callbacks, fit_params, started, progress
-            )
-        finally:
-            recovery.release()
-        self._feature_cols = feature_cols
-        history = self._take_fit_result(result, num_workers, callbacks)
-        self.timings_ = fit_timeline(result.marks, started_wall, checks_done, time.time())
-        _log.debug("fit timeline: %s", ", ".join(f"{k}={v:.3f}s" for k, v in self.timings_.items()))
-        return history
-
-    def _run_fit(self, spark, data, spec, recovery, callbacks, fit_params, started, progress):
-        """The fit job with the callbacks' driver hooks around it."""
-        from deepspark.training.callbacks import call_driver_hook
-
-        callbacks = list(callbacks or [])
-        call_driver_hook(callbacks, "on_fit_begin", fit_params)
-        # pickled after on_fit_begin, so what it set (an MLflow run id) reaches every rank
-        spec.callbacks_blob = pickled("callbacks", callbacks) if callbacks else None
-        try:
-            return run_job(
-                spark,
-                data,
-                spec,
-                max_failures=recovery.max_failures,
-                progress=progress,
-                started=started,
-            )
-        except BaseException as error:
-            call_driver_hook(callbacks, "on_fit_end", [], error)
-            raise
-
-    def _take_fit_result(self, result: JobResult, num_workers: int, callbacks) -> pd.DataFrame:
-        """Load the trained weights and the history; the end of a successful fit."""
-        from deepspark.persist.weights import weights_from_bytes
-        from deepspark.training.callbacks import call_driver_hook
-
-        self._model.load_state_dict(weights_from_bytes(result.payload(ResultKind.WEIGHTS)))
-        if result.has(ResultKind.OPTIMIZER):  # for the next fit to continue
-            self._optimizer_state = result.payload(ResultKind.OPTIMIZER)
+        backend = self._backend(optimizer_state=self._carried_optimizer_state())
+        result = engine.fit(backend, df, options, validation_data=validation_data)
+        self._model.load_state_dict(weights_from_bytes(result.weights))
+        if result.optimizer_state is not None:  # for the next fit to continue
+            self._optimizer_state = result.optimizer_state
+        self._feature_cols = options.data.feature_cols
+        self.history, self.step_history = result.history, result.step_history
         self.attempts_ = result.attempts
         self.first_step_s_ = result.first_step_s
         self.job_ports_ = result.ports
-        history = json.loads(result.payload(ResultKind.HISTORY))
-        if result.has(ResultKind.STEP_HISTORY):
-            self.step_history = pd.DataFrame(json.loads(result.payload(ResultKind.STEP_HISTORY)))
-        else:
-            self.step_history = pd.DataFrame()
-        for record in history:
-            record["attempt"] = result.epoch_attempts.get(int(record["epoch"]), 1)
-        self.history = pd.DataFrame(history)
-        last = history[-1] if history else {}
-        _log.info(
-            "fit: %d epochs on %d workers; %s",
-            len(history),
-            num_workers,
-            ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)),
-        )
-        call_driver_hook(list(callbacks or []), "on_fit_end", history, None)
+        self.timings_ = result.timings()
+        _log.debug("fit timeline: %s", ", ".join(f"{k}={v:.3f}s" for k, v in self.timings_.items()))
         return self.history
 
     # --- evaluate / predict -----------------------------------------------------------------
@@ -517,52 +351,27 @@ class Estimator(ModelIO):
         df: InputData,
         feature_cols: ColumnsArg | None = None,
         label_cols: ColumnsArg | None = None,
-        batch_size: int = 256,
-        num_workers: int | None = None,
         *,
-        feature_shapes: dict[str, Sequence[int]] | None = None,
-        feature_dtypes: dict[str, str] | None = None,
-        label_dtypes: dict[str, str] | None = None,
-        decoders: dict[str, Callable[[Any], Any]] | None = None,
-        collective_timeout_s: float = 600.0,
+        options: EvaluateOptions | None = None,
+        **keywords: Any,
     ) -> dict[str, float]:
         """Loss and metrics of the current model on `df`, computed distributed.
 
-        `df` takes the same types as in `fit`: a Spark, pandas or pandas-on-Spark DataFrame,
-        or a dict of numpy arrays.
+        `df` takes the same types as in `fit`. The options are those of
+        `deepspark.training.options.EvaluateOptions`: `DataOptions`'s fields (``batch_size``
+        256 by default) and `RunOptions`'s (``num_workers``, ``collective_timeout_s``).
 
         Returns
         -------
         dict
             ``{"loss": ..., "<metric>": ...}``, exact over every row.
         """
-        from deepspark.training.driver.fit_data import job_data
+        from deepspark.training import engine
 
-        check_positive("batch_size", batch_size)
-        job = job_data(
-            self,
-            df,
-            None,
-            feature_cols,
-            label_cols,
-            ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders),
-            num_workers=num_workers,
-            batch_size=batch_size,
-            training=False,
+        options = EvaluateOptions.from_keywords(
+            options, feature_cols=feature_cols, label_cols=label_cols, **keywords
         )
-        spark, data, num_workers = job.spark, job.frame, job.num_workers
-        spec = self._spec(
-            JobKind.EVALUATE,
-            job.features,
-            job.labels,
-            num_workers,
-            epochs=0,
-            batch_size=max(batch_size, num_workers),
-            collective_timeout_s=collective_timeout_s,
-            **job.spec_values,
-        )
-        result = run_job(spark, data, spec, progress=False)
-        return json.loads(result.payload(ResultKind.METRICS))
+        return engine.evaluate(self._backend(), df, options)
 
     def predict(
         self,
@@ -607,23 +416,16 @@ class Estimator(ModelIO):
 
     # --- internals --------------------------------------------------------------------------
 
-    def _spec(self, kind, features, labels, world_size, **values) -> TrainSpec:
-        factory = self._optimizer_factory
-        return TrainSpec(
-            kind=kind,
-            model_blob=pickled("model", self._model),
-            loss_blob=None if self.loss is None else pickled("loss", self.loss),
-            optimizer_blob=None if factory is None else pickled("optimizer", factory),
-            scheduler_blob=pickled("scheduler", self.scheduler) if self.scheduler else None,
-            metrics_blob=pickled("metrics", self.metrics),
-            callbacks_blob=None,
+    def _backend(self, optimizer_state: bytes | None = None) -> TorchBackend:
+        """This estimator's model and training parts, as the engine's torch loop runs them."""
+        return TorchBackend(
+            model=self._model,
+            loss=self.loss,
+            optimizer_factory=self._optimizer_factory,
+            scheduler=self.scheduler,
+            metrics=self.metrics,
+            steps=self.steps,
             config=self.config,
-            features=tuple(features),
-            labels=tuple(labels),
-            world_size=world_size,
             use_gpu=self.use_gpu,
-            job_id=uuid.uuid4().hex[:12],
-            rendezvous_host=None,
-            **self.steps.spec_values(),
-            **values,
+            optimizer_state=optimizer_state,
         )

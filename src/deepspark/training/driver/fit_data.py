@@ -3,20 +3,21 @@
 Driver side. `job_data` turns the first argument of `fit`/`evaluate` (a Spark, pandas or
 pandas-on-Spark DataFrame, a dict of arrays, or a data creator) into the job's input, its
 tensor specs and the `TrainSpec` values they need, after every check that can run on the
-driver (columns, the dry run of model and loss on the first rows).
+driver (columns, and the backend's dry run of its model on the first rows).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from deepspark.training.driver.options import ColumnOptions
+    from deepspark.training.backend import Backend
+    from deepspark.training.options import DataOptions, RunOptions
 
 __all__ = ["JobData", "is_creator", "job_data", "predict_creator"]
 
@@ -31,7 +32,9 @@ class JobData:
     features: tuple[Any, ...] = ()
     labels: tuple[Any, ...] = ()
     has_validation: bool = False
-    spec_values: dict[str, Any] = field(default_factory=dict)
+    # data the ranks make themselves: the pickled creators per split, and the dict keys
+    creator_blobs: dict[int, bytes] | None = None
+    creator_keys: tuple[Any, Any] | None = None
 
 
 def is_creator(data: Any) -> bool:
@@ -40,29 +43,28 @@ def is_creator(data: Any) -> bool:
 
 
 def job_data(
-    estimator,
+    backend: Backend,
     data: Any,
     validation: Any,
-    feature_cols: Any,
-    label_cols: Any,
-    columns: ColumnOptions,
+    columns: DataOptions,
+    run: RunOptions,
     *,
-    num_workers: int | None,
-    batch_size: int,
     training: bool,
 ) -> JobData:
     """The input of a fit (``training``) or an evaluate job, checked on the driver."""
-    from deepspark.training.driver.checks import (
-        columns_of,
-        dry_run,
-        fit_workers,
-        resolve_columns,
-    )
+    from deepspark.training.driver.checks import columns_of, fit_workers, resolve_columns
     from deepspark.training.driver.inputs import training_frames
     from deepspark.training.driver.jobs import job_input
     from deepspark.training.job_spec import TRAIN_SPLIT, VALIDATION_SPLIT
 
+    feature_cols, label_cols = columns.feature_cols, columns.label_cols
+    num_workers, batch_size = run.num_workers, columns.batch_size
     if is_creator(data):
+        if not backend.takes_creators:
+            raise TypeError(
+                f"the {backend.loop.value} loop trains on DataFrames (Spark, pandas, "
+                "pandas-on-Spark) or dicts of arrays, not on a data creator"
+            )
         return _creator_data(data, validation, feature_cols, label_cols, num_workers, batch_size)
     for name, value in (("feature_cols", feature_cols), ("label_cols", label_cols)):
         if value is None:
@@ -87,18 +89,8 @@ def job_data(
     features, labels, sample = resolve_columns(df, feature_cols, label_cols, columns)
     if validation is not None:
         resolve_columns(validation, feature_cols, label_cols, columns)
-    if training and estimator.steps.train_step is None:  # a custom step uses the model its way
-        dry_run(
-            estimator.get_model(),
-            estimator.loss,
-            estimator._optimizer_factory,
-            df,
-            features,
-            labels,
-            sample=sample,
-            metrics=estimator.metrics,
-            collate=estimator.steps.collate_fn,
-        )
+    if training:
+        backend.check_sample(df, features, labels, sample)
     needed = columns_of(features) + columns_of(labels)
     if training:
         frame = job_input(
@@ -111,7 +103,9 @@ def job_data(
         )
     else:
         frame = job_input(df, needed, num_workers, split=VALIDATION_SPLIT)
-    return JobData(spark, num_workers, frame, features, labels, validation is not None)
+    return JobData(
+        spark, num_workers, frame, tuple(features), tuple(labels), validation is not None
+    )
 
 
 def _creator_data(
@@ -138,8 +132,14 @@ def _creator_data(
         blobs[VALIDATION_SPLIT] = pickled("validation data creator", validation)
     keys = (_keys(feature_cols), _keys(label_cols))
     frame = spark.range(0, num_workers, 1, num_workers)
-    values = {"creator_blobs": blobs, "creator_keys": keys if keys != (None, None) else None}
-    return JobData(spark, num_workers, frame, (), (), validation is not None, values)
+    return JobData(
+        spark,
+        num_workers,
+        frame,
+        has_validation=validation is not None,
+        creator_blobs=blobs,
+        creator_keys=keys if keys != (None, None) else None,
+    )
 
 
 def _session() -> SparkSession:
@@ -176,8 +176,9 @@ def predict_creator(
     import numpy as np
     import torch
 
-    from deepspark.training.driver.checks import check_positive, pickled
+    from deepspark.training.driver.checks import pickled
     from deepspark.training.driver.stage import available_task_slots
+    from deepspark.training.options import check_positive
 
     spark = _session()
     tasks = available_task_slots(spark) if num_workers is None else num_workers

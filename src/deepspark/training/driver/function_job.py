@@ -11,24 +11,24 @@ rank backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from deepspark.training.backend import Backend
 from deepspark.training.driver.jobs import TrainingError
-from deepspark.training.job_spec import ResultKind
+from deepspark.training.job_spec import RankLoop, ResultKind
 from deepspark.training.run_spec import FrameHandle, RunSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["RunError", "run"]
+__all__ = ["FunctionBackend", "RunError", "run"]
 
 
 class RunError(TrainingError):
@@ -135,56 +135,82 @@ def run(
     """
     import cloudpickle
 
-    from deepspark.training.driver.checks import check_positive
-    from deepspark.training.driver.jobs import run_job
-    from deepspark.training.rank.function_rank import run_function_rank
+    from deepspark.training.options import RecoveryOptions, RunOptions
 
-    for name, value in (("max_failures", max_failures), ("max_log_lines", max_log_lines)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r}: give 0 or more")
-    if not isinstance(collective_timeout_s, (int, float)) or not collective_timeout_s > 0:
-        raise ValueError(f"collective_timeout_s={collective_timeout_s!r}: give a positive number")
-    if num_workers is not None:
-        check_positive("num_workers", num_workers)
+    if isinstance(max_log_lines, bool) or not isinstance(max_log_lines, int) or max_log_lines < 0:
+        raise ValueError(f"max_log_lines={max_log_lines!r}: give 0 or more")
+    RunOptions(num_workers=num_workers, collective_timeout_s=collective_timeout_s).check()
+    recovery = RecoveryOptions(
+        checkpoint_dir=checkpoint_dir, resume=resume, max_failures=max_failures
+    )
+    recovery.check()
     script = _script(fn, args, kwargs)
     frames: list[DataFrame] = []
     args, kwargs = _handles((args, kwargs), frames)
     spark = _session(frames)
     num_workers = _workers(spark, num_workers)
-    directory, own_directory = _checkpoint_dir(spark, checkpoint_dir, resume, max_failures)
-    spec = RunSpec(
-        world_size=num_workers,
-        function_blob=None if script else _pickled(cloudpickle, fn, args, kwargs),
-        script=script,
-        script_args=tuple(args) if script else (),
-        script_source=_source(script) if script else None,
-        frames=tuple(handle for handle in _found_handles((args, kwargs))),
-        use_gpu=bool(use_gpu),
-        checkpoint_dir=directory,
-        max_log_lines=max_log_lines,
-        collective_timeout_s=float(collective_timeout_s),
-        job_id=uuid.uuid4().hex[:12],
-    )
-    data = _stage_input(spark, frames, num_workers)
+    with _prepared_recovery(spark, recovery) as recovery:
+        spec = RunSpec(
+            world_size=num_workers,
+            function_blob=None if script else _pickled(cloudpickle, fn, args, kwargs),
+            script=script,
+            script_args=tuple(args) if script else (),
+            script_source=_source(script) if script else None,
+            frames=tuple(_found_handles((args, kwargs))),
+            use_gpu=bool(use_gpu),
+            recovery=recovery,
+            max_log_lines=max_log_lines,
+            collective_timeout_s=float(collective_timeout_s),
+            job_id=uuid.uuid4().hex[:12],
+        )
+        result = _run_stage(spark, _stage_input(spark, frames, num_workers), spec, max_failures)
+    if script is not None:
+        return None
+    return cloudpickle.loads(result.payload(ResultKind.RETURN))
+
+
+class FunctionBackend(Backend):
+    """The engine's backend for a user's own function or script: its ranks run
+    `rank.function_rank` (no model of the engine's to build; the function brings its own)."""
+
+    loop = RankLoop.FUNCTION
+    takes_creators = False
+
+
+def _run_stage(spark: SparkSession, data: DataFrame, spec: RunSpec, max_failures: int) -> Any:
+    """The job through the engine's job runner; a failure becomes a `RunError`."""
+    from deepspark.training.driver.jobs import run_job
+
     printer = _Printer()
     try:
-        result = run_job(
+        return run_job(
             spark,
             data,
-            spec,
+            spec,  # type: ignore[arg-type]  # the runner reads the fields both specs share
+            loop=FunctionBackend.loop,
             max_failures=max_failures,
             progress=False,
-            rank_entry=run_function_rank,
             on_event=printer,
         )
     except TrainingError as error:
         raise printer.failure(error, spec) from error.__cause__
-    finally:
-        if own_directory is not None:
-            shutil.rmtree(own_directory, ignore_errors=True)
-    if script is not None:
-        return None
-    return cloudpickle.loads(result.payload(ResultKind.RETURN))
+
+
+@contextlib.contextmanager
+def _prepared_recovery(spark: SparkSession, recovery: Any) -> Iterator[Any]:
+    """The run's checkpoint directory, checked as a fit's (`recovery.prepared_recovery`).
+
+    A function need not checkpoint to be re-run (it starts again), so on a cluster re-runs
+    without a directory are allowed; `deepspark.checkpoint` then says what is missing.
+    """
+    from deepspark.training.driver.recovery import prepared_recovery
+    from deepspark.training.driver.stage import is_loopback_master
+
+    if recovery.checkpoint_dir is None and not is_loopback_master(spark):
+        yield recovery
+        return
+    with prepared_recovery(spark, recovery) as prepared:
+        yield prepared
 
 
 def _script(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -280,30 +306,6 @@ def _workers(spark: SparkSession, num_workers: int | None) -> int:
 
     # A run has no batch size to check against the worker count: the largest one passes.
     return fit_workers(spark, num_workers, sys.maxsize)
-
-
-def _checkpoint_dir(
-    spark: SparkSession, checkpoint_dir: str | None, resume: bool, max_failures: int
-) -> tuple[str | None, str | None]:
-    """``(the run's checkpoint directory, a private one to remove afterwards)``."""
-    from deepspark.training.driver.checks import check_checkpoint_dir
-    from deepspark.training.driver.stage import is_loopback_master
-    from deepspark.training.rank.checkpoint import latest_checkpoint
-
-    if checkpoint_dir is None:
-        if max_failures > 0 and is_loopback_master(spark):
-            own = tempfile.mkdtemp(prefix="deepspark-run-ckpt-")
-            return own, own
-        return None, None
-    check_checkpoint_dir(checkpoint_dir)
-    found = latest_checkpoint(checkpoint_dir)
-    if found is not None and not resume:
-        raise ValueError(
-            f"checkpoint_dir={checkpoint_dir!r} already holds checkpoints of another run "
-            f"(latest: {found.epoch}). Pass resume=True to continue that run, or give a new "
-            "(or emptied) checkpoint_dir"
-        )
-    return checkpoint_dir, None
 
 
 def _pickled(cloudpickle: Any, fn: Any, args: Any, kwargs: Any) -> bytes:

@@ -8,7 +8,9 @@ sent back. The `Estimator` only validates arguments and interprets results.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 import re
 import time
@@ -18,12 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from deepspark.training.job_spec import SPLIT_COLUMN, JobKind, ResultKind, TrainSpec
+from deepspark.training.job_spec import SPLIT_COLUMN, JobKind, RankLoop, ResultKind, TrainSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
-
-    from deepspark.training.driver.stage import RankEntry
 
 __all__ = ["JobResult", "TrainingError", "job_input", "run_job"]
 
@@ -136,17 +136,16 @@ def run_job(
     data: DataFrame,
     spec: TrainSpec,
     *,
+    loop: RankLoop = RankLoop.TORCH,
     max_failures: int = 0,
     progress: bool = True,
     started: float | None = None,
-    rank_entry: RankEntry | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> JobResult:
     """Run `spec` over `data`, re-running failed attempts from the latest checkpoint.
 
-    `rank_entry` is what each task runs (`stage.run_barrier_stage`); the torch engine's
-    `run_rank` by default. `on_event` sees every event the ranks send, as it arrives (on the
-    progress server's thread).
+    Each task runs the rank `loop` (`stage.run_barrier_stage`). `on_event` sees every event
+    the ranks send as it arrives (on the progress server's thread).
 
     Raises
     ------
@@ -163,22 +162,8 @@ def run_job(
     loopback = is_loopback_master(spark)
     spec.rendezvous_host = "127.0.0.1" if loopback else None
     bind_host, advertise_host = _driver_host(spark)
-    started = time.perf_counter() if started is None else started
-    bar = ProgressBar(epochs=spec.epochs) if progress else None
-    first_step: list[float] = []
-    attempt_number = [1]
-    epoch_attempts: dict[int, int] = {}
-
-    def sink(event: dict[str, Any]) -> None:
-        if event.get("kind") == "step" and not first_step:
-            first_step.append(time.perf_counter() - started)
-        if event.get("kind") == "epoch" and "epoch" in event:
-            epoch_attempts[int(event["epoch"])] = attempt_number[0]
-        if bar is not None:
-            bar(event)
-        if on_event is not None:
-            on_event(event)
-
+    bar = ProgressBar(epochs=spec.loop.epochs) if progress else None
+    sink = _ProgressSink(time.perf_counter() if started is None else started, bar, on_event)
     causes: list[str] = []
     server = ProgressServer(
         host=bind_host,
@@ -191,21 +176,13 @@ def run_job(
             spec.progress_address = server.address
             spec.progress_token = server.token
             for attempt in range(max_failures + 1):
-                attempt_number[0] = attempt + 1
-                spec.attempt = attempt + 1
+                sink.attempt = spec.attempt = attempt + 1
                 errors_before = len(server.events("error"))
                 try:
                     submitted = time.time()
-                    table = run_barrier_stage(data, spec, rank_entry)
+                    table = run_barrier_stage(data, spec, loop)
                 except Exception as error:
-                    # a failed rank's report can trail Spark's verdict by a moment
-                    server.wait_for(
-                        lambda events, seen=errors_before: (
-                            sum(1 for event in events if event.get("kind") == "error") > seen
-                        ),
-                        timeout_s=2.0,
-                    )
-                    cause = _failure_summary(error, server.events("error")[errors_before:])
+                    cause = _failure_cause(server, error, errors_before)
                     causes.append(cause)
                     if attempt == max_failures:
                         detail = "\n".join(
@@ -221,32 +198,13 @@ def run_job(
                         attempt + 1,
                         cause.splitlines()[0],
                     )
-                    spec.resume = True
+                    spec.recovery = dataclasses.replace(spec.recovery, resume=True)
                     continue
-                ports = [server.address[1]] + [
-                    int(event["rendezvous_port"])
-                    for event in server.events("log")
-                    if "rendezvous_port" in event
-                ]
-                if spec.kind is JobKind.FIT:
-                    # rank 0 reports its timeline before its results; the server may lag
-                    server.wait_for(
-                        lambda events: any("timeline" in event for event in events),
-                        timeout_s=2.0,
-                    )
-                marks = [event["timeline"] for event in server.events("log") if "timeline" in event]
-                return JobResult(
-                    table=table,
-                    attempts=attempt + 1,
-                    first_step_s=first_step[0] if first_step else float("nan"),
-                    ports=ports,
-                    epoch_attempts=dict(epoch_attempts),
-                    marks={
-                        **(marks[-1] if marks else {}),
-                        "submitted": submitted,
-                        "job_done": time.time(),
-                    },
-                )
+                result = _job_result(server, spec, table, submitted)
+                result.attempts = attempt + 1
+                result.first_step_s = sink.first_step_s
+                result.epoch_attempts = dict(sink.epoch_attempts)
+                return result
     finally:
         # after the server stopped: its thread no longer calls the sink
         if bar is not None:
@@ -287,6 +245,57 @@ def _driver_host(spark: SparkSession) -> tuple[str, str]:
             udp.connect((server, 15002))
             address = udp.getsockname()[0]
     return address, address
+
+
+class _ProgressSink:
+    """What the driver takes from the ranks' progress events: the first step's moment, the
+    attempt that trained each epoch; the events go on to the progress bar."""
+
+    def __init__(self, started: float, bar: Any, on_event: Any = None) -> None:
+        self.started, self.bar, self.on_event = started, bar, on_event
+        self.attempt = 1
+        self.first_step_s = float("nan")
+        self.epoch_attempts: dict[int, int] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "step" and math.isnan(self.first_step_s):
+            self.first_step_s = time.perf_counter() - self.started
+        if event.get("kind") == "epoch" and "epoch" in event:
+            self.epoch_attempts[int(event["epoch"])] = self.attempt
+        if self.bar is not None:
+            self.bar(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+
+def _failure_cause(server: Any, error: Exception, errors_before: int) -> str:
+    """What ended an attempt, with the ranks' own reports of it (see `_failure_summary`)."""
+    # a failed rank's report can trail Spark's verdict by a moment
+    server.wait_for(
+        lambda events: sum(1 for event in events if event.get("kind") == "error") > errors_before,
+        timeout_s=2.0,
+    )
+    return _failure_summary(error, server.events("error")[errors_before:])
+
+
+def _job_result(server: Any, spec: TrainSpec, table: pa.Table, submitted: float) -> JobResult:
+    """A successful attempt's results, with the ports it used and rank 0's timeline."""
+    ports = [server.address[1]] + [
+        int(event["rendezvous_port"])
+        for event in server.events("log")
+        if "rendezvous_port" in event
+    ]
+    if spec.kind is JobKind.FIT:
+        # rank 0 reports its timeline before its results; the server may lag
+        server.wait_for(lambda events: any("timeline" in event for event in events), timeout_s=2.0)
+    marks = [event["timeline"] for event in server.events("log") if "timeline" in event]
+    return JobResult(
+        table=table,
+        attempts=1,
+        first_step_s=float("nan"),
+        ports=ports,
+        marks={**(marks[-1] if marks else {}), "submitted": submitted, "job_done": time.time()},
+    )
 
 
 def _failure_summary(error: Exception, errors: list[dict[str, Any]]) -> str:

@@ -13,13 +13,10 @@ other like one fit of 6. `save` writes it and `load` restores it; `reset_optimiz
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from deepspark.training.driver.estimator import Estimator
 
 __all__ = ["ModelIO"]
 
@@ -29,6 +26,14 @@ class ModelIO:
 
     _model: nn.Module
     _optimizer_factory: Any
+    config: dict[str, Any]
+    loss: Any
+    metrics: Any
+    scheduler: Any
+    steps: Any
+    use_gpu: bool
+    history: Any
+    _feature_cols: Any = None
     # The last fit's optimizer state (bytes of deepspark.persist.optimizer_state), which the
     # next fit continues from; None before a fit and after reset_optimizer().
     _optimizer_state: bytes | None = None
@@ -174,12 +179,25 @@ class ModelIO:
         state (``optimizer.pt``, tensors and plain values only) lets a loaded estimator's
         `fit` continue where the last one stopped.
         """
-        from deepspark.persist.estimator_dir import save_estimator
+        from deepspark.persist.estimator_dir import SavedEstimator, save_estimator
 
-        return save_estimator(self, path)
+        saved = SavedEstimator(
+            model=self._model,
+            loss=self.loss,
+            optimizer_factory=self._optimizer_factory,
+            scheduler=self.scheduler,
+            metrics=self.metrics,
+            steps=self.steps,
+            config=self.config,
+            use_gpu=self.use_gpu,
+            feature_cols=self._feature_cols,
+            history=self.history,
+            optimizer_state=self._optimizer_state,
+        )
+        return save_estimator(saved, path)
 
     @classmethod
-    def load(cls, path: str, *, metrics: Sequence[Any] | None = None) -> Estimator:
+    def load(cls, path: str, *, metrics: Sequence[Any] | None = None) -> Self:
         """Load an estimator: a directory written by `save`, or a TorchScript / ``.pt2`` file.
 
         Parameters
@@ -215,15 +233,28 @@ class ModelIO:
         from deepspark.inference import ModelKind, ModelSource
         from deepspark.persist.estimator_dir import load_estimator
         from deepspark.persist.programs import ProgramKind, ProgramModule
+        from deepspark.training.model_families import family_of_path
 
+        family = family_of_path(path)  # a capability's own format (a .keras file)
+        if family is not None:
+            return family.load(path, metrics=metrics)
         fs, root = fsspec.core.url_to_fs(path)
-        is_keras = root.endswith(".keras") or fs.exists(f"{root.rstrip('/')}/model.keras")
-        if is_keras:  # the Keras capability's own format (the one upward import, lazily)
-            from deepspark.keras.keras_estimator import KerasEstimator
-
-            return KerasEstimator.load(path, metrics=metrics)
         if fs.isdir(root):
-            return load_estimator(cls, path, metrics=metrics)
+            saved = load_estimator(path)
+            estimator = cls(
+                model=saved.model,
+                optimizer=saved.optimizer_factory,
+                loss=saved.loss,
+                metrics=saved.metrics if metrics is None else metrics,
+                scheduler=saved.scheduler,
+                config=saved.config,
+                use_gpu=saved.use_gpu,
+                steps=saved.steps,
+            )
+            estimator.history = saved.history
+            estimator._feature_cols = saved.feature_cols
+            estimator._optimizer_state = saved.optimizer_state
+            return estimator
         kind = ModelSource.from_path(path).kind
         if kind is ModelKind.ONNX:
             raise ValueError(

@@ -8,18 +8,14 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from deepspark.training.job_spec import RESULT_SCHEMA, TrainSpec
+from deepspark.training.job_spec import RESULT_SCHEMA, RankLoop, TrainSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
-
-# What a barrier task runs: (spec, the task's Arrow batches, RankContext) -> result batches.
-RankEntry = Callable[[TrainSpec, Iterable[pa.RecordBatch], Any], Iterator[pa.RecordBatch]]
 
 __all__ = [
     "available_task_slots",
@@ -126,13 +122,11 @@ def _conf_float(spark: SparkSession, key: str) -> float:
         return 0.0
 
 
-def run_barrier_stage(
-    df: DataFrame, spec: TrainSpec, rank_entry: RankEntry | None = None
-) -> pa.Table:
+def run_barrier_stage(df: DataFrame, spec: TrainSpec, loop: RankLoop = RankLoop.TORCH) -> pa.Table:
     """Run `spec` as one barrier stage over `df` (already `spec.world_size` partitions).
 
-    Each task runs `rank_entry(spec, batches, context)`, a module-level function of a rank
-    module (no pyspark): `deepspark.training.rank.run.run_rank` by default.
+    Each task runs the rank `loop`: `deepspark.training.rank.run.run_rank` (torch) or
+    `deepspark.training.rank._tf_rank.run_tf_rank` (TensorFlow), rank modules without pyspark.
     """
 
     def train_task(batches):
@@ -140,6 +134,13 @@ def run_barrier_stage(
         from pyspark import BarrierTaskContext
 
         from deepspark.training.rank.run import RankContext, run_rank
+
+        if loop is RankLoop.TENSORFLOW:
+            from deepspark.training.rank._tf_rank import run_tf_rank as rank_entry
+        elif loop is RankLoop.FUNCTION:
+            from deepspark.training.rank.function_rank import run_function_rank as rank_entry
+        else:
+            rank_entry = run_rank
 
         task = BarrierTaskContext.get()
         if task.attemptNumber() > 0:
@@ -159,7 +160,7 @@ def run_barrier_stage(
             task_cpus=int(task.cpus()),
             gpu_ids=gpus,
         )
-        yield from (rank_entry or run_rank)(spec, batches, context)
+        yield from rank_entry(spec, batches, context)
 
     result = df.mapInArrow(train_task, RESULT_SCHEMA, barrier=True)
     return result.toArrow()

@@ -217,7 +217,7 @@ def _call_function(
             world_size=spec.world_size,
             local_rank=int(os.environ["LOCAL_RANK"]),
             attempt=spec.attempt,
-            checkpoint_dir=spec.checkpoint_dir,
+            checkpoint_dir=spec.recovery.checkpoint_dir,
             collective_timeout_s=spec.collective_timeout_s,
             spill=finished_spill if stream is not None else None,
             frame_indexes=tuple(frame.index for frame in spec.frames),

@@ -33,7 +33,7 @@ PROGRESS_INTERVAL_S = 0.5
 
 
 def build_model(spec: TrainSpec) -> nn.Module:
-    model = cloudpickle.loads(spec.model_blob)
+    model = cloudpickle.loads(spec.program.model_blob)
     if not isinstance(model, nn.Module):
         raise TypeError(f"the job's model is a {type(model).__name__}, not an nn.Module")
     return model
@@ -65,7 +65,7 @@ class EpochRunner:
         self.device = device
         self.rank = rank
         self.progress = progress
-        metric_defs = cloudpickle.loads(spec.metrics_blob)
+        metric_defs = cloudpickle.loads(spec.program.metrics_blob)
         self.metric_defs = metric_defs
         self.val_metrics = build_metrics(metric_defs, device)
         self.train_metrics = build_metrics(metric_defs, device)
@@ -89,7 +89,7 @@ class EpochRunner:
 
         spec = self.spec
         self.source = source
-        if spec.train_step_blob is None and spec.world_size > 1:
+        if spec.program.train_step_blob is None and spec.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         else:  # one rank has no gradient to average; a custom step averages its own
@@ -100,8 +100,8 @@ class EpochRunner:
         self.marks["model_ready"] = time.time()
         self._callbacks("on_train_begin", epoch=position.epoch, step=0, logs={})
         epoch = position.epoch
-        while epoch < spec.epochs and not position.stopped:
-            if spec.max_steps is not None and position.global_step >= spec.max_steps:
+        while epoch < spec.loop.epochs and not position.stopped:
+            if spec.loop.max_steps is not None and position.global_step >= spec.loop.max_steps:
                 break
             self._callbacks("on_epoch_begin", epoch=epoch, step=position.step, logs={})
             batches, steps = self._epoch_batches(source, epoch, position.step)
@@ -115,17 +115,17 @@ class EpochRunner:
             state = self._callbacks("on_epoch_end", epoch=epoch, step=record["steps"], logs=record)
             position.stopped = state is not None and self._any_rank(state.stop_training)
             last = (
-                epoch + 1 == spec.epochs
+                epoch + 1 == spec.loop.epochs
                 or position.stopped
-                or (spec.max_steps is not None and position.global_step >= spec.max_steps)
+                or (spec.loop.max_steps is not None and position.global_step >= spec.loop.max_steps)
             )
-            if (epoch + 1) % spec.checkpoint_every == 0 or last:
+            if (epoch + 1) % spec.recovery.checkpoint_every == 0 or last:
                 self._checkpoint(epoch, position, mid_epoch=False)
             epoch += 1
             position.step, position.loss_sum, position.loss_rows = 0, 0.0, 0
         self.marks["train_done"] = time.time()
         self._callbacks(
-            "on_train_end", epoch=spec.epochs, step=0, logs=history[-1] if history else {}
+            "on_train_end", epoch=spec.loop.epochs, step=0, logs=history[-1] if history else {}
         )
         return history
 
@@ -135,9 +135,9 @@ class EpochRunner:
 
         spec = self.spec
         position = _Position()
-        if not (spec.checkpoint_dir and spec.resume):
+        if not (spec.recovery.checkpoint_dir and spec.recovery.resume):
             return position
-        info = latest_checkpoint(spec.checkpoint_dir)
+        info = latest_checkpoint(spec.recovery.checkpoint_dir)
         if info is None:
             return position
         assert self.steps is not None
@@ -166,7 +166,7 @@ class EpochRunner:
         """Rank 0 saves the model, optimizers, schedulers and where training stands."""
         from deepspark.training.rank.checkpoint import save_checkpoint
 
-        if self.rank != 0 or not self.spec.checkpoint_dir:
+        if self.rank != 0 or not self.spec.recovery.checkpoint_dir:
             return
         assert self.steps is not None
         extra: dict[str, Any] = {
@@ -179,7 +179,7 @@ class EpochRunner:
                 step=position.step, loss_sum=position.loss_sum, loss_rows=position.loss_rows
             )
         save_checkpoint(
-            self.spec.checkpoint_dir,
+            self.spec.recovery.checkpoint_dir,
             epoch,
             self.model,
             self.steps.optimizer_state,
@@ -190,7 +190,7 @@ class EpochRunner:
     def _epoch_batches(self, source, epoch: int, start: int):
         """(batch, global real rows) pairs of ``epoch`` from step ``start``, and its steps
         (``None`` while the first epoch streams in), within ``steps_per_epoch``."""
-        limit = self.spec.steps_per_epoch
+        limit = self.spec.loop.steps_per_epoch
         batches, steps = source.epoch(epoch, start, self.device)
         if limit is not None:
             steps = limit if steps is None else min(steps, limit)
@@ -237,22 +237,13 @@ class EpochRunner:
             now = time.perf_counter()
             if rank == 0 and self.progress is not None and now - last_report >= PROGRESS_INTERVAL_S:
                 last_report = now
-                self.progress.send(
-                    {
-                        "kind": "step",
-                        "epoch": epoch,
-                        "epochs": spec.epochs,
-                        "step": step,
-                        "steps": steps,
-                        "loss": float(loss_sum) / max(loss_rows, 1),
-                        "samples_per_s": rows_done / max(now - started, 1e-9),
-                    }
-                )
-            if spec.max_steps is not None and position.global_step >= spec.max_steps:
+                loss = float(loss_sum) / max(loss_rows, 1)
+                self._report_step(epoch, (step, steps), loss, rows_done / max(now - started, 1e-9))
+            if spec.loop.max_steps is not None and position.global_step >= spec.loop.max_steps:
                 break
-            if self._every(spec.validate_every_steps, position.global_step):
+            if self._every(spec.loop.validate_every_steps, position.global_step):
                 self._validate_at_step(epoch, step, position.global_step)
-            if self._every(spec.checkpoint_every_steps, position.global_step):
+            if self._every(spec.loop.checkpoint_every_steps, position.global_step):
                 # the epoch's loss so far, over every rank: rank 0's checkpoint carries it
                 partial = _sum_over_ranks((float(loss_sum), loss_rows), self.device)
                 position.step, position.loss_sum = step, partial[0]
@@ -282,6 +273,16 @@ class EpochRunner:
         for metric in self.train_metrics:
             record[f"train_{metric.name}"] = _finite(metric.compute())
         return record
+
+    def _report_step(
+        self, epoch: int, position: tuple[int, int | None], loss: float, samples_per_s: float
+    ) -> None:
+        """Rank 0's progress event for the driver's bar: (step, steps of the epoch), the
+        epoch's mean loss so far and the rate."""
+        step, steps = position
+        event = {"kind": "step", "epoch": epoch, "epochs": self.spec.loop.epochs, "step": step}
+        event.update(steps=steps, loss=loss, samples_per_s=samples_per_s)
+        self.progress.send(event)
 
     @staticmethod
     def _every(interval: int | None, global_step: int) -> bool:
@@ -371,9 +372,9 @@ class EpochRunner:
             world_size=self.spec.world_size,
             logs=logs,
             model=self.model,
-            epochs=self.spec.epochs,
+            epochs=self.spec.loop.epochs,
             params={
-                "epochs": self.spec.epochs,
+                "epochs": self.spec.loop.epochs,
                 "batch_size": self.spec.batch_size,
                 "num_workers": self.spec.world_size,
             },

@@ -226,7 +226,7 @@ def _rank_of(peer: dict[str, Any]) -> int:
 
 
 def _device(spec: TrainSpec, context: RankContext) -> torch.device:
-    if not spec.use_gpu:
+    if not spec.program.use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError(

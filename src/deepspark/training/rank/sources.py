@@ -198,7 +198,7 @@ class CreatorInput:
 
     def _loader(self, split: int, batch_size: int, *, train: bool, epoch: int) -> Any:
         spec = self.spec
-        config = {**spec.config, "rank": self.rank, "world_size": spec.world_size}
+        config = {**spec.program.config, "rank": self.rank, "world_size": spec.world_size}
         loader = self.creators[split](config, batch_size)
         return _shard(loader, self.rank, spec.world_size, train=train, seed=spec.seed, epoch=epoch)
 

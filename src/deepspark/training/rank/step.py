@@ -59,19 +59,19 @@ def takes_model(factory: Any) -> bool:
 
 def build_optimizers(spec: TrainSpec, model: nn.Module) -> list[torch.optim.Optimizer]:
     """The optimizers of ``spec``'s factory: ``params -> Optimizer``, or ``model -> [...]``."""
-    if spec.optimizer_blob is None:
+    if spec.program.optimizer_blob is None:
         raise ValueError(
             "fit needs an optimizer: pass optimizer=lambda params: torch.optim.Adam(params)"
         )
-    factory = cloudpickle.loads(spec.optimizer_blob)
+    factory = cloudpickle.loads(spec.program.optimizer_blob)
     built = factory(model) if takes_model(factory) else factory(model.parameters())
     return _as_list(built, "optimizer(...)", torch.optim.Optimizer)
 
 
 def _build_schedulers(spec: TrainSpec, optimizers: list[torch.optim.Optimizer]) -> list[Any]:
-    if spec.scheduler_blob is None:
+    if spec.program.scheduler_blob is None:
         return []
-    factory = cloudpickle.loads(spec.scheduler_blob)
+    factory = cloudpickle.loads(spec.program.scheduler_blob)
     built = factory(optimizers[0] if len(optimizers) == 1 else optimizers)
     return list(built) if isinstance(built, (list, tuple)) else [built]
 
@@ -169,21 +169,27 @@ class StepRunner:
         self.ddp = ddp
         self.device = device
         self.world = spec.world_size
-        self.loss_fn = _loaded(spec.loss_blob)
-        self.collate = _loaded(spec.collate_blob)
+        self.loss_fn = _loaded(spec.program.loss_blob)
+        self.collate = _loaded(spec.program.collate_blob)
         self.custom_train = (
-            cloudpickle.loads(spec.train_step_blob) if spec.train_step_blob else None
+            cloudpickle.loads(spec.program.train_step_blob)
+            if spec.program.train_step_blob
+            else None
         )
-        self.custom_eval = cloudpickle.loads(spec.eval_step_blob) if spec.eval_step_blob else None
+        self.custom_eval = (
+            cloudpickle.loads(spec.program.eval_step_blob) if spec.program.eval_step_blob else None
+        )
         self.optimizers = build_optimizers(spec, model) if train else []
-        if train and spec.optimizer_state_blob is not None:  # the last fit's, continued
-            load_optimizer_state(spec.optimizer_state_blob, self.optimizers)
+        if train and spec.program.optimizer_state_blob is not None:  # the last fit's, continued
+            load_optimizer_state(spec.program.optimizer_state_blob, self.optimizers)
         self.schedulers = _build_schedulers(spec, self.optimizers) if train else []
-        self.accumulate = max(1, int(spec.accumulate_steps))
+        self.accumulate = max(1, int(spec.loop.accumulate_steps))
         self.pending = 0  # micro-steps whose gradients wait for the next optimizer step
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            spec.loop.precision
+        )
         self.scaler = None
-        if spec.precision == "fp16":
+        if spec.loop.precision == "fp16":
             if device.type != "cuda":
                 raise ValueError(
                     'precision="fp16" needs a GPU (use_gpu=True); on CPU use precision="bf16"'
@@ -260,11 +266,11 @@ class StepRunner:
             self._optimizer_step()
 
     def _optimizer_step(self) -> None:
-        if self.spec.clip_grad_norm is not None:
+        if self.spec.loop.clip_grad_norm is not None:
             if self.scaler is not None:
                 for optimizer in self.optimizers:
                     self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.loop.clip_grad_norm)
         for optimizer in self.optimizers:
             if self.scaler is not None:
                 self.scaler.step(optimizer)
@@ -275,7 +281,7 @@ class StepRunner:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.pending = 0
-        if self.spec.scheduler_interval == "step":
+        if self.spec.program.scheduler_interval == "step":
             for scheduler in self.schedulers:
                 if not _is_plateau(scheduler):
                     scheduler.step()
@@ -300,7 +306,7 @@ class StepRunner:
         """Step epoch-wise schedulers; ``ReduceLROnPlateau`` reads the record's monitor."""
         for scheduler in self.schedulers:
             if _is_plateau(scheduler):
-                monitor = self.spec.scheduler_monitor or (
+                monitor = self.spec.program.scheduler_monitor or (
                     "val_loss" if self.spec.has_validation else "train_loss"
                 )
                 if monitor not in record:
@@ -309,7 +315,7 @@ class StepRunner:
                         f"scheduler_monitor={monitor!r} is not in the epoch's values ({known})"
                     )
                 scheduler.step(record[monitor])
-            elif self.spec.scheduler_interval == "epoch":
+            elif self.spec.program.scheduler_interval == "epoch":
                 scheduler.step()
 
     # --- evaluation -------------------------------------------------------------------------

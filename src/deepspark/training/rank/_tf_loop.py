@@ -1,6 +1,6 @@
 """The training loop of one ``MultiWorkerMirroredStrategy`` worker (Keras, TensorFlow backend).
 
-Rank side, inside the process `deepspark.keras.tf_worker` starts; no pyspark here.
+Rank side, inside the process `deepspark.training.rank._tf_worker` starts; no pyspark here.
 
 A custom loop (``strategy.run`` with a ``GradientTape`` and ``optimizer.apply``) rather than
 ``model.fit``: under ``MultiWorkerMirroredStrategy`` Keras 3.15's ``fit`` fails ("Attempt to
@@ -29,33 +29,18 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from deepspark.keras.tf_worker import WorkerJob
 from deepspark.training.job_spec import TRAIN_SPLIT, VALIDATION_SPLIT, JobKind
+from deepspark.training.rank._tf_rank import WorkerJob
+from deepspark.training.rank._tf_variables import VariablesState
 
-__all__ = ["TFTrainer", "restore_portable"]
+__all__ = ["TFTrainer"]
 
 PROGRESS_INTERVAL_S = 0.5
 
 
-def restore_portable(value: Any, keras: Any) -> Any:
-    """A loss or metrics argument as the driver sent it, with Keras objects rebuilt.
-
-    The driver sends Keras loss and metric objects as ``("keras-object", kind, config)``
-    (their variables belong to the driver's backend); names and functions travel as they are.
-    """
-    if isinstance(value, tuple) and len(value) == 3 and value[0] == "keras-object":
-        module = keras.losses if value[1] == "loss" else keras.metrics
-        return module.deserialize(value[2])
-    if isinstance(value, dict):
-        return {key: restore_portable(item, keras) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(restore_portable(item, keras) for item in value)
-    return value
-
-
 def _model_from(blob: bytes, config: dict[str, Any]) -> Any:
     """The model inside the strategy's scope: a ``.keras`` file's bytes, or a creator."""
-    from deepspark.inference.keras_runtime import keras_from_bytes
+    from deepspark.persist.keras_files import keras_from_bytes
 
     kind, payload = cloudpickle.loads(blob)
     if kind == "keras-file":
@@ -89,37 +74,6 @@ def _padded(value: Any, rows: int) -> Any:
     return np.take(value, np.arange(rows) % len(value), axis=0)
 
 
-class _VariablesState:
-    """Keras variables seen as the ``state_dict`` / ``load_state_dict`` that the checkpoint
-    files of `deepspark.training.rank.checkpoint` store (by position: names can repeat)."""
-
-    def __init__(self, variables: list[Any]) -> None:
-        self.variables = list(variables)
-
-    def state_dict(self) -> dict[str, Any]:
-        import torch
-
-        return {
-            f"{index:05d}": torch.from_numpy(np.array(variable.numpy()))
-            for index, variable in enumerate(self.variables)
-        }
-
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        if len(state) != len(self.variables):
-            raise ValueError(
-                f"the checkpoint holds {len(state)} values, the model has "
-                f"{len(self.variables)} variables: it is another model's checkpoint"
-            )
-        for index, variable in enumerate(self.variables):
-            value = state[f"{index:05d}"].numpy()
-            if tuple(value.shape) != tuple(variable.shape):
-                raise ValueError(
-                    f"checkpoint value {index} has shape {tuple(value.shape)}, the variable "
-                    f"{variable.path} has {tuple(variable.shape)}: another model's checkpoint"
-                )
-            variable.assign(value)
-
-
 class TFTrainer:
     """One worker's model, optimizer, steps and epochs; `run` does the job's work."""
 
@@ -130,6 +84,8 @@ class TFTrainer:
         self.job, self.spec, self.rank = job, job.spec, job.rank
         self.messages = messages
         self.marks: dict[str, float] = {"validation_s": 0.0}
+        from deepspark.persist.keras_files import restored_keras_objects
+
         self.tf, self.keras = tf, keras
         spec = self.spec
         options = tf.distribute.experimental.CommunicationOptions(
@@ -145,12 +101,18 @@ class TFTrainer:
             )
         keras.utils.set_random_seed(int(spec.seed) + self.rank)
         with self.strategy.scope():
-            self.model = _model_from(spec.model_blob, spec.config)
-            loss, loss_weights = restore_portable(cloudpickle.loads(spec.loss_blob), keras)
-            metrics = restore_portable(cloudpickle.loads(spec.metrics_blob), keras) or None
+            self.model = _model_from(spec.program.model_blob, spec.program.config)
+            loss, loss_weights = restored_keras_objects(
+                cloudpickle.loads(spec.program.loss_blob), keras
+            )
+            metrics = (
+                restored_keras_objects(cloudpickle.loads(spec.program.metrics_blob), keras) or None
+            )
             self.optimizer = None
-            if spec.optimizer_blob is not None:
-                self.optimizer = keras.optimizers.get(cloudpickle.loads(spec.optimizer_blob))
+            if spec.program.optimizer_blob is not None:
+                self.optimizer = keras.optimizers.get(
+                    cloudpickle.loads(spec.program.optimizer_blob)
+                )
             # as weighted metrics: the weights are 0 for the filler rows that keep the workers
             # in step and 1 for real rows (Keras's plain metrics ignore weights)
             self.model.compile(
@@ -186,8 +148,8 @@ class TFTrainer:
         with open(os.path.join(self.job.output_dir, name), "wb") as handle:
             handle.write(data)
 
-    def _weights(self) -> _VariablesState:
-        return _VariablesState(self.model.weights)
+    def _weights(self) -> VariablesState:
+        return VariablesState(self.model.weights)
 
     # --- steps --------------------------------------------------------------------------------
 
@@ -347,9 +309,9 @@ class TFTrainer:
         from deepspark.training.rank.checkpoint import latest_checkpoint, load_checkpoint
 
         spec = self.spec
-        if not (spec.checkpoint_dir and spec.resume):
+        if not (spec.recovery.checkpoint_dir and spec.recovery.resume):
             return 0, []
-        info = latest_checkpoint(spec.checkpoint_dir)
+        info = latest_checkpoint(spec.recovery.checkpoint_dir)
         if info is None:
             return 0, []
         if info.extra.get("backend") != "tensorflow":
@@ -357,7 +319,7 @@ class TFTrainer:
                 f"the checkpoint {info.path} was not written by a Keras TensorFlow-backend fit; "
                 "resume it with the estimator that wrote it, or give a new checkpoint_dir"
             )
-        optimizer = _VariablesState(self.optimizer.variables)
+        optimizer = VariablesState(self.optimizer.variables)
         load_checkpoint(info, self._weights(), optimizer, restore_rng=False)
         return info.epoch + 1, list(info.extra.get("history", []))
 
@@ -365,10 +327,10 @@ class TFTrainer:
         from deepspark.training.rank.checkpoint import save_checkpoint
 
         save_checkpoint(
-            self.spec.checkpoint_dir,
+            self.spec.recovery.checkpoint_dir,
             epoch,
             self._weights(),
-            _VariablesState(self.optimizer.variables),
+            VariablesState(self.optimizer.variables),
             extra={"history": history, "backend": "tensorflow"},
         )
 
@@ -381,7 +343,7 @@ class TFTrainer:
         plan = self._plan()
         steps = plan.steps_per_epoch
         params = {
-            "epochs": spec.epochs,
+            "epochs": spec.loop.epochs,
             "batch_size": spec.batch_size,
             "num_workers": spec.world_size,
             "steps": steps,
@@ -396,7 +358,7 @@ class TFTrainer:
                 world_size=spec.world_size,
                 logs=logs,
                 model=self.model,
-                epochs=spec.epochs,
+                epochs=spec.loop.epochs,
                 params=params,
             )
             call_worker_hook(self.callbacks, name, state)
@@ -405,8 +367,8 @@ class TFTrainer:
         hook("on_train_begin", start, 0, {})
         if keras_callbacks is not None:
             keras_callbacks.on_train_begin()
-        iterator = self._train_iterator(plan, start) if start < spec.epochs else None
-        for epoch in range(start, spec.epochs):
+        iterator = self._train_iterator(plan, start) if start < spec.loop.epochs else None
+        for epoch in range(start, spec.loop.epochs):
             hook("on_epoch_begin", epoch, 0, {})
             if keras_callbacks is not None:
                 keras_callbacks.on_epoch_begin(epoch)
@@ -426,16 +388,18 @@ class TFTrainer:
             stopped = self._sum_over_workers(float(stop)) > 0
             if (
                 rank == 0
-                and spec.checkpoint_dir
+                and spec.recovery.checkpoint_dir
                 and (
-                    (epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs or stopped
+                    (epoch + 1) % spec.recovery.checkpoint_every == 0
+                    or epoch + 1 == spec.loop.epochs
+                    or stopped
                 )
             ):
                 self._checkpoint(epoch, history)
             if stopped:
                 break
         self.marks["train_done"] = time.time()
-        hook("on_train_end", spec.epochs, 0, history[-1] if history else {})
+        hook("on_train_end", spec.loop.epochs, 0, history[-1] if history else {})
         if keras_callbacks is not None:
             keras_callbacks.on_train_end(_keras_logs(history[-1]) if history else {})
         return history
@@ -448,7 +412,7 @@ class TFTrainer:
             add_history=False,
             add_progbar=False,
             model=self.model,
-            epochs=self.spec.epochs,
+            epochs=self.spec.loop.epochs,
             steps=steps,
             verbose=0,
         )
@@ -479,7 +443,7 @@ class TFTrainer:
                     {
                         "kind": "step",
                         "epoch": epoch,
-                        "epochs": spec.epochs,
+                        "epochs": spec.loop.epochs,
                         "step": step + 1,
                         "steps": steps,
                         "loss": logs["loss"],

@@ -1,22 +1,13 @@
-"""Built-in callbacks for distributed fits: early stopping, best-k weights files, a CSV log.
-
-Every rank sees the same reduced record at ``on_epoch_end`` (``train_loss``, ``val_loss``,
-``val_<metric>``, ...), so :class:`EarlyStopping` runs on every rank and each takes the same
-decision; the loop also ends the fit on every rank when any rank asks. :class:`ModelCheckpoint`
-and :class:`CSVLogger` write files from rank 0 only. All three are exported by
-:mod:`deepspark.training.callbacks`.
+"""Callbacks that write files from rank 0: the best-k weights files and a CSV log.
 
 On a retry (``fit(max_failures=...)``) or a resume, each rank gets a fresh copy of the
 driver's callback and training restarts at the epoch after the latest checkpoint. The files
 follow the history: rows and weights of epochs trained after that checkpoint are dropped before
-those epochs run again, so each epoch appears once. :class:`EarlyStopping` counts its patience
-from the resumed epoch.
+those epochs run again, so each epoch appears once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import csv
 import io
 import json
@@ -28,248 +19,25 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from deepspark.training.callbacks import Callback, CallbackState
+from deepspark.training.callbacks.hooks import Callback, CallbackState
+from deepspark.training.callbacks.monitoring import (
+    beats,
+    check_url,
+    join_url,
+    monitor_direction,
+    monitored_value,
+    read_text,
+    remove_url,
+    write_text,
+)
 
 if TYPE_CHECKING:
-    from torch import nn
+    pass
 
-__all__ = ["CSVLogger", "EarlyStopping", "ModelCheckpoint"]
+__all__ = ["CSVLogger", "ModelCheckpoint"]
 
 _log = logging.getLogger(__name__)
-
-_MODES = ("auto", "min", "max")
-# "auto" maximises a monitor whose name contains one of these; it minimises anything else
-_HIGHER_IS_BETTER = ("accuracy", "auc", "f1", "precision", "recall", "r2")
-
-
-def _direction(monitor: str, mode: str) -> str:
-    """``"min"`` or ``"max"``: how ``monitor`` improves under ``mode``."""
-    if mode not in _MODES:
-        raise ValueError(f"mode={mode!r}: give 'auto', 'min' or 'max'")
-    if mode != "auto":
-        return mode
-    name = monitor.lower()
-    return "max" if any(word in name for word in _HIGHER_IS_BETTER) else "min"
-
-
-def _beats(value: float, reference: float | None, direction: str, min_delta: float = 0.0) -> bool:
-    """Whether ``value`` is better than ``reference`` by more than ``min_delta`` (NaN never is)."""
-    if math.isnan(value):
-        return False
-    if reference is None:
-        return True
-    if direction == "min":
-        return value < reference - min_delta
-    return value > reference + min_delta
-
-
-def _monitored(owner: str, monitor: str, logs: dict[str, Any]) -> float:
-    if monitor not in logs:
-        hint = ""
-        if monitor.startswith("val_") and not any(key.startswith("val_") for key in logs):
-            hint = "; validation values need fit(validation_data=...)"
-        raise ValueError(
-            f"{owner}: monitor={monitor!r} is not in this epoch's record, which has "
-            f"{sorted(logs)}{hint}"
-        )
-    return float(logs[monitor])
-
-
-def _join(directory: str, name: str) -> str:
-    return directory.rstrip("/") + "/" + name
-
-
-def _write_text(url: str, text: str) -> None:
-    """Replace the file at ``url`` with ``text`` whole: a local file is written under another
-    name and renamed into place; other stores write one object, all or nothing."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = os.path.dirname(path.rstrip("/"))
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        staging = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(staging, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(staging, path)
-    else:
-        fs.pipe_file(path, text.encode("utf-8"))
-
-
-def _read_text(url: str) -> str | None:
-    """The file's text, or None when there is no file."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as handle:
-        return handle.read().decode("utf-8")
-
-
-def _remove(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(path)
-
-
-def _check_url(owner: str, argument: str, url: str) -> None:
-    try:
-        fsspec.core.url_to_fs(url)
-    except (ValueError, ImportError) as error:
-        raise ValueError(
-            f"{owner}: {argument}={url!r} is not a path fsspec can open: {error}"
-        ) from error
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-class EarlyStopping(Callback):
-    """End the fit when a monitored value stops improving, on every rank after the same epoch.
-
-    Runs on every rank: each sees the same reduced values and decides alike, and the loop
-    stops every rank when any asks. An epoch *improves* when it beats the best value so far by
-    more than ``min_delta`` (and beats ``baseline``, when given); after ``patience``
-    consecutive epochs that do not, the fit stops (``patience=0`` and ``1`` both stop at the
-    first such epoch, as in Keras and Lightning).
-
-    Parameters
-    ----------
-    monitor : str, default "val_loss"
-        A key of the epoch record: ``train_loss``, ``val_loss``, ``val_<metric>``, ...
-    patience : int, default 0
-    mode : {"auto", "min", "max"}
-        ``"auto"`` maximises names containing accuracy, auc, f1, precision, recall or r2 and
-        minimises the rest.
-    min_delta : float, default 0.0
-        The smallest change that counts as an improvement.
-    restore_best_weights : bool, default False
-        Keep a CPU copy of the weights of the best epoch and load it back when training ends,
-        so the fit returns the best model rather than the last one.
-    baseline : float, optional
-        A value to beat: epochs that do not beat it count as not improving.
-
-    Attributes
-    ----------
-    best_score, best_epoch, stopped_epoch
-        On each rank while training; on the driver after ``fit``, worked out again from the
-        history (the same values when the fit did not resume). ``stopped_epoch`` is None when
-        this callback did not stop the fit.
-
-    Examples
-    --------
-    >>> from deepspark.training.callbacks import call_worker_hook
-    >>> stopper = EarlyStopping(monitor="val_loss", patience=1)
-    >>> call_worker_hook([stopper], "on_train_begin", CallbackState(0, 0, 0, 1))
-    >>> for epoch, loss in enumerate([0.9, 0.7, 0.8, 0.6]):
-    ...     state = CallbackState(epoch, 10, 0, 1, logs={"val_loss": loss})
-    ...     call_worker_hook([stopper], "on_epoch_end", state)
-    ...     if state.stop_training:
-    ...         break
-    >>> stopper.stopped_epoch, stopper.best_epoch, stopper.best_score
-    (2, 1, 0.7)
-    """
-
-    def __init__(
-        self,
-        monitor: str = "val_loss",
-        patience: int = 0,
-        mode: str = "auto",
-        min_delta: float = 0.0,
-        restore_best_weights: bool = False,
-        baseline: float | None = None,
-    ) -> None:
-        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
-            raise ValueError(f"EarlyStopping: patience={patience!r}: give an int >= 0")
-        if not min_delta >= 0:
-            raise ValueError(f"EarlyStopping: min_delta={min_delta!r}: give a number >= 0")
-        self.monitor = monitor
-        self.patience = patience
-        self.mode = mode
-        self.min_delta = float(min_delta)
-        self.restore_best_weights = restore_best_weights
-        self.baseline = None if baseline is None else float(baseline)
-        self._direction = _direction(monitor, mode)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.best_score: float | None = None
-        self.best_epoch: int | None = None
-        self.stopped_epoch: int | None = None
-        self._wait = 0  # consecutive epochs without improvement
-        self._best_weights: dict[str, Any] | None = None
-
-    def _update(self, epoch: int, value: float, model: nn.Module | None = None) -> bool:
-        """Take one epoch's value; True when the fit should stop after it."""
-        if _beats(value, self.best_score, self._direction, self.min_delta):
-            self.best_score, self.best_epoch = value, epoch
-            if self.restore_best_weights and model is not None:
-                self._best_weights = _cpu_copy(model)
-            if self.baseline is None or _beats(
-                value, self.baseline, self._direction, self.min_delta
-            ):
-                self._wait = 0
-                return False
-        self._wait += 1
-        if self._wait >= self.patience:
-            self.stopped_epoch = epoch
-            return True
-        return False
-
-    def on_fit_begin(self, params: dict[str, Any]) -> None:
-        self._reset()
-
-    def on_fit_end(self, history: list[dict[str, Any]], error: BaseException | None) -> None:
-        # the ranks' copies do not come back: replay their decisions on the history
-        self._reset()
-        for record in history:
-            value = record.get(self.monitor)
-            if value is not None and self._update(int(record["epoch"]), float(value)):
-                break
-
-    def on_train_begin(self, state: CallbackState) -> None:
-        self._reset()
-
-    def on_epoch_end(self, state: CallbackState) -> None:
-        value = _monitored("EarlyStopping", self.monitor, state.logs)
-        if self._update(state.epoch, value, state.model):
-            state.stop_training = True
-            if state.rank == 0:
-                _log.info(
-                    "EarlyStopping: stopping after epoch %d; %s has not improved on %.6g "
-                    "(epoch %s) for %d epoch(s)",
-                    state.epoch,
-                    self.monitor,
-                    self.best_score,
-                    self.best_epoch,
-                    self._wait,
-                )
-
-    def on_train_end(self, state: CallbackState) -> None:
-        if self._best_weights is not None and state.model is not None:
-            from deepspark.persist.weights import unwrap_model
-
-            unwrap_model(state.model).load_state_dict(self._best_weights)
-            self._best_weights = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_best_weights"] = None  # weights do not travel between driver and ranks
-        return state
-
-
-def _cpu_copy(model: nn.Module) -> dict[str, Any]:
-    from deepspark.persist.weights import unwrap_model
-
-    return {
-        name: value.detach().to("cpu", copy=True)
-        if hasattr(value, "detach")
-        else copy.deepcopy(value)
-        for name, value in unwrap_model(model).state_dict().items()
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class ModelCheckpoint(Callback):
@@ -354,14 +122,14 @@ class ModelCheckpoint(Callback):
         self.save_top_k = save_top_k
         self.filename = filename
         self.save_last = save_last
-        self._direction = _direction(monitor, mode)
+        self._direction = monitor_direction(monitor, mode)
         self._fit_id: str | None = None  # set on the driver: tells this fit's retries apart
         self._kept: list[dict[str, Any]] = []  # rank 0: {"path", "epoch", "score"}, best first
         self._take([], None)
 
     @property
     def _index_url(self) -> str:
-        return _join(self.dirpath, self.INDEX_FILE)
+        return join_url(self.dirpath, self.INDEX_FILE)
 
     def _take(self, kept: list[dict[str, Any]], last: str | None) -> None:
         """Set the public attributes from the kept files."""
@@ -380,16 +148,16 @@ class ModelCheckpoint(Callback):
             "best_score": self.best_score,
             "last_model_path": self.last_model_path,
         }
-        _write_text(self._index_url, json.dumps(index, indent=1) + "\n")
+        write_text(self._index_url, json.dumps(index, indent=1) + "\n")
 
     def _read_index(self) -> dict[str, Any] | None:
-        text = _read_text(self._index_url)
+        text = read_text(self._index_url)
         return None if text is None else json.loads(text)
 
     # --- driver -----------------------------------------------------------------------------
 
     def on_fit_begin(self, params: dict[str, Any]) -> None:
-        _check_url("ModelCheckpoint", "dirpath", self.dirpath)
+        check_url("ModelCheckpoint", "dirpath", self.dirpath)
         self._fit_id = uuid.uuid4().hex
         self._kept = []
         self._take([], None)
@@ -436,10 +204,10 @@ class ModelCheckpoint(Callback):
         self._take(kept, last)
         self._write_index()
         for entry in stale:
-            _remove(entry["path"])
+            remove_url(entry["path"])
 
     def on_epoch_end(self, state: CallbackState) -> None:
-        score = _monitored("ModelCheckpoint", self.monitor, state.logs)
+        score = monitored_value("ModelCheckpoint", self.monitor, state.logs)
         if state.model is None:
             raise ValueError("ModelCheckpoint: the callback state carries no model to save")
         from deepspark.persist.weights import save_model_weights, unwrap_model
@@ -459,19 +227,19 @@ class ModelCheckpoint(Callback):
                 self._kept = self._kept[: self.save_top_k]
         last = self.last_model_path
         if self.save_last:
-            last = _join(self.dirpath, self.LAST_FILE)
+            last = join_url(self.dirpath, self.LAST_FILE)
             save_model_weights(last, weights)
         self._take(self._kept, last)
         self._write_index()  # before deleting: the index never names a missing file
         for entry in dropped:
-            _remove(entry["path"])
+            remove_url(entry["path"])
 
     def _qualifies(self, score: float) -> bool:
         if self.save_top_k == 0 or math.isnan(score):
             return False
         if self.save_top_k == -1 or len(self._kept) < self.save_top_k:
             return True
-        return _beats(score, self._kept[-1]["score"], self._direction)
+        return beats(score, self._kept[-1]["score"], self._direction)
 
     def _new_path(self, epoch: int, score: float, logs: dict[str, Any]) -> str:
         fields = {name: value for name, value in logs.items() if _is_number(value)}
@@ -484,10 +252,10 @@ class ModelCheckpoint(Callback):
                 f"its fields may use {sorted(fields)}"
             ) from None
         taken = {entry["path"] for entry in self._kept}
-        path, version = _join(self.dirpath, f"{stem}.safetensors"), 0
+        path, version = join_url(self.dirpath, f"{stem}.safetensors"), 0
         while path in taken:  # a template without {epoch} can repeat a kept name
             version += 1
-            path = _join(self.dirpath, f"{stem}-v{version}.safetensors")
+            path = join_url(self.dirpath, f"{stem}-v{version}.safetensors")
         return path
 
 
@@ -552,13 +320,13 @@ class CSVLogger(Callback):
         self._rows: list[dict[str, str]] = []
 
     def on_fit_begin(self, params: dict[str, Any]) -> None:
-        _check_url("CSVLogger", "path", self.path)
+        check_url("CSVLogger", "path", self.path)
 
     def on_train_begin(self, state: CallbackState) -> None:
         start = state.epoch  # 0, or the first epoch after a restored checkpoint
         self._columns, self._rows = [], []
         if start > 0 or self.append:
-            text = _read_text(self.path)
+            text = read_text(self.path)
             if text:
                 reader = csv.DictReader(io.StringIO(text), delimiter=self.separator)
                 self._columns = list(reader.fieldnames or [])
@@ -582,7 +350,7 @@ class CSVLogger(Callback):
         if self._columns:
             writer.writeheader()
         writer.writerows(self._rows)
-        _write_text(self.path, buffer.getvalue())
+        write_text(self.path, buffer.getvalue())
 
 
 def _epoch_of(row: dict[str, str]) -> float:

@@ -1,10 +1,10 @@
 """The process that runs one worker of ``tf.distribute.MultiWorkerMirroredStrategy``.
 
 Rank side; no pyspark here. Each Spark task of a Keras TensorFlow-backend job starts one of
-these (`deepspark.keras.tf_rank`) and talks to it over two pipes: the task writes the job (a
-`WorkerJob`, cloudpickled) to the process's stdin once the ranks have met; the process writes
-JSON lines back on a file descriptor of its own (its stdout and stderr go to a log file, so
-that nothing TensorFlow or the user's code prints can be taken for a message).
+these (`deepspark.training.rank._tf_rank`) and talks to it over two pipes: the task writes the
+job (a `_tf_rank.WorkerJob`, cloudpickled) to the process's stdin once the ranks have met; the
+process writes JSON lines back on a file descriptor of its own (its stdout and stderr go to a
+log file, so that nothing TensorFlow or the user's code prints can be taken for a message).
 
 Why a process of its own: once a peer fails, TensorFlow aborts the collectives of the whole
 process for good ("Restart your program to reset"); a process joins one TensorFlow cluster
@@ -29,23 +29,9 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["WorkerJob", "main"]
-
-
-@dataclass
-class WorkerJob:
-    """Everything the worker process needs, sent by its Spark task once the ranks have met."""
-
-    spec: Any  # deepspark.training.job_spec.TrainSpec
-    rank: int
-    spill: Any  # deepspark.data.PartitionSpill (a copy that does not own the files)
-    tf_config: dict[str, Any]
-    train_rows: list[int]  # every rank's training rows, in rank order
-    output_dir: str
-    marks: dict[str, float] = field(default_factory=dict)
+__all__ = ["main"]
 
 
 class _Messages:
@@ -82,7 +68,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _read_job(stream) -> WorkerJob | None:
+def _read_job(stream) -> Any:
     """The job the task sends on stdin: 8 bytes of length, then the cloudpickled job."""
     import cloudpickle
 
@@ -97,11 +83,11 @@ def _read_job(stream) -> WorkerJob | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deepspark.keras.tf_worker MESSAGE_FD PARENT_PID``."""
+    """``python -m deepspark.training.rank._tf_worker MESSAGE_FD PARENT_PID``."""
     argv = sys.argv[1:] if argv is None else argv
     messages = _Messages(int(argv[0]))
     _die_with_parent(int(argv[1]))
-    from deepspark.inference.keras_runtime import import_keras
+    from deepspark.persist.keras_files import import_keras
 
     try:
         import_keras("tensorflow")  # sets KERAS_BACKEND and quiets TensorFlow first
@@ -110,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if job is None:
             return 0
         os.environ["TF_CONFIG"] = json.dumps(job.tf_config)
-        from deepspark.keras.tf_loop import TFTrainer
+        from deepspark.training.rank._tf_loop import TFTrainer
 
         trainer = TFTrainer(job, messages)
         messages.send({"kind": "ready"})

@@ -1,6 +1,6 @@
 """One rank of a Keras TensorFlow-backend job, inside its Spark task. No pyspark here, and no
 TensorFlow either: TensorFlow runs in the worker process this rank starts
-(`deepspark.keras.tf_worker`, which says why it is a process of its own).
+(`deepspark.training.rank._tf_worker`, which says why it is a process of its own).
 
 `run_tf_rank` is the barrier task's work (`stage.run_barrier_stage` calls it): it starts the
 worker process at once (TensorFlow's import overlaps the rest), spills the partition's Arrow
@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -40,12 +41,25 @@ from deepspark.training.job_spec import (
     TrainSpec,
 )
 
-__all__ = ["TFWorkerError", "run_tf_rank"]
+__all__ = ["TFWorkerError", "WorkerJob", "run_tf_rank"]
 
 _RESULT_SCHEMA = pa.schema(
     [("rank", pa.int32()), ("kind", pa.string()), ("seq", pa.int32()), ("payload", pa.binary())]
 )
 _LOG_TAIL_LINES = 15
+
+
+@dataclass
+class WorkerJob:
+    """Everything the worker process needs, sent by its Spark task once the ranks have met."""
+
+    spec: Any  # deepspark.training.job_spec.TrainSpec
+    rank: int
+    spill: Any  # deepspark.data.PartitionSpill (a copy that does not own the files)
+    tf_config: dict[str, Any]
+    train_rows: list[int]  # every rank's training rows, in rank order
+    output_dir: str
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 class TFWorkerError(RuntimeError):
@@ -74,8 +88,6 @@ def run_tf_rank(
         spill = stream.finish(spec.collective_timeout_s)
         peers = _meet(spec, context, progress, spill)
         context.marks["ranks_met"] = time.time()
-        from deepspark.keras.tf_worker import WorkerJob
-
         job = WorkerJob(
             spec=spec,
             rank=rank,
@@ -171,7 +183,7 @@ class _WorkerProcess:
                 [
                     sys.executable,
                     "-m",
-                    "deepspark.keras.tf_worker",
+                    "deepspark.training.rank._tf_worker",
                     str(write_fd),
                     str(os.getpid()),
                 ],
