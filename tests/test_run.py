@@ -208,3 +208,129 @@ def test_killed_rank_resumes_from_checkpoint_every_epoch_trained_once(spark, tmp
     assert epochs == [0, 1, 2, 3]  # every epoch trained once
     with pytest.raises(ValueError, match="already holds checkpoints"):
         ds.run(_trains_with_checkpoints, df, log_path, marker, checkpoint_dir=checkpoints)
+
+
+def _regression_frames(spark):
+    rows = spark.range(0, 256, 1, 2).selectExpr("id / 256D as x", "3 * id / 256D as y")
+    return rows, spark.range(0, 64, 1, 2).selectExpr("id / 64D as x", "3 * id / 64D as y")
+
+
+def _lightning_fit(train, validation) -> dict:
+    import lightning.pytorch as lightning
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    class Regressor(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+            self.rows = 0
+
+        def training_step(self, batch, _):
+            features, labels = batch
+            self.rows += len(labels)
+            return F.mse_loss(self.layer(features).squeeze(1), labels)
+
+        def validation_step(self, batch, _):
+            features, labels = batch
+            loss = F.mse_loss(self.layer(features).squeeze(1), labels)
+            self.log("val_loss", loss, sync_dist=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    torch.manual_seed(0)
+    model = Regressor()
+    data = ds.training.ShardDataModule(
+        train, validation, feature_cols=[["x"]], label_cols="y", batch_size=16
+    )
+    trainer = lightning.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=int(os.environ["LOCAL_WORLD_SIZE"]),
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    before = trainer.validate(model, datamodule=data, verbose=False)[0]["val_loss"]
+    trainer.fit(model, datamodule=data)
+    rows: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, model.rows)
+    return {
+        "world": trainer.world_size,
+        "rows": rows,
+        "before": before,
+        "after": float(trainer.callback_metrics["val_loss"]),
+    }
+
+
+@pytest.mark.slow
+def test_lightning_trainer_ddp_inside_run_fed_by_shard(spark):
+    pytest.importorskip("lightning")
+    train, validation = _regression_frames(spark)
+    result = ds.run(_lightning_fit, train, validation, num_workers=2)
+    assert result["world"] == 2
+    assert sum(result["rows"]) == 3 * 256  # every row once per epoch, over both ranks
+    assert result["rows"][0] == result["rows"][1]
+    assert result["after"] < 0.2 * result["before"]  # it learnt y = 3x
+
+
+def _hf_train(train, output_dir: str) -> dict:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    config = BertConfig(
+        vocab_size=16,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=8,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)  # built from its config: nothing downloaded
+    batches = ds.shard(
+        train,
+        feature_cols={"input_ids": "tokens"},
+        label_cols={"labels": "label"},
+        batch_size=16,
+        step_policy="wrap",
+    )
+    arguments = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=8,
+        num_train_epochs=4,
+        learning_rate=5e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=batches.rows())
+    outcome = trainer.train()
+    return {
+        "world": arguments.world_size,
+        "steps": outcome.global_step,
+        "steps_per_epoch": len(batches),
+        "loss": outcome.training_loss,
+        "epochs_read": batches.epoch,
+    }
+
+
+@pytest.mark.slow
+def test_hugging_face_trainer_inside_run_fed_by_shard(spark, tmp_path):
+    pytest.importorskip("transformers")
+    # the label is whether the first token is odd: a tiny BERT learns it in a few epochs
+    train = spark.range(0, 256, 1, 2).selectExpr(
+        "array(cast(id % 16 as int), 3, 5, 7) as tokens", "cast(id % 2 as long) as label"
+    )
+    result = ds.run(_hf_train, train, str(tmp_path / "hf"), num_workers=2)
+    assert result["world"] == 2
+    assert result["steps_per_epoch"] == 8  # 128 rows per rank, 8 per device per step
+    assert result["steps"] == 4 * 8  # every rank took every step: accelerate dealt none away
+    assert result["epochs_read"] == 4
+    assert result["loss"] < 0.69  # below chance (ln 2)

@@ -47,6 +47,7 @@ __all__ = [
     "RecoveryOptions",
     "RunError",
     "RunOptions",
+    "ShardDataModule",
     "ShardDataset",
     "StepOptions",
     "TensorflowBackend",
@@ -56,3 +57,12 @@ __all__ = [
     "run",
     "shard",
 ]
+
+
+def __getattr__(name: str):
+    # The Lightning adapter imports lightning, an optional extra: only when asked for.
+    if name == "ShardDataModule":
+        from deepspark.training.rank.lightning_data import ShardDataModule
+
+        return ShardDataModule
+    raise AttributeError(f"module 'deepspark.training' has no attribute {name!r}")

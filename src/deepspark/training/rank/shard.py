@@ -19,7 +19,7 @@ from deepspark.data import FeedError, StepPlan, TensorSpec, plan_steps
 from deepspark.training.rank.function_state import active_run
 from deepspark.training.run_spec import FrameHandle
 
-__all__ = ["ShardDataset", "shard"]
+__all__ = ["ShardDataset", "ShardRows", "shard"]
 
 ColumnsArg = str | Sequence[Any] | Mapping[str, Any] | None
 
@@ -199,12 +199,80 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 continue
             yield self._item(batch.real())
 
+    def rows(self) -> ShardRows:
+        """This rank's rows one by one, for trainers that batch and shard a dataset themselves.
+
+        The Hugging Face ``Trainer`` (through accelerate) wraps a map-style dataset in a
+        sampler that deals each rank every ``world_size``-th batch of one shared order. The
+        returned dataset claims the length of all ranks' epochs together and hands each rank
+        its own rows in this dataset's order, whatever index is asked for, so every rank trains
+        on its own share, and all take the same number of steps. Give the trainer a per-device
+        batch size equal to this rank's share of `batch_size` (``batch_size // world_size``),
+        use ``step_policy="wrap"`` or ``"drop"`` (full batches on every rank), and no
+        dataloader workers.
+        """
+        return ShardRows(self)
+
     def _item(self, batch: Any) -> Any:
         tensors = (*batch.features, *batch.labels)
         if self.keys is not None:
             return dict(zip(self.keys, tensors, strict=True))
         features, labels = batch.as_pair()
         return features if not self.labels else (features, labels)
+
+
+class ShardRows(torch.utils.data.Dataset):
+    """A rank's rows of a `ShardDataset`, one at a time; see `ShardDataset.rows`."""
+
+    def __init__(self, batches: ShardDataset) -> None:
+        plan = batches.plan
+        if plan.policy.value == "pad" and len(set(plan.rows_per_rank)) > 1:
+            raise ValueError(
+                "ShardDataset.rows(): the ranks hold different row counts, so under "
+                'step_policy="pad" their batches differ in size; shard with '
+                'step_policy="wrap" or "drop" to give every rank full batches'
+            )
+        self.batches = batches
+        self.local_rows = plan.steps_per_epoch * plan.local_batch_sizes[batches.rank]
+        self._stream: Iterator[Any] | None = None
+        self._served = 0
+
+    def __len__(self) -> int:
+        return self.local_rows * self.batches.plan.num_ranks
+
+    def __getitem__(self, index: int) -> Any:
+        # The sampler's index is ignored on purpose: it numbers one order shared by all ranks,
+        # while each rank's rows are only here. Each call takes the next row of this rank.
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError(
+                "ShardDataset.rows() serves rows in order; use it without dataloader workers "
+                "(e.g. TrainingArguments(dataloader_num_workers=0))"
+            )
+        if self._stream is None or self._served == self.local_rows:
+            self._stream = self._row_stream()
+            self._served = 0
+        self._served += 1
+        return next(self._stream)
+
+    def _row_stream(self) -> Iterator[Any]:
+        for item in self.batches:
+            if isinstance(item, dict):
+                rows = len(next(iter(item.values())))
+                for row in range(rows):
+                    yield {key: value[row] for key, value in item.items()}
+            else:
+                yield from _unbatched(item)
+
+
+def _unbatched(item: Any) -> Iterator[Any]:
+    if isinstance(item, torch.Tensor):
+        yield from item
+    elif isinstance(item, tuple):
+        yield from zip(*(list(_unbatched(part)) for part in item), strict=True)
+    else:  # a dict of tensors
+        keys = list(item)
+        for values in zip(*(item[key] for key in keys), strict=True):
+            yield dict(zip(keys, values, strict=True))
 
 
 def _column_groups(
