@@ -63,7 +63,8 @@ def shard(
         epoch, the short ranks' last batches are smaller (possibly empty). ``"wrap"``: full
         batches, short ranks repeat rows. ``"drop"``: full batches, steps of the smallest share.
     dtypes : dict, optional
-        Torch dtype name by column (default float32; integer labels int64).
+        Torch dtype name by column. Default float32; integer labels, and integer columns
+        named by a dict (token ids), int64.
     decoders : dict, optional
         Decode function by column, for binary and string columns.
 
@@ -100,7 +101,7 @@ def shard(
     rows = spill.num_rows(data.index)
     local = None
     if rows:
-        specs = _resolve(spill.schema, features, labels, dtypes or {}, decoders or {})
+        specs = _resolve(spill.schema, features, labels, dtypes or {}, decoders or {}, keyed)
         specs = spill.resolve_specs(specs, data.index)  # shapes from the data
         local = [(spec.kind.value, spec.shape, spec.dtype) for spec in specs]
     gathered: list[Any] = [None] * run.world_size
@@ -315,8 +316,13 @@ def _resolve(
     labels: list[tuple[str, tuple[str, ...], bool]],
     dtypes: Mapping[str, str],
     decoders: Mapping[str, Callable[[Any], Any]],
+    keyed: bool,
 ) -> tuple[TensorSpec, ...]:
-    """Specs from the spilled Arrow schema (shapes still open: the spill fills them in)."""
+    """Specs from the spilled Arrow schema (shapes still open: the spill fills them in).
+
+    Integer label columns become int64 (class ids), as in `Estimator.fit`; so do integer
+    feature columns named by a dict (token ids and masks of a Hugging Face model).
+    """
     specs = []
     for role, groups in (("feature", features), ("label", labels)):
         for _, names, stacked in groups:
@@ -335,7 +341,7 @@ def _resolve(
                     f"deepspark.shard: {list(names)} stacks columns into one tensor, which "
                     "only scalar columns can; list the others on their own"
                 )
-            default = "int64" if role == "label" and integral else "float32"
+            default = "int64" if integral and (role == "label" or keyed) else "float32"
             dtype = dtypes.get(names[0], default)
             shape = (len(names),) if stacked and kinds[0] == "scalar" else ()
             decode = decoders.get(names[0])
