@@ -29,6 +29,12 @@ from typing import Any
 import pandas as pd
 
 from deepspark.training.backend import Backend
+from deepspark.training.callbacks import call_driver_hook
+from deepspark.training.driver.checks import pickled
+from deepspark.training.driver.fit_data import job_data
+from deepspark.training.driver.jobs import run_job
+from deepspark.training.driver.recovery import prepared_recovery
+from deepspark.training.driver.timeline import fit_timeline
 from deepspark.training.job_spec import JobKind, ResultKind, TrainSpec
 from deepspark.training.options import EvaluateOptions, FitOptions, LoopOptions
 
@@ -73,7 +79,6 @@ class FitResult:
     def timings(self) -> dict[str, float]:
         """Where the fit's wall time went, in seconds, up to now (call it once the weights are
         loaded: its last span, ``load_weights``, ends here). See ``Estimator.timings_``."""
-        from deepspark.training.driver.timeline import fit_timeline
 
         return fit_timeline(
             self.marks, self.marks["fit_start"], self.marks["checks_done"], time.time()
@@ -109,8 +114,6 @@ def fit(
     deepspark.TrainingError
         When the job failed after its allowed re-runs.
     """
-    from deepspark.training.driver.fit_data import job_data
-    from deepspark.training.driver.recovery import prepared_recovery
 
     started_wall = time.time()
     started = time.perf_counter()
@@ -155,8 +158,6 @@ def evaluate(backend: Backend, data: Any, options: EvaluateOptions) -> dict[str,
     dict
         ``{"loss": ..., "<metric>": ...}``, exact over every row.
     """
-    from deepspark.training.driver.fit_data import job_data
-    from deepspark.training.driver.jobs import run_job
 
     options.check()
     job = job_data(backend, data, None, options.data, options.run, training=False)
@@ -173,7 +174,7 @@ def evaluate(backend: Backend, data: Any, options: EvaluateOptions) -> dict[str,
         creator_blobs=job.creator_blobs,
         creator_keys=job.creator_keys,
     )
-    result = run_job(job.spark, job.frame, spec, loop=backend.loop, progress=False)
+    result = run_job(job.spark, job.frame, spec, loop=backend.loop, progress=options.run.progress)
     return json.loads(result.payload(ResultKind.METRICS))
 
 
@@ -181,9 +182,6 @@ def _run_with_hooks(
     backend: Backend, job: Any, spec: TrainSpec, options: FitOptions, started: float
 ) -> Any:
     """The fit job with the callbacks' driver hooks around it."""
-    from deepspark.training.callbacks import call_driver_hook
-    from deepspark.training.driver.checks import pickled
-    from deepspark.training.driver.jobs import run_job
 
     callbacks = list(options.callbacks)
     fit_params = {
@@ -216,7 +214,6 @@ def _fit_result(
     result: Any, num_workers: int, options: FitOptions, marks: dict[str, float]
 ) -> FitResult:
     """The history and results of a successful job; the callbacks' ``on_fit_end``."""
-    from deepspark.training.callbacks import call_driver_hook
 
     history = json.loads(result.payload(ResultKind.HISTORY))
     for record in history:

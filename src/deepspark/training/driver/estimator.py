@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from deepspark.persist.weights import weights_from_bytes
+from deepspark.training import engine
 from deepspark.training.driver.checks import check_model, optimizer_factory
 from deepspark.training.driver.jobs import TrainingError
 from deepspark.training.driver.model_io import ModelIO
@@ -321,8 +322,6 @@ class Estimator(ModelIO):
         ...
         ValueError: epochs=0: give a positive integer
         """
-        from deepspark.training import engine
-
         options = FitOptions.from_keywords(
             options,
             feature_cols=feature_cols,
@@ -366,8 +365,6 @@ class Estimator(ModelIO):
         dict
             ``{"loss": ..., "<metric>": ...}``, exact over every row.
         """
-        from deepspark.training import engine
-
         options = EvaluateOptions.from_keywords(
             options, feature_cols=feature_cols, label_cols=label_cols, **keywords
         )
