@@ -102,6 +102,9 @@ def run_function_rank(
             else:
                 os.environ[name] = value
         relay.close()
+        for path in context.cleanup:  # a script copied here for this run
+            with contextlib.suppress(OSError):
+                os.remove(path)
         if failed:
             gc.collect()
         if progress is not None:
