@@ -26,7 +26,7 @@ class RankLoop(str, Enum):
 
     TORCH = "torch"  # rank.run: DistributedDataParallel over torch.distributed
     TENSORFLOW = "tensorflow"  # rank._tf_rank: MultiWorkerMirroredStrategy, a process per rank
-    FUNCTION = "function"  # rank.function_rank: a user's own function or script (deepspark.run)
+    FUNCTION = "function"  # rank._function_rank: a user's own function or script (deepspark.run)
 
 
 class ResultKind(str, Enum):

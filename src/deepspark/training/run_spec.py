@@ -1,7 +1,7 @@
 """The plain, picklable description of one `deepspark.run` job: a user's function or script.
 
 Built on the driver (`driver.function_job`), shipped to every rank inside the Spark task
-closure and read by `rank.function_rank`. Plain values and bytes only. The fields the engine's
+closure and read by `rank._function_rank`. Plain values and bytes only. The fields the engine's
 job runner reads (`kind`, `world_size`, `attempt`, the progress address, ...) have the same
 names as in `TrainSpec`, so one runner schedules and retries both.
 """

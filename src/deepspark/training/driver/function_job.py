@@ -5,7 +5,7 @@ worker count fits the free task slots, the checkpoint directory is writable. Dat
 the arguments are replaced by `FrameHandle` objects and their rows become the barrier stage's
 input (no copy to storage); inside the function `deepspark.shard` reads a rank's share. The
 job itself goes through the engine's job runner (`jobs.run_job`): the same progress channel,
-rendezvous, attempts and failure reports as `Estimator.fit`, with `rank.function_rank` as the
+rendezvous, attempts and failure reports as `Estimator.fit`, with `rank._function_rank` as the
 rank backend.
 """
 
@@ -171,7 +171,7 @@ def run(
 
 class FunctionBackend(Backend):
     """The engine's backend for a user's own function or script: its ranks run
-    `rank.function_rank` (no model of the engine's to build; the function brings its own)."""
+    `rank._function_rank` (no model of the engine's to build; the function brings its own)."""
 
     loop = RankLoop.FUNCTION
     takes_creators = False

@@ -1,6 +1,6 @@
 """What a user's function sees of the `deepspark.run` job it runs in (worker side; no pyspark).
 
-`rank.function_rank` sets the active run while the function runs; `deepspark.shard` reads its
+`rank._function_rank` sets the active run while the function runs; `deepspark.shard` reads its
 data from it, and `deepspark.checkpoint` / `deepspark.restore` its checkpoint directory (the
 same fsspec directories and checkpoint format as `Estimator.fit`).
 """
