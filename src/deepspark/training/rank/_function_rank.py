@@ -24,8 +24,8 @@ from typing import Any
 import pyarrow as pa
 
 from deepspark.training.job_spec import RESULT_CHUNK_BYTES, SPLIT_COLUMN, ResultKind
-from deepspark.training.rank.function_state import ActiveRun, running
 from deepspark.training.rank._output_relay import OutputRelay, captured_output
+from deepspark.training.rank.function_state import ActiveRun, running
 from deepspark.training.rank.run import RankContext, cuda_device_index, exchange_hellos
 from deepspark.training.run_spec import RunSpec
 
