@@ -279,6 +279,8 @@ def test_lightning_trainer_ddp_inside_run_fed_by_shard(spark):
 
 def _hf_train(train, output_dir: str) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # the dev extra also installs TensorFlow with Keras 3, whose TF side transformers refuses
+    os.environ["USE_TF"] = "0"
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
     config = BertConfig(
