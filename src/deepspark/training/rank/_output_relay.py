@@ -41,7 +41,7 @@ class OutputRelay:
     >>> relay.line("stdout", "hello world")
     >>> relay.line("stdout", "second")
     >>> relay.tail(), relay.cut
-    (['hello…', 'second'], 1)
+    (['hello…', 'secon…'], 1)
     """
 
     def __init__(self, progress: Any, *, max_lines: int, max_chars: int) -> None:
