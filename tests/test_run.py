@@ -279,8 +279,13 @@ def test_lightning_trainer_ddp_inside_run_fed_by_shard(spark):
 
 def _hf_train(train, output_dir: str) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
-    # the dev extra also installs TensorFlow with Keras 3, whose TF side transformers refuses
-    os.environ["USE_TF"] = "0"
+    # The dev extra also installs TensorFlow with Keras 3, whose TF side transformers refuses.
+    # Users set USE_TF=0 in the executors' environment (spark.executorEnv.USE_TF); this
+    # session's workers started without it and had imported transformers already (torchmetrics
+    # looks for it), so its flag is turned off here, before the Trainer is imported.
+    import transformers.utils.import_utils as transformers_imports
+
+    transformers_imports._tf_available = False
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
     config = BertConfig(
