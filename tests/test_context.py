@@ -219,6 +219,7 @@ def test_connect_port_that_accepts_but_never_answers_fails_in_bounded_time():
     assert waited < 5 + 60, waited  # a hang guard, not a speed claim
 
 
+@pytest.mark.slow
 def test_spark_submit_mode_adopts_the_submitted_session(tmp_path: Path):
     script = tmp_path / "job.py"
     script.write_text(
@@ -263,6 +264,7 @@ def test_second_init_context_returns_the_running_session(spark):
         assert ds.init_context(cores=1) is spark
 
 
+@pytest.mark.slow
 def test_stop_context_is_idempotent(spark):
     ds.init_context(cores=2, app_name="deepspark-tests")
     ds.stop_context()
@@ -272,6 +274,7 @@ def test_stop_context_is_idempotent(spark):
     assert fresh.range(3).count() == 3
 
 
+@pytest.mark.slow
 def test_local_cluster_runs_tasks_in_separate_executor_jvms(local_cluster_spark):
     assert local_cluster_spark.sparkContext.master == "local-cluster[2,1,1024]"
     _wait_for_executors(local_cluster_spark, 2)
@@ -294,6 +297,7 @@ def test_connect_session_runs_dataframe_jobs(connect_spark):
     assert len(_task_working_dirs(connect_spark)) >= 1
 
 
+@pytest.mark.slow
 def test_standalone_tasks_run_on_both_workers(standalone_spark, standalone_cluster):
     assert standalone_spark.sparkContext.master == standalone_cluster.master_url
     _wait_for_executors(standalone_spark, 2)
@@ -349,6 +353,7 @@ def test_fit_and_predict_through_a_connect_server_of_its_own(connect_server_spar
     assert all(len(row.prediction) == 10 for row in scored)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warm", [True, False])
 def test_init_context_warms_the_python_workers_that_later_tasks_reuse(warm):
     # a fresh process: the session's workers have run nothing before
