@@ -337,7 +337,7 @@ def test_hugging_face_trainer_inside_run_fed_by_shard(spark, tmp_path):
     )
     result = ds.run(_hf_train, train, str(tmp_path / "hf"), num_workers=2)
     assert result["world"] == 2
-    assert result["steps_per_epoch"] == 8  # 128 rows per rank, 8 per device per step
-    assert result["steps"] == 4 * 8  # every rank took every step: accelerate dealt none away
+    assert result["steps_per_epoch"] == 16  # 128 rows per rank, 8 per device per step
+    assert result["steps"] == 4 * 16  # every rank took every step: accelerate dealt none away
     assert result["epochs_read"] == 4
     assert result["loss"] < 0.69  # below chance (ln 2)
