@@ -13,7 +13,14 @@ if TYPE_CHECKING:
     from deepspark.context import init_context, stop_context
     from deepspark.data.cache import cache, uncache
     from deepspark.inference import predict
-    from deepspark.training import Estimator, TrainingError
+    from deepspark.training import (
+        Estimator,
+        TrainingError,
+        checkpoint,
+        restore,
+        run,
+        shard,
+    )
 
 __version__ = "0.1.0"
 
@@ -22,6 +29,10 @@ _HOMES = {
     "Estimator": "deepspark.training",
     "TrainingError": "deepspark.training",
     "cache": "deepspark.data.cache",
+    "checkpoint": "deepspark.training",
+    "restore": "deepspark.training",
+    "run": "deepspark.training",
+    "shard": "deepspark.training",
     "init_context": "deepspark.context",
     "predict": "deepspark.inference",
     "stop_context": "deepspark.context",
@@ -33,8 +44,12 @@ __all__ = [
     "TrainingError",
     "__version__",
     "cache",
+    "checkpoint",
     "init_context",
     "predict",
+    "restore",
+    "run",
+    "shard",
     "stop_context",
     "uncache",
 ]

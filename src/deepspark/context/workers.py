@@ -3,9 +3,10 @@
 Spark starts its Python workers with ``PYSPARK_PYTHON`` (or ``python3`` on the executors'
 ``PATH``), not with the driver's interpreter. Where driver and executors share a machine,
 `init_context` hands the workers the driver's own interpreter
-(`deepspark.context.session.worker_python`) and the workers need no check. Everywhere else the first job of a session runs :func:`check_workers`: one
-small task per slot reports its interpreter and the versions of deepspark, torch and pyarrow it
-can import, and a mismatch raises one `WorkerEnvironmentError` that says what to fix, instead of
+(`deepspark.context.session.worker_python`) and the workers need no check. Everywhere else the
+first job of a session runs :func:`check_workers`: one small task per slot reports its
+interpreter and the versions of deepspark, torch and pyarrow it can import, and a mismatch
+raises one `WorkerEnvironmentError` that says what to fix, instead of
 a training job failing with a worker's traceback.
 """
 

@@ -288,6 +288,16 @@ class PartitionSpill:
             return iter(())
         return _ordered_pending(lambda: self._windows(split, specs, None, window_bytes), batch_size)
 
+    def resolve_specs(
+        self, specs: TensorSpec | Sequence[TensorSpec], split: int = 0
+    ) -> tuple[TensorSpec, ...]:
+        """Check ``specs`` against the spilled columns of ``split``; fill their shapes in.
+
+        Array, vector and decoded columns declared without a shape take it from the data, as
+        `epoch` and `ordered` do; a split without rows returns the specs as they are.
+        """
+        return self._check_specs(normalize_specs(specs), split)
+
     def _check_specs(self, specs: tuple[TensorSpec, ...], split: int) -> tuple[TensorSpec, ...]:
         """Check every block's columns once per spec set; return specs with shapes filled in."""
         if not specs:

@@ -18,6 +18,7 @@ __all__ = ["RESULT_SCHEMA", "JobKind", "RankLoop", "RankProgram", "ResultKind", 
 class JobKind(str, Enum):
     FIT = "fit"
     EVALUATE = "evaluate"
+    RUN = "run"  # a user's own function or script (`deepspark.run`)
 
 
 class RankLoop(str, Enum):
@@ -25,6 +26,7 @@ class RankLoop(str, Enum):
 
     TORCH = "torch"  # rank.run: DistributedDataParallel over torch.distributed
     TENSORFLOW = "tensorflow"  # rank._tf_rank: MultiWorkerMirroredStrategy, a process per rank
+    FUNCTION = "function"  # rank._function_rank: a user's own function or script (deepspark.run)
 
 
 class ResultKind(str, Enum):
@@ -35,6 +37,7 @@ class ResultKind(str, Enum):
     METRICS = "metrics"  # JSON dict (evaluate)
     STEP_HISTORY = "step_history"  # JSON list of validations every N steps
     OPTIMIZER = "optimizer"  # torch.save of the optimizers' state, in bounded chunks
+    RETURN = "return"  # cloudpickle of a user function's return value (`deepspark.run`)
 
 
 # One output row per result chunk; Spark's own result path carries them to the driver.

@@ -14,6 +14,7 @@ import math
 import pickle
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -139,10 +140,12 @@ def run_job(
     max_failures: int = 0,
     progress: bool = True,
     started: float | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> JobResult:
     """Run `spec` over `data`, re-running failed attempts from the latest checkpoint.
 
-    Each task runs the rank `loop` (`stage.run_barrier_stage`).
+    Each task runs the rank `loop` (`stage.run_barrier_stage`). `on_event` sees every event
+    the ranks send as it arrives (on the progress server's thread).
 
     Raises
     ------
@@ -160,7 +163,7 @@ def run_job(
     spec.rendezvous_host = "127.0.0.1" if master_of(spark).is_local else None
     driver = driver_address(spark)
     bar = ProgressBar(epochs=spec.loop.epochs) if progress else None
-    sink = _ProgressSink(time.perf_counter() if started is None else started, bar)
+    sink = _ProgressSink(time.perf_counter() if started is None else started, bar, on_event)
     causes: list[str] = []
     server = ProgressServer(
         host=driver.bind,
@@ -247,8 +250,8 @@ class _ProgressSink:
     """What the driver takes from the ranks' progress events: the first step's moment, the
     attempt that trained each epoch; the events go on to the progress bar."""
 
-    def __init__(self, started: float, bar: Any) -> None:
-        self.started, self.bar = started, bar
+    def __init__(self, started: float, bar: Any, on_event: Any = None) -> None:
+        self.started, self.bar, self.on_event = started, bar, on_event
         self.attempt = 1
         self.first_step_s = float("nan")
         self.epoch_attempts: dict[int, int] = {}
@@ -260,6 +263,8 @@ class _ProgressSink:
             self.epoch_attempts[int(event["epoch"])] = self.attempt
         if self.bar is not None:
             self.bar(event)
+        if self.on_event is not None:
+            self.on_event(event)
 
 
 def _failure_cause(server: Any, error: Exception, errors_before: int) -> str:

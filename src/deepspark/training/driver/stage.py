@@ -35,6 +35,8 @@ def run_barrier_stage(df: DataFrame, spec: TrainSpec, loop: RankLoop = RankLoop.
 
         if loop is RankLoop.TENSORFLOW:
             from deepspark.training.rank._tf_rank import run_tf_rank as rank_entry
+        elif loop is RankLoop.FUNCTION:
+            from deepspark.training.rank._function_rank import run_function_rank as rank_entry
         else:
             rank_entry = run_rank
 

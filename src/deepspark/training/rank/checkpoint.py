@@ -10,6 +10,7 @@ Layout of a checkpoint directory::
             optimizer.pt        optimizer state (torch.save; loaded with weights_only=True)
             scheduler.pt        LR scheduler state (same)
             rng.pt              torch, CUDA, numpy and Python RNG states (same)
+            state.pt            a user function's own state (`deepspark.checkpoint`; same)
             checkpoint.json     manifest, written last: epoch, extra, every file and its size
 
 A checkpoint is complete when its manifest exists and every file it lists has the listed size.
@@ -50,6 +51,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_state",
     "save_checkpoint",
 ]
 
@@ -61,6 +63,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
+STATE_FILE = "state.pt"
 _FORMAT_VERSION = 1
 _NAME = re.compile(r"epoch-(\d+)")
 _STAGING_PREFIX = ".tmp-"
@@ -234,11 +237,12 @@ def latest_checkpoint(directory: str) -> CheckpointInfo | None:
 def save_checkpoint(
     directory: str,
     epoch: int,
-    model: nn.Module,
+    model: nn.Module | None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     extra: dict[str, Any] | None = None,
     keep: int | None = 2,
+    state: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Save a complete training checkpoint under ``directory``, atomically.
 
@@ -253,9 +257,9 @@ def save_checkpoint(
         Local path or fsspec URL (``file://``, ``memory://``, ``s3://``, ...); created if needed.
     epoch : int
         The epoch just finished (0-based).
-    model : torch.nn.Module
+    model : torch.nn.Module or None
         Its weights are saved; DistributedDataParallel, DataParallel and torch.compile wrappers
-        are looked through.
+        are looked through. ``None`` saves no model (a checkpoint of `state` alone).
     optimizer : torch.optim.Optimizer, optional
     scheduler : object with ``state_dict()``, optional
         An LR scheduler (or anything whose state dict holds tensors and plain values).
@@ -265,6 +269,9 @@ def save_checkpoint(
         How many checkpoints to keep: this one and the newest ``keep - 1`` of earlier epochs.
         Older ones, leftovers of crashed saves and checkpoints of later epochs (from an earlier
         run that this one replaces) are deleted. None keeps all.
+    state : dict, optional
+        Any further tensors and plain values (a user function's own state, see
+        `deepspark.checkpoint`); read back with `load_state`.
 
     Returns
     -------
@@ -303,7 +310,7 @@ def save_checkpoint(
         fs.rm(final, recursive=True)
     fs.makedirs(staging, exist_ok=True)
     try:
-        files = _write_checkpoint_files(fs, staging, model, optimizer, scheduler)
+        files = _write_checkpoint_files(fs, staging, model, optimizer, scheduler, state)
         created = time.time()
         manifest = {
             "format": _FORMAT_VERSION,
@@ -333,19 +340,23 @@ def save_checkpoint(
 def _write_checkpoint_files(
     fs: fsspec.AbstractFileSystem,
     folder: str,
-    model: nn.Module,
+    model: nn.Module | None,
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, int]:
-    save_model_weights(
-        fs.unstrip_protocol(_join(folder, MODEL_FILE)), unwrap_model(model).state_dict()
-    )
+    if model is not None:
+        save_model_weights(
+            fs.unstrip_protocol(_join(folder, MODEL_FILE)), unwrap_model(model).state_dict()
+        )
     if optimizer is not None:
         _write_bytes(fs, _join(folder, OPTIMIZER_FILE), _torch_bytes(optimizer.state_dict()))
     if scheduler is not None:
         _write_bytes(fs, _join(folder, SCHEDULER_FILE), _torch_bytes(scheduler.state_dict()))
+    if state is not None:
+        _write_bytes(fs, _join(folder, STATE_FILE), _torch_bytes(state))
     _write_bytes(fs, _join(folder, RNG_FILE), _torch_bytes(get_rng_state()))
-    written = [MODEL_FILE, RNG_FILE]
+    written = [RNG_FILE] + [MODEL_FILE] * (model is not None) + [STATE_FILE] * (state is not None)
     written += [OPTIMIZER_FILE] if optimizer is not None else []
     written += [SCHEDULER_FILE] if scheduler is not None else []
     return {name: int(fs.size(_join(folder, name))) for name in sorted(written)}
@@ -449,6 +460,22 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(_torch_load(fs, _join(folder, RNG_FILE), "cpu"))
     return {"epoch": info.epoch, "extra": info.extra, "path": info.path, "created": info.created}
+
+
+def load_state(checkpoint: CheckpointInfo | str) -> dict[str, Any]:
+    """The `state` saved with a checkpoint (see `save_checkpoint`); unpickles no code.
+
+    Examples
+    --------
+    >>> _ = save_checkpoint("memory://doc/state", 1, None, state={"epoch": 1, "w": [0.5]})
+    >>> load_state("memory://doc/state")
+    {'epoch': 1, 'w': [0.5]}
+    """
+    info = _resolve(checkpoint)
+    if STATE_FILE not in info.files:
+        raise ValueError(f"{info.path} holds no state (it was saved without one)")
+    fs, folder = fsspec.core.url_to_fs(info.path)
+    return _torch_load(fs, _join(folder, STATE_FILE), "cpu")
 
 
 def _resolve(checkpoint: CheckpointInfo | str) -> CheckpointInfo:
