@@ -59,7 +59,7 @@ def _tf_workers(since: float) -> list[str]:
         cmdline = " ".join(info["cmdline"] or [])
         if (
             info["create_time"] >= since
-            and "deepspark.keras.tf_worker" in cmdline
+            and "deepspark.training.rank._tf_worker" in cmdline
             and info["status"] != psutil.STATUS_ZOMBIE
         ):
             found.append(f"{info['pid']}: {cmdline}")

@@ -48,6 +48,7 @@ def test_nan_in_the_first_rows_is_refused_on_the_driver_with_column_and_count(sp
         _estimator().fit(df, epochs=1, **FIT)
 
 
+@pytest.mark.slow
 def test_nan_past_the_first_rows_fails_the_rank_naming_column_and_count(spark):
     train_x, train_y, _, _ = helpers.digits_arrays()
     train_x = train_x[:400].copy()

@@ -33,6 +33,7 @@ def _new_estimator() -> ds.Estimator:
     )
 
 
+@pytest.mark.slow
 def test_load_on_the_class_and_on_an_estimator_both_give_the_trained_model(spark, tmp_path):
     train_df, test_df = helpers.digits_frames(spark)
     trained = _new_estimator()

@@ -45,6 +45,7 @@ def test_an_error_of_the_drivers_own_code_is_not_retried(spark):
     assert not retry_can_help(failure.value.__cause__)
 
 
+@pytest.mark.slow
 def test_a_failure_inside_the_job_is_retried_up_to_max_failures(spark):
     def rank_entry(spec, batches, context):
         raise RuntimeError(f"rank {context.rank} lost its input (attempt {spec.attempt})")

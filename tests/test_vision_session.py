@@ -37,6 +37,7 @@ def user_arrow_rows(spark):
     spark.conf.set(ARROW_ROWS, before)
 
 
+@pytest.mark.slow
 def test_embed_and_detect_leave_the_arrow_batch_size_as_the_user_set_it(
     spark, tmp_path, user_arrow_rows
 ):
