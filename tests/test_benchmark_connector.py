@@ -8,18 +8,30 @@ of every job was answered by the same process, which loaded its model once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCHMARKS)
-
-from connector_server import ServerProcess, client_fn  # noqa: E402
-
 pytest.importorskip("PIL")
+
+
+def _connector_module():
+    """benchmarks/connector_server.py, loaded by its path: putting benchmarks/ on sys.path
+    would let its keras.py shadow Keras for every later test of the run."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "connector_server.py"
+    spec = importlib.util.spec_from_file_location("connector_server", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+_connector = _connector_module()
+ServerProcess, client_fn = _connector.ServerProcess, _connector.client_fn
 
 
 def _connector_frame(spark, folder: str, url: str):
