@@ -11,17 +11,19 @@ multi-series path, each in one run on the same data.
    `AutoETS`, `AutoARIMA`, `AutoTheta` with ``season_length`` the series' season. For
    seasons over 24, which statsforecast's ETS does not fit, the AutoETS column is `MSTL`
    (the season taken out) with a non-seasonal AutoETS on the rest, and an `MSTL` column
-   with an AutoARIMA trend (statsforecast's example for long seasons) is added. AutoTS runs with frozen defaults (the
-   `autots_model` rule below, decided on the development sets) and ``seed=0``; it never sees
-   the holdout. Targets (on the test split): AutoTS's MASE no worse than SeasonalNaive's on
-   at least 80% of the series, and better than the best statsforecast model's on at least
-   half. ``--unseeded N`` adds N runs of AutoTS without a seed and reports their spread.
+   with an AutoARIMA trend (statsforecast's example for long seasons) is added. AutoTS
+   runs with frozen defaults (the `autots_model` rule below, decided on the development
+   sets) and ``seed=0``; it never sees the holdout. Targets (on the test split): AutoTS's
+   MASE no worse than SeasonalNaive's on at least 80% of the series, and better than the
+   best statsforecast model's on at least half. ``--unseeded N`` adds N runs of AutoTS
+   without a seed and reports their spread.
 2. Anomalies (`timeseries_anomaly.py`): ranking metrics on a development set (Yahoo) and a
    held-out one (MIT-BIH ECG).
 3. Scale (`timeseries_scale.py`): independent series, a global model against statsforecast.
 
-Usage: python benchmarks/timeseries.py [--quick] [--split test|dev] [--scale N]
-[--sections accuracy,anomaly,scale] [--columns SeasonalNaive,AutoETS,AutoTS] [--unseeded N];
+Usage: python benchmarks/timeseries.py [--quick] [--split test|dev] [--series nile,lynx]
+[--scale N] [--sections accuracy,anomaly,scale] [--columns SeasonalNaive,AutoETS,AutoTS]
+[--unseeded N];
 the last line is one JSON object, also appended to benchmarks/log.jsonl.
 """
 
@@ -180,11 +182,11 @@ def models() -> dict[str, Forecast]:
     }
 
 
-def sets_for(split: str) -> list[ForecastSet]:
+def sets_for(split: str, names: list[str] | None = None) -> list[ForecastSet]:
     """The series of a split: "dev" tunes, "test" is reported once with frozen defaults."""
     if split not in ("dev", "test"):
         raise ValueError(f"split={split!r}: 'dev' or 'test'")
-    return test_sets() if split == "test" else development_sets()
+    return test_sets(names) if split == "test" else development_sets(names)
 
 
 def history_of(series: ForecastSet) -> pd.DataFrame:
@@ -192,8 +194,10 @@ def history_of(series: ForecastSet) -> pd.DataFrame:
     return series.frame.iloc[: -series.horizon]
 
 
-def accuracy_section(split: str, columns: list[str], unseeded: int) -> dict:
-    sets = sets_for(split)
+def accuracy_section(
+    split: str, columns: list[str], unseeded: int, names: list[str] | None = None
+) -> dict:
+    sets = sets_for(split, names)
     chosen = {k: v for k, v in models().items() if k in columns}
     if QUICK:
         sets = sets[:2]
@@ -312,6 +316,9 @@ def main() -> None:
         help=f"comma-separated accuracy columns, from {','.join(models())}",
     )
     parser.add_argument(
+        "--series", default="", help="comma-separated series of the split (default all)"
+    )
+    parser.add_argument(
         "--unseeded", type=int, default=0, help="runs of AutoTS without a seed, for the spread"
     )
     args = parser.parse_args()
@@ -339,7 +346,9 @@ def main() -> None:
     }
     try:
         if "accuracy" in sections:
-            result |= accuracy_json(accuracy_section(args.split, columns, args.unseeded))
+            names = [name.strip() for name in args.series.split(",") if name.strip()] or None
+            accuracy = accuracy_section(args.split, columns, args.unseeded, names)
+            result |= accuracy_json(accuracy)
         if "anomaly" in sections:
             from timeseries_anomaly import anomaly_json, anomaly_section
 

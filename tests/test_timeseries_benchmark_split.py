@@ -10,8 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import timeseries  # noqa: E402
-import timeseries_sets  # noqa: E402
+import timeseries
+import timeseries_sets
 
 
 def test_development_and_test_series_are_disjoint_and_the_dev_run_reads_only_dev_sets():

@@ -88,7 +88,10 @@ class AutoEstimator:
         Where the default database and each completed trial's saved model go. Default:
         ``~/.deepspark/automl/<study_name>``.
     seed : int, optional
-        Seeds the sampler and every trial's fit.
+        Seeds the sampler and every trial's fit (trial n with ``seed + n``). With a seed,
+        trials that train at once run in rounds (`deepspark.automl.rounds`): each draws its
+        config, and is pruned, knowing only the earlier rounds, so the same seed gives the
+        same configs, trials and scores whatever order they finish in.
 
     Examples
     --------
