@@ -28,27 +28,28 @@ FUGUE = "statsforecast AutoETS on Spark (Fugue)"
 
 
 def independent_series(count: int, seed: int = 0) -> pd.DataFrame:
-    """`count` monthly series of 150-400 points, each drawn from its own generator."""
+    """`count` monthly series of 150-400 points, each drawn from its own generator: a
+    stationary seasonal ARMA, (1 - a B)(1 - s B^12) x = (1 + m B) e, plus a yearly pattern of
+    three harmonics, a trend and, for half of them, a level shift."""
+    from scipy.signal import lfilter
+
     parts = []
     for number in range(count):
         rng = np.random.default_rng([seed, number])
         length = int(rng.integers(150, 401))
-        ar = rng.uniform(-0.8, 0.9)
-        ma = rng.uniform(-0.5, 0.5)
-        seasonal_ar = rng.uniform(0.0, 0.6)
-        shocks = rng.normal(0.0, 1.0, length + SEASON + 1)
-        arma = np.zeros(length + SEASON + 1)
-        for t in range(SEASON + 1, len(arma)):
-            arma[t] = (
-                ar * arma[t - 1] + seasonal_ar * arma[t - SEASON] + shocks[t] + ma * shocks[t - 1]
-            )
+        ar, seasonal_ar, ma = rng.uniform(-0.8, 0.9), rng.uniform(0.0, 0.7), rng.uniform(-0.5, 0.5)
+        denominator = np.zeros(SEASON + 2)
+        denominator[[0, 1, SEASON, SEASON + 1]] = [1.0, -ar, -seasonal_ar, ar * seasonal_ar]
+        burn_in = 10 * SEASON  # the process forgets its zero start
+        arma = lfilter([1.0, ma], denominator, rng.normal(0.0, 1.0, length + burn_in))[burn_in:]
         steps = np.arange(length)
+        phases = rng.uniform(0.0, 2 * np.pi, 3)
         pattern = sum(
-            rng.normal(0.0, 1.0 / k) * np.sin(2 * np.pi * k * steps / SEASON + rng.uniform(0, 6.3))
+            rng.normal(0.0, 1.0 / k) * np.sin(2 * np.pi * k * steps / SEASON + phases[k - 1])
             for k in (1, 2, 3)
         )
-        y = pattern * rng.uniform(0.5, 4.0) + arma[-length:] * rng.uniform(0.2, 1.0)
-        y = y + rng.normal(0.0, rng.uniform(0.005, 0.03)) * steps
+        y = pattern * rng.uniform(0.5, 4.0) + arma * rng.uniform(0.2, 1.0)
+        y = y + rng.normal(0.0, 0.02) * steps
         if rng.random() < 0.5:
             y[int(rng.integers(length // 4, length - 24)) :] += rng.normal(0.0, 3.0)
         parts.append(
