@@ -195,13 +195,19 @@ def history_of(series: ForecastSet) -> pd.DataFrame:
 
 
 def accuracy_section(
-    split: str, columns: list[str], unseeded: int, names: list[str] | None = None
+    split: str,
+    columns: list[str],
+    unseeded: int,
+    names: list[str] | None = None,
+    scores: dict | None = None,
 ) -> dict:
+    """Forecast each set of `split` with each of `columns`. `scores` (filled as the run
+    goes, ``{series: {model: {"mase", "smape"}}}``) keeps what a stopped run measured."""
     sets = sets_for(split, names)
     chosen = {k: v for k, v in models().items() if k in columns}
     if QUICK:
         sets = sets[:2]
-    scores: dict[str, dict[str, dict[str, float]]] = {}
+    scores = {} if scores is None else scores
     seconds: dict[str, float] = dict.fromkeys(chosen, 0.0)
     for series in sets:
         history = history_of(series)
@@ -344,10 +350,11 @@ def main() -> None:
         "sections": sections,
         "load_avg_start": round(load_before, 2),
     }
+    measured: dict = {}
     try:
         if "accuracy" in sections:
             names = [name.strip() for name in args.series.split(",") if name.strip()] or None
-            accuracy = accuracy_section(args.split, columns, args.unseeded, names)
+            accuracy = accuracy_section(args.split, columns, args.unseeded, names, measured)
             result |= accuracy_json(accuracy)
         if "anomaly" in sections:
             from timeseries_anomaly import anomaly_json, anomaly_section
@@ -360,6 +367,11 @@ def main() -> None:
     except BaseException as error:
         # a run that failed is logged too, with what it had measured
         result["error"] = f"{type(error).__name__}: {error}"[:500]
+        if measured and "accuracy" not in result:
+            result["accuracy_measured_before_the_error"] = {
+                series: {m: {k: round(v, 4) for k, v in r.items()} for m, r in per.items()}
+                for series, per in measured.items()
+            }
         raise
     finally:
         ds.stop_context()
