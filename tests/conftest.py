@@ -2,7 +2,9 @@
 
 A Python process holds one JVM-backed Spark session at a time, so the session fixtures share
 one switch: asking for another kind stops the current session first. Tests are ordered by the
-kind they use, so each kind starts about once per run.
+kind they use, so each kind starts about once per run. The standalone cluster and the Connect
+server behind two of the kinds are started by the first test that needs them and stopped after
+the last one, so they too start once per run, however many modules use them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,16 @@ class _SessionSwitch:
         self.session = None
 
     def get(self, kind: str, start) -> object:
-        if self.kind == kind and self.session is not None and _alive(self.session):
-            return self.session
+        if self.kind == kind and self.session is not None:
+            if _alive(self.session):
+                return self.session
+            # A test stopped it and may have started the same kind again: init_context hands
+            # a running session back, and that one is kept rather than restarted.
+            with contextlib.suppress(Exception):
+                again = start()
+                if _alive(again):
+                    self.session = again
+                    return again
         self.stop()
         self.session = start()
         self.kind = kind
@@ -71,6 +80,21 @@ def _alive(session) -> bool:
 _switch = _SessionSwitch()
 
 
+# Fixtures that start JVMs beyond the run's local session and its one Connect session: their
+# tests belong to the slow tier, which `make test-fast` (`-m "not slow"`) leaves out. Such a test
+# gets the mark here when its file forgot it, so the fast tier never starts a cluster.
+SLOW_TIER_FIXTURES = frozenset(
+    {
+        "local_cluster_spark",
+        "standalone_cluster",
+        "standalone_spark",
+        "connect_server",
+        "connect_server_spark",
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # the marks added here must be in place before `-m` selects
 def pytest_collection_modifyitems(config, items):
     def kind_rank(item) -> int:
         names = getattr(item, "fixturenames", ())
@@ -80,10 +104,58 @@ def pytest_collection_modifyitems(config, items):
         return 0
 
     items.sort(key=kind_rank)
+    for item in items:
+        uses = SLOW_TIER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
+class _RunService:
+    """A cluster or server kept from the first test that asks for it to the last one.
+
+    Tests are sorted by session kind, so the tests that use one service run in one stretch; it
+    is stopped as soon as the next test does not ask for it. A failed start is remembered, so
+    the tests after it fail at once instead of waiting for their own start to time out.
+    """
+
+    def __init__(self, fixture_name: str, start, stop) -> None:
+        self.fixture_name = fixture_name
+        self._start, self._stop = start, stop
+        self.value = None
+        self.error: BaseException | None = None
+
+    def get(self):
+        if self.error is not None:
+            raise RuntimeError(f"{self.fixture_name} failed to start earlier") from self.error
+        if self.value is None:
+            try:
+                self.value = self._start()
+            except Exception as error:
+                self.error = error
+                raise
+        return self.value
+
+    def stop(self) -> None:
+        if self.value is not None:
+            value, self.value = self.value, None
+            self._stop(value)
+
+
+_services: list[_RunService] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the test's own fixtures go first
+    for service in _services:
+        if nextitem is None or service.fixture_name not in nextitem.fixturenames:
+            service.stop()
 
 
 def pytest_sessionfinish(session, exitstatus):
     _switch.stop()
+    for service in _services:
+        service.stop()
     if _skipped_dev_modules and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -363,18 +435,30 @@ def start_standalone_cluster(workers: int = 2, startup_timeout_s: float = 90.0):
     return cluster
 
 
-@pytest.fixture(scope="module")
-def standalone_cluster() -> Iterator[StandaloneCluster]:
-    """A Master and two one-core Workers on loopback, all stopped at teardown."""
+def _start_run_standalone_cluster() -> StandaloneCluster:
     _switch.stop()  # the cluster's application must be the only JVM session in this process
-    cluster = start_standalone_cluster(workers=2)
-    try:
-        yield cluster
-    finally:
+    return start_standalone_cluster(workers=2)
+
+
+def _stop_run_standalone_cluster(cluster: StandaloneCluster) -> None:
+    if _switch.kind == "standalone_spark":
         _switch.stop()
-        cluster.stop()
-        if cluster.log_dir is not None:
-            shutil.rmtree(cluster.log_dir, ignore_errors=True)
+    cluster.stop()
+    if cluster.log_dir is not None:
+        shutil.rmtree(cluster.log_dir, ignore_errors=True)
+
+
+_standalone_service = _RunService(
+    "standalone_cluster", _start_run_standalone_cluster, _stop_run_standalone_cluster
+)
+_services.append(_standalone_service)
+
+
+@pytest.fixture
+def standalone_cluster() -> StandaloneCluster:
+    """A Master and two one-core Workers on loopback, shared by every test of the run that
+    asks for it; stopped after the last of them."""
+    return _standalone_service.get()
 
 
 @pytest.fixture
@@ -512,17 +596,24 @@ def start_connect_server(master: str = "local-cluster[2,1,1024]", startup_timeou
     return server
 
 
-@pytest.fixture(scope="module")
-def connect_server() -> Iterator[ConnectServer]:
-    """A Spark Connect server (local-cluster[2,1,1024]) on loopback, stopped at teardown."""
-    server = start_connect_server()
-    try:
-        yield server
-    finally:
-        if _switch.kind == "connect_server_spark":
-            _switch.stop()
-        server.stop()
-        shutil.rmtree(server.log_dir, ignore_errors=True)
+def _stop_run_connect_server(server: ConnectServer) -> None:
+    if _switch.kind == "connect_server_spark":
+        _switch.stop()
+    server.stop()
+    shutil.rmtree(server.log_dir, ignore_errors=True)
+
+
+_connect_server_service = _RunService(
+    "connect_server", start_connect_server, _stop_run_connect_server
+)
+_services.append(_connect_server_service)
+
+
+@pytest.fixture
+def connect_server() -> ConnectServer:
+    """A Spark Connect server (local-cluster[2,1,1024]) on loopback, shared by every test of
+    the run that asks for it; stopped after the last of them."""
+    return _connect_server_service.get()
 
 
 @pytest.fixture

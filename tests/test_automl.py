@@ -76,6 +76,7 @@ def _values(config: dict) -> tuple:
     return config["hidden"], config["lr"], config["dropout"]
 
 
+@pytest.mark.slow
 def test_tpe_search_on_digits_finds_an_accurate_config(digits, tmp_path):
     train, validation = digits
     space = {
@@ -118,6 +119,7 @@ def half_bad(trial):
     return {"hidden": 32, "lr": 1e-7 if trial.number % 2 else 3e-3}
 
 
+@pytest.mark.slow
 def test_pruning_stops_bad_configs_early(digits, tmp_path):
     train, validation = digits
     auto = search(tmp_path, half_bad, pruner="median")
@@ -132,6 +134,7 @@ def test_pruning_stops_bad_configs_early(digits, tmp_path):
     assert auto.best_config["lr"] == 3e-3
 
 
+@pytest.mark.slow
 def test_a_failed_trial_is_recorded_and_the_search_goes_on(digits, tmp_path):
     train, validation = digits
     # one trial at a time: Optuna's grid sampler may repeat a point for concurrent trials
@@ -198,6 +201,7 @@ def test_bad_arguments_are_refused_before_any_trial(digits, tmp_path):
     assert not (tmp_path / "search" / "trials").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_metric_fails_the_trial_with_the_names_there_are(digits, tmp_path):
     train, _ = digits
     auto = search(tmp_path, {"hidden": [32], "lr": [1e-3]}, metric="val_accuracy")
@@ -246,6 +250,7 @@ def _finished_in(db: Path) -> list[tuple[int, str]]:
         return []
 
 
+@pytest.mark.slow
 def test_a_search_whose_driver_was_killed_resumes_without_retraining(spark, tmp_path):
     directory = tmp_path / "study"
     root = Path(__file__).resolve().parent.parent
@@ -298,6 +303,7 @@ def test_a_search_whose_driver_was_killed_resumes_without_retraining(spark, tmp_
     assert retried["param_hidden"].iloc[0] == interrupted[0].params["hidden"]
 
 
+@pytest.mark.slow
 def test_slots_held_by_ray_on_spark_are_not_offered_to_trials_or_fits(digits, tmp_path):
     from deepspark.context.session import hold_task_slots
 

@@ -18,6 +18,15 @@ import pytest
 import deepspark as ds
 from conftest import free_port, spark_class
 from deepspark.context import ClusterMode, ContextConfig, resolve_spark_conf
+from deepspark.context.topology import (
+    DriverAddress,
+    driver_address,
+    executor_layout,
+    is_connect,
+    master_of,
+    parse_master,
+    session_identity,
+)
 
 
 def _run_python(code: str, env: dict[str, str] | None = None, timeout: float = 120):
@@ -219,6 +228,7 @@ def test_connect_port_that_accepts_but_never_answers_fails_in_bounded_time():
     assert waited < 5 + 60, waited  # a hang guard, not a speed claim
 
 
+@pytest.mark.slow
 def test_spark_submit_mode_adopts_the_submitted_session(tmp_path: Path):
     script = tmp_path / "job.py"
     script.write_text(
@@ -263,6 +273,7 @@ def test_second_init_context_returns_the_running_session(spark):
         assert ds.init_context(cores=1) is spark
 
 
+@pytest.mark.slow
 def test_stop_context_is_idempotent(spark):
     ds.init_context(cores=2, app_name="deepspark-tests")
     ds.stop_context()
@@ -272,6 +283,7 @@ def test_stop_context_is_idempotent(spark):
     assert fresh.range(3).count() == 3
 
 
+@pytest.mark.slow
 def test_local_cluster_runs_tasks_in_separate_executor_jvms(local_cluster_spark):
     assert local_cluster_spark.sparkContext.master == "local-cluster[2,1,1024]"
     _wait_for_executors(local_cluster_spark, 2)
@@ -294,6 +306,7 @@ def test_connect_session_runs_dataframe_jobs(connect_spark):
     assert len(_task_working_dirs(connect_spark)) >= 1
 
 
+@pytest.mark.slow
 def test_standalone_tasks_run_on_both_workers(standalone_spark, standalone_cluster):
     assert standalone_spark.sparkContext.master == standalone_cluster.master_url
     _wait_for_executors(standalone_spark, 2)
@@ -313,11 +326,11 @@ def test_fit_and_predict_through_a_connect_server_of_its_own(connect_server_spar
     import torch
     from sklearn.datasets import load_digits
 
-    from deepspark.training.driver.stage import available_task_slots
+    from deepspark.context.topology import task_slots
 
     spark = connect_server_spark
     assert type(spark).__module__.startswith("pyspark.sql.connect")
-    assert available_task_slots(spark) == 2
+    assert task_slots(spark) == 2
     digits = load_digits()
     frame = pd.DataFrame({"features": list(digits.data / 16.0), "label": digits.target})
     df = spark.createDataFrame(frame, "features array<double>, label long")
@@ -349,6 +362,7 @@ def test_fit_and_predict_through_a_connect_server_of_its_own(connect_server_spar
     assert all(len(row.prediction) == 10 for row in scored)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warm", [True, False])
 def test_init_context_warms_the_python_workers_that_later_tasks_reuse(warm):
     # a fresh process: the session's workers have run nothing before
@@ -376,3 +390,60 @@ def test_init_context_warms_the_python_workers_that_later_tasks_reuse(warm):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"TORCH {[warm, warm]}" in result.stdout, result.stdout[-2000:]
+
+
+# --- the session's topology, asked in one place (deepspark.context.topology) -------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "mode", "executors", "cores", "shares"),
+    [
+        ("local", "local", 1, 1, True),
+        ("local[3]", "local", 1, 3, True),
+        ("local[2,4]", "local", 1, 2, True),
+        ("local-cluster[2,1,1024]", "local-cluster", 2, 1, True),
+        ("spark://127.0.0.1:7077", "standalone", None, None, True),
+        ("spark://a:7077,b:7077", "standalone", None, None, False),
+        ("yarn", "yarn", None, None, False),
+        ("k8s://https://api:443", "k8s", None, None, False),
+        ("sc://server:15002", "connect", None, None, False),
+    ],
+)
+def test_master_urls_are_parsed_once_for_every_caller(url, mode, executors, cores, shares):
+    master = parse_master(url)
+    assert (master.mode.value, master.executors, master.cores_per_executor) == (
+        mode,
+        executors,
+        cores,
+    )
+    assert master.shares_machine is shares
+    assert parse_master("local[*]").cores_per_executor == os.cpu_count()
+    assert parse_master("mesos://host:5050").mode is None
+
+
+def test_topology_of_a_local_session(spark):
+    assert not is_connect(spark) and master_of(spark).is_local
+    layout = executor_layout(spark)
+    assert (layout.executors, layout.task_slots) == (1, spark.sparkContext.defaultParallelism)
+    assert driver_address(spark) == DriverAddress("127.0.0.1", "127.0.0.1")
+    assert session_identity(spark) == f"classic:{spark.sparkContext.applicationId}"
+
+
+def test_topology_of_a_local_cluster_counts_its_executors(local_cluster_spark):
+    layout = executor_layout(local_cluster_spark)
+    assert (layout.executors, layout.cores_per_executor, layout.task_slots) == (2, 1, 2)
+
+
+def test_topology_of_a_connect_session_is_the_servers(connect_spark):
+    assert is_connect(connect_spark)
+    assert is_connect(connect_spark.range(1))  # its DataFrames too
+    assert master_of(connect_spark).url == "local[2]"
+    assert executor_layout(connect_spark).task_slots == 2
+    assert session_identity(connect_spark) == f"connect:{connect_spark.session_id}"
+    assert driver_address(connect_spark).bind == "127.0.0.1"  # a local server on loopback
+
+
+def test_topology_of_a_standalone_cluster_waits_for_and_counts_its_executors(standalone_spark):
+    layout = executor_layout(standalone_spark)
+    assert (layout.executors, layout.cores_per_executor, layout.task_slots) == (2, 1, 2)
+    assert driver_address(standalone_spark) == DriverAddress("127.0.0.1", "127.0.0.1")

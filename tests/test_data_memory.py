@@ -84,7 +84,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_a_partition_larger_than_the_budget_streams_in_bounded_memory(tmp_path):
     completed = subprocess.run(

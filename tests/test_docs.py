@@ -9,10 +9,15 @@ example off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -94,24 +99,82 @@ def test_page_script_joins_runnable_blocks_in_order(tmp_path):
     assert script.index("x = 1") < script.index("print(x)")
 
 
+# Two pages run at a time: a page is mostly one interpreter starting, a JVM starting and the
+# latency of small jobs, so on 2 cores a second page fills the time the first leaves idle.
+PAGES_AT_ONCE = 2
+
+
+@dataclass
+class PageRun:
+    """One page's examples, run as a script in a fresh interpreter and an empty directory."""
+
+    page: Path
+    directory: Path
+    script: str = ""
+    process: subprocess.Popen | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def path(self) -> Path:
+        return self.directory / f"{self.page.stem}_examples.py"
+
+    def run(self) -> PageRun:
+        self.script = page_script(self.page)
+        if not self.script:
+            return self
+        self.path.write_text(self.script)
+        # run them as a user would: init_context chooses the workers' Python on its own
+        env = {name: value for name, value in os.environ.items() if name != "PYSPARK_PYTHON"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(self.path)],
+            cwd=self.directory,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            self.stdout, self.stderr = self.process.communicate(timeout=PAGE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            self.stdout, self.stderr = self.process.communicate()
+            self.stderr += f"\n(killed after {PAGE_TIMEOUT_S} s)"
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def page_runs(request, tmp_path_factory) -> Iterator[dict[str, Future]]:
+    """The selected pages' runs, started together, `PAGES_AT_ONCE` at a time."""
+    selected = [
+        item.callspec.params["page"]
+        for item in request.session.items
+        if item.originalname == "test_page_examples_run" and hasattr(item, "callspec")
+    ]
+    runs = [PageRun(page, tmp_path_factory.mktemp(page.stem)) for page in selected]
+    pool = ThreadPoolExecutor(max_workers=PAGES_AT_ONCE, thread_name_prefix="docs-page")
+    futures = {run.page.name: pool.submit(run.run) for run in runs}
+    try:
+        yield futures
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for run in runs:  # pages left running when the run stops early
+            run.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
-def test_page_examples_run(page, tmp_path):
-    script = page_script(page)
-    assert script, f"{page.name} has no runnable python block: every guide shows code that runs"
-    path = tmp_path / f"{page.stem}_examples.py"
-    path.write_text(script)
-    # run them as a user would: init_context chooses the workers' Python on its own
-    env = {name: value for name, value in os.environ.items() if name != "PYSPARK_PYTHON"}
-    result = subprocess.run(
-        [sys.executable, str(path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=PAGE_TIMEOUT_S,
-    )
-    assert result.returncode == 0, (
-        f"the examples of {page.name} failed (exit {result.returncode}); script {path}\n"
-        f"--- stdout (tail)\n{result.stdout[-3000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}"
+def test_page_examples_run(page, page_runs):
+    run = page_runs[page.name].result()
+    assert run.script, f"{page.name} has no runnable python block: every guide shows code that runs"
+    code = run.process.returncode
+    assert code == 0, (
+        f"the examples of {page.name} failed (exit {code}); script {run.path}\n"
+        f"--- stdout (tail)\n{run.stdout[-3000:]}\n--- stderr (tail)\n{run.stderr[-6000:]}"
     )

@@ -210,9 +210,16 @@ def test_the_cache_evicts_least_recently_used_past_its_budget():
     assert loads == ["a", "b", "c", "b"]
     info = cache.info()
     assert (info.entries, info.nbytes, info.evictions) == (2, 20, 2)
+    cache.resize(10)  # the least recently used ("a") goes; "b" stays, and is still a hit
+    assert cache.get_or_load("b", loader("b")) == "b" and loads == ["a", "b", "c", "b"]
+    info = cache.info()
+    assert (info.entries, info.nbytes, info.evictions, info.budget_bytes) == (1, 10, 3, 10)
     oversized: SizedLRUCache[str] = SizedLRUCache(budget_bytes=5, size_of=lambda _: 10)
     oversized.get_or_load("big", lambda: "big")
     assert oversized.info().entries == 1  # the newest model stays even over budget
+    assert oversized.get_or_load("big", lambda: "reloaded") == "big"  # and is a hit
+    oversized.get_or_load("next", lambda: "next")
+    assert (oversized.info().entries, oversized.info().evictions) == (1, 1)
 
 
 @pytest.mark.parametrize("kind", [ModelKind.ONNX, ModelKind.TORCHSCRIPT, ModelKind.TORCH_EXPORT])

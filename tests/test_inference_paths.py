@@ -69,6 +69,7 @@ def scored_on(spark, path: str, df, model, feature_cols, **options):
         return predict(df, model, feature_cols, batch_size=7, **options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", OUTPUT_KINDS)
 def test_both_paths_give_the_same_schema_rows_and_order(spark, output):
     df = mixed_frame(spark)
@@ -105,6 +106,7 @@ def test_both_paths_give_the_same_schema_rows_and_order(spark, output):
     torch.testing.assert_close(predicted, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_passthrough_columns_of_every_type_come_back_unchanged(spark):
     df = mixed_frame(spark)
     passthrough = ["id", "name", "tags", "info", "seen", "score"]
@@ -117,6 +119,7 @@ def test_passthrough_columns_of_every_type_come_back_unchanged(spark):
         assert [tuple(row)[:-1] for row in rows] == [tuple(row) for row in expected], path
 
 
+@pytest.mark.slow
 def test_several_feature_columns_reach_the_udf_as_one_batch(spark):
     df = mixed_frame(spark)
     model = make_mlp(3)
@@ -129,6 +132,7 @@ def test_several_feature_columns_reach_the_udf_as_one_batch(spark):
     assert stacked["arrow_udf"] == from_array
 
 
+@pytest.mark.slow
 def test_auto_takes_the_arrow_udf_on_spark_4_1_and_later(spark, capsys):
     df = mixed_frame(spark, rows=8, partitions=1)
     with predict_path(spark, "auto"):
@@ -146,6 +150,7 @@ def test_an_unknown_path_is_refused_with_the_conf_key(spark):
         predict(mixed_frame(spark, rows=4, partitions=1), make_mlp(1), "x")
 
 
+@pytest.mark.slow
 def test_a_filter_on_the_prediction_keeps_the_rows_that_pass(spark):
     df = mixed_frame(spark)
     model = make_mlp(1)
@@ -171,6 +176,7 @@ class FailsOnWorkers(torch.nn.Module):
         return self.net(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_a_failing_model_names_its_error_and_partition_on_each_path(spark, path):
     scored = scored_on(
@@ -181,6 +187,7 @@ def test_a_failing_model_names_its_error_and_partition_on_each_path(spark, path)
         scored.collect()
 
 
+@pytest.mark.slow
 def test_an_action_that_does_not_read_the_prediction_skips_the_model_on_the_udf(spark):
     df = mixed_frame(spark, rows=20, partitions=2)
     # Spark prunes an unread UDF column, so the failing model never runs here ...
@@ -190,6 +197,7 @@ def test_an_action_that_does_not_read_the_prediction_skips_the_model_on_the_udf(
         scored_on(spark, "mapInArrow", df, FailsOnWorkers(), "x").select("id").count()
 
 
+@pytest.mark.slow
 def test_both_paths_agree_over_spark_connect(connect_spark):
     df = mixed_frame(connect_spark)
     model = make_mlp(3)

@@ -54,7 +54,9 @@ def torch_outputs(df, model: torch.nn.Module) -> tuple[list[int], torch.Tensor]:
 MODEL_KINDS = ["torch", "torchscript", "torch_export", "onnx", "saved"]
 
 
-@pytest.fixture(scope="module")
+# session scope: the tests are ordered by session kind, so this module's local and Connect
+# tests do not run in one stretch, and a module-scoped fixture would be built twice
+@pytest.fixture(scope="session")
 def model_files(tmp_path_factory) -> dict[str, object]:
     """One MLP in every form predict takes, each export verified against torch."""
     from deepspark import Estimator
@@ -85,6 +87,7 @@ def test_predictions_equal_single_process_torch_for_every_model_kind(spark, mode
     torch.testing.assert_close(predicted, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_output_kinds_give_typed_columns(spark):
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, IntegerType
 
@@ -161,6 +164,7 @@ class FailsOnWorkers(torch.nn.Module):
         return self.net(x)
 
 
+@pytest.mark.slow
 def test_a_model_failing_on_the_workers_names_its_error_and_partition(spark):
     scored = predict(feature_frame(spark, rows=20, partitions=2), FailsOnWorkers(), "x")
     summary = r"deepspark predict: partition [01]: ValueError: this model refuses to run on a"
@@ -198,6 +202,7 @@ def make_recording_model(log_dir: str) -> torch.nn.Module:
     return LoadRecorder()
 
 
+@pytest.mark.slow
 def test_model_loads_once_per_python_worker_across_two_jobs(local_cluster_spark, tmp_path):
     log_dir = tmp_path / "log"
     log_dir.mkdir()
@@ -248,6 +253,7 @@ def make_failing_model(marker_dir: str) -> torch.nn.Module:
     return FailOnce()
 
 
+@pytest.mark.slow
 def test_parquet_write_is_exactly_once_when_a_task_is_retried(local_cluster_spark, tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -270,6 +276,7 @@ def test_parquet_write_is_exactly_once_when_a_task_is_retried(local_cluster_spar
 # Spark Connect.
 
 
+@pytest.mark.slow
 def test_predict_over_spark_connect(connect_spark, model_files):
     df = feature_frame(connect_spark, rows=40)
     for kind in ("torch", "onnx"):

@@ -20,6 +20,9 @@ pytest.importorskip("tensorflow")
 # Spark's Python workers cannot import the tests folder: ship these helpers by value.
 cloudpickle.register_pickle_by_value(helpers)
 
+# every test trains on Spark
+pytestmark = pytest.mark.slow
+
 EPOCHS, BATCH, LR = 8, 64, 3e-3
 
 

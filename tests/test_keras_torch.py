@@ -24,6 +24,9 @@ try:
 except RuntimeError as error:  # Keras already runs another backend in this process
     pytest.skip(str(error), allow_module_level=True)
 
+# every test trains on Spark
+pytestmark = pytest.mark.slow
+
 EPOCHS, BATCH, LR = 8, 64, 3e-3
 
 

@@ -83,6 +83,7 @@ def _accuracy(scored) -> float:
     return MulticlassClassificationEvaluator(metricName="accuracy").evaluate(scored)
 
 
+@pytest.mark.slow
 def test_pipeline_is_saved_and_loaded_in_a_fresh_session_and_transforms_identically(
     spark, tmp_path
 ):
@@ -162,6 +163,7 @@ def test_pipeline_is_saved_and_loaded_in_a_fresh_session_and_transforms_identica
     }
 
 
+@pytest.mark.slow
 def test_cross_validator_picks_the_better_learning_rate(spark, tmp_path):
     train, test = digits_pixel_frames(spark)
     # scaled once, outside the search: the folds then differ only in our stage's fits
@@ -198,6 +200,7 @@ def test_cross_validator_picks_the_better_learning_rate(spark, tmp_path):
     assert _accuracy(loaded.transform(test)) == accuracy
 
 
+@pytest.mark.slow
 def test_cross_validator_with_checkpoint_dir_scores_every_fit_on_its_own(spark, tmp_path):
     train, _ = digits_pixel_frames(spark)
     scaler = Pipeline(stages=_digits_pipeline(TorchEstimator()).getStages()[:2]).fit(train)
@@ -227,6 +230,7 @@ def test_cross_validator_with_checkpoint_dir_scores_every_fit_on_its_own(spark, 
     assert len(runs) == 5 and all(name.startswith("run-") for name in runs), runs
 
 
+@pytest.mark.slow
 def test_train_validation_split_with_string_indexer_and_binary_evaluator(spark):
     train, test = cancer_frames(spark)
     torch.manual_seed(0)
@@ -268,6 +272,7 @@ def test_train_validation_split_with_string_indexer_and_binary_evaluator(spark):
     np.testing.assert_allclose(np.stack(probabilities).sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_regression_loss_writes_a_double_for_the_regression_evaluator(spark):
     frame = helpers.diabetes_frame(spark)
     features = VectorAssembler(inputCols=[f"f{i}" for i in range(10)], outputCol="features")
@@ -293,6 +298,7 @@ def test_regression_loss_writes_a_double_for_the_regression_evaluator(spark):
     assert r2 >= 0.3, r2
 
 
+@pytest.mark.slow
 def test_feature_shape_feeds_an_assembled_vector_to_a_cnn_as_an_image(spark):
     train, test = digits_pixel_frames(spark)
     assembler = VectorAssembler(inputCols=PIXELS, outputCol="features")
@@ -312,6 +318,7 @@ def test_feature_shape_feeds_an_assembled_vector_to_a_cnn_as_an_image(spark):
     assert _accuracy(scored) >= 0.8
 
 
+@pytest.mark.slow
 def test_torch_model_wraps_a_trained_network_and_matches_torch(spark, tmp_path):
     torch.manual_seed(0)
     net = MLP(4, 3)
@@ -400,6 +407,7 @@ def test_clear_errors_before_any_job(spark):
         model.setPredictionCol("label").transform(assembled)
 
 
+@pytest.mark.slow
 def test_docstring_examples_run(spark):
     failures, tried = doctest.testmod(
         deepspark.ml.stages, extraglobs={"spark": spark}, optionflags=doctest.ELLIPSIS
@@ -407,6 +415,7 @@ def test_docstring_examples_run(spark):
     assert tried > 10 and failures == 0
 
 
+@pytest.mark.slow
 def test_pipeline_fits_transforms_and_persists_over_spark_connect(connect_spark, tmp_path):
     train, test = digits_pixel_frames(connect_spark)
     torch.manual_seed(0)

@@ -3,6 +3,7 @@ and the docstring examples of the engine's Spark-free modules run."""
 
 from __future__ import annotations
 
+import ast
 import doctest
 import importlib
 import pkgutil
@@ -20,6 +21,10 @@ IMPORT = re.compile(r"^\s*(?:from|import)\s+(deepspark(?:\.\w+)*)", re.M)
 
 # Spark-free modules of the engine: they run inside tasks, and on machines without Java.
 RANK_SIDE = [
+    "deepspark.context.topology",
+    "deepspark.context.channel",
+    "deepspark.context.channel_server",
+    "deepspark.context.channel_client",
     "deepspark.persist.weights",
     "deepspark.persist.estimator_dir",
     "deepspark.persist.optimizer_state",
@@ -160,3 +165,116 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(name)
     failures, _ = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert failures == 0
+
+
+# What only `deepspark.context` asks of Spark (DESIGN.md, "Layout"): Connect or classic, the
+# master and its parsing, executors and task slots, the driver's address. Elsewhere code calls
+# `deepspark.context.topology`; messages and docstrings may still name the confs.
+TOPOLOGY_CONF_KEYS = {
+    "pyspark.sql.connect",
+    "spark.master",
+    "spark.submit.deployMode",
+    "spark.task.cpus",
+    "spark.executor.cores",
+    "spark.executor.instances",
+    "spark.driver.host",
+    "spark.driver.bindAddress",
+}
+MASTER_PREFIXES = {"local", "local[", "local-cluster", "local-cluster[", "spark://", "sc://"}
+MASTER_PREFIXES |= {"k8s://", "yarn"}
+TOPOLOGY_CALLS = {
+    "defaultParallelism",
+    "getExecutorIds",
+    "getExecutorInfos",
+    "getExecutorMemoryStatus",
+    "maxNumConcurrentTasks",
+    "cpu_count",
+}
+
+
+def _topology_questions(source: str, name: str) -> list[str]:
+    """Each place in `source` that reads a topology conf, parses a master or counts slots."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        where = f"{name}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Constant) and id(node) not in docstrings:
+            text = node.value if isinstance(node.value, str) else ""
+            if text in TOPOLOGY_CONF_KEYS or re.search(r"local(-cluster)?\\\[|local\(", text):
+                found.append(f"{where} {text!r}")
+        elif isinstance(node, ast.Attribute):
+            if node.attr in TOPOLOGY_CALLS:
+                found.append(f"{where} .{node.attr}")
+            elif node.attr == "master" and ast.unparse(node.value).endswith("sparkContext"):
+                found.append(f"{where} sparkContext.master")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("startswith", "match", "fullmatch")
+            and any(
+                isinstance(arg, ast.Constant) and arg.value in MASTER_PREFIXES for arg in node.args
+            )
+        ):
+            found.append(f"{where} {ast.unparse(node)}")
+    return found
+
+
+def test_only_context_parses_masters_and_counts_slots():
+    outside = [path for path in PACKAGE.rglob("*.py") if "context" not in path.parts]
+    found = [
+        place
+        for path in outside
+        for place in _topology_questions(path.read_text(), str(path.relative_to(PACKAGE)))
+    ]
+    assert not found, "ask deepspark.context.topology instead:\n" + "\n".join(found)
+
+
+def test_the_topology_check_sees_the_patterns_it_forbids():
+    # the check itself, on code written the way the deleted copies were
+    sample = (
+        "def slots(spark):\n"
+        '    """Reads spark.task.cpus (a docstring may say so)."""\n'
+        '    if spark.sparkContext.master.startswith("local"):\n'
+        "        return spark.sparkContext.defaultParallelism\n"
+        '    return int(spark.conf.get("spark.task.cpus"))\n'
+    )
+    found = _topology_questions(sample, "sample.py")
+    lines = sorted(place.split()[0] for place in found)
+    assert lines == ["sample.py:3", "sample.py:3", "sample.py:4", "sample.py:5"], found
+
+
+def test_importing_the_package_loads_neither_pyspark_nor_torch():
+    code = (
+        "import sys, deepspark\n"
+        "heavy = sorted(m for m in ('pyspark', 'torch', 'pyarrow') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('deepspark.'))\n"
+        "assert not loaded, loaded\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_every_public_name_of_the_package_resolves():
+    code = (
+        "import deepspark\n"
+        "missing = [name for name in deepspark.__all__ if getattr(deepspark, name, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert set(deepspark.__all__) <= set(dir(deepspark))\n"
+        "try:\n"
+        "    deepspark.no_such_name\n"
+        "except AttributeError as error:\n"
+        "    assert 'no_such_name' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('an unknown name resolved')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]

@@ -218,6 +218,7 @@ def ray_program(tmp_path_factory):
     return result, after, survivors, _listening(ports), output
 
 
+@pytest.mark.slow
 def test_ray_runs_tasks_and_actors_on_the_executors(ray_program):
     result, after, *_ = ray_program
     assert result["squares"] == [x * x for x in range(6)]
@@ -229,6 +230,7 @@ def test_ray_runs_tasks_and_actors_on_the_executors(ray_program):
     assert result["resources"]["CPU"] == 2  # the two worker nodes; the head has none
 
 
+@pytest.mark.slow
 def test_ray_worker_nodes_are_children_of_executor_jvms(ray_program):
     result, *_ = ray_program
     jvms = result["worker_node_jvms"]
@@ -238,6 +240,7 @@ def test_ray_worker_nodes_are_children_of_executor_jvms(ray_program):
     assert 0 not in result["task_jvms"] and set(result["task_jvms"]) <= set(jvms)
 
 
+@pytest.mark.slow
 def test_ray_memory_is_bounded_as_asked(ray_program):
     result, *_ = ray_program
     # head and two worker nodes: 128 MiB object store and 512 MiB heap each
@@ -245,11 +248,13 @@ def test_ray_memory_is_bounded_as_asked(ray_program):
     assert result["resources"]["memory"] == pytest.approx(3 * 512 * MIB, rel=0.01)
 
 
+@pytest.mark.slow
 def test_init_context_puts_the_worker_python_on_the_executors_path(ray_program):
     result, *_ = ray_program
     assert result["executor_path"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
 
 
+@pytest.mark.slow
 def test_ray_tune_runs_its_trials_on_the_cluster(ray_program):
     result, *_ = ray_program
     assert result["tune"]["trials"] == 2
@@ -258,12 +263,14 @@ def test_ray_tune_runs_its_trials_on_the_cluster(ray_program):
     assert result["tune"]["best_loss"] == pytest.approx(0.25 + 0.02)
 
 
+@pytest.mark.slow
 def test_starting_ray_twice_is_refused(ray_program):
     result, *_ = ray_program
     assert "already runs" in result["second_start"]
     assert result["cluster"]["address"] in result["second_start"]
 
 
+@pytest.mark.slow
 def test_stop_context_leaves_no_ray_process_port_or_temp_dir(ray_program):
     result, after, survivors, listening, output = ray_program
     # right when stop_context returned, in the program itself

@@ -28,6 +28,7 @@ def _splits():
     return train, val, test
 
 
+@pytest.mark.slow
 def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tmp_path):
     train, val, test = _splits()
     auto = AutoTS(
@@ -164,6 +165,7 @@ def test_validation_windows_read_inputs_from_training_and_labels_from_validation
         assert labels["b"] == [(100.0 + s, 101.0 + s, 102.0 + s) for s in range(21, 25)]
 
 
+@pytest.mark.slow
 def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches(spark, tmp_path):
     from deepspark.timeseries import EnsembleForecaster, Forecaster
 
@@ -222,6 +224,7 @@ def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches
     assert pipeline.predict(history)["y"].between(330, 390).all()
 
 
+@pytest.mark.slow
 def test_autots_sets_no_floor_for_data_with_negative_values(spark, tmp_path):
     below = _co2().assign(y=lambda frame: frame["y"] - 340.0)  # ppm above 340: some negative
     train, val, _ = TSDataset.from_pandas(
@@ -246,6 +249,7 @@ def test_autots_sets_no_floor_for_data_with_negative_values(spark, tmp_path):
     np.testing.assert_allclose(future, np.maximum(pipeline.predict(history)["y"], 35.0))
 
 
+@pytest.mark.slow
 def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, tmp_path):
     from sktime.datasets import load_airline
 

@@ -19,6 +19,7 @@ def _airline() -> pd.DataFrame:
     return pd.DataFrame({"ds": series.index.to_timestamp(), "y": series.to_numpy(float)})
 
 
+@pytest.mark.slow
 def test_seasonal_naive_repeats_the_last_season_on_pandas_and_spark_saves_and_exports(
     spark, tmp_path
 ):
@@ -76,6 +77,7 @@ def _windows(values: np.ndarray, lookback: int, horizon: int) -> tuple[np.ndarra
     return x, y.astype("float32")
 
 
+@pytest.mark.slow
 def test_naive_comparison_takes_per_window_loss_differences_on_pandas_and_spark(spark):
     values = _airline()["y"].to_numpy()
     values = (values - values.mean()) / values.std()

@@ -64,6 +64,7 @@ def _naive_mae(test: TSDataset) -> float:
     return float(np.abs(actual - last).mean())
 
 
+@pytest.mark.slow
 def test_two_workers_match_a_single_process_and_beat_naive_on_co2(spark):
     train, test = _co2_monthly()
     epochs, batch_size = 40, 64
@@ -104,6 +105,7 @@ def _hourly_series() -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+@pytest.mark.slow
 def test_predict_the_future_then_save_load_and_onnx(spark, tmp_path):
     frame = _hourly_series()
     data = TSDataset.from_pandas(frame, dt_col="dt", target_col="load", id_col="id")
@@ -220,6 +222,7 @@ def _solar() -> pd.DataFrame:
     return pd.DataFrame({"ds": stamps, "y": frame["solar_gen"].astype(float)})
 
 
+@pytest.mark.slow
 def test_a_floor_raises_forecasts_below_it_in_predict_and_evaluate(spark):
     frame = _solar()
     # two series per id, the second lifted: per-id scaling, and a least value per series

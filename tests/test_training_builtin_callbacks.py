@@ -202,6 +202,7 @@ def worse_after_two_epochs(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0 if epoch < 2 else 100.0)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_every_rank_after_the_same_epoch(spark, tmp_path):
     train_df, val_df = digits_frames(spark)
     est = estimator(lr=0.0)  # nothing learns: val_loss stays the same
@@ -216,6 +217,7 @@ def test_early_stopping_stops_every_rank_after_the_same_epoch(spark, tmp_path):
     assert epochs_by_rank(tmp_path) == {0: [0, 1, 2], 1: [0, 1, 2]}
 
 
+@pytest.mark.slow
 def test_a_stop_asked_on_one_rank_stops_every_rank(spark, tmp_path):
     train_df, _ = digits_frames(spark)
     history = estimator().fit(
@@ -228,6 +230,7 @@ def test_a_stop_asked_on_one_rank_stops_every_rank(spark, tmp_path):
     assert epochs_by_rank(tmp_path) == {0: [0, 1], 1: [0, 1]}
 
 
+@pytest.mark.slow
 def test_restore_best_weights_returns_the_best_epochs_model(spark):
     train_df, val_df = digits_frames(spark)
     est = estimator(scheduler=worse_after_two_epochs)
@@ -242,6 +245,7 @@ def test_restore_best_weights_returns_the_best_epochs_model(spark):
     assert returned == pytest.approx(best, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_model_checkpoint_keeps_the_best_k_files(spark, tmp_path):
     train_df, val_df = digits_frames(spark)
     directory = tmp_path / "best"
@@ -264,6 +268,7 @@ def kept_name(record) -> str:
     return f"epoch={int(record['epoch']):03d}-val_loss={record['val_loss']:.4f}.safetensors"
 
 
+@pytest.mark.slow
 def test_csv_log_and_best_files_hold_each_epoch_once_after_a_retry(spark, tmp_path):
     train_df, val_df = digits_frames(spark)
     log = tmp_path / "log.csv"

@@ -79,6 +79,7 @@ def _estimator(metrics=("accuracy",)) -> ds.Estimator:
     )
 
 
+@pytest.mark.slow
 def test_data_creator_trains_evaluates_and_predicts(spark):
     est = _estimator()
     history = est.fit(
@@ -106,6 +107,7 @@ def test_data_creator_trains_evaluates_and_predicts(spark):
     np.testing.assert_allclose(predicted, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_uneven_iterable_creator_keeps_ranks_in_step(spark):
     est = _estimator()
     history = est.fit(uneven_batches, epochs=2, batch_size=BATCH, num_workers=2, progress=False)
@@ -114,6 +116,7 @@ def test_uneven_iterable_creator_keeps_ranks_in_step(spark):
     assert history["train_rows"].tolist() == [3 * 2 * 32, 3 * 2 * 32]
 
 
+@pytest.mark.slow
 def test_a_sharded_creator_is_taken_whole_and_retried_from_checkpoints(spark, tmp_path):
     est = _estimator()
     killer = helpers.KillRankOnce(str(tmp_path / "killed"), rank=1, epoch=1, step=3)
@@ -135,6 +138,7 @@ def test_a_sharded_creator_is_taken_whole_and_retried_from_checkpoints(spark, tm
     assert history["train_rows"].tolist() == [700 + 22 * 32] * 3
 
 
+@pytest.mark.slow
 def test_dict_batches_are_read_by_key(spark):
     est = _estimator()
     history = est.fit(

@@ -260,6 +260,7 @@ class _MarkFirstStep(Callback):
                 handle.write(f"rank {state.rank} epoch {state.epoch} step {state.step}\n")
 
 
+@pytest.mark.slow
 def test_the_first_step_comes_before_the_partition_is_read(spark, tmp_path):
     marker, log = str(tmp_path / "stepped"), str(tmp_path / "gate.log")
     rng = np.random.default_rng(0)
@@ -302,13 +303,14 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pyspark_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.mark.slow
 def test_a_fit_meets_through_the_driver_not_spark_barrier_calls(spark, monkeypatch):
     hellos = []
     original = ProgressServer._hello
 
-    def counting(self, connection, event, selector):
+    def counting(self, peer, event):
         hellos.append((event["rank"], event["attempt"]))
-        original(self, connection, event, selector)
+        original(self, peer, event)
 
     monkeypatch.setattr(ProgressServer, "_hello", counting)
     rng = np.random.default_rng(1)

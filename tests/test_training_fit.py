@@ -47,6 +47,7 @@ def _listening_ports() -> set[int]:
     return {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
 
 
+@pytest.mark.slow
 def test_fit_on_local_reaches_accuracy_and_matches_single_process(spark):
     train_df, test_df = digits_frames(spark)
     est = _estimator()
@@ -100,6 +101,7 @@ def test_fit_on_local_reaches_accuracy_and_matches_single_process(spark):
     assert spans["validation"] > 0  # a validation set was given: its passes were counted
 
 
+@pytest.mark.slow
 def test_evaluate_metrics_equal_numpy_on_the_same_predictions(spark):
     train_df, test_df = digits_frames(spark)
     est = _estimator(metrics=("accuracy", "top5_accuracy"))
@@ -122,6 +124,7 @@ def test_evaluate_metrics_equal_numpy_on_the_same_predictions(spark):
     assert scores["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_uneven_and_empty_partitions_train_without_hanging(spark):
     from pyspark.sql import functions as F
 
@@ -233,6 +236,7 @@ def test_wrong_inputs_fail_on_the_driver_naming_the_argument(spark, tmp_path):
         read_only.chmod(0o700)
 
 
+@pytest.mark.slow
 def test_second_fit_into_a_used_checkpoint_dir_resumes_only_when_asked(spark, tmp_path):
     train_df, test_df = digits_frames(spark)
     checkpoints = str(tmp_path / "ckpt")
@@ -257,6 +261,7 @@ def test_second_fit_into_a_used_checkpoint_dir_resumes_only_when_asked(spark, tm
     assert fresh["epoch"].tolist() == [0]
 
 
+@pytest.mark.slow
 def test_training_error_names_the_failing_rank_and_its_exception(spark):
     train_df, _ = digits_frames(spark)
     est = ds.Estimator.from_torch(
@@ -314,6 +319,7 @@ def test_rank_killed_mid_fit_resumes_from_checkpoint(spark, tmp_path):
     assert not _orphans(started)
 
 
+@pytest.mark.slow
 def test_rank_killed_without_max_failures_fails_fast_with_its_rank(spark, tmp_path):
     train_df, _ = digits_frames(spark)
     started = time.time()
@@ -334,6 +340,7 @@ def test_rank_killed_without_max_failures_fails_fast_with_its_rank(spark, tmp_pa
     assert not _orphans(started)
 
 
+@pytest.mark.slow
 def test_python_worker_killed_from_outside_resumes(spark, tmp_path):
     import os
     import signal
@@ -384,6 +391,7 @@ def test_python_worker_killed_from_outside_resumes(spark, tmp_path):
     assert not _orphans(started)
 
 
+@pytest.mark.slow
 def test_fit_on_local_cluster(local_cluster_spark):
     train_df, test_df = digits_frames(local_cluster_spark)
     est = _estimator()
@@ -400,6 +408,7 @@ def test_fit_on_local_cluster(local_cluster_spark):
     assert history["val_accuracy"].iloc[-1] >= 0.93
 
 
+@pytest.mark.slow
 def test_fit_on_spark_connect(connect_spark):
     train_df, test_df = digits_frames(connect_spark)
     est = _estimator()
@@ -418,6 +427,7 @@ def test_fit_on_spark_connect(connect_spark):
     assert scores["accuracy"] == pytest.approx(history["val_accuracy"].iloc[-1], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_fit_logs_to_tensorboard_and_mlflow(spark, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -48,6 +48,7 @@ def _local_outputs(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 # --- fit and evaluate ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fit_on_a_pandas_frame_reaches_accuracy_like_a_spark_frame(spark):
     train_x, train_y, test_x, test_y = digits_arrays()
     est = _estimator()
@@ -71,6 +72,7 @@ def test_fit_on_a_pandas_frame_reaches_accuracy_like_a_spark_frame(spark):
     assert metrics["accuracy"] == pytest.approx(local, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_dict_of_arrays_trains_and_predicts_a_numpy_array(spark):
     train_x, train_y, test_x, test_y = digits_arrays()
     images, test_images = train_x.reshape(-1, 8, 8), test_x.reshape(-1, 8, 8)
@@ -124,6 +126,7 @@ def test_user_feature_shapes_win_over_the_shapes_of_the_arrays():
 # --- predict -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pandas_predict_keeps_row_order_and_index(spark):
     _, _, test_x, test_y = digits_arrays()
     order = np.random.default_rng(1).permutation(len(test_y))
@@ -149,6 +152,7 @@ def test_pandas_predict_keeps_row_order_and_index(spark):
     np.testing.assert_array_equal(classes["prediction"].to_numpy(), expected.argmax(1))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`to_pandas` loads all data")
 def test_pandas_on_spark_fits_and_predicts_with_its_index(spark):
     import pyspark.pandas as ps

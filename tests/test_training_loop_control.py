@@ -24,6 +24,9 @@ from _training_helpers import DigitsNet, digits_frames
 cloudpickle.register_pickle_by_value(helpers)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
+# every test trains on Spark
+pytestmark = pytest.mark.slow
+
 BATCH, LR = 64, 3e-3
 # 1,437 training rows over 2 ranks, 32 rows each per step: 23 steps an epoch
 STEPS_PER_EPOCH = 23

@@ -355,6 +355,7 @@ def test_metrics_reduced_over_two_gloo_ranks_equal_sklearn_on_all_rows():
 # --- end to end on Spark ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fit_and_evaluate_a_sigmoid_net_on_spark_match_sklearn(spark):
     import pandas as pd
 

@@ -60,6 +60,7 @@ def _same_weights(first: ds.Estimator, second: ds.Estimator) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
+@pytest.mark.slow
 def test_second_fit_continues_the_optimizer_state(spark):
     train_df, _ = digits_frames(spark)
     est = _estimator()
@@ -87,6 +88,7 @@ def test_second_fit_continues_the_optimizer_state(spark):
     assert gap_carried < gap_fresh / 3, (carried[0], restarted["train_loss"].iloc[0], expected[0])
 
 
+@pytest.mark.slow
 def test_saved_estimator_continues_where_it_stopped(spark, tmp_path):
     train_df, _ = digits_frames(spark)
     est = _estimator()
@@ -117,6 +119,7 @@ def test_saved_estimator_continues_where_it_stopped(spark, tmp_path):
     assert ds.Estimator.load(path).optimizer_state_dict() is None
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_reproduces_evaluate(spark):
     train_df, test_df = digits_frames(spark)
     est = _estimator()
@@ -175,6 +178,7 @@ print("RESULTS " + json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_program_files_load_for_inference_without_the_model_class(spark, tmp_path):
     train_df, test_df = digits_frames(spark)
     est = _estimator()

@@ -12,9 +12,9 @@ import socket
 
 import pytest
 
+from deepspark.context.channel import NONCE_BYTES
 from deepspark.training.driver.progress_bar import ProgressBar
 from deepspark.training.driver.progress_server import ProgressServer
-from deepspark.training.progress import NONCE_BYTES
 from deepspark.training.rank.progress_client import ProgressClient
 from deepspark.training.rank.rendezvous import free_port
 
@@ -146,7 +146,7 @@ def test_stopping_with_connected_clients_does_not_hang(caplog):
     for client in clients:
         client.send({"kind": "log", "text": "connected"})
     assert server.wait_for(lambda events: len(events) == 2, WAIT_S)
-    with caplog.at_level(logging.WARNING, logger="deepspark.training.rank.progress_client"):
+    with caplog.at_level(logging.WARNING, logger="deepspark.context.channel_client"):
         server.stop(timeout_s=10)
         assert not server._thread.is_alive()
         with pytest.raises(OSError):
@@ -162,7 +162,7 @@ def test_stopping_with_connected_clients_does_not_hang(caplog):
 
 def test_client_without_a_driver_warns_once_and_drops(caplog):
     address = ("127.0.0.1", free_port())  # nothing listens there
-    with caplog.at_level(logging.WARNING, logger="deepspark.training.rank.progress_client"):
+    with caplog.at_level(logging.WARNING, logger="deepspark.context.channel_client"):
         client = ProgressClient(address, "token", rank=3, timeout_s=5)
         for step in range(5):
             client.send({"kind": "step", "step": step})
@@ -178,7 +178,7 @@ def test_sink_errors_are_logged_once_and_serving_goes_on(caplog):
         raise RuntimeError("sink bug")
 
     with (
-        caplog.at_level(logging.ERROR, logger="deepspark.training.driver.progress_server"),
+        caplog.at_level(logging.ERROR, logger="deepspark.context.channel_server"),
         ProgressServer(host="127.0.0.1", sink=failing_sink) as server,
     ):
         with ProgressClient(server.address, server.token, rank=0) as client:

@@ -26,7 +26,6 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 RANKS = [1, 2] if DEVICE == "cpu" else [n for n in (1, 2) if n <= torch.cuda.device_count()]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world_size", RANKS)
 def test_ranks_fit_and_rank_0_sends_back_weights_that_learnt(world_size):
     report = rank_harness.run_harness(DEVICE, world_size, epochs=4)

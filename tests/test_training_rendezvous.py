@@ -11,13 +11,13 @@ import traceback
 
 import pytest
 
+from deepspark.context.topology import local_ip
 from deepspark.training.rank.rendezvous import (
     RendezvousError,
     RendezvousSpec,
     destroy_process_group,
     free_port,
     init_process_group,
-    local_ip,
 )
 
 SHORT_TIMEOUT_S = 2.0

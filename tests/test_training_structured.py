@@ -128,6 +128,7 @@ def rows_of(df, *columns: str) -> dict[str, np.ndarray]:
 # --- dict outputs, several labels, metrics that name an output --------------------------------
 
 
+@pytest.mark.slow
 def test_a_two_head_model_trains_evaluates_and_predicts_a_column_per_head(spark):
     train_df, test_df = structured_frames(spark)
     torch.manual_seed(0)
@@ -161,6 +162,7 @@ def test_a_two_head_model_trains_evaluates_and_predicts_a_column_per_head(spark)
 # --- tuple outputs, a label dict, output_cols -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_tuple_output_model_trains_on_a_label_dict_and_names_its_columns(spark):
     train_df, test_df = structured_frames(spark)
     torch.manual_seed(1)
@@ -204,6 +206,7 @@ def test_a_tuple_output_model_trains_on_a_label_dict_and_names_its_columns(spark
 # --- dict inputs: a feature_cols dict, a struct column -----------------------------------------
 
 
+@pytest.mark.slow
 def test_a_feature_cols_dict_calls_forward_with_one_dict(spark):
     train_df, test_df = structured_frames(spark)
     torch.manual_seed(2)
@@ -224,6 +227,7 @@ def test_a_feature_cols_dict_calls_forward_with_one_dict(spark):
     assert (local.argmax(1).numpy() == rows["prediction"]).all()
 
 
+@pytest.mark.slow
 def test_a_struct_column_becomes_a_dict_of_its_fields(spark):
     train_df, test_df = structured_frames(spark)
     torch.manual_seed(3)

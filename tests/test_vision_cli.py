@@ -31,6 +31,7 @@ def _photos_with_copies(folder, names: tuple[str, ...], top: int = 0):
     return folder
 
 
+@pytest.mark.slow
 def test_embed_dedup_and_search_from_the_command_line(spark, tmp_path, capsys):
     photos = _photos_with_copies(tmp_path / "photos", ("astronaut", "coffee", "chelsea"))
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 nothing")
@@ -68,6 +69,7 @@ def test_bad_commands_exit_with_usage(capsys):
     assert "--out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_int8_embed_and_search_from_the_command_line(spark, tmp_path, capsys):
     photos = _photos_with_copies(tmp_path / "photos", ("rocket", "coffee", "chelsea"), top=20)
     features = str(tmp_path / "features")

@@ -108,6 +108,7 @@ def test_darknet_files_that_do_not_match_are_refused(files, tmp_path):
         DarknetRunner(files.cfg, files.weights, "tensorrt")
 
 
+@pytest.mark.slow
 def test_detect_on_spark_with_the_torch_and_int8_runtimes(spark, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

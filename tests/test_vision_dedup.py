@@ -51,6 +51,7 @@ def _precision_recall(features, photo_of: dict[str, str]) -> tuple[float, float]
     return hits / max(1, len(found)), hits / len(truth)
 
 
+@pytest.mark.slow
 def test_duplicate_pairs_have_precision_and_recall_above_095(sample_set):
     features, photo_of = sample_set
     errors = features.where("error IS NOT NULL").collect()
@@ -59,6 +60,7 @@ def test_duplicate_pairs_have_precision_and_recall_above_095(sample_set):
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
 
 
+@pytest.mark.slow
 def test_int8_features_keep_precision_and_recall_above_095(spark, sample_files):
     folder, photo_of = sample_files
     images = vision.read_images(str(folder / "images"), num_partitions=2)
@@ -70,6 +72,7 @@ def test_int8_features_keep_precision_and_recall_above_095(spark, sample_files):
         vision.embed(images, runtime="int4")
 
 
+@pytest.mark.slow
 def test_groups_are_the_photos(sample_set):
     features, photo_of = sample_set
     groups = vision.duplicate_groups(vision.near_duplicates(features, threshold=THRESHOLD))
@@ -83,6 +86,7 @@ def test_groups_are_the_photos(sample_set):
     assert matched >= 0.95 * len(by_photo), (matched, len(by_photo))
 
 
+@pytest.mark.slow
 def test_exact_and_faiss_search_find_the_other_variants(sample_set):
     features, photo_of = sample_set
     queries = features.where(features.image_id.rlike("_00003[0-5]\\.jpg$"))  # 6 variants

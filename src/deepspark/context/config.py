@@ -15,7 +15,12 @@ from enum import Enum
 from typing import Any
 
 __all__ = [
+    "CONNECT_URL",
+    "K8S_URL",
+    "LOCAL_CLUSTER_URL",
+    "LOCAL_URL",
     "RAY_CLUSTER_MODES",
+    "STANDALONE_URL",
     "ClusterMode",
     "ContextConfig",
     "ContextError",
@@ -77,11 +82,12 @@ _LOOPBACK_DEFAULTS: dict[str, str] = {
     "spark.sql.shuffle.partitions": "8",
 }
 
-_STANDALONE_URL = re.compile(r"^spark://[A-Za-z0-9_.\-]+:\d{1,5}(,[A-Za-z0-9_.\-]+:\d{1,5})*$")
-_K8S_URL = re.compile(r"^k8s://(https?://)?[A-Za-z0-9_.\-]+(:\d{1,5})?/?$")
-_CONNECT_URL = re.compile(r"^sc://[A-Za-z0-9_.\-]+(:\d{1,5})?(/.*)?$")
-_LOCAL_URL = re.compile(r"^local(\[(\*|\d+)(,\d+)?\])?$")
-_LOCAL_CLUSTER_URL = re.compile(r"^local-cluster\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]$")
+# The master URLs each cluster mode takes (`deepspark.context.topology.parse_master` reads them).
+STANDALONE_URL = re.compile(r"^spark://[A-Za-z0-9_.\-]+:\d{1,5}(,[A-Za-z0-9_.\-]+:\d{1,5})*$")
+K8S_URL = re.compile(r"^k8s://(https?://)?[A-Za-z0-9_.\-]+(:\d{1,5})?/?$")
+CONNECT_URL = re.compile(r"^sc://[A-Za-z0-9_.\-]+(:\d{1,5})?(/.*)?$")
+LOCAL_URL = re.compile(r"^local(\[(\*|\d+)(,\d+)?\])?$")
+LOCAL_CLUSTER_URL = re.compile(r"^local-cluster\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]$")
 
 
 @dataclass
@@ -139,18 +145,18 @@ class ContextConfig:
         if mode is ClusterMode.LOCAL:
             if master is None:
                 return f"local[{self.cores}]" if self.cores else "local[*]"
-            _check_url(master, _LOCAL_URL, "local", "local[4] or local[*]")
+            _check_url(master, LOCAL_URL, "local", "local[4] or local[*]")
         elif mode is ClusterMode.LOCAL_CLUSTER:
             if master is None:
                 executors = self.num_executors or 2
                 cores = self.executor_cores or 1
                 memory_mb = _memory_mb(self.executor_memory or "1g")
                 return f"local-cluster[{executors},{cores},{memory_mb}]"
-            _check_url(master, _LOCAL_CLUSTER_URL, "local-cluster", "local-cluster[2,1,1024]")
+            _check_url(master, LOCAL_CLUSTER_URL, "local-cluster", "local-cluster[2,1,1024]")
         elif mode is ClusterMode.STANDALONE:
             if master is None:
                 raise ValueError("cluster_mode='standalone' needs master='spark://host:7077'")
-            _check_url(master, _STANDALONE_URL, "standalone", "spark://host:7077")
+            _check_url(master, STANDALONE_URL, "standalone", "spark://host:7077")
         elif mode is ClusterMode.YARN:
             if master not in (None, "yarn"):
                 raise ValueError(f"master={master!r}: cluster_mode='yarn' takes master='yarn'")
@@ -158,7 +164,7 @@ class ContextConfig:
         elif mode is ClusterMode.K8S:
             if master is None:
                 raise ValueError("cluster_mode='k8s' needs master='k8s://https://<api-server>:443'")
-            _check_url(master, _K8S_URL, "k8s", "k8s://https://kubernetes.default.svc:443")
+            _check_url(master, K8S_URL, "k8s", "k8s://https://kubernetes.default.svc:443")
             if not self.container_image:
                 raise ValueError(
                     "cluster_mode='k8s' needs container_image='<registry>/<image>:<tag>', "
@@ -168,7 +174,7 @@ class ContextConfig:
             if master is None:
                 # No URL: start a local Spark Connect server for this process.
                 return f"local[{self.cores}]" if self.cores else "local[*]"
-            if not (_CONNECT_URL.match(master) or _LOCAL_URL.match(master)):
+            if not (CONNECT_URL.match(master) or LOCAL_URL.match(master)):
                 raise ValueError(
                     f"master={master!r} is not a Spark Connect URL; "
                     "give one such as 'sc://host:15002' (or 'local[2]' for a local server)"

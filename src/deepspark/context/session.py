@@ -20,12 +20,8 @@ from deepspark.context.config import (
     executor_path_with,
     resolve_spark_conf,
 )
-from deepspark.context.workers import (
-    PYTHON_CONF,
-    mark_workers_ready,
-    shares_machine,
-    worker_python,
-)
+from deepspark.context.topology import is_connect, parse_master
+from deepspark.context.workers import PYTHON_CONF, mark_workers_ready, worker_python
 from deepspark.context.workers import warm_workers as _warm_workers
 
 if TYPE_CHECKING:
@@ -38,7 +34,6 @@ __all__ = [
     "held_task_slots",
     "hold_task_slots",
     "init_context",
-    "on_init_context",
     "on_stop_context",
     "stop_context",
 ]
@@ -55,8 +50,6 @@ _stop_hooks: list[Callable[[SparkSession], None]] = []
 # A lock of its own: stop hooks, which run under _lock, give slots back.
 _held_slots: dict[str, int] = {}
 _slots_lock = threading.Lock()
-# Called with each new session and its config once it is up (deepspark.ray starts Ray here).
-_start_hooks: list[Callable[[SparkSession, ContextConfig], None]] = []
 
 _JVM_MODES = {
     ClusterMode.LOCAL,
@@ -178,10 +171,22 @@ def init_context(
         _active = (config, session)
         if warm_workers:
             _warm_workers(session)
-        start_hooks = list(_start_hooks)
-    for hook in start_hooks:  # outside the lock: a hook may ask for current_session()
-        hook(session, config)
+    if config.ray is not False:  # outside the lock: Ray asks for current_session()
+        _start_ray(config.ray)
     return session
+
+
+def _start_ray(ray: bool | dict[str, Any]) -> None:
+    """``init_context(ray=...)``: start Ray on Spark once the session is up.
+
+    Ray on Spark is the one capability a session starts when asked; its package is loaded by
+    name, only then, so that neither an import of it here (it stands above this floor) nor a
+    registration when it is imported is needed.
+    """
+    import importlib
+
+    start = importlib.import_module("deepspark.ray").start
+    start(**({} if ray is True else dict(ray)))
 
 
 def stop_context() -> None:
@@ -208,7 +213,7 @@ def stop_context() -> None:
             session.stop()
         except Exception as error:  # a session whose JVM already died cannot stop cleanly
             _log.warning("stop_context: the session did not stop cleanly: %s", error)
-        if _is_connect_session(session) and "SPARK_REMOTE" not in os.environ:
+        if is_connect(session) and "SPARK_REMOTE" not in os.environ:
             # pyspark marks the process Connect-only for a remote server and leaves the mark
             # after stop(); a later classic init_context would then fail
             os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
@@ -251,17 +256,6 @@ def on_stop_context(hook: Callable[[SparkSession], None]) -> None:
             _stop_hooks.append(hook)
 
 
-def on_init_context(hook: Callable[[SparkSession, ContextConfig], None]) -> None:
-    """Have `init_context` call ``hook(session, config)`` once a new session is up.
-
-    A capability that starts something with the session when asked through the config
-    (`deepspark.ray` for ``ray=``) registers here; the hook does nothing when not asked.
-    """
-    with _lock:
-        if hook not in _start_hooks:
-            _start_hooks.append(hook)
-
-
 def current_session() -> SparkSession | None:
     """The running session `init_context` started, or ``None`` when there is none.
 
@@ -276,13 +270,9 @@ def current_session() -> SparkSession | None:
 
 
 def _is_alive(session: SparkSession) -> bool:
-    if _is_connect_session(session):
+    if is_connect(session):
         return not getattr(session.client, "is_closed", False)
     return session.sparkContext._jsc is not None
-
-
-def _is_connect_session(session: Any) -> bool:
-    return type(session).__module__.startswith("pyspark.sql.connect")
 
 
 def _create_session(config: ContextConfig) -> SparkSession:
@@ -302,11 +292,15 @@ def _create_session(config: ContextConfig) -> SparkSession:
         session = _build_session(config, spark_conf)
     if python is None:
         return session
-    if not _is_connect_session(session):
+    if not is_connect(session):
         # PySpark reads PYSPARK_PYTHON once and ignores spark.pyspark.python unless
         # spark-submit launched it; the SparkContext's own setting reaches every task.
         session.sparkContext.pythonExec = python
-    if python == sys.executable and shares_machine(master) and _workers_run(session, python):
+    if (
+        python == sys.executable
+        and parse_master(master).shares_machine
+        and _workers_run(session, python)
+    ):
         mark_workers_ready(session)
     return session
 
@@ -334,7 +328,7 @@ def _workers_run(session: SparkSession, python: str) -> bool:
     A local Connect server runs in this process's JVM, which may have started before with
     another environment; then the first job checks the workers instead.
     """
-    if not _is_connect_session(session):
+    if not is_connect(session):
         return True
     from pyspark import SparkContext
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deepspark.context.config import ContextError
+from deepspark.context.topology import is_connect, parse_master, session_identity, task_slots
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -34,9 +35,7 @@ __all__ = [
     "WorkerReport",
     "WorkerSurvey",
     "check_workers",
-    "is_loopback_host",
     "mark_workers_ready",
-    "shares_machine",
     "warm_modules",
     "warm_workers",
     "worker_python",
@@ -119,35 +118,15 @@ def worker_python(master: str | None, conf: dict[str, str]) -> str | None:
         return conf[PYTHON_CONF]
     if os.environ.get("PYSPARK_PYTHON"):
         return None
-    if master is not None and shares_machine(master):
+    if master is not None and parse_master(master).shares_machine:
         return sys.executable
     return None
-
-
-def shares_machine(master: str) -> bool:
-    """Whether every executor of `master` runs on this machine."""
-    if master.startswith("local"):
-        return True
-    standalone = re.fullmatch(r"spark://([^,/]+):\d+", master)
-    return bool(standalone and is_loopback_host(standalone.group(1)))
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` names this machine's loopback interface."""
-    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
-
-
-def session_key(spark: Any) -> str:
-    """Identifies a session's workers: the application, or the Connect session."""
-    if type(spark).__module__.startswith("pyspark.sql.connect"):
-        return f"connect:{spark.session_id}"
-    return f"classic:{spark.sparkContext.applicationId}"
 
 
 def mark_workers_ready(spark: SparkSession) -> None:
     """Record that `spark`'s workers run this interpreter, so `check_workers` skips them."""
     with _lock:
-        _ready.add(session_key(spark))
+        _ready.add(session_identity(spark))
 
 
 def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey | None:
@@ -173,7 +152,7 @@ def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey 
     True
     >>> ds.stop_context()
     """
-    key = session_key(spark)
+    key = session_identity(spark)
     with _lock:
         if key in _surveys:
             return _surveys[key]
@@ -197,8 +176,10 @@ def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey 
 
 # What the first fit or predict of a session would otherwise import, seconds of it on a small
 # machine: torch's first optimizer imports torch._dynamo, the first metric torchmetrics. The
-# workers import these ahead of time (`warm_workers`), the driver those marked for it; the
-# engines add their own task modules with `warm_modules`.
+# workers import these ahead of time (`warm_workers`), the driver those marked for it. A
+# training rank's modules are named here as data (imported by name in the workers, never by
+# this module), so the warm-up knows them before anything imported the engine; others can be
+# added with `warm_modules`.
 _warm_worker_modules = [
     "torch",
     "torch.distributed",
@@ -206,8 +187,12 @@ _warm_worker_modules = [
     "torch._dynamo",
     "torchmetrics",
     "deepspark.data",
+    "deepspark.training.rank.run",
+    "deepspark.training.rank.loop",
+    "deepspark.training.rank.metrics",
 ]
-_warm_driver_modules = ["torch._dynamo"]
+# the driver's checks update every metric once: torchmetrics there too
+_warm_driver_modules = ["torch._dynamo", "deepspark.training.rank.metrics"]
 
 
 def warm_modules(*names: str, driver: bool = False) -> None:
@@ -226,7 +211,7 @@ def warm_workers(spark: SparkSession) -> threading.Thread | None:
     A fresh worker spends seconds importing torch, torch._dynamo (the first optimizer) and
     torchmetrics before its first task can start; Spark keeps idle workers and hands them later
     tasks, so a worker that has imported them once serves every later job warm. One task per
-    default-parallelism slot runs in a background job, on a daemon thread; another imports the
+    task slot runs in a background job, on a daemon thread; another imports the
     driver's share of the same modules meanwhile. A failure only logs (the first job's own check
     reports a broken worker environment). Spark Connect sessions are not warmed: their workers
     are the server's.
@@ -236,14 +221,14 @@ def warm_workers(spark: SparkSession) -> threading.Thread | None:
     threading.Thread or None
         The thread running the job, or ``None`` for a Connect session.
     """
-    if type(spark).__module__.startswith("pyspark.sql.connect"):
+    if is_connect(spark):
         return None
-    tasks = max(1, int(spark.sparkContext.defaultParallelism))
     with _lock:
         on_workers, on_driver = tuple(_warm_worker_modules), tuple(_warm_driver_modules)
 
     def warm() -> None:
         try:
+            tasks = task_slots(spark)  # here: a cluster's executors may still be registering
             job = spark.range(0, tasks, 1, tasks).mapInArrow(_warm_task(on_workers), "ready long")
             job.collect()
         except Exception as error:  # a stopped session, a broken worker environment
@@ -327,7 +312,7 @@ def _run_probe(spark: SparkSession, expected: dict[str, str]) -> WorkerSurvey:
 
 def _configured_python(spark: Any) -> str:
     """The interpreter this session asks the workers to run, as far as the driver knows."""
-    if not type(spark).__module__.startswith("pyspark.sql.connect"):
+    if not is_connect(spark):
         return repr(spark.sparkContext.pythonExec)
     try:
         configured = spark.conf.get(PYTHON_CONF, None)

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from deepspark.context.session import on_stop_context
+from deepspark.context.topology import session_identity
 from deepspark.data.chunks import (
     CACHE_SCHEMA,
     CHUNK_BYTES,
@@ -155,6 +156,7 @@ def cache(df: DataFrame, *, max_bytes: int | None = None) -> CachedFrame:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    on_stop_context(_drop_session_caches)  # once: what a session caches goes with it
     if max_bytes is not None and (
         isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0
     ):
@@ -216,7 +218,7 @@ def cache(df: DataFrame, *, max_bytes: int | None = None) -> CachedFrame:
         chunk_table=stats.select([PARTITION_COLUMN, FIRST_ROW_COLUMN, ROWS_COLUMN, "bytes"]),
         sample=_sample(stats.column(HEAD_COLUMN).to_pylist(), df),
         semantic_hash=df.semanticHash(),
-        session_key=_session_key(df.sparkSession),
+        session_key=session_identity(df.sparkSession),
     )
     with _lock:
         _caches.append(cached)
@@ -254,7 +256,7 @@ def cached_frame_of(df: DataFrame | None) -> CachedFrame | None:
         candidates = [cached for cached in _caches if cached.active]
     if df is None or not candidates:
         return None
-    key = _session_key(df.sparkSession)
+    key = session_identity(df.sparkSession)
     candidates = [cached for cached in candidates if cached.session_key == key]
     if not candidates:
         return None
@@ -446,16 +448,10 @@ def _readable(size: int, *, exact: bool = True) -> str:
     return f"{size} bytes ({text})" if exact and unit != "bytes" else text
 
 
-def _session_key(spark: SparkSession) -> str:
-    if type(spark).__module__.startswith("pyspark.sql.connect"):
-        return f"connect:{spark.session_id}"
-    return f"classic:{spark.sparkContext.applicationId}"
-
-
 def _drop_session_caches(spark: SparkSession) -> None:
     """Unpersist every cache of `spark`; runs in `stop_context` before the session stops."""
     try:
-        key = _session_key(spark)
+        key = session_identity(spark)
     except Exception:  # a session whose JVM died: match its caches by their DataFrames
         key = None
     with _lock:
@@ -466,6 +462,3 @@ def _drop_session_caches(spark: SparkSession) -> None:
         ]
     for cached in mine:
         cached.unpersist()
-
-
-on_stop_context(_drop_session_caches)

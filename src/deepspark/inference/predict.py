@@ -416,12 +416,11 @@ def _output_schema(
 
 
 def _default_spill_dir(df: DataFrame) -> str | None:
-    """On local masters the driver's temporary directory is the executors' too."""
-    try:
-        master = df.sparkSession.conf.get("spark.master", None) or ""
-    except Exception:  # a Connect server may refuse to read confs; then ask the user
-        return None
-    if master.startswith("local"):
+    """On local masters the driver's temporary directory is the executors' too (a Connect
+    server that will not show its master: unknown, so the user is asked)."""
+    from deepspark.context.topology import master_of
+
+    if master_of(df.sparkSession).is_local:
         return private_model_dir()
     return None
 

@@ -225,12 +225,12 @@ def _job_data(
 ):
     """The job's input, checked on the driver as the torch engine checks it (columns, types,
     worker count), without its torch dry run."""
+    from deepspark.context.topology import task_slots
     from deepspark.training.driver.checks import columns_of, fit_workers, resolve_columns
     from deepspark.training.driver.fit_data import JobData, is_creator
     from deepspark.training.driver.inputs import training_frames
     from deepspark.training.driver.jobs import job_input
     from deepspark.training.driver.options import ColumnOptions
-    from deepspark.training.driver.stage import available_task_slots
     from deepspark.training.job_spec import TRAIN_SPLIT, VALIDATION_SPLIT
 
     if is_creator(df):
@@ -250,7 +250,7 @@ def _job_data(
     if training:
         num_workers = fit_workers(spark, num_workers, batch_size)
     else:
-        slots = available_task_slots(spark)
+        slots = task_slots(spark)
         num_workers = min(slots, num_workers or slots)
     features, labels, _ = resolve_columns(df, feature_cols, label_cols, columns)
     if validation is not None:

@@ -138,7 +138,8 @@ def _address(peer: dict[str, Any]) -> str:
 
 def _meet(spec: TrainSpec, context: Any, progress: Any, spill: Any) -> list[dict[str, Any]]:
     """Every rank's TensorFlow address and row counts, in rank order."""
-    from deepspark.training.rank.rendezvous import free_port, local_ip
+    from deepspark.context.topology import local_ip
+    from deepspark.training.rank.rendezvous import free_port
     from deepspark.training.rank.run import exchange_hellos
 
     rank = context.rank

@@ -55,7 +55,7 @@ class TorchStageWriter(MLWriter):
         self.instance = instance
 
     def _handleOverwrite(self, path: str) -> None:
-        from deepspark.training.driver.stage import is_connect
+        from deepspark.context.topology import is_connect
 
         if is_connect(self.sparkSession):
             # pyspark's own handler reaches for the JVM; Connect has a server-side one

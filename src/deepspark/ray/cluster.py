@@ -22,8 +22,9 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from deepspark.context.session import hold_task_slots, on_init_context, on_stop_context
-from deepspark.context.workers import shares_machine
+from deepspark.context.config import ClusterMode
+from deepspark.context.session import hold_task_slots, on_stop_context
+from deepspark.context.topology import master_of, task_cpus
 from deepspark.ray.leftovers import CLUSTER_MARK, end_marked_processes
 from deepspark.ray.preflight import (
     TEMP_PREFIX,
@@ -31,7 +32,6 @@ from deepspark.ray.preflight import (
     check_master,
     check_temp_dir,
     classic_session,
-    is_local_master,
     node_memory,
     plan_nodes,
 )
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
     from pyspark.sql import SparkSession
 
-    from deepspark.context import ContextConfig
 
 __all__ = ["RayCluster", "current", "start", "stop"]
 
@@ -137,7 +136,7 @@ def start(
     """
     global _running
     session = classic_session()
-    master = session.sparkContext.master
+    master = master_of(session)
     check_master(master)
     ray = _import_ray()
     memory, object_store = node_memory(memory_per_worker, object_store_memory_per_worker)
@@ -161,7 +160,7 @@ def start(
             # a library-started cluster does not report usage unless the user opts in
             "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
         }
-        if shares_machine(master):
+        if master.shares_machine:
             # Ray starts every node with the `ray` command of the node's PATH
             node_environment["PATH"] = _path_with(_python_bin_dirs(session))
         options: dict[str, Any] = {
@@ -175,7 +174,7 @@ def start(
             "ray_temp_root_dir": root,
             "collect_log_to_path": log_dir,
         }
-        if not is_local_master(master):
+        if master.mode is not ClusterMode.LOCAL:
             # stage scheduling sizes each node's task; local mode has none (spark.task.cpus)
             options.update(num_cpus_worker_node=cpus, num_gpus_worker_node=0)
         address = _launch(ray, options, node_environment, cluster_id, root)
@@ -217,8 +216,7 @@ def stop() -> None:
 
 def _slots_per_node(session: SparkSession, cpus: int) -> int:
     """Task slots one worker node's Spark task takes: its CPUs over ``spark.task.cpus``."""
-    task_cpus = float(session.conf.get("spark.task.cpus", "1") or 1)
-    return max(1, int(cpus // task_cpus))
+    return max(1, cpus // task_cpus(session))
 
 
 def current() -> RayCluster | None:
@@ -354,14 +352,3 @@ def _register_teardown() -> None:
 
 def _stop_with_session(session: SparkSession) -> None:
     stop()
-
-
-def _start_for_context(session: SparkSession, config: ContextConfig) -> None:
-    """`init_context(ray=...)`: start Ray once the session is up."""
-    if config.ray is False:
-        return
-    options = {} if config.ray is True else dict(config.ray)
-    start(**options)
-
-
-on_init_context(_start_for_context)

@@ -3,8 +3,9 @@
 Every process of a cluster that `deepspark.ray.start` launched (node managers, object stores,
 idle Ray workers) inherits ``DEEPSPARK_RAY_CLUSTER=<cluster id>``. After Ray's own shutdown,
 a worker node's idle Ray workers live on for about a minute until they notice their raylet is
-gone; `end_marked_processes` ends them instead. Linux only (it reads ``/proc``); elsewhere it
-finds nothing and leaves the clean-up to Ray and Spark.
+gone; `end_marked_processes` ends them instead. Processes are found with psutil (which Ray
+itself depends on); where a platform will not show other processes' environments, nothing is
+found and the clean-up is left to Ray and Spark.
 """
 
 from __future__ import annotations
@@ -22,22 +23,20 @@ _POLL_S = 0.2
 
 def marked_processes(cluster_id: str) -> list[int]:
     """The ids of the live processes on this machine that carry `cluster_id`'s mark."""
-    wanted = f"{CLUSTER_MARK}={cluster_id}".encode()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
+    import psutil
+
     found = []
-    for name in entries:
-        if not name.isdigit() or int(name) == os.getpid():
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
             continue
         try:
-            with open(f"/proc/{name}/environ", "rb") as environ:
-                variables = environ.read().split(b"\0")
-        except OSError:  # gone meanwhile, or another user's process
+            if process.status() == psutil.STATUS_ZOMBIE:  # exited, only not reaped yet
+                continue
+            environment = process.environ()
+        except (psutil.Error, OSError):  # gone meanwhile, or another user's process
             continue
-        if wanted in variables:  # a zombie's environment reads empty: it is not counted
-            found.append(int(name))
+        if environment.get(CLUSTER_MARK) == cluster_id:
+            found.append(process.pid)
     return found
 
 

@@ -7,10 +7,17 @@ import logging
 import os
 import re
 import tempfile
-import time
 from typing import TYPE_CHECKING
 
+from deepspark.context.config import RAY_CLUSTER_MODES, ClusterMode
 from deepspark.context.session import current_session
+from deepspark.context.topology import (
+    SparkMaster,
+    executor_layout,
+    is_connect,
+    master_of,
+    parse_master,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -22,7 +29,6 @@ __all__ = [
     "check_master",
     "check_temp_dir",
     "classic_session",
-    "is_local_master",
     "node_memory",
     "plan_nodes",
 ]
@@ -31,10 +37,7 @@ _log = logging.getLogger(__name__)
 
 SUPPORTED_MASTERS = "local, local-cluster, standalone (spark://) and YARN masters"
 TEMP_PREFIX = "dsray-"
-_LOCAL = re.compile(r"local(?:\[(\*|\d+)(?:,\d+)?\])?")
-_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]")
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)i?b?", re.IGNORECASE)
-_EXECUTOR_WAIT_S = 60.0
 _MIN_OBJECT_STORE_BYTES = 75 * 2**20  # Ray refuses a smaller object store
 # Ray's longest socket path below the temp root ("/ray-<port>-<id>/session_<date>_<pid>/
 # sockets/plasma_store"), and the limit of a Unix socket path
@@ -46,7 +49,7 @@ class RayOnSparkError(RuntimeError):
     """Ray cannot be started on this Spark session as asked."""
 
 
-def check_master(master: str) -> None:
+def check_master(master: str | SparkMaster) -> None:
     """Refuse, before anything starts, a master on which Ray on Spark cannot start nodes.
 
     Examples
@@ -57,21 +60,18 @@ def check_master(master: str) -> None:
     ...
     deepspark.ray.preflight.RayOnSparkError: Ray on Spark (ray.util.spark) runs on local, ...
     """
-    if master.startswith("k8s://"):
+    if isinstance(master, str):
+        master = parse_master(master)
+    if master.mode is ClusterMode.K8S:
         raise RayOnSparkError(
             f"Ray on Spark (ray.util.spark) runs on {SUPPORTED_MASTERS}; this session's master "
-            f"is {master!r} (Kubernetes), where it cannot start Ray nodes. On Kubernetes run "
+            f"is {master.url!r} (Kubernetes), where it cannot start Ray nodes. On Kubernetes run "
             "Ray with KubeRay, or use deepspark.automl for searches on Spark itself"
         )
-    if not (
-        is_local_master(master)
-        or _LOCAL_CLUSTER.fullmatch(master)
-        or master.startswith("spark://")
-        or master == "yarn"
-    ):
+    if master.mode not in RAY_CLUSTER_MODES:
         raise RayOnSparkError(
             f"Ray on Spark (ray.util.spark) runs on {SUPPORTED_MASTERS}; this session's master "
-            f"is {master!r}"
+            f"is {master.url!r}"
         )
 
 
@@ -87,7 +87,7 @@ def classic_session() -> SparkSession:
             "no Spark session: start one with deepspark.init_context() before "
             "deepspark.ray.start(), or pass ray=True to init_context"
         )
-    if type(session).__module__.startswith("pyspark.sql.connect"):
+    if is_connect(session):
         raise RayOnSparkError(
             "Ray on Spark needs a classic SparkSession: it starts its nodes through the "
             "SparkContext, which a Spark Connect session does not have. Start the session with "
@@ -131,10 +131,6 @@ def check_temp_dir(temp_dir: str | None) -> None:
         )
 
 
-def is_local_master(master: str) -> bool:
-    return bool(_LOCAL.fullmatch(master))
-
-
 def plan_nodes(
     session: SparkSession, num_workers: int | None, cpus_per_worker: int | None
 ) -> tuple[int, int]:
@@ -144,11 +140,13 @@ def plan_nodes(
             raise ValueError(f"{name}={value!r}: give a positive integer")
         if value is not None and value < 1:
             raise ValueError(f"{name}={value!r}: give a positive integer")
-    conf = session.sparkContext.getConf()
-    task_cpus = int(conf.get("spark.task.cpus", "1"))
-    executors, executor_cores = _executor_shape(session)
-    master = session.sparkContext.master
-    if is_local_master(master):
+    layout = executor_layout(session)
+    task_cpus, executors, executor_cores = (
+        layout.task_cpus,
+        layout.executors,
+        layout.cores_per_executor,
+    )
+    if master_of(session).mode is ClusterMode.LOCAL:
         if cpus_per_worker not in (None, task_cpus):
             raise ValueError(
                 f"cpus_per_worker={cpus_per_worker}: in local mode each Ray worker node gets "
@@ -179,33 +177,3 @@ def plan_nodes(
     free = slots - num_workers * (cpus // task_cpus)
     _log.info("Ray takes %d of %d task slots; Spark jobs keep %d", slots - free, slots, free)
     return cpus, num_workers
-
-
-def _executor_shape(session: SparkSession) -> tuple[int, int]:
-    """(executors, cores per executor) of the application."""
-    context = session.sparkContext
-    master = context.master
-    local = _LOCAL.fullmatch(master)
-    if local is not None:
-        threads = local.group(1) or "1"
-        return 1, (os.cpu_count() or 1) if threads == "*" else int(threads)
-    local_cluster = _LOCAL_CLUSTER.fullmatch(master)
-    if local_cluster is not None:
-        return int(local_cluster.group(1)), int(local_cluster.group(2))
-    # A cluster manager: count the executors that registered (waiting a while for the first).
-    tracker = context._jsc.sc()
-    deadline = time.monotonic() + _EXECUTOR_WAIT_S
-    while tracker.getExecutorIds().size() == 0:
-        if time.monotonic() > deadline:
-            raise RayOnSparkError(
-                f"no executor registered with the application within {_EXECUTOR_WAIT_S:g} s; "
-                "Ray's worker nodes run inside executors"
-            )
-        time.sleep(0.5)
-    executors = tracker.getExecutorIds().size()
-    cores = context.getConf().get("spark.executor.cores")
-    if cores:
-        return executors, int(cores)
-    profile = tracker.resourceProfileManager().defaultResourceProfile()
-    task_cpus = int(context.getConf().get("spark.task.cpus", "1"))
-    return executors, max(1, tracker.maxNumConcurrentTasks(profile) * task_cpus // executors)

@@ -21,30 +21,35 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+from torchmetrics import regression as tmr
+from torchmetrics.functional import (
+    mean_absolute_error,
+    mean_squared_error,
+    symmetric_mean_absolute_percentage_error,
+)
 
 METRICS = ("mae", "mse", "smape", "mase")
 
 
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, "float64"))
+
+
 def mae(y: np.ndarray, yhat: np.ndarray) -> float:
-    """Mean absolute error."""
-    return float(np.mean(np.abs(np.asarray(y, "float64") - np.asarray(yhat, "float64"))))
+    """Mean absolute error (torchmetrics')."""
+    return float(mean_absolute_error(_tensor(yhat), _tensor(y)))
 
 
 def mse(y: np.ndarray, yhat: np.ndarray) -> float:
-    """Mean squared error."""
-    return float(np.mean((np.asarray(y, "float64") - np.asarray(yhat, "float64")) ** 2))
-
-
-def _smape_terms(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
-    y, yhat = np.asarray(y, "float64"), np.asarray(yhat, "float64")
-    denominator = np.abs(y) + np.abs(yhat)
-    safe = np.where(denominator > 0, denominator, 1.0)
-    return np.where(denominator > 0, 2.0 * np.abs(y - yhat) / safe, 0.0)
+    """Mean squared error (torchmetrics')."""
+    return float(mean_squared_error(_tensor(yhat), _tensor(y)))
 
 
 def smape(y: np.ndarray, yhat: np.ndarray) -> float:
-    """Symmetric mean absolute percentage error, in percent (0 to 200); 0/0 counts as 0."""
-    return float(100.0 * np.mean(_smape_terms(y, yhat)))
+    """Symmetric mean absolute percentage error, in percent (0 to 200); 0/0 counts as 0
+    (torchmetrics' sMAPE, which is a fraction of 2, times 100)."""
+    return 100.0 * float(symmetric_mean_absolute_percentage_error(_tensor(yhat), _tensor(y)))
 
 
 def naive_scale(train_y: np.ndarray, season: int = 1) -> float:
@@ -54,7 +59,7 @@ def naive_scale(train_y: np.ndarray, season: int = 1) -> float:
         raise ValueError(
             f"mase needs a training series longer than season={season}; got {len(train_y)} values"
         )
-    return float(np.mean(np.abs(train_y[season:] - train_y[:-season])))
+    return mae(train_y[season:], train_y[:-season])
 
 
 def mase(y: np.ndarray, yhat: np.ndarray, train_y: np.ndarray, season: int = 1) -> float:
@@ -71,17 +76,31 @@ SUMS = ("count", "abs", "sq", "smape", "scaled", "scaled_count")
 
 def error_sums(y: np.ndarray, yhat: np.ndarray, naive: np.ndarray) -> dict[str, float]:
     """Sums that add up across partitions: y and yhat of shape (windows, horizon, targets),
-    `naive` of shape (windows, targets), the MASE denominator of each window's series."""
-    y, yhat = np.asarray(y, "float64"), np.asarray(yhat, "float64")
-    errors = np.abs(y - yhat)
-    scaled = errors / np.where(naive > 0, naive, np.nan)[:, None, :]
+    `naive` of shape (windows, targets), the MASE denominator of each window's series.
+
+    They are the states of torchmetrics' MAE, MSE and sMAPE metrics after one update with
+    these windows (and of an MAE over the errors scaled by `naive`, where it is positive), so
+    `metrics_from_sums` of their totals equals the metrics over every window at once.
+    """
+    target, forecast = _tensor(y), _tensor(yhat)
+    absolute, squared = tmr.MeanAbsoluteError(), tmr.MeanSquaredError()
+    symmetric = tmr.SymmetricMeanAbsolutePercentageError()
+    scaled = tmr.MeanAbsoluteError()
+    for metric in (absolute, squared, symmetric, scaled):
+        metric.set_dtype(torch.float64)
+    absolute.update(forecast, target)
+    squared.update(forecast, target)
+    symmetric.update(forecast, target)
+    scale = torch.as_tensor(np.asarray(naive, "float64"))[:, None, :].expand_as(target)
+    known = scale > 0
+    scaled.update(forecast[known] / scale[known], target[known] / scale[known])
     return {
-        "count": float(errors.size),
-        "abs": float(errors.sum()),
-        "sq": float((errors**2).sum()),
-        "smape": float(_smape_terms(y, yhat).sum()),
-        "scaled": float(np.nansum(scaled)),
-        "scaled_count": float(np.isfinite(scaled).sum()),
+        "count": float(absolute.total),
+        "abs": float(absolute.sum_abs_error),
+        "sq": float(squared.sum_squared_error),
+        "smape": float(symmetric.sum_abs_per_error),  # of 2 * |error| / (|y| + |yhat|)
+        "scaled": float(scaled.sum_abs_error),
+        "scaled_count": float(scaled.total),
     }
 
 

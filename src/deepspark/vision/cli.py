@@ -97,14 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cluster_mode(master: str | None) -> str:
     """The deepspark cluster mode a ``--master`` URL belongs to."""
-    if master is None or master.startswith("local["):
+    from deepspark.context.topology import parse_master
+
+    if master is None:
         return "local"
-    prefixes = {"local-cluster": "local-cluster", "spark://": "standalone", "yarn": "yarn"}
-    prefixes.update({"k8s://": "k8s", "sc://": "connect"})
-    for prefix, mode in prefixes.items():
-        if master.startswith(prefix):
-            return mode
-    raise SystemExit(f"deepspark-images: --master {master!r} is not a Spark master URL")
+    mode = parse_master(master).mode
+    if mode is None:
+        raise SystemExit(f"deepspark-images: --master {master!r} is not a Spark master URL")
+    return mode.value
 
 
 def _say(text: str) -> None:

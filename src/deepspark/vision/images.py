@@ -144,7 +144,9 @@ def _task_threads(spark: Any, num_threads: int | None) -> int:
         if not isinstance(num_threads, int) or num_threads < 1:
             raise ValueError(f"num_threads={num_threads!r}: give a positive integer or None")
         return num_threads
-    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+    from deepspark.context.topology import task_cpus
+
+    return task_cpus(spark)
 
 
 def _bound_arrow_batches(spark: Any) -> None:

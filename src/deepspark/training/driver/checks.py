@@ -368,7 +368,7 @@ def flat_names(cols: Any) -> list[str]:
 
 def fit_workers(spark: Any, num_workers: int | None, batch_size: int) -> int:
     """The ranks of a fit: every free task slot by default, refused when the stage cannot run."""
-    from deepspark.training.driver.stage import free_task_slots
+    from deepspark.context.topology import free_task_slots
 
     slots, held = free_task_slots(spark)
     if held and (slots == 0 or (num_workers is not None and num_workers > slots)):

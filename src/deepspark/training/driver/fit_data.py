@@ -80,9 +80,9 @@ def job_data(
     if training:
         num_workers = fit_workers(spark, num_workers, batch_size)
     else:
-        from deepspark.training.driver.stage import available_task_slots
+        from deepspark.context.topology import task_slots
 
-        slots = available_task_slots(spark)
+        slots = task_slots(spark)
         num_workers = min(slots, num_workers or slots)
     features, labels, sample = resolve_columns(df, feature_cols, label_cols, columns)
     if validation is not None:
@@ -176,11 +176,11 @@ def predict_creator(
     import numpy as np
     import torch
 
+    from deepspark.context.topology import task_slots
     from deepspark.training.driver.checks import check_positive, pickled
-    from deepspark.training.driver.stage import available_task_slots
 
     spark = _session()
-    tasks = available_task_slots(spark) if num_workers is None else num_workers
+    tasks = task_slots(spark) if num_workers is None else num_workers
     check_positive("num_workers", tasks)
     model_blob = pickled("model", estimator.get_model())
     creator_blob = pickled("data creator", creator)

@@ -172,9 +172,9 @@ def as_spark_frame(
             raise ValueError(f"{argument}: the column name {ROW_COLUMN!r} is deepspark's own")
         table = table.append_column(ROW_COLUMN, pa.array(np.arange(table.num_rows)))
     if partitions is None:
-        from deepspark.training.driver.stage import available_task_slots
+        from deepspark.context.topology import task_slots
 
-        partitions = available_task_slots(spark)
+        partitions = task_slots(spark)
     return SparkFrame(_distribute(spark, table, partitions), kind, shapes)
 
 
@@ -476,7 +476,7 @@ def _distribute(spark: SparkSession, table: pa.Table, partitions: int) -> DataFr
     (batches over ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows are split), so the
     table goes as one batch per slice of rows.
     """
-    from deepspark.training.driver.stage import is_connect
+    from deepspark.context.topology import is_connect
 
     rows_per_partition = max(1, -(-table.num_rows // max(1, partitions)))
     sliced = pa.Table.from_batches(
@@ -493,10 +493,11 @@ def _distribute(spark: SparkSession, table: pa.Table, partitions: int) -> DataFr
 
 
 def _is_spark_frame(data: Any) -> bool:
-    module = type(data).__module__
-    if module.startswith("pyspark.sql.connect"):
+    from deepspark.context.topology import is_connect
+
+    if is_connect(data):
         return type(data).__name__ == "DataFrame"
-    if not module.startswith("pyspark.sql"):
+    if not type(data).__module__.startswith("pyspark.sql"):
         return False
     from pyspark.sql import DataFrame
 

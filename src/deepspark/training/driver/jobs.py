@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -109,8 +108,8 @@ def job_input(
     """
     from pyspark.sql import functions as F
 
+    from deepspark.context.topology import is_connect
     from deepspark.data.cache import chunk_input
-    from deepspark.training.driver.stage import is_connect
 
     parts = [(df, split)] + ([(validation, validation_split)] if validation is not None else [])
     chunks = chunk_input(parts, columns, num_workers, tag_column=SPLIT_COLUMN)
@@ -159,15 +158,15 @@ def run_job(
         After the last allowed attempt failed; its message names, per attempt, the rank that
         failed first and every rank's reported error with the tail of its traceback.
     """
+    from deepspark.context.topology import driver_address, master_of
     from deepspark.context.workers import check_workers
     from deepspark.training.driver.progress_bar import ProgressBar
     from deepspark.training.driver.progress_server import ProgressServer
-    from deepspark.training.driver.stage import is_loopback_master, run_barrier_stage
+    from deepspark.training.driver.stage import run_barrier_stage
 
     check_workers(spark)  # once per session: the workers' Python can run this job
-    loopback = is_loopback_master(spark)
-    spec.rendezvous_host = "127.0.0.1" if loopback else None
-    bind_host, advertise_host = _driver_host(spark)
+    spec.rendezvous_host = "127.0.0.1" if master_of(spark).is_local else None
+    driver = driver_address(spark)
     started = time.perf_counter() if started is None else started
     bar = ProgressBar(epochs=spec.epochs) if progress else None
     first_step: list[float] = []
@@ -184,8 +183,8 @@ def run_job(
 
     causes: list[str] = []
     server = ProgressServer(
-        host=bind_host,
-        advertise_host=advertise_host,
+        host=driver.bind,
+        advertise_host=driver.advertise,
         sink=sink,
         max_connections=spec.world_size,
     )
@@ -255,41 +254,6 @@ def run_job(
         if bar is not None:
             bar.close()
     raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-def _driver_host(spark: SparkSession) -> tuple[str, str]:
-    """Where the progress server listens, and the address the ranks dial: one interface only.
-
-    Loopback when every executor runs on this machine. A classic driver uses Spark's own
-    ``spark.driver.bindAddress`` / ``spark.driver.host``. A Spark Connect client is not the
-    server's driver: it listens on its address on the route to the Connect server, which the
-    server's executors can reach.
-    """
-    import socket
-
-    from deepspark.context.workers import is_loopback_host, shares_machine
-    from deepspark.training.driver.stage import is_connect, master_url
-    from deepspark.training.rank.rendezvous import local_ip
-
-    master = master_url(spark)
-    if not is_connect(spark):
-        if shares_machine(master):
-            return "127.0.0.1", "127.0.0.1"
-        advertise = spark.conf.get("spark.driver.host", None) or local_ip()
-        return spark.conf.get("spark.driver.bindAddress", None) or advertise, advertise
-    server = spark.client.host.strip("[]")
-    if is_loopback_host(server):
-        if shares_machine(master):
-            return "127.0.0.1", "127.0.0.1"
-        return local_ip(), local_ip()
-    address = local_ip()
-    if not os.environ.get("SPARK_LOCAL_IP"):
-        # the interface this machine uses towards the server (UDP connect sends nothing)
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with contextlib.suppress(OSError), udp:
-            udp.connect((server, 15002))
-            address = udp.getsockname()[0]
-    return address, address
 
 
 def _failure_summary(error: Exception, errors: list[dict[str, Any]]) -> str:

@@ -45,15 +45,15 @@ class RecoveryOptions:
 
     def prepare(self, spark: SparkSession) -> RecoveryOptions:
         """Check the options on the driver; give retries without a directory a private one."""
+        from deepspark.context.topology import master_of
         from deepspark.training.driver.checks import check_checkpoint_dir, check_positive
-        from deepspark.training.driver.stage import is_loopback_master
 
         check_positive("checkpoint_every", self.checkpoint_every)
         if not isinstance(self.max_failures, int) or self.max_failures < 0:
             raise ValueError(f"max_failures={self.max_failures!r}: give 0 or more")
         if self.checkpoint_dir is None:
             if self.max_failures > 0:
-                if not is_loopback_master(spark):
+                if not master_of(spark).is_local:
                     raise ValueError(
                         "max_failures > 0 needs checkpoint_dir= (a URL every executor can "
                         "reach, e.g. hdfs:// or s3a://) so a re-run can resume"

@@ -1,29 +1,28 @@
-"""The torchmetrics classes deepspark defines itself (worker side; no pyspark).
+"""The torchmetrics class deepspark defines itself (worker side; no pyspark).
 
-:class:`CallableMetric` averages a user's function exactly over rows;
-:class:`MulticlassArgmaxAccuracy` is the built-in multiclass ``accuracy``, counted from the raw
-outputs' argmax. Both keep two float64 sums, which torchmetrics sums over the ranks.
-`deepspark.training.rank.metrics` makes them (``get_metric``) and reduces them.
+:class:`CallableMetric` averages a user's function exactly over rows, as torchmetrics'
+``MeanMetric`` weighted by each batch's rows. `deepspark.training.rank.metrics` makes it
+(``get_metric``) and reduces it. The built-in metrics are torchmetrics' own classes.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torchmetrics
+from torchmetrics.aggregation import MeanMetric
 
-__all__ = ["CallableMetric", "MulticlassArgmaxAccuracy"]
+__all__ = ["CallableMetric"]
 
 
-class CallableMetric(torchmetrics.Metric):
+class CallableMetric(MeanMetric):
     """A metric from a function ``fn(outputs, targets)``, averaged exactly over rows.
 
     ``fn`` returns either a scalar batch mean (as a ``torch.nn`` loss with the default
     ``reduction="mean"``) or one value per row; both give the mean over every row of every
-    rank. The states are two float64 sums.
+    rank. The states are torchmetrics' weighted sum and weight, in float64; a ``nan`` from
+    ``fn`` makes the mean ``nan`` (it is not dropped).
 
     Examples
     --------
@@ -37,63 +36,24 @@ class CallableMetric(torchmetrics.Metric):
     full_state_update = False
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], **kwargs: Any) -> None:
+        kwargs.setdefault("nan_strategy", "disable")
         super().__init__(**kwargs)
+        self.set_dtype(torch.float64)  # sums stay exact over many rows
         self.fn = fn
         self.name = getattr(fn, "__name__", None) or type(fn).__name__
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("rows", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:  # type: ignore[override]
         rows = int(outputs.shape[0]) if outputs.dim() > 0 else 1
         if rows == 0:  # the mean of nothing is nan; an empty batch adds nothing
             return
         result = torch.as_tensor(self.fn(outputs, targets)).detach().double()
+        # one value per row, each of weight 1 (torchmetrics ignores weights when NaNs are kept)
         if result.numel() == 1:
-            total = result.reshape(()) * rows
+            super().update(result.reshape(1).expand(rows))
         elif result.dim() >= 1 and result.shape[0] == rows:
-            total = result.reshape(rows, -1).mean(dim=1).sum()
+            super().update(result.reshape(rows, -1).mean(dim=1))
         else:
             raise ValueError(
                 f"metric {self.name!r} returned shape {tuple(result.shape)} for a batch of "
                 f"{rows} rows: return a scalar batch mean or one value per row"
             )
-        self.total += total.to(self.total.device)
-        self.rows += rows
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.rows if self.rows > 0 else torch.tensor(math.nan)
-
-
-class MulticlassArgmaxAccuracy(torchmetrics.Metric):
-    """The share of positions whose largest output is the target class (micro average).
-
-    It reads the model's outputs as they are: the argmax of logits, of probabilities and of
-    their softmax is the same class, so no softmax and no float64 copy are made per batch.
-    Outputs are ``(N, C)`` or ``(N, C, d1, ...)``; targets hold class indices, ``(N,)`` or
-    ``(N, d1, ...)``. The counts stay on the outputs' device: no host sync per batch.
-
-    Examples
-    --------
-    >>> import torch
-    >>> metric = MulticlassArgmaxAccuracy()
-    >>> metric.update(torch.tensor([[2.0, -1.0], [0.1, 0.3]]), torch.tensor([0, 0]))
-    >>> float(metric.compute())
-    0.5
-    """
-
-    full_state_update = False
-    reads_raw_outputs = True  # EpochMetric hands it the outputs unconverted
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        predicted = outputs.argmax(dim=1)
-        hits = predicted == targets.reshape(predicted.shape)
-        self.correct += hits.sum().to(self.correct.device)
-        self.total += hits.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct / self.total if self.total > 0 else torch.tensor(math.nan)

@@ -57,7 +57,7 @@ import torchmetrics
 from torchmetrics import classification as tmc
 from torchmetrics import regression as tmr
 
-from deepspark.training.rank.metric_classes import CallableMetric, MulticlassArgmaxAccuracy
+from deepspark.training.rank.metric_classes import CallableMetric
 
 __all__ = [
     "CallableMetric",
@@ -173,8 +173,28 @@ def _accuracy(task: Task) -> torchmetrics.Metric:
     if task.kind == "multilabel":
         return tmc.MultilabelExactMatch(num_labels=task.width)
     if task.kind == "multiclass":
-        return MulticlassArgmaxAccuracy()
+        return _multiclass_accuracy(task, top_k=1)
     return tmc.BinaryAccuracy()
+
+
+def _multiclass_accuracy(task: Task, top_k: int) -> torchmetrics.Metric:
+    """The share of positions whose target is among the ``top_k`` largest outputs (micro).
+
+    It reads the outputs as they are (`_reads_raw_outputs`): the order of logits, of
+    probabilities and of their softmax is the same, so no softmax and no float64 copy is made
+    per batch, and targets are not checked against the classes (no host sync per batch).
+    """
+    return tmc.MulticlassAccuracy(
+        num_classes=task.width,
+        top_k=min(top_k, task.width),
+        average="micro",
+        multidim_average="global",
+        validate_args=False,
+    )
+
+
+def _reads_raw_outputs(metric: torchmetrics.Metric | None) -> bool:
+    return isinstance(metric, tmc.MulticlassAccuracy)
 
 
 def _top_k_accuracy(k: int) -> Callable[[Task], torchmetrics.Metric]:
@@ -184,9 +204,7 @@ def _top_k_accuracy(k: int) -> Callable[[Task], torchmetrics.Metric]:
                 f"top{k}_accuracy needs multiclass outputs (N, C) with class-index targets, "
                 f"got a {task.kind} task"
             )
-        return tmc.MulticlassAccuracy(
-            num_classes=task.width, top_k=min(k, task.width), average="micro"
-        )
+        return _multiclass_accuracy(task, top_k=k)
 
     return build
 
@@ -306,8 +324,9 @@ class EpochMetric:
                 known = True if self.task is not None and self.task.logits else None
                 self._set_task(_classification_task(outputs, targets, self.name, known))
             assert self.metric is not None and self.task is not None
-            if getattr(self.metric, "reads_raw_outputs", False):
-                self.metric.update(outputs, _whole_targets(targets, self.name))
+            if _reads_raw_outputs(self.metric):
+                labels = _whole_targets(targets, self.name)
+                self.metric.update(outputs, labels.reshape(_rows(outputs), *outputs.shape[2:]))
             else:
                 self.metric.update(*_prepared(self.task, outputs, targets, self.name))
         self._updated = True

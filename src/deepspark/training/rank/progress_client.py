@@ -1,43 +1,21 @@
-"""Rank side of the progress channel: the client that sends a rank's events to the driver.
+"""Rank side of the progress channel: the job's channel client, and the rank's rendezvous.
 
-See :mod:`deepspark.training.progress` for the wire format. No pyspark here.
+See :mod:`deepspark.training.progress` for the events and the rendezvous, and
+:mod:`deepspark.context.channel` for the wire format. No pyspark here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hmac
-import json
-import logging
-import queue
-import select
-import socket
-import threading
-import time
 from typing import Any
 
-from deepspark.training.progress import (
-    LENGTH_BYTES,
-    MAC_BYTES,
-    MAX_MESSAGE_BYTES,
-    NONCE_BYTES,
-    REPLY_TAG,
-    frame,
-    jsonable,
-    message_mac,
-)
+from deepspark.context.channel_client import ChannelClient
 
 __all__ = ["ProgressClient"]
 
-_log = logging.getLogger(__name__)
 
-
-class ProgressClient:
-    """Worker side: sends events to the driver without ever slowing or failing training.
-
-    Events go into a bounded queue that a daemon thread drains: :meth:`send` returns at once.
-    If the driver cannot be reached (or goes away), the client logs one warning and drops
-    events from then on, counting them in :attr:`dropped`.
+class ProgressClient(ChannelClient):
+    """Worker side: sends a rank's progress events without ever slowing or failing training,
+    and meets the other ranks through the driver (:meth:`exchange`).
 
     Parameters
     ----------
@@ -71,61 +49,7 @@ class ProgressClient:
         timeout_s: float = 5.0,
         max_pending: int = 10_000,
     ) -> None:
-        self.address = (str(address[0]), int(address[1]))
-        self.rank = int(rank)
-        self.timeout_s = float(timeout_s)
-        self.dropped = 0
-        self._key = token.encode()
-        self._seq = 0
-        self._nonce = b""
-        # framed bodies, each with the event its sending sets (a rendezvous hello waits on it)
-        self._pending: queue.Queue[tuple[bytes, threading.Event | None] | None] = queue.Queue(
-            maxsize=max_pending
-        )
-        self._sock: socket.socket | None = None
-        self._broken = False
-        self._failure = ""
-        self._closed = False
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(
-            target=self._drain, name="deepspark-progress-client", daemon=True
-        )
-        self._thread.start()
-
-    def send(self, event: dict[str, Any]) -> None:
-        """Queue one event for the driver; never blocks and never raises for the network.
-
-        Parameters
-        ----------
-        event : dict
-            Must have a string ``kind``; values must be JSON-able (tensors and numpy numbers
-            are converted, anything else sent as text). ``rank``, ``seq`` and ``time`` are added.
-
-        Raises
-        ------
-        ValueError
-            When ``event`` has no string ``kind``.
-        """
-        if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
-            raise ValueError(f"a progress event is a dict with a string 'kind', got {event!r}")
-        if self._broken or self._closed:
-            self.dropped += 1
-            return
-        message = {**event, "rank": event.get("rank", self.rank)}
-        message.setdefault("time", time.time())
-        with self._lock:  # sequence numbers reach the queue in order: the server checks them
-            message["seq"] = self._seq
-            body = json.dumps(message, default=jsonable).encode()
-            if len(body) + MAC_BYTES > MAX_MESSAGE_BYTES:
-                self.dropped += 1
-                _log.warning("progress event of %d bytes dropped: over the limit", len(body))
-                return
-            try:
-                self._pending.put_nowait((body, None))  # framed once the nonce is known
-            except queue.Full:
-                self.dropped += 1
-                return
-            self._seq += 1
+        super().__init__(address, token, rank, timeout_s, max_pending, purpose="progress")
 
     def exchange(
         self, payload: dict[str, Any], *, attempt: int, world_size: int, timeout_s: float
@@ -164,151 +88,19 @@ class ProgressClient:
         ...         client.exchange({"port": 1}, attempt=1, world_size=1, timeout_s=10)
         [{'port': 1}]
         """
-        deadline = time.monotonic() + timeout_s
-        if self._broken or self._closed:
-            raise ConnectionError(
-                f"rank {self.rank}: the channel to the driver at {self.address[0]}:"
-                f"{self.address[1]} is not usable"
-            )
         hello = {
             "kind": "hello",
-            "rank": self.rank,
             "attempt": int(attempt),
             "world_size": int(world_size),
             "payload": payload,
         }
-        sent = threading.Event()
-        with self._lock:
-            hello["seq"] = self._seq
-            body = json.dumps(hello, default=jsonable).encode()
-            self._pending.put((body, sent), timeout=timeout_s)
-            self._seq += 1
-        if not sent.wait(max(0.0, deadline - time.monotonic())) or self._sock is None:
-            raise ConnectionError(
-                f"rank {self.rank}: could not send the rendezvous to the driver at "
-                f"{self.address[0]}:{self.address[1]} ({self._failure or 'timed out'})"
-            )
-        return self._read_reply(self._sock, int(attempt), deadline)
-
-    def _read_reply(self, sock: socket.socket, attempt: int, deadline: float) -> list[Any]:
-        buffer = b""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"rank {self.rank}: not every rank reached the rendezvous at the driver "
-                    "in time (a rank failed to start, or the cluster has fewer free slots)"
-                )
-            readable, _, _ = select.select([sock], [], [], min(remaining, 1.0))
-            if not readable:
-                continue
-            try:
-                chunk = sock.recv(65536)
-            except OSError as error:
-                raise ConnectionError(
-                    f"rank {self.rank}: the driver's channel failed: {error}"
-                ) from error
-            if not chunk:
-                raise ConnectionError(
-                    f"rank {self.rank}: the driver closed the channel during the rendezvous"
-                )
-            buffer += chunk
-            if len(buffer) < LENGTH_BYTES:
-                continue
-            size = int.from_bytes(buffer[:LENGTH_BYTES], "big")
-            if not MAC_BYTES < size <= MAX_MESSAGE_BYTES * 64:
-                raise ConnectionError(f"rank {self.rank}: a bad rendezvous answer ({size} bytes)")
-            if len(buffer) < LENGTH_BYTES + size:
-                continue
-            mac = buffer[LENGTH_BYTES : LENGTH_BYTES + MAC_BYTES]
-            body = buffer[LENGTH_BYTES + MAC_BYTES : LENGTH_BYTES + size]
-            if not hmac.compare_digest(mac, message_mac(self._key, self._nonce + REPLY_TAG, body)):
-                raise ConnectionError(
-                    f"rank {self.rank}: the rendezvous answer did not come from this job's driver"
-                )
-            answer = json.loads(body)
-            if int(answer.get("attempt", -1)) != attempt:
-                raise ConnectionError(f"rank {self.rank}: a rendezvous answer for another attempt")
-            return list(answer["peers"])
-
-    def close(self, timeout_s: float | None = None) -> None:
-        """Send what is queued (bounded by ``timeout_s``, default the client's), then close."""
-        if self._closed:
-            return
-        self._closed = True
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        with contextlib.suppress(queue.Full):
-            self._pending.put(None, timeout=timeout_s)
-        self._thread.join(timeout_s)
-        sock = self._sock
-        if sock is not None:  # unblocks a send stuck on a dead peer
-            with contextlib.suppress(OSError):
-                sock.close()
-        self._thread.join(1.0)
-
-    def __enter__(self) -> ProgressClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _give_up(self, what: str, error: BaseException) -> None:
-        if not self._broken:
-            self._broken = True
-            self._failure = f"{what}: {error}"
-            _log.warning(
-                "rank %d: progress channel to the driver at %s:%d %s (%s); training goes on "
-                "without live progress",
-                self.rank,
-                *self.address,
-                what,
-                error,
-            )
-
-    def _connect(self) -> socket.socket:
-        sock = socket.create_connection(self.address, timeout=self.timeout_s)
         try:
-            nonce = b""
-            while len(nonce) < NONCE_BYTES:
-                chunk = sock.recv(NONCE_BYTES - len(nonce))
-                if not chunk:
-                    raise ConnectionError(
-                        "the driver closed the connection before greeting it (too many "
-                        "connections, or not a deepspark progress server)"
-                    )
-                nonce += chunk
-        except BaseException:
-            sock.close()
-            raise
-        self._nonce = nonce
-        return sock
-
-    def _drain(self) -> None:
-        while True:
-            item = self._pending.get()
-            if item is None:
-                break
-            body, sent = item
-            if self._broken:
-                self.dropped += 1
-                if sent is not None:
-                    sent.set()  # the waiting rendezvous sees the failure at once
-                continue
-            try:
-                if self._sock is None:
-                    self._sock = self._connect()
-                self._sock.sendall(frame(self._key, self._nonce, body))
-                if sent is not None:
-                    sent.set()
-            except OSError as error:
-                self.dropped += 1
-                self._give_up("could not be used" if self._sock else "could not connect", error)
-                if self._sock is not None:
-                    with contextlib.suppress(OSError):
-                        self._sock.close()
-                    self._sock = None
-                if sent is not None:
-                    sent.set()
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
+            answer = self.request(hello, timeout_s=timeout_s)
+        except TimeoutError as error:
+            raise TimeoutError(
+                f"rank {self.rank}: not every rank reached the rendezvous at the driver in "
+                f"{timeout_s:g} s (a rank failed to start, or the cluster has fewer free slots)"
+            ) from error
+        if int(answer.get("attempt", -1)) != int(attempt):
+            raise ConnectionError(f"rank {self.rank}: a rendezvous answer for another attempt")
+        return list(answer["peers"])

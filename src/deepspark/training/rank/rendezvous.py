@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import ipaddress
 import os
 import socket
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ __all__ = [
     "destroy_process_group",
     "free_port",
     "init_process_group",
-    "local_ip",
     "process_group",
 ]
 
@@ -64,46 +62,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _usable(address: str) -> bool:
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return parsed.version == 4 and not (parsed.is_loopback or parsed.is_unspecified)
-
-
-def local_ip() -> str:
-    """Return this host's address as other hosts of the cluster reach it.
-
-    In order: the ``SPARK_LOCAL_IP`` environment variable (Spark's own setting, so deepspark
-    agrees with Spark about which interface to use), then the first non-loopback IPv4 address
-    the host name resolves to, then ``"127.0.0.1"`` (single-machine clusters).
-
-    Returns
-    -------
-    str
-
-    Examples
-    --------
-    >>> isinstance(local_ip(), str)
-    True
-    """
-    configured = os.environ.get("SPARK_LOCAL_IP", "").strip()
-    if configured:
-        return configured
-    names = {socket.gethostname(), socket.getfqdn()}
-    for name in names:
-        try:
-            infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
-        except OSError:
-            continue
-        for info in infos:
-            address = str(info[4][0])
-            if _usable(address):
-                return address
-    return "127.0.0.1"
 
 
 @dataclass

@@ -125,7 +125,8 @@ def _source(spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankCon
 
 def _meet(spec: TrainSpec, context: RankContext, progress) -> list[dict[str, Any]]:
     """Every rank's address, port and store, in rank order: the rendezvous before torch's."""
-    from deepspark.training.rank.rendezvous import free_port, local_ip
+    from deepspark.context.topology import local_ip
+    from deepspark.training.rank.rendezvous import free_port
 
     rank = context.rank
     host = spec.rendezvous_host or local_ip()
