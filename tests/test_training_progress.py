@@ -245,3 +245,13 @@ def test_progress_bar_shows_steps_with_tqdm():
     assert "loss=0.6" in text and "samples/s=1500" in text
     assert "loss=9" not in text  # only rank 0's steps drive the bar
     assert "epoch 1/2: train_loss=0.6123" in text
+
+
+def test_progress_bar_keeps_the_ranks_bookkeeping_to_itself():
+    out = io.StringIO()
+    bar = ProgressBar(file=out)
+    bar({"kind": "log", "rank": 0, "text": "timeline", "timeline": {"task_start": 1.0}})
+    bar({"kind": "log", "rank": 0, "text": "process group ready", "rendezvous_port": 41000})
+    bar({"kind": "log", "rank": 1, "text": "spilled 640 rows"})
+    bar.close()
+    assert out.getvalue().splitlines() == ["[rank 1] spilled 640 rows"]

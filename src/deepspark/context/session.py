@@ -20,6 +20,7 @@ from deepspark.context.config import (
     executor_path_with,
     resolve_spark_conf,
 )
+from deepspark.context.spark_versions import require_pyspark
 from deepspark.context.topology import is_connect, parse_master
 from deepspark.context.workers import PYTHON_CONF, mark_workers_ready, worker_python
 from deepspark.context.workers import warm_workers as _warm_workers
@@ -353,6 +354,9 @@ def _build_session(config: ContextConfig, spark_conf: dict[str, str]) -> SparkSe
         return SparkSession.builder.getOrCreate()
     if mode is ClusterMode.CONNECT:
         assert config.master is not None
+        # Connect clients before 4.0 lack what deepspark's jobs use there (Arrow results, the
+        # barrier mapInArrow over Connect), and 3.5's local server downloads its jar at start.
+        require_pyspark((4, 0), "Spark Connect (init_context(cluster_mode='connect'))")
         if config.master.startswith("sc://"):
             _wait_for_connect_server(config.master, config.connect_timeout_s)
         else:

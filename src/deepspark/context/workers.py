@@ -167,7 +167,7 @@ def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey 
         raise WorkerEnvironmentError(
             f"Spark's Python workers cannot run deepspark: the worker on {report.host} runs "
             f"{report.python} (Python {report.python_version}), where "
-            f"{'; '.join(problems)}. {_fix_hint(expected)}"
+            f"{'; '.join(problems)}. {_fix_hint(expected, spark)}"
         )
     with _lock:
         _surveys[key] = result
@@ -272,13 +272,21 @@ def driver_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in REQUIRED_PACKAGES}
 
 
-def _fix_hint(expected: dict[str, str]) -> str:
+def _fix_hint(expected: dict[str, str], spark: Any = None) -> str:
     wanted = ", ".join(f"{name}=={version}" for name, version in expected.items())
-    return (
+    hint = (
         f"Make every executor run a Python with {wanted}: set PYSPARK_PYTHON (or the conf "
         f"{PYTHON_CONF}) to that interpreter, or ship a packed environment with "
         "init_context(python_env_archive='env.tar.gz')"
     )
+    if spark is not None and type(spark).__module__.startswith("pyspark.sql.connect"):
+        # A local Connect server started by hand (builder.remote("local[2]")) runs its workers
+        # with the system's python; init_context starts one with this interpreter's.
+        hint += (
+            ". For a local Spark Connect server, the one line that sets this up is "
+            'ds.init_context(cluster_mode="connect")'
+        )
+    return hint
 
 
 def _release(version: str) -> str:
@@ -301,7 +309,7 @@ def _run_probe(spark: SparkSession, expected: dict[str, str]) -> WorkerSurvey:
         raise WorkerEnvironmentError(
             f"Spark's Python workers cannot run deepspark: the workers run "
             f"{_configured_python(spark)}, which failed with {found.group(0).strip()!r}. "
-            f"{_fix_hint(expected)}"
+            f"{_fix_hint(expected, spark)}"
         ) from error
     reports = []
     for row in rows:

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from deepspark.context.session import on_stop_context
+from deepspark.context.spark_versions import collect_arrow
 from deepspark.context.topology import session_identity
 from deepspark.data.chunks import (
     CACHE_SCHEMA,
@@ -187,14 +188,16 @@ def cache(df: DataFrame, *, max_bytes: int | None = None) -> CachedFrame:
     chunk_frame.persist(StorageLevel.DISK_ONLY)
     try:
         # one job: materialises the chunks and reports what each holds
-        stats = chunk_frame.select(
-            PARTITION_COLUMN,
-            SEQUENCE_COLUMN,
-            FIRST_ROW_COLUMN,
-            ROWS_COLUMN,
-            F.length(CHUNK_COLUMN).alias("bytes"),
-            HEAD_COLUMN,
-        ).toArrow()
+        stats = collect_arrow(
+            chunk_frame.select(
+                PARTITION_COLUMN,
+                SEQUENCE_COLUMN,
+                FIRST_ROW_COLUMN,
+                ROWS_COLUMN,
+                F.length(CHUNK_COLUMN).alias("bytes"),
+                HEAD_COLUMN,
+            )
+        )
     except Exception as error:
         chunk_frame.unpersist(blocking=True)
         if CacheLimitExceeded.MARK in str(error):

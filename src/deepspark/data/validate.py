@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from deepspark.context.spark_versions import collect_arrow
 from deepspark.data.cache import cached_frame_of
 from deepspark.data.columns import batch_to_tensors
 from deepspark.data.spec import ColumnKind, FeedError, TensorSpec
@@ -398,12 +399,7 @@ def first_rows(df: Any, columns: list[str], rows: int) -> Any:
         kept = cached.first_rows(columns, rows)
         if kept is not None:
             return kept
-    sample = df.select(*columns).limit(rows)
-    if hasattr(sample, "toArrow"):  # pyspark >= 4.0, classic and Connect
-        return sample.toArrow()
-    import pyarrow as pa
-
-    return pa.Table.from_batches(sample._collect_as_arrow())  # pyspark 3.5, classic
+    return collect_arrow(df.select(*columns).limit(rows))
 
 
 def _check_first_rows(

@@ -3,8 +3,11 @@
 Driver side: :func:`predict`. Worker side (no pyspark): :mod:`~deepspark.inference.models`
 (model sources, loading, the per-worker cache), :mod:`~deepspark.inference.runtimes` (one
 predictor per runtime), :mod:`~deepspark.inference.worker` (the loop inside a task).
-Export with verification: :func:`export_onnx`, :func:`export_torchscript`,
-:func:`export_program`; int8 copies of ONNX models: :func:`quantize_onnx`.
+Streams: :func:`predict` takes a streaming DataFrame; :class:`ModelVersions` switches models
+at micro-batch boundaries; :func:`idempotent_batch_writer` makes ``foreachBatch`` writes
+exactly once (see ``docs/streaming.md``). Export with verification: :func:`export_onnx`,
+:func:`export_torchscript`, :func:`export_program`; int8 copies of ONNX models:
+:func:`quantize_onnx`.
 """
 
 from deepspark.inference.export import (
@@ -25,6 +28,8 @@ from deepspark.inference.models import (
 from deepspark.inference.predict import predict
 from deepspark.inference.quantize import QuantizationError, quantize_onnx
 from deepspark.inference.runtimes import ModelInputError, Predictor
+from deepspark.inference.streaming import idempotent_batch_writer
+from deepspark.inference.versions import ModelVersion, ModelVersions
 from deepspark.inference.worker import OutputKind, PredictError, PredictSpec, predict_partition
 
 __all__ = [
@@ -33,6 +38,8 @@ __all__ = [
     "ModelIntegrityError",
     "ModelKind",
     "ModelSource",
+    "ModelVersion",
+    "ModelVersions",
     "OutputKind",
     "PredictError",
     "PredictSpec",
@@ -43,6 +50,7 @@ __all__ = [
     "export_onnx",
     "export_program",
     "export_torchscript",
+    "idempotent_batch_writer",
     "load_model",
     "model_source",
     "predict",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
+from deepspark.context.spark_versions import collect_arrow
 from deepspark.inference.models import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_INLINE_LIMIT_BYTES,
@@ -45,6 +46,8 @@ from deepspark.inference.outputs import (
     requested_kinds,
 )
 from deepspark.inference.runtimes import Outputs, Predictor, TorchModulePredictor, evaluating
+from deepspark.inference.streaming import stream_features, zero_inputs
+from deepspark.inference.versions import ModelVersions, predict_partition_versioned
 from deepspark.inference.worker import (
     OutputColumn,
     OutputKind,
@@ -64,6 +67,10 @@ PATH_CONF = "deepspark.predict.path"
 _PATHS = ("auto", "arrow_udf", "mapInArrow")
 # Arrow iterator UDFs (pyspark.sql.functions.arrow_udf) arrived in Spark 4.1.
 _ARROW_UDF_SINCE = (4, 1)
+# What a streaming query's tasks carry as local properties: its id (kept across restarts
+# from a checkpoint) and the micro-batch id.
+_QUERY_ID_PROPERTY = "sql.streaming.queryId"
+_BATCH_ID_PROPERTY = "streaming.sql.batchId"
 
 ColumnsArg = str | Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]]
 
@@ -101,16 +108,24 @@ def predict(
     writing the result with Spark's writers (Parquet, Delta) is exactly-once even when tasks
     are retried. Works on local, cluster and Spark Connect sessions.
 
+    A streaming DataFrame (``df.isStreaming``) gives a streaming DataFrame, for any sink.
+    Nothing runs before its query starts, so the checks read the schema only: array, vector,
+    binary and string features need ``feature_shapes`` (an ONNX model's fixed input shape
+    stands in), and the model is probed on rows of zeros of those shapes. See
+    ``docs/streaming.md``.
+
     Parameters
     ----------
     df : pyspark.sql.DataFrame
         The rows to score.
-    model : nn.Module, TorchScript module, ExportedProgram, str or ModelSource
+    model : nn.Module, TorchScript module, ExportedProgram, str, ModelSource or ModelVersions
         An in-memory model, or the path (fsspec URL) of a TorchScript file, a ``torch.export``
         ``.pt2`` file, an ``.onnx`` file or a directory written by ``Estimator.save``.
         In-memory models and saved directories are unpickled on the workers (trusted models
         only). A model whose pickle exceeds ``max_inline_bytes`` travels by path (see
-        ``spill_dir``).
+        ``spill_dir``). A :class:`~deepspark.inference.ModelVersions` directory scores with
+        its newest version and adds a column naming it; on a stream each micro-batch picks
+        up the version that is newest when it starts.
     feature_cols : str, sequence or dict
         One entry per model input: a column name, or a list of numeric scalar columns stacked
         into one tensor (the data layer's column kinds: numbers, arrays, ML vectors, binary
@@ -193,7 +208,13 @@ def predict(
     from deepspark.data.validate import resolve_specs
 
     check_workers(df.sparkSession)  # once per session: the workers' Python can run the model
-    path = _choose_path(df.sparkSession)
+    streaming = df.isStreaming  # no job may run on a stream before its query starts
+    versions = model if isinstance(model, ModelVersions) else None
+    newest = versions.latest() if versions is not None else None
+    if newest is not None:
+        model = newest.path  # probes the model; on a stream each micro-batch picks its own
+    # a stream's tasks choose their version: the mapInArrow function adds the column
+    path = "mapInArrow" if versions is not None and streaming else _choose_path(df.sparkSession)
     if not isinstance(output_col, str) or not output_col:
         raise ValueError(f"output_col={output_col!r}: give a column name")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -223,6 +244,7 @@ def predict(
             shapes=feature_shapes,
             dtypes=feature_dtypes,
             decoders=decoders,
+            check_rows=0 if streaming else 8,
         )
     )
     source = model_source(
@@ -232,13 +254,20 @@ def predict(
     )
     names = tuple(input_names) if input_names else None
 
-    probe, probe_rows_seen = _probe_outputs(
+    probe, probe_rows_seen, features = _probe_outputs(
         df, model, source, features, names, rows=probe_rows, cache_bytes=cache_bytes
     )
     outputs = output_columns(
         probe, probe_rows_seen, output_col, output_cols, requested, requested_by_key
     )
     check_column_names(outputs, df.columns, output_cols)
+    if versions is not None:
+        taken = [*passthrough, *(out.column for out in outputs)]
+        if versions.version_col in taken:
+            raise ValueError(
+                f"version_col={versions.version_col!r} is already a column of the result "
+                f"({taken!r}); give ModelVersions(..., version_col='<another name>')"
+            )
     spec = PredictSpec(
         model=source,
         features=features,
@@ -251,10 +280,20 @@ def predict(
         cache_bytes=cache_bytes,
     )
     if path == "arrow_udf":
-        return _predict_with_arrow_udf(df, spec)
-    schema = _output_schema(df, passthrough, outputs)
-    selected = list(dict.fromkeys([*passthrough, *_columns_of(features)]))
-    return df.select(*selected).mapInArrow(_predict_fn(spec), schema)
+        result = _predict_with_arrow_udf(df, spec)
+    else:
+        schema = _output_schema(df, passthrough, outputs)
+        selected = list(dict.fromkeys([*passthrough, *_columns_of(features)]))
+        if versions is not None and streaming:
+            from pyspark.sql.types import StringType, StructField
+
+            schema = schema.add(StructField(versions.version_col, StringType(), False))
+        result = df.select(*selected).mapInArrow(_predict_fn(spec, versions), schema)
+    if newest is not None and not streaming:  # one version, chosen here, scores every row
+        from pyspark.sql import functions
+
+        result = result.withColumn(versions.version_col, functions.lit(newest.name))
+    return result
 
 
 def _choose_path(session: Any) -> str:
@@ -354,20 +393,28 @@ def _probe_outputs(
     *,
     rows: int,
     cache_bytes: int,
-) -> tuple[Outputs | None, int]:
-    """Run the model on a few rows here on the driver: its outputs (None without rows) and
-    the number of rows, so shape errors show before a job."""
+) -> tuple[Outputs | None, int, tuple[Any, ...]]:
+    """Run the model on a few rows here on the driver: its outputs (None without rows), the
+    number of rows and the features, so shape errors show before a job.
+
+    A stream has no rows before its query starts: the probe runs on rows of zeros of the
+    features' declared shapes, which it completes (see `stream_features`)."""
     from deepspark.data import assemble, batch_to_tensors
 
     with _driver_predictor(model, source, cache_bytes) as predictor:
         predictor.check_input_names(input_names)
-        sample = df.select(*_columns_of(features)).limit(rows).toArrow()
-        if not sample.num_rows:
-            return None, 0
-        inputs = assemble(features, batch_to_tensors(sample, features))
+        if df.isStreaming:
+            features = stream_features(features, predictor, input_names)
+            inputs, rows_seen = zero_inputs(features, rows), rows
+        else:
+            sample = collect_arrow(df.select(*_columns_of(features)).limit(rows))
+            if not sample.num_rows:
+                return None, 0, features
+            inputs = assemble(features, batch_to_tensors(sample, features))
+            rows_seen = sample.num_rows
         column_names = [spec.name for spec in features]
         probe = predictor(inputs, input_names=input_names, column_names=column_names)
-    return probe, sample.num_rows
+    return probe, rows_seen, features
 
 
 @contextlib.contextmanager
@@ -426,16 +473,33 @@ def _default_spill_dir(df: DataFrame) -> str | None:
 
 
 def _predict_fn(
-    spec: PredictSpec,
+    spec: PredictSpec, versions: ModelVersions | None = None
 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The ``mapInArrow`` function: it captures the spec and nothing else."""
+    """The ``mapInArrow`` function: it captures the spec (and the model location) only.
+
+    With ``versions``, a streaming task reads its query and micro-batch ids from the local
+    properties Spark gives every task of a micro-batch, and scores with that batch's version.
+    """
 
     def predict_fn(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         task = TaskContext.get()
         partition_id = task.partitionId() if task is not None else None
-        yield from predict_partition(batches, _with_task_threads(spec), partition_id)
+        task_spec = _with_task_threads(spec)
+        if versions is None:
+            yield from predict_partition(batches, task_spec, partition_id)
+            return
+        query_id = task.getLocalProperty(_QUERY_ID_PROPERTY) if task is not None else None
+        batch_id = task.getLocalProperty(_BATCH_ID_PROPERTY) if task is not None else None
+        if not query_id or batch_id is None:
+            raise RuntimeError(
+                "deepspark predict: a streaming task without its query and micro-batch ids "
+                f"({_QUERY_ID_PROPERTY}, {_BATCH_ID_PROPERTY}); ModelVersions needs a "
+                "micro-batch query (not Real-Time or continuous mode)"
+            )
+        batch = (query_id, int(batch_id))
+        yield from predict_partition_versioned(batches, task_spec, versions, batch, partition_id)
 
     return predict_fn
 

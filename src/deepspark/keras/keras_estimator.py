@@ -48,6 +48,7 @@ from deepspark.inference.keras_runtime import (
     load_keras_file,
 )
 from deepspark.training.driver.estimator import Estimator
+from deepspark.training.driver.model_io import class_or_instance_load
 
 __all__ = ["KerasEstimator", "build_keras_estimator"]
 
@@ -271,9 +272,10 @@ class KerasEstimator(Estimator):
                 )
         return keras_to_bytes(self.keras_model)
 
-    @classmethod
+    @class_or_instance_load
     def load(cls, path: str, *, metrics: Sequence[Any] | None = None) -> KerasEstimator:
-        """Load a ``.keras`` file, or a directory written by `save`.
+        """Load a ``.keras`` file, or a directory written by `save`; ``est.load(path)`` loads
+        into ``est`` and returns it.
 
         The compile arguments saved in the file (optimizer, loss, metrics) come back, so the
         estimator trains on; ``metrics`` replaces the saved ones. The backend is this

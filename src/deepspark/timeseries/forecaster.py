@@ -464,4 +464,10 @@ class PatchTSTForecaster(_NamedForecaster):
     network_kind = "patchtst"
 
 
+class NHitsForecaster(_NamedForecaster):
+    """`Forecaster` with an N-HiTS network: ``Forecaster("nhits", ...)``."""
+
+    network_kind = "nhits"
+
+
 _NAMED = {cls.network_kind: cls for cls in _NamedForecaster.__subclasses__()}

@@ -68,6 +68,7 @@ class TrainSpec:
     job_id: str = ""
     attempt: int = 0  # the driver's attempt number: a rendezvous belongs to one attempt
     stream_first_epoch: bool = True  # train epoch 0 while the partition arrives
+    allow_non_finite: bool = False  # a fit's ranks refuse NaN / inf in their rows unless set
     # control of the loop (see Estimator.fit)
     max_steps: int | None = None
     steps_per_epoch: int | None = None

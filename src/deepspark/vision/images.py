@@ -28,11 +28,6 @@ from deepspark.vision.zoo import network_side, yolov3_tiny_files
 
 __all__ = ["detect", "embed", "read_images"]
 
-# Rows per Arrow batch sent to an image task: images are large, so keep batches short and
-# the worker's memory bounded (Spark's default is 10,000 rows).
-ARROW_ROWS_PER_BATCH = 64
-_ARROW_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
-
 
 def read_images(
     source: Any,
@@ -149,13 +144,6 @@ def _task_threads(spark: Any, num_threads: int | None) -> int:
     return task_cpus(spark)
 
 
-def _bound_arrow_batches(spark: Any) -> None:
-    """Cap the rows per Arrow batch for this session so a task holds few images at once."""
-    current = int(spark.conf.get(_ARROW_CONF, "10000"))
-    if current <= 0 or current > ARROW_ROWS_PER_BATCH:
-        spark.conf.set(_ARROW_CONF, str(ARROW_ROWS_PER_BATCH))
-
-
 def _check_common(size: int, batch_size: int, decoder: str, resize: str) -> ResizeMode:
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"size={size!r}: give the model's input side in pixels (an int >= 8)")
@@ -269,7 +257,6 @@ def embed(
             StructField("error", StringType(), True),
         ]
     )
-    _bound_arrow_batches(images.sparkSession)
 
     def embed_fn(batches):
         return embed_partition(batches, spec)
@@ -418,7 +405,6 @@ def detect(
     if embed_crops:
         fields.append(StructField("features", ArrayType(FloatType()), True))
     fields.append(StructField("error", StringType(), True))
-    _bound_arrow_batches(images.sparkSession)
 
     def detect_fn(batches):
         return detect_partition(batches, spec)

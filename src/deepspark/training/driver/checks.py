@@ -336,6 +336,66 @@ def resolve_columns(df, feature_cols, label_cols, options: ColumnOptions):
     return features, labels, sample
 
 
+def check_validation_like_training(
+    validation, df, feature_cols, label_cols, options: ColumnOptions, specs: tuple
+):
+    """Refuse a `validation_data` frame that would not feed the tensors `df` feeds: every check
+    `df` passed, on the driver, with messages that name ``validation_data``.
+
+    Returns the validation frame's first rows (for the non-finite check).
+    """
+    from deepspark.data.spec import FeedError
+
+    names = list(dict.fromkeys(flat_names(feature_cols) + flat_names(label_cols)))
+    missing = [name for name in names if name not in validation.columns]
+    if missing:
+        raise FeedError(
+            f"validation_data has no column {missing!r} (feature_cols/label_cols name it and "
+            f"df has it); validation_data has {validation.columns!r}"
+        )
+    try:
+        features, labels, sample = resolve_columns(validation, feature_cols, label_cols, options)
+    except ValueError as error:
+        raise FeedError(f"validation_data: {error}") from error
+    for trained, validated in zip(specs, (*features, *labels), strict=True):
+        if (trained.kind, trained.shape, trained.dtype) != (
+            validated.kind,
+            validated.shape,
+            validated.dtype,
+        ):
+            name = trained.columns[0]
+            raise FeedError(
+                f"validation_data's column {name!r} is "
+                f"{validation.schema[name].dataType.simpleString()} and gives "
+                f"{_described(validated)}, but df's is "
+                f"{df.schema[name].dataType.simpleString()} and gives {_described(trained)}; "
+                "give validation_data the same column types and shapes as df (cast it in "
+                "Spark, e.g. F.col(name).cast(...))"
+            )
+    return sample
+
+
+def _described(spec) -> str:
+    kind = getattr(spec.kind, "value", spec.kind)
+    return f"{kind} {spec.dtype} rows of shape {tuple(spec.shape)}"
+
+
+def check_finite_sample(sample, features, labels, arg: str) -> None:
+    """Refuse NaN / inf in the first rows the driver already fetched (no extra job).
+
+    The ranks count the whole input; this finds the common case before a job starts.
+    """
+    from deepspark.data.finite import non_finite_counts, non_finite_message
+    from deepspark.data.spec import FeedError
+
+    if sample is None:
+        return
+    names = list(dict.fromkeys(name for spec in (*features, *labels) for name in spec.columns))
+    counts = non_finite_counts(sample, names)
+    if counts:
+        raise FeedError(non_finite_message(counts, f"the first {sample.num_rows} rows of {arg}"))
+
+
 def _first_rows_once(df, names: list[str]):
     from deepspark.data.validate import first_rows
 

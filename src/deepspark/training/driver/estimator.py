@@ -309,6 +309,7 @@ class Estimator(ModelIO):
         accumulate_steps: int = 1,
         clip_grad_norm: float | None = None,
         precision: str = "fp32",
+        allow_non_finite: bool = False,
     ) -> pd.DataFrame:
         """Train data-parallel on `df` inside one Spark barrier stage.
 
@@ -342,6 +343,11 @@ class Estimator(ModelIO):
         feature_shapes, feature_dtypes, label_dtypes, decoders : dict, optional
             Per column: the shape of an array column, tensor dtypes, and decode functions for
             binary or string columns.
+        allow_non_finite : bool
+            Train on NaN and infinite feature and label values as they are. By default they
+            are refused: the driver checks the first rows before any job, and each rank counts
+            its whole partition (training and validation rows) and fails naming each column
+            and its count.
         step_policy : {"pad", "drop", "wrap"}, optional
             How ranks with fewer rows keep in step (see docs/data.md); default ``"pad"``, or
             ``"wrap"`` with a custom ``train_step``.
@@ -406,7 +412,9 @@ class Estimator(ModelIO):
             validation_data,
             feature_cols,
             label_cols,
-            ColumnOptions(feature_shapes, feature_dtypes, label_dtypes, decoders),
+            ColumnOptions(
+                feature_shapes, feature_dtypes, label_dtypes, decoders, bool(allow_non_finite)
+            ),
             num_workers=num_workers,
             batch_size=batch_size,
             training=True,
@@ -436,6 +444,7 @@ class Estimator(ModelIO):
             resume=recovery.resume,
             collective_timeout_s=collective_timeout_s,
             optimizer_state_blob=optimizer_state,
+            allow_non_finite=bool(allow_non_finite),
             **{"stream_first_epoch": bool(stream_first_epoch), **loop.spec_values()},
             **job.spec_values,
         )

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from deepspark.context.spark_versions import collect_arrow
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
@@ -53,6 +55,8 @@ def job_data(
 ) -> JobData:
     """The input of a fit (``training``) or an evaluate job, checked on the driver."""
     from deepspark.training.driver.checks import (
+        check_finite_sample,
+        check_validation_like_training,
         columns_of,
         dry_run,
         fit_workers,
@@ -85,8 +89,15 @@ def job_data(
         slots = task_slots(spark)
         num_workers = min(slots, num_workers or slots)
     features, labels, sample = resolve_columns(df, feature_cols, label_cols, columns)
+    refuse_non_finite = training and not columns.allow_non_finite
+    if refuse_non_finite:
+        check_finite_sample(sample, features, labels, "df")
     if validation is not None:
-        resolve_columns(validation, feature_cols, label_cols, columns)
+        validation_sample = check_validation_like_training(
+            validation, df, feature_cols, label_cols, columns, (*features, *labels)
+        )
+        if refuse_non_finite:
+            check_finite_sample(validation_sample, features, labels, "validation_data")
     if training and estimator.steps.train_step is None:  # a custom step uses the model its way
         dry_run(
             estimator.get_model(),
@@ -205,7 +216,7 @@ def predict_creator(
         )
 
     frame = spark.range(0, tasks, 1, tasks)
-    table = frame.mapInArrow(task, "order long, payload binary").toArrow().sort_by("order")
+    table = collect_arrow(frame.mapInArrow(task, "order long, payload binary")).sort_by("order")
     parts = [
         torch.load(io.BytesIO(payload), weights_only=True)
         for payload in table.column("payload").to_pylist()

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from deepspark.context.spark_versions import collect_arrow
+
 if TYPE_CHECKING:
     import pyspark.pandas as ps
     from pyspark.sql import DataFrame, SparkSession
@@ -581,7 +583,7 @@ def _check_pandas_outputs(frame: pd.DataFrame, output_col: Any, passthrough: Any
 
 def _collected(result: DataFrame, inputs: set[str]) -> tuple[pa.Table, list[str]]:
     """The result's rows in their original order, and the columns predict added."""
-    table = result.toArrow()
+    table = collect_arrow(result)
     added = [name for name in table.column_names if name not in inputs]
     table = table.select([ROW_COLUMN, *added]).sort_by(ROW_COLUMN)
     return table, added

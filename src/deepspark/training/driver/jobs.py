@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
     from deepspark.training.driver.stage import RankEntry
 
-__all__ = ["JobResult", "TrainingError", "job_input", "run_job"]
+__all__ = ["JobResult", "TrainingError", "job_input", "retry_can_help", "run_job"]
 
 _log = logging.getLogger(__name__)
 
@@ -209,12 +210,15 @@ def run_job(
                     )
                     cause = _failure_summary(error, server.events("error")[errors_before:])
                     causes.append(cause)
-                    if attempt == max_failures:
+                    final = not retry_can_help(error)
+                    if attempt == max_failures or final:
                         detail = "\n".join(
                             f"  attempt {number}: {text}" for number, text in enumerate(causes, 1)
                         )
+                        note = " (not retried: the driver's own code raised it)" if final else ""
                         raise TrainingError(
-                            f"{spec.kind.value} failed after {attempt + 1} attempt(s):\n{detail}",
+                            f"{spec.kind.value} failed after {attempt + 1} attempt(s)"
+                            f"{note}:\n{detail}",
                             causes,
                         ) from error
                     _log.warning(
@@ -254,6 +258,37 @@ def run_job(
         if bar is not None:
             bar.close()
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+# What the driver's own code raises before or after a job (a missing attribute, a wrong call, a
+# bad argument, an object that does not pickle): a re-run raises it again. A failure of the job
+# itself (a rank's exception, a lost executor or peer) reaches the driver as Spark's error
+# (Py4JJavaError, a captured PythonException, a Connect gRPC error), of none of these types.
+_DRIVER_CODE_ERRORS = (
+    AttributeError,
+    TypeError,
+    NameError,
+    ImportError,
+    ValueError,
+    KeyError,
+    IndexError,
+    NotImplementedError,
+    AssertionError,
+    pickle.PicklingError,
+)
+
+
+def retry_can_help(error: BaseException) -> bool:
+    """Whether re-running the job may succeed where this attempt raised `error`.
+
+    Examples
+    --------
+    >>> retry_can_help(AttributeError("'DataFrame' object has no attribute 'toArrow'"))
+    False
+    >>> retry_can_help(RuntimeError("Python worker exited unexpectedly (crashed)"))
+    True
+    """
+    return not isinstance(error, _DRIVER_CODE_ERRORS)
 
 
 def _failure_summary(error: Exception, errors: list[dict[str, Any]]) -> str:

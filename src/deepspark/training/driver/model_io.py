@@ -12,7 +12,9 @@ other like one fit of 6. `save` writes it and `load` restores it; `reset_optimiz
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import types
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +23,42 @@ from torch import nn
 if TYPE_CHECKING:
     from deepspark.training.driver.estimator import Estimator
 
-__all__ = ["ModelIO"]
+__all__ = ["ModelIO", "class_or_instance_load"]
+
+
+class class_or_instance_load:
+    """`load` for both habits: ``Estimator.load(path)`` builds an estimator, while
+    ``est.load(path)`` (Orca's habit) loads the saved estimator into ``est`` and returns it.
+
+    Without this, the instance call would run the class method and leave ``est`` untrained.
+    The instance call takes everything the saved estimator holds (model, weights, optimizer
+    state, loss, metrics, history); a saved estimator of another kind (a ``.keras`` file into
+    a torch estimator) is refused with the call that gives it.
+    """
+
+    def __init__(self, load: Callable[..., Any]):
+        self._load = load
+        functools.update_wrapper(self, load)
+
+        @functools.wraps(load)
+        def load_into(estimator: Any, path: str, **options: Any) -> Any:
+            loaded = load(type(estimator), path, **options)
+            if type(loaded) is not type(estimator):
+                raise TypeError(
+                    f"{path} holds a {type(loaded).__name__}, which cannot be loaded into this "
+                    f"{type(estimator).__name__}; use est = ds.Estimator.load({path!r})"
+                )
+            vars(estimator).clear()
+            vars(estimator).update(vars(loaded))
+            return estimator
+
+        self._load_into = load_into
+
+    def __get__(self, instance: Any, owner: type) -> Callable[..., Any]:
+        # bound methods keep the name, signature and docstring of `load` for help()
+        if instance is None:
+            return types.MethodType(self._load, owner)
+        return types.MethodType(self._load_into, instance)
 
 
 class ModelIO:
@@ -178,9 +215,13 @@ class ModelIO:
 
         return save_estimator(self, path)
 
-    @classmethod
+    @class_or_instance_load
     def load(cls, path: str, *, metrics: Sequence[Any] | None = None) -> Estimator:
         """Load an estimator: a directory written by `save`, or a TorchScript / ``.pt2`` file.
+
+        ``ds.Estimator.load(path)`` returns a new estimator. Called on an estimator, as Orca's
+        ``est.load(path)``, it loads into that estimator and returns it: its model, weights,
+        optimizer state, loss and metrics become the saved ones.
 
         Parameters
         ----------
@@ -198,7 +239,8 @@ class ModelIO:
         Returns
         -------
         Estimator
-            With a saved directory's optimizer state, so that `fit` continues training.
+            With a saved directory's optimizer state, so that `fit` continues training (the
+            estimator it was called on, for ``est.load(path)``).
 
         Examples
         --------

@@ -26,6 +26,7 @@ class ColumnOptions:
     feature_dtypes: dict[str, str] | None = None
     label_dtypes: dict[str, str] | None = None
     decoders: dict[str, Callable[[Any], Any]] | None = None
+    allow_non_finite: bool = False  # fit: train on NaN / inf instead of refusing them
 
 
 @dataclass

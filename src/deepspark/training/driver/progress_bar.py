@@ -20,6 +20,11 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+# Log events that carry the driver's bookkeeping (rank 0's timeline, the rendezvous port), not
+# a message for the user: they are kept by the progress server, not printed.
+_BOOKKEEPING = frozenset({"timeline", "rendezvous_port"})
+
+
 class ProgressBar:
     """A :class:`~deepspark.training.progress.ProgressServer` sink showing training on the driver.
 
@@ -92,7 +97,7 @@ class ProgressBar:
                 if name != "epoch"
             )
             self._write(f"{self._title(int(event.get('epoch', 0)))}: {shown}")
-        elif kind == "log":
+        elif kind == "log" and not _BOOKKEEPING.intersection(event):
             self._write(f"[rank {rank}] {event.get('text', '')}")
         elif kind == "error":
             self._write(f"[rank {rank}] failed: {event.get('error', '')}")

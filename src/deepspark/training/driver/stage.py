@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from deepspark.context.spark_versions import collect_arrow
 from deepspark.training.job_spec import RESULT_SCHEMA, TrainSpec
 
 if TYPE_CHECKING:
@@ -59,4 +60,4 @@ def run_barrier_stage(
         yield from (rank_entry or run_rank)(spec, batches, context)
 
     result = df.mapInArrow(train_task, RESULT_SCHEMA, barrier=True)
-    return result.toArrow()
+    return collect_arrow(result)

@@ -120,7 +120,12 @@ def _source(spec: TrainSpec, batches: Iterable[pa.RecordBatch], context: RankCon
         creators = {split: cloudpickle.loads(blob) for split, blob in spec.creator_blobs.items()}
         return CreatorInput(spec, context.rank, creators)
     needed = [name for tensor in (*spec.features, *spec.labels) for name in tensor.columns]
-    return RankInput(spec, rows_from_chunks(batches, list(dict.fromkeys(needed))), context)
+    rows = rows_from_chunks(batches, list(dict.fromkeys(needed)))
+    if spec.kind is JobKind.FIT and not spec.allow_non_finite:
+        from deepspark.data.finite import refuse_non_finite
+
+        rows = refuse_non_finite(rows, needed, where=f"rank {context.rank}'s rows")
+    return RankInput(spec, rows, context)
 
 
 def _meet(spec: TrainSpec, context: RankContext, progress) -> list[dict[str, Any]]:
