@@ -294,3 +294,41 @@ def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, t
     unchecked = kept.fit(train, val, n_trials=2, epochs=1, batch_size=64)
     assert kept.validation_ is None and unchecked.forecaster.kind == "dlinear"
     assert np.abs(unchecked.predict(history)["y"] - future["y"]).max() > 1.0
+
+
+def test_a_seeded_autots_repeats_its_pipeline_and_forecast_with_trials_at_once(spark, tmp_path):
+    """Two trials train at once, so they finish in either order; with a seed the search still
+    draws the same configs, prunes the same trials and forecasts the same values, exactly."""
+    from deepspark.automl.rounds import Rounds
+
+    train, val, _ = _splits()
+    history = TSDataset.from_pandas(_co2(), dt_col="ds", target_col="y")
+    runs = []
+    for run in range(2):
+        auto = AutoTS(
+            horizon=HORIZON,
+            season=12,
+            models=("dlinear", "nbeats"),
+            lookback=(12, 24),
+            ensemble=2,
+            refit=1,
+            max_concurrent=2,
+            directory=str(tmp_path / f"run-{run}"),
+            seed=3,
+        )
+        pipeline = auto.fit(train, val, n_trials=4, epochs=3, batch_size=64)
+        trials = auto.trials.sort_values("number")
+        runs.append((trials, auto.members_, pipeline.predict(history)["y"].to_numpy()))
+    (first_trials, first_members, first_forecast), (trials, members, forecast) = runs
+    assert list(trials["state"]) == list(first_trials["state"])
+    assert list(trials["value"]) == list(first_trials["value"])
+    assert [m["config"] for m in members] == [m["config"] for m in first_members]
+    np.testing.assert_array_equal(forecast, first_forecast)
+    # the two trials of a round trained at the same time
+    study_trials = sorted(auto.search_.study_.get_trials(deepcopy=False), key=lambda t: t.number)
+    starts = [t.datetime_start for t in study_trials]
+    ends = [t.datetime_complete for t in study_trials]
+    assert starts[1] < ends[0] and starts[0] < ends[1], (starts, ends)
+    # and a round's trials see none of each other: round starts are 0 and 2
+    rounds = Rounds(first=0, size=2, total=4, timeout_s=None)
+    assert [rounds.round_start(n) for n in range(4)] == [0, 0, 2, 2]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepspark.automl.reports import ReportServer, TrialReporter
+from deepspark.automl.rounds import RoundPruner, Rounds
 from deepspark.automl.scheduling import trial_scope
 from deepspark.automl.space import SearchSpace, config_for_storage, grid_of, optimizer_for_config
 from deepspark.automl.study import (
@@ -88,7 +89,10 @@ class AutoEstimator:
         Where the default database and each completed trial's saved model go. Default:
         ``~/.deepspark/automl/<study_name>``.
     seed : int, optional
-        Seeds the sampler and every trial's fit.
+        Seeds the sampler and every trial's fit (trial n with ``seed + n``). With a seed,
+        trials that train at once run in rounds (`deepspark.automl.rounds`): each draws its
+        config, and is pruned, knowing only the earlier rounds, so the same seed gives the
+        same configs, trials and scores whatever order they finish in.
 
     Examples
     --------
@@ -251,6 +255,11 @@ class AutoEstimator:
         running: dict[int, Any] = {}
         pruned: set[int] = set()
         lock = threading.Lock()
+        # Seeded and concurrent: trials in rounds, so what each sees does not hang on timing.
+        rounds = None
+        if self.seed is not None and concurrent > 1:
+            rounds = Rounds(first_new, concurrent, remaining, timeout_s)
+            study.pruner = RoundPruner(study.pruner, rounds)
 
         def judge(number: int, epoch: int, value: float) -> bool:
             with lock:
@@ -279,13 +288,20 @@ class AutoEstimator:
         with ReportServer(judge, host=driver.bind, advertise_host=driver.advertise) as server:
 
             def objective(trial: Any) -> float:
-                with lock:  # one trial's draws at a time: a seed gives the same configs at once
-                    config = settings.space.sample(trial)
-                trial.set_user_attr("config", config_for_storage(config))
-                with lock:
-                    running[trial.number] = trial
                 try:
-                    value = self._run_trial(trial, config, data_of, fixed, server, spark)
+                    if rounds is not None:
+                        rounds.before_draw(trial.number)
+                    with lock:  # one trial's draws at a time: a seed gives the same configs
+                        config = settings.space.sample(trial)
+                        # Built here, not while other trials fit: a model creator that seeds
+                        # torch's global generator would otherwise race their seeding.
+                        estimator = self._estimator_for(config, trial)
+                    if rounds is not None:
+                        rounds.after_draw(trial.number)
+                    trial.set_user_attr("config", config_for_storage(config))
+                    with lock:
+                        running[trial.number] = trial
+                    value = self._run_trial(trial, estimator, data_of, fixed, server, spark)
                 finally:
                     with lock:
                         running.pop(trial.number, None)
@@ -302,6 +318,8 @@ class AutoEstimator:
                     timeout=timeout_s,
                     catch=(Exception,),
                     gc_after_trial=False,
+                    # once Optuna has stored the trial's state, the next round may draw
+                    callbacks=[] if rounds is None else [lambda _, t: rounds.finished(t.number)],
                 )
         raise_if_all_failed(study, started_before=first_new)
         return self.trials
@@ -309,7 +327,7 @@ class AutoEstimator:
     def _run_trial(
         self,
         trial: Any,
-        config: dict[str, Any],
+        estimator: Estimator,
         data_of: Callable[[dict[str, Any]], tuple[Any, Any]],
         fixed: dict[str, Any],
         server: ReportServer,
@@ -318,6 +336,7 @@ class AutoEstimator:
         settings = self.settings_
         assert settings is not None
         started = time.perf_counter()
+        config = estimator.config
         options = dict(fixed)
         options["epochs"] = int(config.get("epochs", options["epochs"]))
         options["batch_size"] = int(config.get("batch_size", options["batch_size"]))
@@ -328,14 +347,10 @@ class AutoEstimator:
             options.setdefault("seed", self.seed + trial.number)
         try:
             data, options["validation_data"] = data_of(config)
-            estimator = self._estimator_for(config)
             with trial_scope(spark, trial.number):
                 history = estimator.fit(data, num_workers=self.workers_per_trial, **options)
         except Exception as error:
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
-            _log.warning(
-                "automl: trial %d failed: %s: %s", trial.number, type(error).__name__, error
-            )
+            _record_failure(trial, error)
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
@@ -359,7 +374,14 @@ class AutoEstimator:
         trial.set_user_attr("model_path", str(path))
         return value
 
-    def _estimator_for(self, config: dict[str, Any]) -> Estimator:
+    def _estimator_for(self, config: dict[str, Any], trial: Any) -> Estimator:
+        try:
+            return self._build_estimator(config)
+        except Exception as error:
+            _record_failure(trial, error)
+            raise
+
+    def _build_estimator(self, config: dict[str, Any]) -> Estimator:
         from deepspark.training import Estimator
 
         if self.framework == "keras":
@@ -498,3 +520,8 @@ class AutoEstimator:
         from deepspark.automl.results import write_plots
 
         return write_plots(self._require_study(), directory, self.metric)
+
+
+def _record_failure(trial: Any, error: Exception) -> None:
+    trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
+    _log.warning("automl: trial %d failed: %s: %s", trial.number, type(error).__name__, error)

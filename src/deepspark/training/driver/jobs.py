@@ -128,7 +128,15 @@ def job_input(
         with contextlib.suppress(Exception):  # some plans cannot say without running
             if data.rdd.getNumPartitions() == num_workers:
                 return data
-    return data.repartition(num_workers)
+    # A shuffle hands each rank its rows in the order their blocks arrive, which varies from
+    # run to run; sorting them back into the input's order lets a seeded fit repeat exactly.
+    order = "__deepspark_row_order"
+    return (
+        data.withColumn(order, F.monotonically_increasing_id())
+        .repartition(num_workers)
+        .sortWithinPartitions(order)
+        .drop(order)
+    )
 
 
 def run_job(

@@ -69,6 +69,9 @@ def run_rank(
     if spec.progress_address is not None:
         progress = ProgressClient(spec.progress_address, spec.progress_token, rank, timeout_s=10)
     torch.set_num_threads(max(1, context.task_cpus))
+    # Python workers are reused across jobs: without this, whatever draws from torch's global
+    # generator here (dropout, a shuffling sampler) would follow the worker's earlier jobs.
+    torch.manual_seed(spec.seed + rank)
     source = None
     failed = False
     try:

@@ -1,0 +1,232 @@
+"""The time-series benchmark's data, split once: development sets and held-out test sets.
+
+Development sets shaped AutoTS's defaults (ensemble, floor, fallback, refit, the lookback
+rule): issues 15 to 26 changed them each time one of these missed. They may be used to tune.
+Test sets are real series that ship in installed packages, from domains and frequencies the
+development sets do not cover (hydrology, ecology, road safety, retail, economics;
+yearly with no season, quarterly), including level shifts (Nile's dam in 1898, the UK seat-belt
+law in 1983) and cycles that are not seasons (lynx, about 10 years; unemployment's business
+cycles). They are read only by the held-out run, with defaults frozen, and reported once.
+
+`ForecastSet` is what a forecast benchmark needs: the frame (``ds``, ``y``), the horizon and
+the season (1: none; MASE then scales by the one-step naive error). `development_sets()` and
+`test_sets()` are the only ways the benchmark reaches them; the names never overlap (checked on
+import).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "DEVELOPMENT",
+    "TEST",
+    "ForecastSet",
+    "anomaly_development_set",
+    "anomaly_test_set",
+    "development_sets",
+    "test_sets",
+]
+
+
+@dataclass(frozen=True)
+class ForecastSet:
+    """One series to forecast: its last `horizon` values are held out."""
+
+    name: str
+    frame: pd.DataFrame  # columns ds (datetime64) and y (float)
+    horizon: int
+    season: int  # 1 when the series has no season
+    domain: str
+    frequency: str
+
+
+def _frame(stamps, values) -> pd.DataFrame:
+    return pd.DataFrame({"ds": pd.DatetimeIndex(stamps), "y": np.asarray(values, float)})
+
+
+def sktime_csv(folder: str, **options) -> pd.DataFrame:
+    """A CSV that sktime ships (its loaders may try the internet first)."""
+    import sktime
+
+    root = os.path.join(os.path.dirname(sktime.__file__), "datasets", "data", folder)
+    return pd.read_csv(os.path.join(root, f"{folder}.csv"), **options)
+
+
+# --- development: the five sets that tuned AutoTS ------------------------------------------
+
+
+def _co2() -> ForecastSet:
+    import statsmodels.api as sm
+
+    co2 = sm.datasets.co2.load_pandas().data["co2"].resample("MS").mean().interpolate()
+    return ForecastSet("co2", _frame(co2.index, co2.to_numpy()), 12, 12, "atmosphere", "monthly")
+
+
+def _sunspots() -> ForecastSet:
+    import statsmodels.api as sm
+
+    data = sm.datasets.sunspots.load_pandas().data
+    stamps = pd.date_range("1700", periods=len(data), freq="YS")
+    return ForecastSet(
+        "sunspots", _frame(stamps, data["SUNACTIVITY"]), 11, 11, "astronomy", "yearly"
+    )
+
+
+def _elnino() -> ForecastSet:
+    import statsmodels.api as sm
+
+    values = sm.datasets.elnino.load_pandas().data.drop(columns="YEAR").to_numpy().ravel()
+    stamps = pd.date_range("1950-01", periods=len(values), freq="MS")
+    return ForecastSet("elnino", _frame(stamps, values), 12, 12, "ocean climate", "monthly")
+
+
+def _airline() -> ForecastSet:
+    airline = sktime_csv("Airline")
+    stamps = pd.date_range("1949-01", periods=len(airline), freq="MS")
+    return ForecastSet("airline", _frame(stamps, airline.iloc[:, -1]), 12, 12, "travel", "monthly")
+
+
+def _solar() -> ForecastSet:
+    solar = sktime_csv("solar")
+    stamps = pd.to_datetime(solar["datetime_gmt"]).dt.tz_localize(None)
+    return ForecastSet("solar", _frame(stamps, solar["solar_gen"]), 48, 48, "energy", "30-minute")
+
+
+# --- held-out test sets -------------------------------------------------------------------
+
+
+def _nile() -> ForecastSet:
+    """Yearly Nile flow at Aswan, 1871-1970: a level shift in 1898 (a dam)."""
+    import statsmodels.api as sm
+
+    data = sm.datasets.nile.load_pandas().data
+    stamps = pd.date_range("1871", periods=len(data), freq="YS")
+    return ForecastSet("nile", _frame(stamps, data["volume"]), 10, 1, "hydrology", "yearly")
+
+
+def _lynx() -> ForecastSet:
+    """Canadian lynx trappings, 1821-1934: a cycle of about 10 years that is not a season."""
+    lynx = sktime_csv("Lynx")
+    stamps = pd.date_range("1821", periods=len(lynx), freq="YS")
+    return ForecastSet("lynx", _frame(stamps, lynx.iloc[:, -1]), 10, 1, "ecology", "yearly")
+
+
+def _seatbelts() -> ForecastSet:
+    """UK drivers and passengers killed or seriously injured, monthly 1969-1984: the seat-belt
+    law of February 1983 shifts the level down, 23 months before the end."""
+    data = sktime_csv("seatbelts")
+    stamps = pd.date_range("1969-01", periods=len(data), freq="MS")
+    return ForecastSet("seatbelts", _frame(stamps, data["KSI"]), 12, 12, "road safety", "monthly")
+
+
+def _shampoo() -> ForecastSet:
+    """Three years of monthly shampoo sales: short, trending."""
+    data = sktime_csv("ShampooSales")
+    stamps = pd.date_range("2001-01", periods=len(data), freq="MS")
+    return ForecastSet("shampoo", _frame(stamps, data["Sales"]), 6, 1, "retail", "monthly")
+
+
+def _us_investment() -> ForecastSet:
+    """US real private investment, quarterly 1959-2009 (billions of 2005 dollars): a trend
+    broken by recessions."""
+    import statsmodels.api as sm
+
+    data = sm.datasets.macrodata.load_pandas().data
+    stamps = pd.date_range("1959-01", periods=len(data), freq="QS")
+    return ForecastSet(
+        "us_investment", _frame(stamps, data["realinv"]), 8, 4, "investment", "quarterly"
+    )
+
+
+def _us_consumption() -> ForecastSet:
+    """Quarterly growth of US personal consumption, 1970-2016 (percent)."""
+    data = sktime_csv("Uschange")
+    stamps = pd.date_range("1970-01", periods=len(data), freq="QS")
+    return ForecastSet(
+        "us_consumption", _frame(stamps, data["Consumption"]), 8, 4, "economics", "quarterly"
+    )
+
+
+def _us_unemployment() -> ForecastSet:
+    """US unemployment rate, quarterly 1959-2009: business cycles, not seasons."""
+    import statsmodels.api as sm
+
+    data = sm.datasets.macrodata.load_pandas().data
+    stamps = pd.date_range("1959-01", periods=len(data), freq="QS")
+    return ForecastSet(
+        "us_unemployment", _frame(stamps, data["unemp"]), 8, 4, "labour", "quarterly"
+    )
+
+
+def _german_inflation() -> ForecastSet:
+    """Quarterly German inflation (change of log prices), 1972-1998."""
+    import statsmodels.api as sm
+
+    data = sm.datasets.interest_inflation.load_pandas().data
+    stamps = pd.date_range("1972-04", periods=len(data), freq="QS")
+    return ForecastSet("german_inflation", _frame(stamps, data["Dp"]), 8, 4, "prices", "quarterly")
+
+
+DEVELOPMENT: dict[str, Callable[[], ForecastSet]] = {
+    "co2": _co2,
+    "sunspots": _sunspots,
+    "elnino": _elnino,
+    "airline": _airline,
+    "solar": _solar,
+}
+TEST: dict[str, Callable[[], ForecastSet]] = {
+    "nile": _nile,
+    "lynx": _lynx,
+    "seatbelts": _seatbelts,
+    "shampoo": _shampoo,
+    "us_investment": _us_investment,
+    "us_consumption": _us_consumption,
+    "us_unemployment": _us_unemployment,
+    "german_inflation": _german_inflation,
+}
+if set(DEVELOPMENT) & set(TEST):
+    raise RuntimeError(f"series in both splits: {sorted(set(DEVELOPMENT) & set(TEST))}")
+
+
+def development_sets(names: list[str] | None = None) -> list[ForecastSet]:
+    """The development sets (all, or `names` among them)."""
+    return _load(DEVELOPMENT, names, "development")
+
+
+def test_sets(names: list[str] | None = None) -> list[ForecastSet]:
+    """The held-out test sets (all, or `names` among them)."""
+    return _load(TEST, names, "test")
+
+
+def _load(
+    split: dict[str, Callable[[], ForecastSet]], names: list[str] | None, label: str
+) -> list[ForecastSet]:
+    chosen = list(split) if names is None else names
+    unknown = [name for name in chosen if name not in split]
+    if unknown:
+        raise ValueError(f"{unknown} are not {label} sets; choose from {list(split)}")
+    return [split[name]() for name in chosen]
+
+
+# --- anomalies ------------------------------------------------------------------------------
+
+
+def anomaly_development_set() -> pd.DataFrame:
+    """sktime's labelled Yahoo series (1,000 points, 7 anomalies): it chose the detectors'
+    old settings, so it is development data. Columns ds, y, label."""
+    frame = sktime_csv("yahoo").rename(columns={"data": "y"})
+    return frame.assign(ds=pd.date_range("2020-01-01", periods=len(frame), freq="h"))
+
+
+def anomaly_test_set() -> pd.DataFrame:
+    """sktime's labelled MIT-BIH ECG excerpt (7,500 points at 360 Hz): never used in
+    development. Columns ds, y, label."""
+    frame = sktime_csv("mitdb").rename(columns={"data": "y"})
+    stamps = pd.date_range("2020-01-01", periods=len(frame), freq=pd.Timedelta(seconds=1 / 360))
+    return frame.assign(ds=stamps)

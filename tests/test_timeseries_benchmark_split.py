@@ -1,0 +1,63 @@
+"""The time-series benchmark's split: held-out test series never reach the development runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import timeseries
+import timeseries_sets
+
+
+def test_development_and_test_series_are_disjoint_and_the_dev_run_reads_only_dev_sets():
+    development = {s.name for s in timeseries.sets_for("dev")}
+    held_out = {s.name for s in timeseries.sets_for("test")}
+    assert development == set(timeseries_sets.DEVELOPMENT)
+    assert held_out == set(timeseries_sets.TEST)
+    assert not development & held_out
+    assert len(held_out) >= 8  # enough series for the 80% and 50% shares to mean something
+    with pytest.raises(ValueError, match="not development sets"):
+        timeseries_sets.development_sets(["nile"])
+    with pytest.raises(ValueError, match="'dev' or 'test'"):
+        timeseries.sets_for("all")
+
+
+def test_no_test_series_is_a_copy_or_a_piece_of_a_development_series():
+    development = [s.frame["y"].to_numpy() for s in timeseries_sets.development_sets()]
+    for series in timeseries_sets.test_sets():
+        tail = series.frame["y"].to_numpy()[-series.horizon :]
+        for values in development:
+            # the held-out continuation does not appear anywhere in a development series
+            windows = np.lib.stride_tricks.sliding_window_view(values, len(tail))
+            assert not np.any(np.all(np.isclose(windows, tail), axis=1)), series.name
+
+
+def test_the_held_out_sets_cover_new_frequencies_level_shifts_and_cycles():
+    test = {s.name: s for s in timeseries_sets.test_sets()}
+    development = timeseries_sets.development_sets()
+    assert {s.domain for s in test.values()}.isdisjoint({s.domain for s in development})
+    assert "quarterly" in {s.frequency for s in test.values()}
+    # Nile: the mean flow drops after the dam of 1898 (year 28 of the series)
+    nile = test["nile"].frame["y"].to_numpy()
+    assert nile[:28].mean() - nile[28:].mean() > 200
+    # lynx: a cycle near 10 years, no season in the table
+    assert test["lynx"].season == 1
+
+
+def test_a_model_is_given_the_history_only():
+    for series in timeseries_sets.test_sets(["nile", "seatbelts"]):
+        history = timeseries.history_of(series)
+        assert len(history) == len(series.frame) - series.horizon
+        assert history["ds"].max() < series.frame["ds"].iloc[-series.horizon]
+
+
+def test_lookbacks_follow_the_frozen_rule():
+    # 1-3 periods leaving at least 16 training windows; the shortest alone when none does
+    assert timeseries.autots_lookbacks(train_rows=100, horizon=12, season=12) == [12, 24, 36]
+    assert timeseries.autots_lookbacks(train_rows=60, horizon=10, season=1) == [10, 20, 30]
+    assert timeseries.autots_lookbacks(train_rows=23, horizon=6, season=1) == [6]
