@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deepspark.context.spark_versions import collect_arrow
+
 pytest.importorskip("PIL")
 
 
@@ -41,7 +43,7 @@ def _connector_frame(spark, folder: str, url: str):
 
     files = spark.read.format("binaryFile").load(folder).select("path", "content").repartition(2)
     # The answer's schema, from one request made here on the driver.
-    first = files.limit(1).toArrow().to_batches()
+    first = collect_arrow(files.limit(1)).to_batches()
     answered = pa.Table.from_batches(list(client_fn(url)(iter(first))))
     return files.mapInArrow(client_fn(url, rows_per_request=2), from_arrow_schema(answered.schema))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from deepspark.context.spark_versions import collect_arrow
 from deepspark.data import ColumnKind, FeedError, batch_to_tensors, resolve_specs
 
 ROWS = [
@@ -67,7 +68,7 @@ def test_resolve_specs_reads_kinds_shapes_and_dtypes_from_a_real_dataframe(frame
     assert resolve_specs(frame, None, role="label") == ()
 
     # The same specs convert what a task receives; VectorAssembler wrote sparse rows too.
-    table = frame.toArrow()
+    table = collect_arrow(frame)
     vectors, images, stacked, raw, text = batch_to_tensors(table, features)
     assert vectors.tolist() == [[1, 0, 0], [0, 2, 3], [4, 5, 6]]
     assert images.shape == (3, 1, 2, 2) and images[2, 0, 0].tolist() == [9.0, 1.0]

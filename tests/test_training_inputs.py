@@ -12,6 +12,7 @@ import torch
 import _training_helpers as helpers
 import deepspark as ds
 from _training_helpers import DigitsNet, digits_arrays
+from deepspark.context.spark_versions import collect_arrow
 from deepspark.training.driver.inputs import SparkFrame, as_spark_frame
 
 # Spark's Python workers cannot import the tests folder: ship these helpers by value.
@@ -109,7 +110,7 @@ def test_in_memory_rows_reach_every_worker_exactly(spark):
     assert converted.shapes == {"pixels": (4, 3)}
     sizes = converted.frame.rdd.glom().map(len).collect()
     assert len(sizes) >= 2 and min(sizes) > 0 and sum(sizes) == rows
-    table = converted.frame.toArrow()  # Spark keeps the rows in their order
+    table = collect_arrow(converted.frame)  # Spark keeps the rows in their order
     pixels = table.column("pixels").combine_chunks()
     assert pa.types.is_int16(pixels.type.value_type)  # Spark has no uint8: widened, exactly
     np.testing.assert_array_equal(pixels.flatten().to_numpy().reshape(rows, 4, 3), arrays["pixels"])

@@ -17,6 +17,7 @@ from sklearn import metrics as skm
 import _training_helpers as helpers
 import deepspark as ds
 from _training_helpers import digits_frames
+from deepspark.context.spark_versions import collect_arrow
 from deepspark.data import FeedError, resolve_specs
 from deepspark.training.rank.metric_routing import build_metrics, update_metrics
 from deepspark.training.rank.metrics import reduce_metrics
@@ -121,7 +122,7 @@ def fit(est: ds.Estimator, train_df, test_df, feature_cols, label_cols):
 
 
 def rows_of(df, *columns: str) -> dict[str, np.ndarray]:
-    table = df.select(*columns).toArrow()
+    table = collect_arrow(df.select(*columns))
     return {name: np.asarray(table.column(name).to_pylist()) for name in columns}
 
 
