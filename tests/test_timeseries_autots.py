@@ -296,6 +296,7 @@ def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, t
     assert np.abs(unchecked.predict(history)["y"] - future["y"]).max() > 1.0
 
 
+@pytest.mark.slow  # two searches of four trials on Spark
 def test_a_seeded_autots_repeats_its_pipeline_and_forecast_with_trials_at_once(spark, tmp_path):
     """Two trials train at once, so they finish in either order; with a seed the search still
     draws the same configs, prunes the same trials and forecasts the same values, exactly."""

@@ -58,7 +58,7 @@ def test_load_on_the_class_and_on_an_estimator_both_give_the_trained_model(spark
 
 
 def test_load_into_an_estimator_of_another_kind_is_refused_with_the_right_call(tmp_path):
-    from deepspark.inference.keras_runtime import import_keras
+    from deepspark.persist.keras_files import import_keras
 
     keras = import_keras("torch")
     path = str(tmp_path / "dense.keras")
