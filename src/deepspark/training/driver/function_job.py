@@ -203,10 +203,10 @@ def _prepared_recovery(spark: SparkSession, recovery: Any) -> Iterator[Any]:
     A function need not checkpoint to be re-run (it starts again), so on a cluster re-runs
     without a directory are allowed; `deepspark.checkpoint` then says what is missing.
     """
+    from deepspark.context.topology import master_of
     from deepspark.training.driver.recovery import prepared_recovery
-    from deepspark.training.driver.stage import is_loopback_master
 
-    if recovery.checkpoint_dir is None and not is_loopback_master(spark):
+    if recovery.checkpoint_dir is None and not master_of(spark).is_local:
         yield recovery
         return
     with prepared_recovery(spark, recovery) as prepared:
