@@ -7,20 +7,7 @@ import threading
 import pytest
 
 import deepspark as ds
-from deepspark.training.job_spec import JobKind, RankProgram, TrainSpec
-from deepspark.training.options import LoopOptions
-
-
-def _spec(world_size: int) -> TrainSpec:
-    return TrainSpec(
-        kind=JobKind.FIT,
-        program=RankProgram(model_blob=b"", metrics_blob=b""),
-        features=(),
-        labels=(),
-        world_size=world_size,
-        batch_size=8,
-        loop=LoopOptions(epochs=1),
-    )
+from deepspark.training.driver.jobs import retry_can_help
 
 
 def test_an_error_of_the_drivers_own_code_is_not_retried(spark):
