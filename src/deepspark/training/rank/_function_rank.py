@@ -127,7 +127,8 @@ def _input(spec: RunSpec, batches: Iterable[pa.RecordBatch], context: RankContex
 
 def _meet(spec: RunSpec, context: RankContext, progress: Any) -> list[dict[str, Any]]:
     """Every rank's host, port (rank 0's is the master port) and GPUs, in rank order."""
-    from deepspark.training.rank.rendezvous import free_port, local_ip
+    from deepspark.context.topology import local_ip
+    from deepspark.training.rank.rendezvous import free_port
 
     host = spec.rendezvous_host or local_ip()
     port = free_port(host) if context.rank == 0 else 0
