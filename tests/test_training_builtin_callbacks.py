@@ -198,8 +198,8 @@ def estimator(lr: float = LR, scheduler=None, model=None) -> ds.Estimator:
 
 
 def worse_after_two_epochs(optimizer):
-    """A good learning rate for two epochs, then one a hundred times too large."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0 if epoch < 2 else 100.0)
+    """A good learning rate for two epochs, then one a thousand times too large."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0 if epoch < 2 else 1000.0)
 
 
 @pytest.mark.slow

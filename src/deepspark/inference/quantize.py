@@ -71,6 +71,7 @@ def quantize_onnx(
     *,
     op_types: Sequence[str] | None = None,
     per_channel: bool = True,
+    reduce_range: bool = True,
     min_cosine: float = DEFAULT_MIN_COSINE,
 ) -> bytes:
     """An int8 copy of an ONNX model, calibrated on ``calibration`` and checked against it.
@@ -89,6 +90,13 @@ def quantize_onnx(
         supports, which keeps a chain of int8 operators in int8 between them.
     per_channel : bool
         One weight scale per output channel (more accurate for convolutions).
+    reduce_range : bool
+        Quantize weights to 7 bits instead of 8 (the default). CPUs with AVX2 or AVX-512 but
+        without VNNI (AMD Zen 3, Intel before Cascade Lake) multiply uint8 by int8 with an
+        instruction that saturates, and a full-range model's outputs drift there (a cosine of
+        0.81 for EfficientNet-Lite0 on an AMD EPYC, against 0.92 with 7 bits). The model is
+        built on the driver and runs on executors whose CPUs it cannot see, so the portable
+        setting is the default; ``False`` keeps one more bit where every executor has VNNI.
     min_cosine : float
         The least cosine similarity accepted between the float and the int8 output of any
         one calibration row.
@@ -164,6 +172,7 @@ def quantize_onnx(
                 quant_format=QuantFormat.QDQ,
                 **chosen,
                 per_channel=per_channel,
+                reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
             )
