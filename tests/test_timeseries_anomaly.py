@@ -206,7 +206,7 @@ def test_forecast_residual_detector_with_a_spark_trained_forecaster(spark):
     forecaster = DLinearForecaster(lookback=24, horizon=4, lr=1e-2, loss="mae")
     detector = ForecastResidualDetector(forecaster, sigmas=6.0)
     detector.fit(data, epochs=6, batch_size=64, num_workers=2, progress=False)
-    assert forecaster.history_ is not None and len(forecaster.history_) == 6
+    assert forecaster.history is not None and len(forecaster.history) == 6
 
     found = detector.anomaly_indices(data)
     assert set(found.columns) >= {"id", "ds", "y", "index", "score", "anomaly"}

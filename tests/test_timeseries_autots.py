@@ -80,7 +80,7 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
     # the two seeds of one config learnt different weights
     for index, trial in enumerate(auto.members_):
         first, second = members[2 * index : 2 * index + 2]
-        assert len(first.history_) == len(second.history_) == trial["best_epoch"] + 1
+        assert len(first.history) == len(second.history) == trial["best_epoch"] + 1
         weights = second.model_.state_dict()
         assert any(not torch.equal(t, weights[n]) for n, t in first.model_.state_dict().items())
 
