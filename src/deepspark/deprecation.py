@@ -27,10 +27,19 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["REMOVED_IN", "keyword_only_after", "renamed_attribute", "renamed_keywords"]
+__all__ = [
+    "REMOVED_IN",
+    "RENAMED_SEARCH_OPTIONS",
+    "keyword_only_after",
+    "renamed_attribute",
+    "renamed_keywords",
+]
 
 # The release that drops the old names.
 REMOVED_IN = "0.2"
+
+# AutoEstimator's (and AutoTS's, which passes them on) old option names -> their names now
+RENAMED_SEARCH_OPTIONS = {"workers_per_trial": "num_workers", "directory": "checkpoint_dir"}
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -134,7 +143,7 @@ def keyword_only_after(count: int, old_order: Sequence[str]) -> Callable[[_F], _
     return decorate
 
 
-class renamed_attribute:  # noqa: N801 - used like `property`
+class renamed_attribute:
     """A class attribute that reads and writes `new` under its old name, with a warning.
 
     Examples
