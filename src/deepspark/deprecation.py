@@ -165,20 +165,20 @@ class renamed_attribute:
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.old = name
-        self.owner = owner.__name__
 
-    def _message(self) -> str:
+    def _message(self, instance: Any) -> str:
+        owner = type(instance).__name__
         return (
-            f"{self.owner}.{self.old} is deprecated, use {self.owner}.{self.new} "
+            f"{owner}.{self.old} is deprecated, use {owner}.{self.new} "
             f"(the old name goes in deepspark {REMOVED_IN})"
         )
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        warnings.warn(self._message(), DeprecationWarning, stacklevel=2)
+        warnings.warn(self._message(instance), DeprecationWarning, stacklevel=2)
         return getattr(instance, self.new)
 
     def __set__(self, instance: Any, value: Any) -> None:
-        warnings.warn(self._message(), DeprecationWarning, stacklevel=2)
+        warnings.warn(self._message(instance), DeprecationWarning, stacklevel=2)
         setattr(instance, self.new, value)
