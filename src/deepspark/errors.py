@@ -11,8 +11,8 @@ derive from it.
 Examples
 --------
 >>> import deepspark as ds
->>> from deepspark.inference import QuantizationError
->>> issubclass(QuantizationError, ds.DeepsparkError), issubclass(QuantizationError, RuntimeError)
+>>> from deepspark.data.spec import FeedError
+>>> issubclass(FeedError, ds.DeepsparkError), issubclass(FeedError, ValueError)
 (True, True)
 """
 
