@@ -130,7 +130,9 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
-            AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path), **options).fit(train, val, n_trials=1)
+            AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path), **options).fit(
+                train, val, n_trials=1
+            )
     unscaled = TSDataset.from_pandas(_co2(), dt_col="ds", target_col="y")
     with pytest.raises(ValueError, match="scale train and validation_data alike"):
         AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path)).fit(train, unscaled, n_trials=1)
