@@ -149,7 +149,7 @@ def autots_model(n_trials: int, seed: int | None = 0, record: list | None = None
             lookback=lookbacks,
             lr=(1e-3, 1e-2),
             loss="mae",
-            directory=tempfile.mkdtemp(prefix="bench-autots-"),
+            checkpoint_dir=tempfile.mkdtemp(prefix="bench-autots-"),
             seed=seed,
         )
         pipeline = search.fit(train, validation, n_trials=n_trials, epochs=epochs, batch_size=32)

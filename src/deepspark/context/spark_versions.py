@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from deepspark.errors import DeepsparkError
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark import SparkContext
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class PySparkVersionError(RuntimeError):
+class PySparkVersionError(DeepsparkError, RuntimeError):
     """A capability needs a newer PySpark than the one installed."""
 
 

@@ -38,6 +38,7 @@ import cloudpickle
 import fsspec
 import torch
 
+from deepspark.errors import DeepsparkError
 from deepspark.inference._cache import CacheInfo, SizedLRUCache
 from deepspark.inference.runtimes import (
     ExportedProgramPredictor,
@@ -72,7 +73,7 @@ DEFAULT_CACHE_BYTES = 2 * 1024 * 1024 * 1024
 SAVED_METADATA = "metadata.json"
 
 
-class ModelIntegrityError(ValueError):
+class ModelIntegrityError(DeepsparkError, ValueError):
     """A spilled model file's bytes are not the model it was written for (changed on disk)."""
 
 
