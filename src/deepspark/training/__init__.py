@@ -15,6 +15,7 @@ from deepspark.training.driver.model_io import class_or_instance_load
 from deepspark.training.driver.tf_job import TensorflowBackend
 from deepspark.training.engine import FitResult
 from deepspark.training.job_spec import JobKind, RankLoop, RankProgram
+from deepspark.training.losses import OutputLosses
 from deepspark.training.options import (
     DataOptions,
     EvaluateOptions,
@@ -37,6 +38,7 @@ __all__ = [
     "FunctionBackend",
     "JobKind",
     "LoopOptions",
+    "OutputLosses",
     "RankLoop",
     "RankProgram",
     "RecoveryOptions",

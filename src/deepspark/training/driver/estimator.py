@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from deepspark.persist.weights import weights_from_bytes
 from deepspark.training import engine
+from deepspark.training.backend import Backend
 from deepspark.training.driver.checks import check_model, optimizer_factory
 from deepspark.training.driver.jobs import TrainingError
 from deepspark.training.driver.model_io import ModelIO
@@ -332,7 +332,7 @@ class Estimator(ModelIO):
         )
         backend = self._backend(optimizer_state=self._carried_optimizer_state())
         result = engine.fit(backend, df, options, validation_data=validation_data)
-        self._model.load_state_dict(weights_from_bytes(result.weights))
+        backend.load_weights(result.weights)
         if result.optimizer_state is not None:  # for the next fit to continue
             self._optimizer_state = result.optimizer_state
         self._feature_cols = options.data.feature_cols
@@ -414,7 +414,7 @@ class Estimator(ModelIO):
 
     # --- internals --------------------------------------------------------------------------
 
-    def _backend(self, optimizer_state: bytes | None = None) -> TorchBackend:
+    def _backend(self, optimizer_state: bytes | None = None) -> Backend:
         """This estimator's model and training parts, as the engine's torch loop runs them."""
         return TorchBackend(
             model=self._model,
