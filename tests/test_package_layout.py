@@ -33,7 +33,7 @@ RANK_SIDE = [
     "deepspark.training.progress",
     "deepspark.training.options",
     "deepspark.training.model_families",
-    "deepspark.training.losses",
+    "deepspark.training.output_losses",
     "deepspark.training.callbacks",
     "deepspark.training.callbacks.hooks",
     "deepspark.training.callbacks.monitoring",

@@ -34,7 +34,7 @@ from deepspark.persist.keras_files import (
     restored_keras_objects,
     without_tensorflow,
 )
-from deepspark.training.losses import OutputLosses
+from deepspark.training.output_losses import OutputLosses
 
 __all__ = [
     "KerasLoss",
@@ -158,7 +158,7 @@ class KerasLoss(OutputLosses):
     ``loss`` is a name, a Keras loss or a function ``(y_true, y_pred)``; for a model with
     several outputs also a dict by output name or a list in output order (one loss alone
     applies to every output, as in Keras). Outputs, labels and weights are matched as
-    `deepspark.training.losses.OutputLosses` matches them; each loss is a mean over the rows.
+    `deepspark.training.output_losses.OutputLosses` matches them; each loss is a mean over the rows.
     """
 
     def __init__(
