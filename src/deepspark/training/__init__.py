@@ -15,7 +15,6 @@ from deepspark.training.driver.model_io import class_or_instance_load
 from deepspark.training.driver.tf_job import TensorflowBackend
 from deepspark.training.engine import FitResult
 from deepspark.training.job_spec import JobKind, RankLoop, RankProgram
-from deepspark.training.output_losses import OutputLosses
 from deepspark.training.options import (
     DataOptions,
     EvaluateOptions,
@@ -25,6 +24,7 @@ from deepspark.training.options import (
     RunOptions,
     StepOptions,
 )
+from deepspark.training.output_losses import OutputLosses
 from deepspark.training.rank.function_state import checkpoint, restore
 from deepspark.training.rank.shard import ShardDataset, shard
 
