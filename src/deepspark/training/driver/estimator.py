@@ -28,7 +28,8 @@ from deepspark.training.options import EvaluateOptions, FitOptions, StepOptions,
 from deepspark.training.rank.metric_routing import metric_definitions
 
 if TYPE_CHECKING:
-    from deepspark.training.driver.inputs import InputData, Predictions
+    from deepspark.training.driver.inputs import InputData
+    from deepspark.training.driver.prediction_input import Predictions
 
 __all__ = ["Estimator", "TrainingError"]
 
@@ -388,7 +389,7 @@ class Estimator(ModelIO):
         """
         from deepspark.inference import predict
         from deepspark.training.driver.fit_data import is_creator, predict_creator
-        from deepspark.training.driver.inputs import prediction_input
+        from deepspark.training.driver.prediction_input import prediction_input
 
         if is_creator(df):
             return predict_creator(
