@@ -50,6 +50,7 @@ RANK_SIDE = [
     "deepspark.training.rank.checkpoint",
     "deepspark.training.rank.rng_state",
     "deepspark.training.rank.metrics",
+    "deepspark.training.rank.metric_tasks",
     "deepspark.training.rank.progress_client",
     "deepspark.training.rank.first_epoch",
     "deepspark.data.stream",

@@ -24,7 +24,8 @@ from typing import Any
 import fsspec
 import torch
 
-from deepspark.inference.models import ModelKind, ModelSource, is_local, load_model
+from deepspark.inference.model_loading import load_model
+from deepspark.inference.models import ModelKind, ModelSource, is_local
 from deepspark.inference.runtimes import (
     evaluating,
     import_onnxruntime,

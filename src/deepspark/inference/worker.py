@@ -20,7 +20,8 @@ import pyarrow as pa
 import torch
 
 from deepspark.data import assemble, batch_to_tensors
-from deepspark.inference.models import DEFAULT_CACHE_BYTES, ModelSource, load_model
+from deepspark.inference.model_loading import load_model
+from deepspark.inference.models import DEFAULT_CACHE_BYTES, ModelSource
 from deepspark.inference.runtimes import ModelInputError, Outputs, Predictor
 
 __all__ = [
