@@ -2,11 +2,12 @@
 
 Driver side. Built by ``Estimator.from_keras`` (see `build_keras_estimator`).
 
-Both backends train through the engine's one entry (`deepspark.training.engine.fit`): on
-``"torch"`` the engine's torch loop trains a `torch_backend.KerasModule` (``get_model()``); on
-``"tensorflow"`` a `deepspark.training.TensorflowBackend` hands the ``.keras`` model and its
-compile arguments to the engine's TensorFlow loop, and the trained weights come back into
-``keras_model``. ``predict``, ``save`` and ``load`` are shared by both backends.
+Both backends train through `Estimator.fit` and ``evaluate``, and so the engine's one entry
+(`deepspark.training.engine.fit`); only the backend differs: on ``"torch"`` the engine's torch
+loop trains a `torch_backend.KerasModule` (``get_model()``); on ``"tensorflow"`` a
+`deepspark.training.TensorflowBackend` hands the ``.keras`` model and its compile arguments to
+the engine's TensorFlow loop, and the trained weights come back into ``keras_model``.
+``predict``, ``save`` and ``load`` are shared by both backends.
 """
 
 from __future__ import annotations
