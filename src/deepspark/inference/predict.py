@@ -262,7 +262,9 @@ def predict(
     if path == "arrow_udf":
         result = predict_with_arrow_udf(df, spec)
     else:
-        result = predict_with_map_in_arrow(df, spec, versions)
+        # a batch frame's version is chosen here (the column is added below): only a stream's
+        # tasks pick their micro-batch's version
+        result = predict_with_map_in_arrow(df, spec, versions if streaming else None)
     if newest is not None and not streaming:  # one version, chosen here, scores every row
         from pyspark.sql import functions
 
