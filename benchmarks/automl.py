@@ -175,7 +175,7 @@ def run_deepspark(spark, frames, budget_s, round_index, directory):
             metrics=["accuracy"],
             metric="val_accuracy",
             study_name=name,
-            directory=os.path.join(directory, name),
+            checkpoint_dir=os.path.join(directory, name),
             seed=SEED,
         )
 

@@ -69,7 +69,7 @@ def file_all_gather(directory: str, rank: int):
 
 def deepspark_rank(rank: int, directory: str, rows: int, result: str) -> None:
     from deepspark.data import TensorSpec
-    from deepspark.training.job_spec import JobKind, TrainSpec
+    from deepspark.training.job_spec import JobKind
     from deepspark.training.rank.run import RankContext, run_rank
 
     x, y = rank_data(rank, rows)
@@ -81,24 +81,26 @@ def deepspark_rank(rank: int, directory: str, rows: int, result: str) -> None:
             "__deepspark_split": pa.array(np.zeros(rows, np.int32)),
         }
     )
-    spec = TrainSpec(
-        kind=JobKind.FIT,
-        model_blob=cloudpickle.dumps(make_cnn()),
-        loss_blob=cloudpickle.dumps(torch.nn.CrossEntropyLoss()),
-        optimizer_blob=cloudpickle.dumps(functools.partial(torch.optim.Adam, lr=1e-3)),
-        scheduler_blob=None,
-        metrics_blob=cloudpickle.dumps([]),
-        callbacks_blob=None,
-        config={},
-        features=(TensorSpec("features", "array", (1, 28, 28)),),
-        labels=(TensorSpec("label", "scalar", (), dtype="int64"),),
-        world_size=WORLD,
-        epochs=EPOCHS,
-        batch_size=BATCH,
-        rendezvous_host="127.0.0.1",
-        collective_timeout_s=120.0,
-        job_id="rank-vs-ddp",
-    )
+    program = {
+        "model_blob": cloudpickle.dumps(make_cnn()),
+        "loss_blob": cloudpickle.dumps(torch.nn.CrossEntropyLoss()),
+        "optimizer_blob": cloudpickle.dumps(functools.partial(torch.optim.Adam, lr=1e-3)),
+        "scheduler_blob": None,
+        "metrics_blob": cloudpickle.dumps([]),
+        "config": {},
+    }
+    job = {
+        "kind": JobKind.FIT,
+        "features": (TensorSpec("features", "array", (1, 28, 28)),),
+        "labels": (TensorSpec("label", "scalar", (), dtype="int64"),),
+        "world_size": WORLD,
+        "batch_size": BATCH,
+        "rendezvous_host": "127.0.0.1",
+        "collective_timeout_s": 120.0,
+        "job_id": "rank-vs-ddp",
+        "callbacks_blob": None,
+    }
+    spec = _train_spec(program, job)
     context = RankContext(
         rank=rank, all_gather=file_all_gather(directory, rank), spill_dir=directory, task_cpus=1
     )
@@ -109,6 +111,23 @@ def deepspark_rank(rank: int, directory: str, rows: int, result: str) -> None:
         history = json.loads(results.column("payload").to_pylist()[kinds.index("history")])
         with open(result, "w") as handle:
             json.dump([record["seconds"] for record in history], handle)
+
+
+def _train_spec(program: dict, job: dict):
+    """The rank's job description, for this checkout's engine: since the engine's public seam
+    (issue #28) the program and loop travel as groups; before it, as flat fields. The same
+    script then measures the commit before the refactor (`benchmarks/commits.py`)."""
+    import dataclasses
+
+    from deepspark.training.job_spec import TrainSpec
+
+    names = {spec_field.name for spec_field in dataclasses.fields(TrainSpec)}
+    if "program" not in names:
+        return TrainSpec(**program, **job, epochs=EPOCHS)
+    from deepspark.training.job_spec import RankProgram
+    from deepspark.training.options import LoopOptions
+
+    return TrainSpec(program=RankProgram(**program), loop=LoopOptions(epochs=EPOCHS), **job)
 
 
 def bare_rank(rank: int, directory: str, rows: int, result: str) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from _common import emit_json, machine, print_table, today
+from _common import emit_json, machine, print_table, run_logged, today
 from timeseries_sets import ForecastSet, development_sets, test_sets
 
 Forecast = Callable[[pd.DataFrame, int, int], np.ndarray]
@@ -149,7 +149,7 @@ def autots_model(n_trials: int, seed: int | None = 0, record: list | None = None
             lookback=lookbacks,
             lr=(1e-3, 1e-2),
             loss="mae",
-            directory=tempfile.mkdtemp(prefix="bench-autots-"),
+            checkpoint_dir=tempfile.mkdtemp(prefix="bench-autots-"),
             seed=seed,
         )
         pipeline = search.fit(train, validation, n_trials=n_trials, epochs=epochs, batch_size=32)
@@ -394,4 +394,4 @@ def accuracy_json(accuracy: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_logged("timeseries", main)

@@ -275,7 +275,7 @@ def skip_connect_before_pyspark_4() -> None:
 CONNECT_PORT = 15002  # where pyspark's client looks for a local Connect server
 
 
-def _wait_for_connect_port(timeout_s: float = 60.0) -> None:
+def wait_for_connect_port(timeout_s: float = 60.0) -> None:
     """Another test run on this machine may hold the port a local Connect server needs."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -299,7 +299,7 @@ def connect_spark():
     skip_connect_before_pyspark_4()
     if _switch.kind != "connect_spark":
         _switch.stop()
-        _wait_for_connect_port()
+        wait_for_connect_port()
     return _switch.get(
         "connect_spark",
         lambda: ds.init_context("connect", master="local[2]", app_name="deepspark-tests-connect"),

@@ -50,7 +50,7 @@ def search(tmp_path, space, **options):
         optimizer=adam,
         loss=torch.nn.CrossEntropyLoss(),
         metrics=["accuracy"],
-        directory=str(tmp_path / "search"),
+        checkpoint_dir=str(tmp_path / "search"),
         **options,
     )
 
@@ -84,7 +84,7 @@ def test_tpe_search_on_digits_finds_an_accurate_config(digits, tmp_path):
         "lr": optuna.distributions.FloatDistribution(3e-4, 3e-2, log=True),
         "dropout": optuna.distributions.FloatDistribution(0.0, 0.4),
     }
-    auto = search(tmp_path, space, max_concurrent=2, workers_per_trial=1)
+    auto = search(tmp_path, space, max_concurrent=2, num_workers=1)
     table = auto.fit(
         train, n_trials=12, epochs=12, batch_size=64, validation_data=validation, **COLUMNS
     )
@@ -177,7 +177,7 @@ def test_bad_arguments_are_refused_before_any_trial(digits, tmp_path):
     cases = [
         (dict(sampler="annealing"), "sampler='annealing'"),
         (dict(pruner="patience"), "pruner='patience'"),
-        (dict(workers_per_trial=3), r"workers_per_trial=3.*2 free task slot"),
+        (dict(num_workers=3), r"num_workers=3.*2 free task slot"),
         (dict(direction="up"), "direction='up'"),
         (dict(max_concurrent=0), "max_concurrent=0"),
     ]
@@ -235,7 +235,7 @@ def search_for_resume(directory):
         max_concurrent=1,
         pruner="none",
         study_name="resumable",
-        directory=directory,
+        checkpoint_dir=directory,
         seed=0,
     )
 

@@ -290,7 +290,7 @@ def test_auto_estimator_searches_keras_models(spark, tmp_path):
         sampler="grid",
         pruner="none",
         max_concurrent=1,
-        directory=str(tmp_path / "search"),
+        checkpoint_dir=str(tmp_path / "search"),
     )
     table = auto.fit(
         train_df,

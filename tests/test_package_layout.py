@@ -86,6 +86,8 @@ RANK_SIDE = [
     "deepspark.timeseries.forecast_model",
     "deepspark.timeseries.forecast_metrics",
     "deepspark.timeseries.forecaster_io",
+    "deepspark.errors",
+    "deepspark.deprecation",
 ]
 
 

@@ -206,7 +206,7 @@ def test_forecast_residual_detector_with_a_spark_trained_forecaster(spark):
     forecaster = DLinearForecaster(lookback=24, horizon=4, lr=1e-2, loss="mae")
     detector = ForecastResidualDetector(forecaster, sigmas=6.0)
     detector.fit(data, epochs=6, batch_size=64, num_workers=2, progress=False)
-    assert forecaster.history_ is not None and len(forecaster.history_) == 6
+    assert forecaster.history is not None and len(forecaster.history) == 6
 
     found = detector.anomaly_indices(data)
     assert set(found.columns) >= {"id", "ds", "y", "index", "score", "anomaly"}
@@ -222,3 +222,27 @@ def test_forecast_residual_detector_with_a_spark_trained_forecaster(spark):
     scored = detector.score(data).toPandas()
     assert scored.groupby("id")["score"].apply(lambda s: s.iloc[24:].notna().all()).all()
     assert scored.groupby("id")["score"].apply(lambda s: s.iloc[:24].isna().all()).all()
+
+
+def test_forecast_residual_detector_fits_the_dataframes_that_score_takes(spark):
+    # Every detector's score takes a pandas or Spark DataFrame in long format; fit takes the
+    # same frames (a deepspark forecaster gets them as a TSDataset of the detector's columns).
+    from deepspark.timeseries import SeasonalNaiveForecaster
+
+    frame, planted = planted_series()
+    found = {}
+    for kind, data in (("pandas", frame), ("spark", spark.createDataFrame(frame))):
+        forecaster = SeasonalNaiveForecaster(season=12, horizon=4)
+        detector = ForecastResidualDetector(forecaster, sigmas=6.0, id_col="id").fit(data)
+        scored = detector.score(data)
+        scored = scored if kind == "pandas" else scored.toPandas()
+        found[kind] = scored.sort_values(["id", "index"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(found["pandas"], found["spark"], check_dtype=False)
+    scored = found["pandas"]
+    assert scored.groupby("id")["score"].apply(lambda s: s.iloc[:12].isna().all()).all()
+    flagged = scored[scored["anomaly"]]
+    hits = sum(
+        len(positions & set(flagged.loc[flagged["id"] == name, "index"]))
+        for name, positions in planted.items()
+    )
+    assert hits / sum(len(p) for p in planted.values()) >= 0.75, flagged

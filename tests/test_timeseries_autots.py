@@ -38,7 +38,7 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
         lookback=(24, 36),
         ensemble=3,
         refit=2,  # each chosen config trained again twice, from seeds 0 and 1
-        directory=str(tmp_path / "search"),
+        checkpoint_dir=str(tmp_path / "search"),
         max_concurrent=2,
         pruner="none",  # every trial completes: 3 to choose from
         seed=0,
@@ -80,7 +80,7 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
     # the two seeds of one config learnt different weights
     for index, trial in enumerate(auto.members_):
         first, second = members[2 * index : 2 * index + 2]
-        assert len(first.history_) == len(second.history_) == trial["best_epoch"] + 1
+        assert len(first.history) == len(second.history) == trial["best_epoch"] + 1
         weights = second.model_.state_dict()
         assert any(not torch.equal(t, weights[n]) for n, t in first.model_.state_dict().items())
 
@@ -130,10 +130,12 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
-            AutoTS(horizon=HORIZON, directory=str(tmp_path), **options).fit(train, val, n_trials=1)
+            AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path), **options).fit(
+                train, val, n_trials=1
+            )
     unscaled = TSDataset.from_pandas(_co2(), dt_col="ds", target_col="y")
     with pytest.raises(ValueError, match="scale train and validation_data alike"):
-        AutoTS(horizon=HORIZON, directory=str(tmp_path)).fit(train, unscaled, n_trials=1)
+        AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path)).fit(train, unscaled, n_trials=1)
     assert not (tmp_path / "trials").exists()
 
 
@@ -210,7 +212,7 @@ def test_ensemble_forecaster_averages_saves_loads_exports_and_refuses_mismatches
         refit=False,
         ensemble=2,
         fallback=None,  # the trials' models, whatever seasonal naive scores
-        directory=str(tmp_path / "search"),
+        checkpoint_dir=str(tmp_path / "search"),
         seed=0,
     )
     pipeline = auto.fit(train, val, n_trials=2, epochs=2, batch_size=64)
@@ -238,7 +240,7 @@ def test_autots_sets_no_floor_for_data_with_negative_values(spark, tmp_path):
         lookback=(24,),
         models=("dlinear",),
         ensemble=1,
-        directory=str(tmp_path),
+        checkpoint_dir=str(tmp_path),
         seed=0,
     )
     pipeline = auto.fit(train, val, n_trials=1, epochs=1, batch_size=64)
@@ -272,7 +274,7 @@ def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, t
         refit=True,  # once: the kept pipeline is one network
         seed=0,
     )
-    auto = AutoTS(directory=str(tmp_path / "checked"), **options)
+    auto = AutoTS(checkpoint_dir=str(tmp_path / "checked"), **options)
     pipeline = auto.fit(train, val, n_trials=2, epochs=1, batch_size=64)
     check = auto.validation_
     assert check["chosen"] == "seasonal_naive" and check["difference"] > 0, check
@@ -290,7 +292,7 @@ def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, t
     pd.testing.assert_frame_equal(loaded.predict(history), future)
 
     # fallback=None: the same search keeps its (untrained) network unchecked
-    kept = AutoTS(directory=str(tmp_path / "unchecked"), fallback=None, **options)
+    kept = AutoTS(checkpoint_dir=str(tmp_path / "unchecked"), fallback=None, **options)
     unchecked = kept.fit(train, val, n_trials=2, epochs=1, batch_size=64)
     assert kept.validation_ is None and unchecked.forecaster.kind == "dlinear"
     assert np.abs(unchecked.predict(history)["y"] - future["y"]).max() > 1.0
@@ -314,7 +316,7 @@ def test_a_seeded_autots_repeats_its_pipeline_and_forecast_with_trials_at_once(s
             ensemble=2,
             refit=1,
             max_concurrent=2,
-            directory=str(tmp_path / f"run-{run}"),
+            checkpoint_dir=str(tmp_path / f"run-{run}"),
             seed=3,
         )
         pipeline = auto.fit(train, val, n_trials=4, epochs=3, batch_size=64)

@@ -138,7 +138,9 @@ def test_bad_arguments_are_refused(spark):
     frame = spark.createDataFrame([("a", [1.0, 0.0])], "image_id string, features array<float>")
     with pytest.raises(ValueError, match="threshold=1.5"):
         vision.near_duplicates(frame, threshold=1.5)
-    with pytest.raises(ValueError, match="features_col='vec'"):
-        vision.near_duplicates(frame, features_col="vec")
+    with pytest.raises(ValueError, match="feature_cols='vec'"):
+        vision.near_duplicates(frame, feature_cols="vec")
+    with pytest.raises(ValueError, match="the one column of feature arrays"):
+        vision.near_duplicates(frame, feature_cols=["features", "features"])
     with pytest.raises(ValueError, match="k=0"):
         vision.search(frame, frame, k=0)

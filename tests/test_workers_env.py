@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+import deepspark
+from conftest import skip_connect_before_pyspark_4, wait_for_connect_port
+
 pytestmark = pytest.mark.slow
 
 
@@ -146,3 +149,34 @@ def test_probe_names_a_worker_python_that_cannot_run_deepspark(tmp_path: Path, w
         assert "deepspark is missing" in out
     else:
         assert "No module named" in out
+
+
+def test_a_connect_server_started_by_hand_names_the_one_line_that_works(tmp_path: Path):
+    # A user starts a local Connect server themselves; its Python workers are the first
+    # `python3` on PATH, which lacks deepspark's packages. The error says what to run instead.
+    skip_connect_before_pyspark_4()
+    bare = _make_venv(tmp_path / "bare", with_packages=False)
+    env = _user_env(bare.parent)
+    # this checkout's deepspark on the driver (the workers' bare Python lacks torch either way)
+    env["PYTHONPATH"] = str(Path(deepspark.__file__).parents[1])
+    wait_for_connect_port()  # the local server takes pyspark's default port
+    result = _run_script(
+        """
+        from pyspark.sql import SparkSession
+        from deepspark.context import WorkerEnvironmentError, check_workers
+
+        spark = SparkSession.builder.remote("local[2]").getOrCreate()
+        try:
+            check_workers(spark)
+        except WorkerEnvironmentError as error:
+            print("ERROR:", error)
+        else:
+            print("NO ERROR")
+        spark.stop()
+        """,
+        cwd=tmp_path,
+        env=env,
+    )
+    out = result.stdout
+    assert "ERROR:" in out, out[-3000:] + result.stderr[-5000:]
+    assert 'ds.init_context(cluster_mode="connect")' in out, out[-3000:]

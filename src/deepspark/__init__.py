@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deepspark.context import init_context, stop_context
     from deepspark.data.cache import cache, uncache
+    from deepspark.errors import DeepsparkError
     from deepspark.inference import predict
     from deepspark.training import (
         Estimator,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 # Each public name and the module it lives in.
 _HOMES = {
+    "DeepsparkError": "deepspark.errors",
     "Estimator": "deepspark.training",
     "TrainingError": "deepspark.training",
     "cache": "deepspark.data.cache",
@@ -40,6 +42,7 @@ _HOMES = {
 }
 
 __all__ = [
+    "DeepsparkError",
     "Estimator",
     "TrainingError",
     "__version__",

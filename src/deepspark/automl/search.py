@@ -29,6 +29,7 @@ from deepspark.automl.study import (
 )
 from deepspark.automl.trial_runs import TrialRuns
 from deepspark.context.topology import driver_address
+from deepspark.deprecation import RENAMED_SEARCH_OPTIONS, renamed_attribute, renamed_keywords
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,11 +71,11 @@ class AutoEstimator:
         trials that keep their best epoch's weights, e.g. with
         ``EarlyStopping(restore_best_weights=True)``); the epoch is kept as the trial's
         ``best_epoch`` attribute (0-based).
-    workers_per_trial : int
-        Ranks of each trial's fit.
+    num_workers : int
+        Ranks of each trial's fit (``workers_per_trial`` is its deprecated old name).
     max_concurrent : int, optional
         Trials training at once; default: the application's free task slots divided by
-        `workers_per_trial`.
+        `num_workers`.
     sampler : {"tpe", "random", "grid"} or optuna sampler
     pruner : {"median", "successive_halving", "hyperband", "none"} or optuna pruner
     study_name : str, optional
@@ -82,10 +83,11 @@ class AutoEstimator:
         search. Default: a new name from the time.
     storage : str, optional
         An SQLAlchemy URL (``sqlite:///path.db``, ``postgresql://...``). Default: an SQLite
-        file ``study.db`` in `directory`.
-    directory : str, optional
-        Where the default database and each completed trial's saved model go. Default:
-        ``~/.deepspark/automl/<study_name>``.
+        file ``study.db`` in `checkpoint_dir`.
+    checkpoint_dir : str, optional
+        What the search resumes from: the default database and each completed trial's saved
+        model. Default: ``~/.deepspark/automl/<study_name>`` (``directory`` is its deprecated
+        old name).
     seed : int, optional
         Seeds the sampler and every trial's fit (trial n with ``seed + n``). With a seed,
         trials that train at once run in rounds (`deepspark.automl.rounds`): each draws its
@@ -97,6 +99,10 @@ class AutoEstimator:
     See ``docs/automl.md``: a search on digits, its trials table, the best model and plots.
     """
 
+    workers_per_trial = renamed_attribute("num_workers")
+    directory = renamed_attribute("checkpoint_dir")
+
+    @renamed_keywords(**RENAMED_SEARCH_OPTIONS)
     def __init__(
         self,
         model: Callable[[dict[str, Any]], Any],
@@ -109,13 +115,13 @@ class AutoEstimator:
         metric: str = "val_loss",
         direction: str | None = None,
         score: str = "last",
-        workers_per_trial: int = 1,
+        num_workers: int = 1,
         max_concurrent: int | None = None,
         sampler: Any = "tpe",
         pruner: Any = "median",
         study_name: str | None = None,
         storage: str | None = None,
-        directory: str | None = None,
+        checkpoint_dir: str | None = None,
         seed: int | None = None,
         estimator_options: dict[str, Any] | None = None,
     ) -> None:
@@ -128,19 +134,20 @@ class AutoEstimator:
         self.metric = metric
         self.direction = direction
         self.score = score
-        self.workers_per_trial = workers_per_trial
+        self.num_workers = num_workers
         self.max_concurrent = max_concurrent
         self.sampler = sampler
         self.pruner = pruner
         self.study_name = study_name
         self.storage = storage
-        self.directory = directory
+        self.checkpoint_dir = checkpoint_dir
         self.seed = seed
         self.estimator_options = dict(estimator_options or {})
         self.study_: Any = None
         self.settings_: SearchSettings | None = None
 
     @classmethod
+    @renamed_keywords(**RENAMED_SEARCH_OPTIONS)
     def from_torch(
         cls,
         model: Callable[[dict[str, Any]], Any],
@@ -154,6 +161,7 @@ class AutoEstimator:
         return cls(model, search_space, optimizer=optimizer, loss=loss, metrics=metrics, **options)
 
     @classmethod
+    @renamed_keywords(**RENAMED_SEARCH_OPTIONS)
     def from_keras(
         cls,
         model: Callable[[dict[str, Any]], Any],
@@ -245,7 +253,7 @@ class AutoEstimator:
                 **fit_options,
             ),
             spark=spark,
-            workers_per_trial=self.workers_per_trial,
+            num_workers=self.num_workers,
             score=self.score,
             seed=self.seed,
         )
@@ -271,14 +279,14 @@ class AutoEstimator:
             )
         spark = spark or data.sparkSession
         slots, held = free_task_slots(spark)
-        if self.workers_per_trial > slots:
+        if self.num_workers > slots:
             holding = "".join(f"; {holder} holds {count}" for holder, count in held.items())
             raise ValueError(
-                f"AutoEstimator(workers_per_trial={self.workers_per_trial}): the application "
+                f"AutoEstimator(num_workers={self.num_workers}): the application "
                 f"has {slots} free task slot(s){holding}; use at most {slots} workers per "
                 "trial, or free or add slots"
             )
-        return spark, self.max_concurrent or max(1, slots // self.workers_per_trial)
+        return spark, self.max_concurrent or max(1, slots // self.num_workers)
 
     def _optimize(
         self, study: Any, runs: TrialRuns, trials: int, concurrent: int, timeout_s: float | None
@@ -344,10 +352,8 @@ class AutoEstimator:
             raise ValueError(f"AutoEstimator({missing}=...) is required: trials train")
         if not isinstance(n_trials, int) or n_trials < 1:
             raise ValueError(f"fit(n_trials={n_trials!r}): give a positive number of trials")
-        if not isinstance(self.workers_per_trial, int) or self.workers_per_trial < 1:
-            raise ValueError(
-                f"AutoEstimator(workers_per_trial={self.workers_per_trial!r}): at least 1"
-            )
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"AutoEstimator(num_workers={self.num_workers!r}): at least 1")
         if self.max_concurrent is not None and (
             not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
         ):
@@ -360,8 +366,8 @@ class AutoEstimator:
                 f"AutoEstimator(direction={direction!r}): use 'minimize' or 'maximize'"
             )
         name = self.study_name or time.strftime("automl-%Y%m%d-%H%M%S")
-        if self.directory:
-            directory = Path(self.directory)
+        if self.checkpoint_dir:
+            directory = Path(self.checkpoint_dir)
         else:
             directory = Path.home() / ".deepspark" / "automl" / re.sub(r"[^\w.-]", "_", name)
         directory.mkdir(parents=True, exist_ok=True)

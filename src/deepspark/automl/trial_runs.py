@@ -45,7 +45,8 @@ class TrialRuns:
         ``Estimator.fit``'s arguments that every trial shares (a config's ``epochs`` and
         ``batch_size`` override theirs).
     spark : SparkSession
-    workers_per_trial : int
+    num_workers : int
+        Ranks of each trial's fit.
     score : {"last", "best"}
         A trial's value: the metric at its last epoch, or at its best.
     seed : int, optional
@@ -61,7 +62,7 @@ class TrialRuns:
     data_of: Callable[[dict[str, Any]], tuple[Any, Any]]
     fixed: dict[str, Any]
     spark: Any
-    workers_per_trial: int
+    num_workers: int
     score: str
     seed: int | None = None
     rounds: Rounds | None = None
@@ -132,7 +133,7 @@ class TrialRuns:
         try:
             data, options["validation_data"] = self.data_of(config)
             with trial_scope(self.spark, trial.number):
-                history = estimator.fit(data, num_workers=self.workers_per_trial, **options)
+                history = estimator.fit(data, num_workers=self.num_workers, **options)
         except Exception as error:
             record_failure(trial, error)
             raise

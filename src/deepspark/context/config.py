@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from deepspark.errors import DeepsparkError
+
 __all__ = [
     "CONNECT_URL",
     "K8S_URL",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-class ContextError(RuntimeError):
+class ContextError(DeepsparkError, RuntimeError):
     """A Spark context could not be created as asked."""
 
 

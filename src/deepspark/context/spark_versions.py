@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from deepspark.errors import DeepsparkError
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import DataFrame
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["PySparkVersionError", "collect_arrow", "pyspark_version", "require_pyspark"]
 
 
-class PySparkVersionError(RuntimeError):
+class PySparkVersionError(DeepsparkError, RuntimeError):
     """A capability needs a newer PySpark than the one installed."""
 
 

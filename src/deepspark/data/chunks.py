@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from deepspark.errors import DeepsparkError
+
 __all__ = [
     "CACHE_SCHEMA",
     "CHUNK_BYTES",
@@ -91,7 +93,7 @@ _CACHE_ARROW_SCHEMA = pa.schema(
 )
 
 
-class CacheLimitExceeded(RuntimeError):
+class CacheLimitExceeded(DeepsparkError, RuntimeError):
     """One partition's chunks alone passed the cache's byte limit (raised inside the task)."""
 
     MARK = "deepspark-cache-limit:"

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepspark.errors import DeepsparkError
+
 __all__ = ["ColumnKind", "FeedError", "TensorSpec", "assemble", "normalize_specs"]
 
 
-class FeedError(ValueError):
+class FeedError(DeepsparkError, ValueError):
     """Data that cannot be fed to a model as asked.
 
     The message names the column or argument, what was found, and what to do about it.

@@ -24,6 +24,7 @@ from typing import Any
 import fsspec
 import torch
 
+from deepspark.errors import DeepsparkError
 from deepspark.inference.model_loading import load_model
 from deepspark.inference.models import ModelKind, ModelSource, is_local
 from deepspark.inference.runtimes import (
@@ -37,7 +38,7 @@ __all__ = ["ExportMismatchError", "export_onnx", "export_program", "export_torch
 DEFAULT_ATOL = 1e-4
 
 
-class ExportMismatchError(RuntimeError):
+class ExportMismatchError(DeepsparkError, RuntimeError):
     """An exported model's output differs from the torch model's on the sample inputs."""
 
 

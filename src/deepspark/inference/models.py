@@ -37,6 +37,7 @@ import cloudpickle
 import fsspec
 import torch
 
+from deepspark.errors import DeepsparkError
 from deepspark.inference.runtimes import (
     torchscript_deprecation_silenced,
 )
@@ -62,7 +63,7 @@ DEFAULT_CACHE_BYTES = 2 * 1024 * 1024 * 1024
 SAVED_METADATA = "metadata.json"
 
 
-class ModelIntegrityError(ValueError):
+class ModelIntegrityError(DeepsparkError, ValueError):
     """A spilled model file's bytes are not the model it was written for (changed on disk)."""
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deepspark.context.spark_versions import collect_arrow
+from deepspark.deprecation import keyword_only_after
 from deepspark.inference.model_loading import load_model
 from deepspark.inference.models import (
     DEFAULT_CACHE_BYTES,
@@ -66,15 +67,19 @@ ColumnsArg = str | Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[s
 
 # size: long for its docstring, the reference of every argument; the body alone
 # is under 80 lines.
+# Before 0.2 these four followed feature_cols by position, in an order Estimator.predict did
+# not share; old positional calls keep their meaning, with a warning.
+@keyword_only_after(3, ("output_col", "batch_size", "output", "passthrough_cols"))
 def predict(
     df: DataFrame,
     model: Any,
     feature_cols: ColumnsArg,
+    *,
     output_col: str = "prediction",
     batch_size: int = 1024,
     output: OutputArg = "auto",
     passthrough_cols: Sequence[str] | None = None,
-    *,
+    num_workers: int | None = None,
     output_cols: OutputColsArg = None,
     feature_shapes: dict[str, Sequence[int]] | None = None,
     feature_dtypes: dict[str, str] | None = None,
@@ -136,6 +141,10 @@ def predict(
         others ``auto``.
     passthrough_cols : sequence of str, optional
         Input columns kept in the result (default: all of them).
+    num_workers : int, optional
+        At most this many Spark tasks run the model: a DataFrame with more partitions is
+        coalesced to this many (no shuffle, so the rows keep their order). Default: one task
+        per partition of ``df``. Everything after ``feature_cols`` is keyword-only.
     output_cols : list or dict, optional
         Column names for a model with several outputs, which writes one column per output:
         a dict output's columns are named by its keys, a tuple's (or list's)
@@ -206,7 +215,9 @@ def predict(
         model = newest.path  # probes the model; on a stream each micro-batch picks its own
     # a stream's tasks choose their version: the mapInArrow function adds the column
     path = "mapInArrow" if versions is not None and streaming else choose_path(df.sparkSession)
-    _check_scalars(output_col, batch_size, num_threads, probe_rows, device)
+    _check_scalars(output_col, batch_size, num_threads, num_workers, probe_rows, device)
+    if num_workers is not None:
+        df = df.coalesce(num_workers)
     requested, requested_by_key = requested_kinds(output)
     check_output_cols(output_cols)
     passthrough = tuple(df.columns if passthrough_cols is None else passthrough_cols)
@@ -273,15 +284,23 @@ def predict(
 
 
 def _check_scalars(
-    output_col: Any, batch_size: Any, num_threads: Any, probe_rows: Any, device: Any
+    output_col: Any,
+    batch_size: Any,
+    num_threads: Any,
+    num_workers: Any,
+    probe_rows: Any,
+    device: Any,
 ) -> None:
     """Refuse, before anything runs, the arguments of `predict` that are single values."""
     if not isinstance(output_col, str) or not output_col:
         raise ValueError(f"output_col={output_col!r}: give a column name")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: give a positive integer")
-    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-        raise ValueError(f"num_threads={num_threads!r}: give a positive integer or None")
+    for name, value in (("num_threads", num_threads), ("num_workers", num_workers)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name}={value!r}: give a positive integer or None")
     if probe_rows < 1:
         raise ValueError(f"probe_rows={probe_rows!r}: give a positive integer")
     try:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from deepspark.errors import DeepsparkError
 from deepspark.inference.runtimes import import_onnxruntime
 
 __all__ = ["QuantizationError", "quantize_onnx"]
@@ -28,7 +29,7 @@ __all__ = ["QuantizationError", "quantize_onnx"]
 DEFAULT_MIN_COSINE = 0.9
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(DeepsparkError, RuntimeError):
     """The quantized model's outputs drift too far from the float model's."""
 
 

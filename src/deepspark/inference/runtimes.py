@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from deepspark.errors import DeepsparkError
+
 __all__ = [
     "ExportedProgramPredictor",
     "ModelInputError",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class ModelInputError(ValueError):
+class ModelInputError(DeepsparkError, ValueError):
     """The features given to a model do not fit its inputs (shape, count, dtype or name)."""
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from deepspark.data import assemble, batch_to_tensors
+from deepspark.errors import DeepsparkError
 from deepspark.inference.model_loading import load_model
 from deepspark.inference.models import DEFAULT_CACHE_BYTES, ModelSource
 from deepspark.inference.runtimes import ModelInputError, Outputs, Predictor
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 
-class PredictError(RuntimeError):
+class PredictError(DeepsparkError, RuntimeError):
     """A predict task failed. The message is one summary line,
     ``deepspark predict: partition 3: ValueError: <its message>``; the error the model or the
     data raised is the ``__cause__``, so its traceback is shown above this one."""

@@ -46,7 +46,7 @@ def check_column(df: DataFrame, param: str, name: str, hint: str) -> None:
 
 
 def feature_input(
-    df: DataFrame, features_col: str, feature_shape: list[int] | None
+    df: DataFrame, feature_col: str, feature_shape: list[int] | None
 ) -> tuple[DataFrame, str, dict[str, tuple[int, ...]] | None]:
     """The frame, column and shapes the engines read the features from.
 
@@ -57,20 +57,20 @@ def feature_input(
     check_column(
         df,
         "featuresCol",
-        features_col,
+        feature_col,
         "set featuresCol=, or put a VectorAssembler before this stage",
     )
     if feature_shape is None:
-        return df, features_col, None
+        return df, feature_col, None
     shape = tuple(feature_shape)
-    data_type = df.schema[features_col].dataType
+    data_type = df.schema[feature_col].dataType
     if hasattr(data_type, "sqlType") and data_type.simpleString() == "vector":
         from pyspark.ml.functions import vector_to_array
         from pyspark.sql import functions as F
 
-        frame = df.withColumn(_FEATURES_COLUMN, vector_to_array(F.col(features_col), "float32"))
+        frame = df.withColumn(_FEATURES_COLUMN, vector_to_array(F.col(feature_col), "float32"))
         return frame, _FEATURES_COLUMN, {_FEATURES_COLUMN: shape}
-    return df, features_col, {features_col: shape}
+    return df, feature_col, {feature_col: shape}
 
 
 # --- fit ------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def fit_estimator(params: _TorchEstimatorParams, dataset: DataFrame) -> Estimato
         label_col,
         "set labelCol=, or index a string label with StringIndexer first",
     )
-    frame, features_col, shapes = feature_input(
+    frame, feature_col, shapes = feature_input(
         dataset, params.getFeaturesCol(), params.getFeatureShape()
     )
     task = loss_task(loss)
@@ -121,7 +121,7 @@ def fit_estimator(params: _TorchEstimatorParams, dataset: DataFrame) -> Estimato
     )
     estimator.fit(
         frame,
-        feature_cols=features_col,
+        feature_cols=feature_col,
         label_cols=label_col,
         epochs=params.getEpochs(),
         batch_size=params.getBatchSize(),
@@ -164,11 +164,11 @@ def transform(params: _TorchParams, module: nn.Module, dataset: DataFrame) -> Da
                 f"{param}={name!r} already exists in the DataFrame; set {param}= to another "
                 "name or drop the column first"
             )
-    frame, features_col, shapes = feature_input(
+    frame, feature_col, shapes = feature_input(
         dataset, params.getFeaturesCol(), params.getFeatureShape()
     )
     options: dict[str, Any] = {
-        "feature_cols": features_col,
+        "feature_cols": feature_col,
         "batch_size": params.getPredictBatchSize(),
         "passthrough_cols": dataset.columns,
         "feature_shapes": shapes,

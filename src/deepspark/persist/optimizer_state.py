@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from deepspark.errors import DeepsparkError
+
 __all__ = [
     "OptimizerStateMismatch",
     "check_layout",
@@ -30,7 +32,7 @@ Layout = tuple[tuple[int, ...], ...]
 RESET_HINT = "call est.reset_optimizer() to start this fit with fresh optimizers"
 
 
-class OptimizerStateMismatch(ValueError):
+class OptimizerStateMismatch(DeepsparkError, ValueError):
     """A saved optimizer state does not fit the optimizers it should be loaded into."""
 
 

@@ -13,6 +13,7 @@ from deepspark.context.config import RAY_CLUSTER_MODES, ClusterMode
 from deepspark.context.identity import is_connect
 from deepspark.context.session import current_session
 from deepspark.context.topology import SparkMaster, executor_layout, master_of, parse_master
+from deepspark.errors import DeepsparkError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -40,7 +41,7 @@ _SOCKET_SUFFIX_CHARS = 88
 _SOCKET_PATH_LIMIT = 107
 
 
-class RayOnSparkError(RuntimeError):
+class RayOnSparkError(DeepsparkError, RuntimeError):
     """Ray cannot be started on this Spark session as asked."""
 
 

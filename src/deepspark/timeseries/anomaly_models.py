@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from deepspark.timeseries.anomaly import AnomalyDetector, Columns
+from deepspark.timeseries.forecaster import Forecaster
+from deepspark.timeseries.tsdataset import TSDataset
 
 
 def _autoencoder(window: int, hidden_size: int, latent_size: int) -> nn.Module:
@@ -243,7 +245,13 @@ class ForecastResidualDetector(AnomalyDetector):
         self.forecaster = forecaster
 
     def fit(self, data: Any, **fit_options: Any) -> ForecastResidualDetector:
-        """Fit the forecaster on ``data`` (``fit_options`` go to its ``fit``). Returns self."""
+        """Fit the forecaster on ``data`` (``fit_options`` go to its ``fit``). Returns self.
+
+        ``data`` is what `score` takes: a TSDataset, or a pandas or Spark DataFrame in long
+        format with the detector's ``dt_col``, ``target_col`` and ``id_col``. A deepspark
+        `Forecaster` gets a DataFrame as a TSDataset of those columns; another forecaster gets
+        it as it is.
+        """
         for name in ("fit", "predict", "lookback", "horizon"):
             if not hasattr(self.forecaster, name):
                 raise TypeError(
@@ -252,9 +260,18 @@ class ForecastResidualDetector(AnomalyDetector):
                     "and horizon"
                 )
         self._check_threshold()
-        self._frame(data)
+        frame, columns, is_spark = self._frame(data)
+        dataset_class = type(data) if hasattr(data, "from_pandas") else None
+        if dataset_class is None and isinstance(self.forecaster, Forecaster):
+            # deepspark's forecasters train on a TSDataset: the DataFrame that `score` takes
+            # becomes one, with the detector's columns, and so do the windows `score` forecasts
+            build = TSDataset.from_spark if is_spark else TSDataset.from_pandas
+            data = build(
+                frame, dt_col=columns.dt_col, target_col=columns.target_col, id_col=columns.id_col
+            )
+            dataset_class = TSDataset
         self.forecaster.fit(data, **fit_options)
-        self.dataset_class_ = type(data) if hasattr(data, "from_pandas") else None
+        self.dataset_class_ = dataset_class
         return self
 
     def _series_function(self, columns: Columns):

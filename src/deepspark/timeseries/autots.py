@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from deepspark.deprecation import RENAMED_SEARCH_OPTIONS, renamed_keywords
 from deepspark.timeseries import validation_steps, windows
 from deepspark.timeseries.baseline import SeasonalNaiveForecaster, naive_check
 from deepspark.timeseries.ensemble import EnsembleForecaster
@@ -98,14 +99,15 @@ class AutoTS:
         and refitting moves a forecast by more than a gain of under 1%. `validation_` holds
         the comparison. None keeps the trials unchecked.
     **search_options
-        `deepspark.automl.AutoEstimator`'s: ``workers_per_trial``, ``max_concurrent``,
-        ``sampler``, ``pruner``, ``study_name``, ``storage``, ``directory``, ``seed``.
+        `deepspark.automl.AutoEstimator`'s: ``num_workers``, ``max_concurrent``,
+        ``sampler``, ``pruner``, ``study_name``, ``storage``, ``checkpoint_dir``, ``seed``.
 
     Examples
     --------
     See ``docs/timeseries.md`` ("AutoTS").
     """
 
+    @renamed_keywords(**RENAMED_SEARCH_OPTIONS)
     def __init__(
         self,
         *,
@@ -322,7 +324,7 @@ class AutoTS:
         columns = train.columns
         refit_options = {k: v for k, v in fit_options.items() if k not in _SEARCH_ONLY}
         refit_options.setdefault("progress", False)
-        refit_options.update(batch_size=batch_size, num_workers=self.search_.workers_per_trial)
+        refit_options.update(batch_size=batch_size, num_workers=self.search_.num_workers)
         members = [
             forecaster
             for trial in self.members_

@@ -100,8 +100,8 @@ class SeasonalNaiveForecaster(Forecaster):
         self.columns_ = train.columns
         self.model_ = self.build_model(train.columns)
         self._train, self._onnx_path = train, None
-        self.history_ = pd.DataFrame()
-        return self.history_
+        self.history = pd.DataFrame()
+        return self.history
 
 
 class _Paired(nn.Module):

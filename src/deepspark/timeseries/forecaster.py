@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from deepspark.deprecation import renamed_attribute
 from deepspark.timeseries import forecast_metrics, windows
 from deepspark.timeseries.forecast_model import FlatWindowModel, make_loss, run_onnx, run_torch
 from deepspark.timeseries.forecaster_io import read_forecaster, write_forecaster
@@ -48,11 +49,19 @@ class Forecaster:
     **sizes
         The kind's size hyperparameters (``hidden_size``, ``num_layers``, ...).
 
+    Attributes
+    ----------
+    history : pandas.DataFrame or None
+        One row per epoch of the last `fit`, as `deepspark.Estimator.history`
+        (``history_`` is its deprecated old name).
+
     Examples
     --------
     >>> Forecaster("dlinear", lookback=24, horizon=6)
     Forecaster('dlinear', lookback=24, horizon=6)
     """
+
+    history_ = renamed_attribute("history")
 
     def __init__(
         self,
@@ -77,7 +86,7 @@ class Forecaster:
         self.lr, self.loss, self.seed, self.sizes = lr, loss, seed, dict(sizes)
         self.model_: FlatWindowModel | None = None
         self.columns_: SeriesColumns | None = None
-        self.history_: pd.DataFrame | None = None
+        self.history: pd.DataFrame | None = None
         self.estimator_: Any = None
         self._train: TSDataset | None = None
         self._onnx_path: str | None = None
@@ -155,7 +164,7 @@ class Forecaster:
             optimizer=partial(torch.optim.Adam, lr=self.lr),
             loss=make_loss(self.loss),
         )
-        self.history_ = self.estimator_.fit(
+        self.history = self.estimator_.fit(
             frame,
             feature_cols="x",
             label_cols="y",
@@ -169,7 +178,7 @@ class Forecaster:
         )
         self.model_ = self.estimator_.get_model()
         self._train, self._onnx_path = train, None
-        return self.history_
+        return self.history
 
     def _training_rows(self, data: TSDataset) -> Any:
         rows = data.windows(self.lookback, self.horizon)

@@ -21,6 +21,8 @@ from enum import Enum
 
 import numpy as np
 
+from deepspark.errors import DeepsparkError
+
 __all__ = [
     "DECODERS",
     "DecoderChooser",
@@ -39,7 +41,7 @@ LETTERBOX_FILL = 114
 """Grey of the letterbox border (the value YOLO models were trained with)."""
 
 
-class ImageError(ValueError):
+class ImageError(DeepsparkError, ValueError):
     """Bytes that cannot be decoded as an image; the message is the reason for the error row."""
 
 

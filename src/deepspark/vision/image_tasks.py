@@ -65,7 +65,7 @@ class EmbedSpec:
     batch_size: int = 32
     decoder: str = "auto"
     num_threads: int | None = None
-    features_col: str = "features"
+    output_col: str = "features"
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def embed_partition(batches: Iterable[pa.RecordBatch], spec: EmbedSpec) -> Itera
             ]
             features = embed_images(spec, images)
             columns = {name: part.column(name) for name in spec.columns.keep_cols}
-            columns[spec.features_col] = _list_column(
+            columns[spec.output_col] = _list_column(
                 [None if isinstance(f, ImageError) else f for f in features]
             )
             columns["width"] = pa.array([w for _, w in sizes], pa.int32())
@@ -302,7 +302,7 @@ def _detect_batch(
         columns["crop"] = pa.array(fields["crop"], pa.binary())
     if spec.embed is not None:
         features = embed_images(spec.embed, crops_pixels)
-        columns[spec.embed.features_col] = _list_column(
+        columns[spec.embed.output_col] = _list_column(
             [None if isinstance(f, ImageError) else f for f in features]
         )
     columns[ERROR_COL] = pa.array(fields[ERROR_COL], pa.string())

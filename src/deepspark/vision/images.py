@@ -12,6 +12,7 @@ import hashlib
 import os
 from typing import Any
 
+from deepspark.deprecation import renamed_keywords
 from deepspark.inference.runtimes import import_onnxruntime
 from deepspark.vision.darknet import RUNTIMES as DARKNET_RUNTIMES
 from deepspark.vision.darknet import fastest_runtime
@@ -161,7 +162,7 @@ def _check_common(size: int, batch_size: int, decoder: str, resize: str) -> Resi
 
 def _make_embed_spec(
     images: Any, model: Any, size: int, resize: str, batch_size: int, decoder: str,
-    runtime: str, num_threads: int | None, features_col: str, columns: ImageColumns,
+    runtime: str, num_threads: int | None, output_col: str, columns: ImageColumns,
 ) -> EmbedSpec:  # fmt: skip
     mode = _check_common(size, batch_size, decoder, resize)
     return EmbedSpec(
@@ -172,12 +173,13 @@ def _make_embed_spec(
         batch_size=batch_size,
         decoder=decoder,
         num_threads=_task_threads(images.sparkSession, num_threads),
-        features_col=features_col,
+        output_col=output_col,
     )
 
 
 # size: long for its docstring, the reference of every argument; the body alone
 # is under 80 lines.
+@renamed_keywords(features_col="output_col")
 def embed(
     images: Any,
     *,
@@ -188,7 +190,7 @@ def embed(
     decoder: str = "auto",
     runtime: str = "auto",
     num_threads: int | None = None,
-    features_col: str = "features",
+    output_col: str = "features",
 ) -> Any:
     """One L2-normalised feature vector per image, computed inside the Spark tasks.
 
@@ -215,13 +217,14 @@ def embed(
         features within a cosine of about 0.95 of the float model's).
     num_threads : int, optional
         Threads per task (default ``spark.task.cpus``).
-    features_col : str
-        Name of the output column.
+    output_col : str
+        Name of the column of features written (``features_col`` is its deprecated old
+        name).
 
     Returns
     -------
     DataFrame
-        The input columns but ``content``, then ``features`` (array<float>), ``width``,
+        The input columns but ``content``, then `output_col` (array<float>), ``width``,
         ``height`` and ``error`` (null, or why the image could not be read: such rows have no
         features, and the job goes on).
 
@@ -248,14 +251,14 @@ def embed(
         decoder,
         runtime,
         num_threads,
-        features_col,
+        output_col,
         columns,
     )
     kept = [field for field in images.schema.fields if field.name in columns.keep_cols]
     schema = StructType(
         [
             *kept,
-            StructField(features_col, ArrayType(FloatType()), True),
+            StructField(output_col, ArrayType(FloatType()), True),
             StructField("width", IntegerType(), True),
             StructField("height", IntegerType(), True),
             StructField("error", StringType(), True),

@@ -11,36 +11,47 @@ exact on Spark (a dot product per candidate, top k per query) or through a FAISS
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from deepspark.deprecation import renamed_keywords
 
 __all__ = ["FeatureIndex", "duplicate_groups", "near_duplicates", "search"]
 
 _MAX_ROUNDS = 64
 
 
-def _valid(features: Any, id_col: str, features_col: str) -> Any:
+def _feature_column(feature_cols: str | Sequence[str]) -> str:
+    """The one column of feature arrays named by `feature_cols` (a name, or a list of one)."""
+    names = [feature_cols] if isinstance(feature_cols, str) else list(feature_cols)
+    if len(names) != 1 or not isinstance(names[0], str):
+        raise ValueError(f"feature_cols={feature_cols!r}: give the one column of feature arrays")
+    return names[0]
+
+
+def _valid(features: Any, id_col: str, feature_col: str) -> Any:
     from pyspark.sql import functions as F
 
-    for argument, name in (("id_col", id_col), ("features_col", features_col)):
+    for argument, name in (("id_col", id_col), ("feature_cols", feature_col)):
         if name not in features.columns:
             raise ValueError(
                 f"{argument}={name!r} is not a column of features (columns: {features.columns}); "
                 "give the output of vision.embed or name the columns"
             )
-    frame = features.where(F.col(features_col).isNotNull())
+    frame = features.where(F.col(feature_col).isNotNull())
     if "error" in features.columns:
         frame = frame.where(F.col("error").isNull())
     return frame
 
 
-def _unit_vectors(frame: Any, id_col: str, features_col: str) -> Any:
+def _unit_vectors(frame: Any, id_col: str, feature_col: str) -> Any:
     from pyspark.ml.feature import Normalizer
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
-    vectors = frame.select(F.col(id_col).alias("id"), array_to_vector(features_col).alias("raw"))
+    vectors = frame.select(F.col(id_col).alias("id"), array_to_vector(feature_col).alias("raw"))
     return (
         Normalizer(inputCol="raw", outputCol="vector", p=2.0)
         .transform(vectors)
@@ -48,12 +59,13 @@ def _unit_vectors(frame: Any, id_col: str, features_col: str) -> Any:
     )
 
 
+@renamed_keywords(features_col="feature_cols")
 def near_duplicates(
     features: Any,
     threshold: float = 0.6,
     *,
     id_col: str = "image_id",
-    features_col: str = "features",
+    feature_cols: str | Sequence[str] = "features",
     num_hash_tables: int = 8,
     bucket_length: float | None = None,
     seed: int = 7,
@@ -70,8 +82,10 @@ def near_duplicates(
         EfficientNet-Lite0 features, 0.6 separates crops, rescales, flips, colour shifts and
         JPEG re-encodings of a photo from other photos (measured on
         :mod:`deepspark.vision.samples`: variants >= 0.57, different photos <= 0.51).
-    id_col, features_col : str
-        The columns of ids and features.
+    id_col : str
+        The column of ids.
+    feature_cols : str
+        The column of feature arrays (a list of that one name is accepted too).
     num_hash_tables, bucket_length : int, float
         LSH settings: more tables find more candidate pairs; the bucket length defaults to
         twice the spread, along one random direction, of a pair at the threshold.
@@ -94,7 +108,8 @@ def near_duplicates(
         raise ValueError(f"threshold={threshold!r}: give a cosine similarity in (0, 1]")
     if num_hash_tables < 1:
         raise ValueError(f"num_hash_tables={num_hash_tables!r}: give at least 1")
-    vectors = _unit_vectors(_valid(features, id_col, features_col), id_col, features_col)
+    feature_col = _feature_column(feature_cols)
+    vectors = _unit_vectors(_valid(features, id_col, feature_col), id_col, feature_col)
     max_distance = math.sqrt(max(0.0, 2.0 - 2.0 * threshold))
     if bucket_length is None:
         first = vectors.first()
@@ -178,13 +193,14 @@ def duplicate_groups(pairs: Any, *, checkpoint: bool = True) -> Any:
     )
 
 
+@renamed_keywords(features_col="feature_cols")
 def search(
     features: Any,
     queries: Any,
     k: int = 5,
     *,
     id_col: str = "image_id",
-    features_col: str = "features",
+    feature_cols: str | Sequence[str] = "features",
     index: FeatureIndex | None = None,
 ) -> Any:
     """The ``k`` most similar images of ``features`` for each query, by cosine similarity.
@@ -197,6 +213,8 @@ def search(
         Query images' features, with the same id and feature columns.
     k : int
         Results per query.
+    id_col, feature_cols : str
+        The columns of ids and feature arrays, as in :func:`near_duplicates`.
     index : FeatureIndex, optional
         Answer through this FAISS index (built from ``features``) instead of exactly on Spark.
 
@@ -210,14 +228,15 @@ def search(
 
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r}: give a positive integer")
-    query_rows = _valid(queries, id_col, features_col)
+    feature_col = _feature_column(feature_cols)
+    query_rows = _valid(queries, id_col, feature_col)
     if index is not None:
-        found = index.search_frame(query_rows, k, id_col=id_col, features_col=features_col)
+        found = index.search_frame(query_rows, k, id_col=id_col, feature_col=feature_col)
         return queries.sparkSession.createDataFrame(
             found, "query_id string, rank int, image_id string, similarity double"
         )
-    table = _unit_vectors(_valid(features, id_col, features_col), id_col, features_col)
-    asked = _unit_vectors(query_rows, id_col, features_col)
+    table = _unit_vectors(_valid(features, id_col, feature_col), id_col, feature_col)
+    asked = _unit_vectors(query_rows, id_col, feature_col)
     from pyspark.ml.functions import vector_to_array
 
     table = table.select(F.col("id").alias("image_id"), vector_to_array("vector").alias("v"))
@@ -248,19 +267,21 @@ class FeatureIndex:
         self.ids = ids
 
     @classmethod
+    @renamed_keywords(features_col="feature_cols")
     def build(
         cls,
         features: Any,
         *,
         id_col: str = "image_id",
-        features_col: str = "features",
+        feature_cols: str | Sequence[str] = "features",
         factory: str = "Flat",
     ) -> FeatureIndex:
         try:
             import faiss
         except ImportError as err:
             raise ImportError("FAISS search needs faiss: run `pip install faiss-cpu`") from err
-        rows = _valid(features, id_col, features_col).select(id_col, features_col)
+        feature_col = _feature_column(feature_cols)
+        rows = _valid(features, id_col, feature_col).select(id_col, feature_col)
         index, ids, chunk = None, [], []
         for row in rows.toLocalIterator():
             ids.append(str(row[0]))
@@ -289,10 +310,10 @@ class FeatureIndex:
         scores, positions = self.index.search(_normalised(np.asarray(vectors, dtype=np.float32)), k)
         return scores, [[self.ids[p] for p in row if p >= 0] for row in positions]
 
-    def search_frame(self, queries: Any, k: int, *, id_col: str, features_col: str):
+    def search_frame(self, queries: Any, k: int, *, id_col: str, feature_col: str):
         import pandas as pd
 
-        rows = queries.select(id_col, features_col).collect()
+        rows = queries.select(id_col, feature_col).collect()
         if not rows:
             return pd.DataFrame({"query_id": [], "rank": [], "image_id": [], "similarity": []})
         scores, ids = self.search(np.asarray([row[1] for row in rows]), k)

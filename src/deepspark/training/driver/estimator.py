@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from deepspark.deprecation import keyword_only_after
 from deepspark.training import engine
 from deepspark.training.backend import Backend
 from deepspark.training.driver.checks import check_model, optimizer_factory
@@ -374,15 +375,25 @@ class Estimator(ModelIO):
         )
         return engine.evaluate(self._backend(), df, options)
 
+    # Before 0.2 batch_size and output_col followed feature_cols by position, in the reverse of
+    # deepspark.predict's order; old positional calls keep their meaning, with a warning.
+    @keyword_only_after(3, ("batch_size", "output_col"))
     def predict(
         self,
         df: InputData,
         feature_cols: ColumnsArg | None = None,
-        batch_size: int = 1024,
+        *,
         output_col: str = "prediction",
+        batch_size: int = 1024,
+        num_workers: int | None = None,
         **options: Any,
     ) -> Predictions:
         """Add the model's output to `df` as `output_col` (see `deepspark.predict`).
+
+        The arguments after `feature_cols` are keyword-only and mean what they mean in
+        `deepspark.predict`: ``num_workers`` is how many Spark tasks at most run the model
+        (for a data creator: how many tasks run it, default every task slot); the other
+        keywords (``output``, ``passthrough_cols``, ``feature_shapes``, ...) go to it as well.
 
         The result has `df`'s type: a Spark DataFrame; for a pandas DataFrame, a pandas
         DataFrame with its rows, order and index and the prediction column(s) added; for a
@@ -398,7 +409,7 @@ class Estimator(ModelIO):
                 self,
                 df,
                 batch_size=batch_size,
-                num_workers=options.pop("num_workers", None),
+                num_workers=num_workers,
                 feature_cols=feature_cols,
             )
         cols = feature_cols if feature_cols is not None else self._feature_cols
@@ -411,6 +422,7 @@ class Estimator(ModelIO):
             feature_cols=cols,
             output_col=output_col,
             batch_size=batch_size,
+            num_workers=num_workers,
             **source.options,
         )
         return source.restore(result)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from deepspark.errors import DeepsparkError
 from deepspark.training.job_spec import SPLIT_COLUMN, JobKind, RankLoop, ResultKind, TrainSpec
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ _PYTHON_TRACEBACK = re.compile(
 )
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DeepsparkError, RuntimeError):
     """A training job failed (after its allowed retries); `causes` holds one entry per attempt.
 
     The message's first line after the headline names, per attempt, the rank that failed first

@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from deepspark.errors import DeepsparkError
 from deepspark.training.job_spec import (
     RESULT_CHUNK_BYTES,
     SPLIT_COLUMN,
@@ -62,7 +63,7 @@ class WorkerJob:
     marks: dict[str, float] = field(default_factory=dict)
 
 
-class TFWorkerError(RuntimeError):
+class TFWorkerError(DeepsparkError, RuntimeError):
     """The rank's TensorFlow worker process failed; the message names the rank and why."""
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from deepspark.errors import DeepsparkError
+
 __all__ = [
     "RendezvousError",
     "RendezvousSpec",
@@ -30,7 +32,7 @@ __all__ = [
 _BACKENDS = ("gloo", "nccl")
 
 
-class RendezvousError(RuntimeError):
+class RendezvousError(DeepsparkError, RuntimeError):
     """A rank could not join the process group (peers missing, master unreachable, timeout).
 
     Its message names the rank, the world size, the ``tcp://`` address and the timeout; the
