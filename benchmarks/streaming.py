@@ -15,7 +15,9 @@ per row = sink time - event time. Its timeline splits it at the moment foreachBa
 before it, the wait for the trigger and the planning of the batch (what Spark's trigger sets);
 after it, reading, scoring and delivering the batch.
 
-Figures, per path:
+Figures, per path (each with Spark's own per-batch phases from the query's progress:
+``triggerExecution``, ``addBatch`` (running the batch, scoring included), ``queryPlanning``,
+``walCommit``, ``commitOffsets``, and ``outside_batch``, the trigger's work besides the batch):
 
 * max throughput: the `rate-micro-batch` source with a fixed, large number of rows per batch
   (more than one trigger interval's work), rows/s from the sink times of consecutive batches;
@@ -71,6 +73,27 @@ class Run:
     batch_rows: list[int] = field(default_factory=list)
     sink_times: list[float] = field(default_factory=list)
     processing: list[float] = field(default_factory=list)
+    # Spark's own per-batch phases (StreamingQueryProgress.durationMs), medians over the
+    # batches after the first: what the trigger's bookkeeping costs, apart from scoring.
+    spark_ms: dict[str, float] = field(default_factory=dict)
+
+    def record_progress(self, progress: list[dict]) -> None:
+        phases = [entry["durationMs"] for entry in progress[1:] if entry.get("numInputRows")]
+        for phase in (
+            "triggerExecution",
+            "addBatch",
+            "queryPlanning",
+            "walCommit",
+            "commitOffsets",
+        ):
+            values = [entry[phase] for entry in phases if phase in entry]
+            if values:
+                self.spark_ms[phase] = float(np.median(values))
+        if {"triggerExecution", "addBatch"} <= set(self.spark_ms):
+            # the trigger's work besides running the batch: planning, offsets, WAL, commit
+            self.spark_ms["outside_batch"] = (
+                self.spark_ms["triggerExecution"] - self.spark_ms["addBatch"]
+            )
 
     def sink(self, batch_df, batch_id: int) -> None:
         entered = time.time()
@@ -97,6 +120,7 @@ class Run:
             "trigger_wait_p50_s": float(np.percentile(waits, 50)),
             "batch_processing_p50_s": float(np.median(self.processing[skip_batches:] or [0.0])),
             "rows": int(values.size),
+            **{f"spark_{phase}_ms": value for phase, value in self.spark_ms.items()},
         }
 
     def throughput(self) -> float:
@@ -154,13 +178,14 @@ def run_query(scored, batches: int, timeout_s: float = 600.0) -> Run:
                 break
             time.sleep(0.2)
     finally:
+        run.record_progress(list(query.recentProgress))
         query.stop()
     if query.exception() is not None:
         raise RuntimeError(f"the query failed: {query.exception()}")
     return run
 
 
-def max_throughput(spark, path: str, model, rows_per_batch: int, batches: int) -> float:
+def max_throughput(spark, path: str, model, rows_per_batch: int, batches: int) -> Run:
     source = (
         spark.readStream.format("rate-micro-batch")
         .option("rowsPerBatch", rows_per_batch)
@@ -168,7 +193,7 @@ def max_throughput(spark, path: str, model, rows_per_batch: int, batches: int) -
         .load()
         .selectExpr("timestamp as event_ts", f"{FEATURES_EXPR} as features")
     )
-    return run_query(score(path, source, model), batches).throughput()
+    return run_query(score(path, source, model), batches)
 
 
 def rate_latency(spark, path: str, model, rows_per_s: int, batches: int) -> dict:
@@ -263,16 +288,19 @@ def main() -> None:
 
     try:
         # warm-up: Python workers and model loads; deepspark's figure sets the offered load
-        warm = {path: max_throughput(spark, path, model, rows_per_batch, 3) for path in PATHS}
+        warm = {
+            path: max_throughput(spark, path, model, rows_per_batch, 3).throughput()
+            for path in PATHS
+        }
         offered = max(100, int(0.5 * warm["deepspark"]))
         results["offered_rows_per_s"] = offered
         for index in range(rounds):
             order = PATHS if index % 2 == 0 else PATHS[::-1]
             for path in order:
-                note(
-                    f"{path}_max_rows_per_s",
-                    max_throughput(spark, path, model, rows_per_batch, batches),
-                )
+                run = max_throughput(spark, path, model, rows_per_batch, batches)
+                note(f"{path}_max_rows_per_s", run.throughput())
+                for phase, value in run.spark_ms.items():
+                    note(f"{path}_max_spark_{phase}_ms", value)
                 for source, measure in (("rate", rate_latency), ("file", file_latency)):
                     figures = measure(spark, path, model, offered, latency_batches)
                     for key, value in figures.items():

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 import deepspark as ds
+from deepspark.context.spark_versions import pyspark_version
 
 SESSION_KINDS = (
     "spark",
@@ -264,12 +265,21 @@ def local_cluster_spark():
     )
 
 
-def skip_connect_before_pyspark_4() -> None:
-    """deepspark refuses Spark Connect on PySpark 3.5 (make test-spark35): its tests skip."""
-    from deepspark.context.spark_versions import pyspark_version
+# deepspark refuses Spark Connect on PySpark 3.5 (make test-spark35), which
+# test_context_versions asserts; the tests that need a Connect session skip there.
+_CONNECT_SKIP_REASON = "Spark Connect through deepspark needs PySpark >= 4.0; this is 3.5"
 
+
+# for a test that starts its own Connect client
+CONNECT_NEEDS_PYSPARK_4 = pytest.mark.skipif(
+    pyspark_version() < (4, 0), reason=_CONNECT_SKIP_REASON
+)
+
+
+def skip_connect_before_pyspark_4() -> None:
+    """Skip the calling test or fixture on PySpark 3.5, where Connect is refused."""
     if pyspark_version() < (4, 0):
-        pytest.skip("Spark Connect through deepspark needs PySpark >= 4.0; this is 3.5")
+        pytest.skip(_CONNECT_SKIP_REASON)
 
 
 CONNECT_PORT = 15002  # where pyspark's client looks for a local Connect server

@@ -225,6 +225,8 @@ def test_a_fit_prints_its_epochs_but_no_timeline_line(spark, capfd):
     data["y"] = data["x"].sum(axis=1, keepdims=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # the current names warn nothing
+        # PySpark 3.5's own version checks use distutils' deprecated LooseVersion
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="pyspark")
         est.fit(data, "x", "y", epochs=2, batch_size=16, num_workers=2, progress=True)
     printed = capfd.readouterr()
     text = printed.out + printed.err

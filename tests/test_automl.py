@@ -58,9 +58,10 @@ def search(tmp_path, space, **options):
 @pytest.fixture
 def digits(spark):
     train, validation = helpers.digits_frames(spark)
-    ds.cache(train)
-    ds.cache(validation)
-    return train, validation
+    caches = [ds.cache(train), ds.cache(validation)]
+    yield train, validation
+    for cached in caches:  # later tests count the session's persisted RDDs
+        cached.unpersist()
 
 
 def _overlapped(frozen_trials) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import deepspark as ds
-from conftest import free_port, spark_class
+from conftest import CONNECT_NEEDS_PYSPARK_4, free_port, spark_class
 from deepspark.context import ClusterMode, ContextConfig, resolve_spark_conf
 from deepspark.context.identity import is_connect, session_identity
 from deepspark.context.topology import (
@@ -178,6 +178,7 @@ def test_missing_java_is_reported_with_the_fix():
     assert "JAVA_HOME" in result.stdout
 
 
+@CONNECT_NEEDS_PYSPARK_4
 def test_connect_server_that_does_not_answer_fails_in_bounded_time():
     port = free_port()  # nothing listens here
     connect_timeout_s = 1.5
@@ -202,6 +203,7 @@ def test_connect_server_that_does_not_answer_fails_in_bounded_time():
     assert connect_timeout_s <= waited < connect_timeout_s + 30, waited
 
 
+@CONNECT_NEEDS_PYSPARK_4
 def test_connect_port_that_accepts_but_never_answers_fails_in_bounded_time():
     # a listening socket that takes the connection and says nothing, as a server expecting
     # TLS or a token can look to a client that offers neither

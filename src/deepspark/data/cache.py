@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from deepspark.context.identity import session_identity
 from deepspark.context.session import on_stop_context
-from deepspark.context.spark_versions import collect_arrow
+from deepspark.context.spark_versions import collect_arrow, repartition_by_rank
 from deepspark.data.chunks import (
     CACHE_SCHEMA,
     CHUNK_BYTES,
@@ -291,8 +291,8 @@ def chunk_input(
     balanced runs computed from the known counts (a chunk on a boundary is read in slices by
     two ranks); a part that is not cached is converted on the fly (its `columns` only), its
     rows dealt round-robin. The rows move to their rank with one shuffle
-    (`DataFrame.repartitionById`, Spark >= 4.1; a round-robin `repartition` before), which also
-    keeps the union apart from the barrier stage that reads them. A single cached part with
+    (`spark_versions.repartition_by_rank`), which also keeps the union apart from the barrier
+    stage that reads them. A single cached part with
     one partition per rank is read where it is, without a shuffle (as `job_input` keeps a
     DataFrame that already has `num_ranks` partitions).
 
@@ -322,9 +322,7 @@ def chunk_input(
     data = frames[0]
     for other in frames[1:]:
         data = data.unionByName(other)
-    if hasattr(data, "repartitionById"):
-        return data.repartitionById(num_ranks, RANK_COLUMN)
-    return data.repartition(num_ranks)
+    return repartition_by_rank(data, num_ranks, RANK_COLUMN)
 
 
 def _same_types(frames: Sequence[DataFrame], columns: Sequence[str]) -> bool:

@@ -25,6 +25,8 @@ import cloudpickle
 import fsspec
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 
+from deepspark.context.spark_versions import ml_io_session
+
 __all__ = ["FORMAT_VERSION", "TorchStageReader", "TorchStageWriter", "join"]
 
 FORMAT_VERSION = 1
@@ -87,7 +89,7 @@ class TorchStageWriter(MLWriter):
         DefaultParamsWriter.saveMetadata(
             instance,
             path,
-            self.sparkSession,
+            ml_io_session(self.sparkSession),
             extraMetadata={
                 "deepspark": {
                     "formatVersion": FORMAT_VERSION,
@@ -106,7 +108,7 @@ class TorchStageReader(MLReader):
         self.cls = cls
 
     def load(self, path: str) -> Any:
-        metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
+        metadata = DefaultParamsReader.loadMetadata(path, ml_io_session(self.sparkSession))
         expected = f"{self.cls.__module__}.{self.cls.__name__}"
         if metadata.get("class") != expected:
             raise ValueError(

@@ -132,4 +132,9 @@ def windows_of(frame: pd.DataFrame, cols: SeriesColumns, cut) -> pd.DataFrame:
 
 
 def sorted_rows(frame: pd.DataFrame, cols: SeriesColumns) -> pd.DataFrame:
+    """The rows by id and time, the time in nanoseconds as pandas keeps it: rows collected
+    by PySpark 3.5's ``toPandas`` under pandas 2 come in microseconds."""
+    unit = frame[cols.dt_col].dtype
+    if isinstance(unit, np.dtype) and unit.kind == "M" and unit != np.dtype("datetime64[ns]"):
+        frame = frame.astype({cols.dt_col: "datetime64[ns]"})
     return frame.sort_values(_keys(cols), kind="stable").reset_index(drop=True)

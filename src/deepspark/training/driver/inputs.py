@@ -3,7 +3,7 @@
 Driver side. `Estimator.fit`, `evaluate` and `predict` hand every input to this module and get
 a Spark DataFrame back. An in-memory input (pandas, numpy) is converted once: each needed
 column becomes one Arrow array (numeric numpy data without a copy), and the table, cut into one
-Arrow batch per worker, goes to ``spark.createDataFrame`` (no pandas round trip, no Python
+Arrow batch per worker, goes to Spark as one DataFrame (no pandas round trip, no Python
 object per row). A pandas-on-Spark DataFrame is already distributed: it is only unwrapped
 (``to_spark``).
 `prediction_input` (its own module) gives `predict`'s result back as the type it was given.
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+
+from deepspark.context.spark_versions import frame_from_arrow
 
 if TYPE_CHECKING:
     import pyspark.pandas as ps
@@ -422,7 +424,7 @@ def _distribute(spark: SparkSession, table: pa.Table, partitions: int) -> DataFr
     sliced = pa.Table.from_batches(
         table.to_batches(max_chunksize=rows_per_partition), schema=table.schema
     )
-    frame = spark.createDataFrame(sliced)
+    frame = frame_from_arrow(spark, sliced)
     if is_connect(spark) and partitions > 1:
         # Spark Connect ships the table as one local relation, in one partition
         frame = frame.repartition(partitions)
