@@ -344,13 +344,18 @@ def test_model_versions_order_skip_hidden_and_incomplete_and_pin_each_batch(tmp_
 
 
 @pytest.mark.slow
-def test_model_versions_on_a_batch_frame_score_with_the_newest(spark, tmp_path):
+@pytest.mark.parametrize("path", ["auto", "mapInArrow"])
+def test_model_versions_on_a_batch_frame_score_with_the_newest(spark, tmp_path, path):
     location = tmp_path / "models"
     location.mkdir()
     for version, value in (("1", 1.0), ("2", 2.0)):
         ds.Estimator.from_torch(model=Constant(value)).save(str(location / version))
     frame = spark.range(0, 10).selectExpr("id", "array(cast(id as float)) as x")
-    rows = predict(frame, ModelVersions(str(location)), "x").collect()
+    spark.conf.set("deepspark.predict.path", path)  # mapInArrow: Spark 3.5 and 4.0's path
+    try:
+        rows = predict(frame, ModelVersions(str(location)), "x").collect()
+    finally:
+        spark.conf.unset("deepspark.predict.path")
     assert {(row.prediction, row.model_version) for row in rows} == {(2.0, "2")}
     with pytest.raises(FileNotFoundError, match="not a directory"):
         predict(frame, ModelVersions(str(tmp_path / "missing")), "x")

@@ -33,6 +33,7 @@ RANK_SIDE = [
     "deepspark.training.progress",
     "deepspark.training.options",
     "deepspark.training.model_families",
+    "deepspark.training.output_losses",
     "deepspark.training.callbacks",
     "deepspark.training.callbacks.hooks",
     "deepspark.training.callbacks.monitoring",
@@ -49,6 +50,7 @@ RANK_SIDE = [
     "deepspark.training.rank.checkpoint",
     "deepspark.training.rank.rng_state",
     "deepspark.training.rank.metrics",
+    "deepspark.training.rank.metric_tasks",
     "deepspark.training.rank.progress_client",
     "deepspark.training.rank.first_epoch",
     "deepspark.data.stream",
@@ -390,3 +392,79 @@ def test_every_public_name_of_the_package_resolves():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+# --- sizes ---------------------------------------------------------------------------------------
+
+# A module over MAX_MODULE_LINES lines, or a function over MAX_FUNCTION_LINES (its whole span:
+# signature, docstring and body), says why it stays whole in a comment at its head that starts
+# with SIZE_MARKER: a module among the lines between its docstring and its first statement, a
+# function in the comment lines right above its `def` (or its decorators). Only src/ is checked:
+# benchmarks/ are scripts whose `main` reads top to bottom.
+SIZE_MARKER = "# size:"
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def _oversized(source: str, name: str) -> list[str]:
+    """Each module or function of `source` over its size without a `# size:` head comment."""
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    found = []
+    body = tree.body
+    has_docstring = (
+        bool(body) and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    )
+    first = body[1] if has_docstring and len(body) > 1 else (body[0] if body else None)
+    head_end = first.lineno - 1 if first is not None else len(lines)
+    head_start = body[0].end_lineno if has_docstring else 0
+    if len(lines) > MAX_MODULE_LINES and not any(
+        line.strip().startswith(SIZE_MARKER) for line in lines[head_start:head_end]
+    ):
+        found.append(f"{name}: {len(lines)} lines")
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        length = node.end_lineno - node.lineno + 1
+        if length <= MAX_FUNCTION_LINES:
+            continue
+        top = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
+        index = top - 2  # the line above, 0-based
+        comments = []
+        while index >= 0 and lines[index].strip().startswith("#"):
+            comments.append(lines[index].strip())
+            index -= 1
+        if not any(comment.startswith(SIZE_MARKER) for comment in comments):
+            found.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_long_modules_and_functions_say_why_they_stay_whole():
+    found = [
+        place
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for place in _oversized(path.read_text(), str(path.relative_to(PACKAGE)))
+    ]
+    assert not found, (
+        f"split these, or say why one stays whole in a comment at its head starting with "
+        f"{SIZE_MARKER!r} (modules over {MAX_MODULE_LINES} lines, functions over "
+        f"{MAX_FUNCTION_LINES}):\n" + "\n".join(found)
+    )
+
+
+def test_the_size_check_sees_what_it_forbids():
+    long_body = "".join(f"    x{index} = {index}\n" for index in range(MAX_FUNCTION_LINES))
+    sample = (
+        '"""A module."""\n\n'
+        + "def long():\n"
+        + long_body
+        + "\n\n# size: one table, read top to bottom\n@staticmethod\ndef explained():\n"
+        + long_body
+        + "\n\ndef short():\n    return 1\n"
+    )
+    assert _oversized(sample, "sample.py") == [f"sample.py:3 long: {MAX_FUNCTION_LINES + 1} lines"]
+    filler = "x = 1\n" * MAX_MODULE_LINES
+    assert _oversized('"""A module."""\n' + filler, "big.py") == [
+        f"big.py: {MAX_MODULE_LINES + 1} lines"
+    ]
+    assert _oversized('"""A module."""\n# size: a generated table\n' + filler, "big.py") == []

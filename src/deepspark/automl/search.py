@@ -10,19 +10,16 @@ pruner and answers whether to stop.
 from __future__ import annotations
 
 import logging
-import math
 import re
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepspark.automl.reports import ReportServer, TrialReporter
+from deepspark.automl.reports import ReportServer
 from deepspark.automl.rounds import RoundPruner, Rounds
-from deepspark.automl.scheduling import trial_scope
-from deepspark.automl.space import SearchSpace, config_for_storage, grid_of, optimizer_for_config
+from deepspark.automl.space import SearchSpace, grid_of, optimizer_for_config
 from deepspark.automl.study import (
     SearchSettings,
     default_direction,
@@ -30,6 +27,7 @@ from deepspark.automl.study import (
     raise_if_all_failed,
     trials_still_to_run,
 )
+from deepspark.automl.trial_runs import TrialRuns
 from deepspark.context.topology import driver_address
 from deepspark.deprecation import RENAMED_SEARCH_OPTIONS, renamed_attribute, renamed_keywords
 
@@ -224,17 +222,55 @@ class AutoEstimator:
         pandas.DataFrame
             :attr:`trials`.
         """
-        import optuna
-
-        from deepspark.context.session import current_session
-        from deepspark.context.topology import free_task_slots
-
         settings = self._settings(n_trials)
         if (data is None) == (data_for_config is None):
             raise ValueError(
                 "AutoEstimator.fit: give the training data, or data_for_config (a function "
                 "config -> (data, validation_data)), not both or neither"
             )
+        spark, concurrent = self._spark_and_concurrency(data)
+        study = open_study(settings, self.sampler, self.pruner, grid=self._grid)
+        self.study_ = study
+        remaining = trials_still_to_run(study, n_trials)
+        first_new = len(study.get_trials(deepcopy=False))
+        if remaining == 0:
+            _log.info(
+                "automl: study %r already holds %d finished trials", study.study_name, n_trials
+            )
+            return self.trials
+        runs = TrialRuns(
+            settings=settings,
+            build=self._build_estimator,
+            data_of=(lambda config: (data, validation_data))
+            if data_for_config is None
+            else data_for_config,
+            fixed=dict(
+                feature_cols=feature_cols,
+                label_cols=label_cols,
+                epochs=epochs,
+                batch_size=batch_size,
+                callbacks=list(callbacks or []),
+                **fit_options,
+            ),
+            spark=spark,
+            num_workers=self.num_workers,
+            score=self.score,
+            seed=self.seed,
+        )
+        # Seeded and concurrent: trials in rounds, so what each sees does not hang on timing.
+        if self.seed is not None and concurrent > 1:
+            runs.rounds = Rounds(first_new, concurrent, remaining, timeout_s)
+            study.pruner = RoundPruner(study.pruner, runs.rounds)
+        self._optimize(study, runs, remaining, concurrent, timeout_s)
+        raise_if_all_failed(study, started_before=first_new)
+        return self.trials
+
+    def _spark_and_concurrency(self, data: Any) -> tuple[Any, int]:
+        """The running session, and how many trials train at once: refused when the
+        application has fewer free task slots than one trial's workers."""
+        from deepspark.context.session import current_session
+        from deepspark.context.topology import free_task_slots
+
         spark = current_session()
         if spark is None and not hasattr(data, "sparkSession"):
             raise RuntimeError(
@@ -250,78 +286,23 @@ class AutoEstimator:
                 f"has {slots} free task slot(s){holding}; use at most {slots} workers per "
                 "trial, or free or add slots"
             )
-        concurrent = self.max_concurrent or max(1, slots // self.num_workers)
-        study = open_study(settings, self.sampler, self.pruner, grid=self._grid)
-        self.study_ = study
-        remaining = trials_still_to_run(study, n_trials)
-        first_new = len(study.get_trials(deepcopy=False))
-        if remaining == 0:
-            _log.info(
-                "automl: study %r already holds %d finished trials", study.study_name, n_trials
-            )
-            return self.trials
-        running: dict[int, Any] = {}
-        pruned: set[int] = set()
-        lock = threading.Lock()
-        # Seeded and concurrent: trials in rounds, so what each sees does not hang on timing.
-        rounds = None
-        if self.seed is not None and concurrent > 1:
-            rounds = Rounds(first_new, concurrent, remaining, timeout_s)
-            study.pruner = RoundPruner(study.pruner, rounds)
+        return spark, self.max_concurrent or max(1, slots // self.num_workers)
 
-        def judge(number: int, epoch: int, value: float) -> bool:
-            with lock:
-                trial = running.get(number)
-            if trial is None:
-                return False
-            trial.report(value, epoch)
-            if trial.should_prune():
-                with lock:
-                    pruned.add(number)
-                return True
-            return False
+    def _optimize(
+        self, study: Any, runs: TrialRuns, trials: int, concurrent: int, timeout_s: float | None
+    ) -> None:
+        """Run `trials` trials, `concurrent` at once, with the report server open."""
+        import optuna
 
-        def data_of(config: dict[str, Any]) -> tuple[Any, Any]:
-            return (data, validation_data) if data_for_config is None else data_for_config(config)
-
-        fixed = dict(
-            feature_cols=feature_cols,
-            label_cols=label_cols,
-            epochs=epochs,
-            batch_size=batch_size,
-            callbacks=list(callbacks or []),
-            **fit_options,
-        )
-        driver = driver_address(spark)
-        with ReportServer(judge, host=driver.bind, advertise_host=driver.advertise) as server:
-
-            def objective(trial: Any) -> float:
-                try:
-                    if rounds is not None:
-                        rounds.before_draw(trial.number)
-                    with lock:  # one trial's draws at a time: a seed gives the same configs
-                        config = settings.space.sample(trial)
-                        # Built here, not while other trials fit: a model creator that seeds
-                        # torch's global generator would otherwise race their seeding.
-                        estimator = self._estimator_for(config, trial)
-                    if rounds is not None:
-                        rounds.after_draw(trial.number)
-                    trial.set_user_attr("config", config_for_storage(config))
-                    with lock:
-                        running[trial.number] = trial
-                    value = self._run_trial(trial, estimator, data_of, fixed, server, spark)
-                finally:
-                    with lock:
-                        running.pop(trial.number, None)
-                if trial.number in pruned:
-                    raise optuna.TrialPruned(f"pruned at {self.metric}={value:.6g}")
-                return value
-
+        rounds = runs.rounds
+        driver = driver_address(runs.spark)
+        with ReportServer(runs.judge, host=driver.bind, advertise_host=driver.advertise) as server:
+            runs.server = server
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.optimize(
-                    objective,
-                    n_trials=remaining,
+                    runs.objective,
+                    n_trials=trials,
                     n_jobs=concurrent,
                     timeout=timeout_s,
                     catch=(Exception,),
@@ -329,65 +310,6 @@ class AutoEstimator:
                     # once Optuna has stored the trial's state, the next round may draw
                     callbacks=[] if rounds is None else [lambda _, t: rounds.finished(t.number)],
                 )
-        raise_if_all_failed(study, started_before=first_new)
-        return self.trials
-
-    def _run_trial(
-        self,
-        trial: Any,
-        estimator: Estimator,
-        data_of: Callable[[dict[str, Any]], tuple[Any, Any]],
-        fixed: dict[str, Any],
-        server: ReportServer,
-        spark: Any,
-    ) -> float:
-        settings = self.settings_
-        assert settings is not None
-        started = time.perf_counter()
-        config = estimator.config
-        options = dict(fixed)
-        options["epochs"] = int(config.get("epochs", options["epochs"]))
-        options["batch_size"] = int(config.get("batch_size", options["batch_size"]))
-        reporter = TrialReporter(server.address, server.token, trial.number, self.metric)
-        options["callbacks"] = [*options["callbacks"], reporter]
-        options.setdefault("progress", False)
-        if self.seed is not None:
-            options.setdefault("seed", self.seed + trial.number)
-        try:
-            data, options["validation_data"] = data_of(config)
-            with trial_scope(spark, trial.number):
-                history = estimator.fit(data, num_workers=self.num_workers, **options)
-        except Exception as error:
-            _record_failure(trial, error)
-            raise
-        finally:
-            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
-        if self.metric not in history.columns:
-            raise KeyError(
-                f"AutoEstimator(metric={self.metric!r}) is not in the fit's history "
-                f"(columns {list(history.columns)})"
-            )
-        values = history[self.metric].reset_index(drop=True)
-        if self.score == "best":
-            epoch = int(values.idxmin() if settings.direction == "minimize" else values.idxmax())
-        else:
-            epoch = len(values) - 1
-        value = float(values.iloc[epoch])
-        trial.set_user_attr("epochs_trained", len(history))
-        trial.set_user_attr("best_epoch", epoch)
-        if not math.isfinite(value):
-            raise ValueError(f"trial {trial.number}: {self.metric} is {value}")
-        path = settings.directory / "trials" / f"trial-{trial.number:05d}"
-        estimator.save(str(path))
-        trial.set_user_attr("model_path", str(path))
-        return value
-
-    def _estimator_for(self, config: dict[str, Any], trial: Any) -> Estimator:
-        try:
-            return self._build_estimator(config)
-        except Exception as error:
-            _record_failure(trial, error)
-            raise
 
     def _build_estimator(self, config: dict[str, Any]) -> Estimator:
         from deepspark.training import Estimator
@@ -526,8 +448,3 @@ class AutoEstimator:
         from deepspark.automl.results import write_plots
 
         return write_plots(self._require_study(), directory, self.metric)
-
-
-def _record_failure(trial: Any, error: Exception) -> None:
-    trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
-    _log.warning("automl: trial %d failed: %s: %s", trial.number, type(error).__name__, error)

@@ -58,6 +58,8 @@ _JVM_MODES = {
 }
 
 
+# size: long for its docstring, the reference of every argument; the body alone
+# is under 80 lines.
 def init_context(
     cluster_mode: str | ClusterMode = "local",
     *,

@@ -154,9 +154,6 @@ def cache(df: DataFrame, *, max_bytes: int | None = None) -> CachedFrame:
     (10000, 3)
     >>> cached.unpersist()  # doctest: +SKIP
     """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     on_stop_context(_drop_session_caches)  # once: what a session caches goes with it
     if max_bytes is not None and (
         isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0
@@ -168,6 +165,43 @@ def cache(df: DataFrame, *, max_bytes: int | None = None) -> CachedFrame:
             existing.unpersist()
             raise ValueError(_over_limit(existing.bytes, max_bytes))
         return existing
+
+    chunk_frame, stats = _cache_chunks(df, max_bytes)
+    stats = stats.sort_by([(PARTITION_COLUMN, "ascending"), (SEQUENCE_COLUMN, "ascending")])
+    total_bytes = int(pa.compute.sum(stats.column("bytes")).as_py() or 0)
+    if max_bytes is not None and total_bytes > max_bytes:
+        chunk_frame.unpersist(blocking=True)
+        raise ValueError(_over_limit(total_bytes, max_bytes))
+    rows = stats.column(ROWS_COLUMN).to_numpy()
+    cached = CachedFrame(
+        source=df,
+        chunk_frame=chunk_frame,
+        rows=int(rows.sum()),
+        bytes=total_bytes,
+        chunks=int((rows > 0).sum()),
+        partitions=len(set(stats.column(PARTITION_COLUMN).to_pylist())),
+        chunk_table=stats.select([PARTITION_COLUMN, FIRST_ROW_COLUMN, ROWS_COLUMN, "bytes"]),
+        sample=_sample(stats.column(HEAD_COLUMN).to_pylist(), df),
+        semantic_hash=df.semanticHash(),
+        session_key=session_identity(df.sparkSession),
+    )
+    with _lock:
+        _caches.append(cached)
+    _log.info(
+        "cache: %d rows in %d chunks (%d bytes) from %d partitions, on the executors' disks",
+        cached.rows,
+        cached.chunks,
+        cached.bytes,
+        cached.partitions,
+    )
+    return cached
+
+
+def _cache_chunks(df: DataFrame, max_bytes: int | None) -> tuple[DataFrame, pa.Table]:
+    """Run the caching job: the chunks, persisted on the executors' disks, and the table of
+    what each holds (refused with the limit's message when `max_bytes` is passed)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
 
     chunk_rows, chunk_bytes = CHUNK_ROWS, CHUNK_BYTES
 
@@ -205,34 +239,7 @@ def cache(df: DataFrame, *, max_bytes: int | None = None) -> CachedFrame:
             partition, size = (int(found.group(1)), int(found.group(2))) if found else (None, 0)
             raise ValueError(_over_limit(size, max_bytes or 0, partition)) from None
         raise
-    stats = stats.sort_by([(PARTITION_COLUMN, "ascending"), (SEQUENCE_COLUMN, "ascending")])
-    total_bytes = int(pa.compute.sum(stats.column("bytes")).as_py() or 0)
-    if max_bytes is not None and total_bytes > max_bytes:
-        chunk_frame.unpersist(blocking=True)
-        raise ValueError(_over_limit(total_bytes, max_bytes))
-    rows = stats.column(ROWS_COLUMN).to_numpy()
-    cached = CachedFrame(
-        source=df,
-        chunk_frame=chunk_frame,
-        rows=int(rows.sum()),
-        bytes=total_bytes,
-        chunks=int((rows > 0).sum()),
-        partitions=len(set(stats.column(PARTITION_COLUMN).to_pylist())),
-        chunk_table=stats.select([PARTITION_COLUMN, FIRST_ROW_COLUMN, ROWS_COLUMN, "bytes"]),
-        sample=_sample(stats.column(HEAD_COLUMN).to_pylist(), df),
-        semantic_hash=df.semanticHash(),
-        session_key=session_identity(df.sparkSession),
-    )
-    with _lock:
-        _caches.append(cached)
-    _log.info(
-        "cache: %d rows in %d chunks (%d bytes) from %d partitions, on the executors' disks",
-        cached.rows,
-        cached.chunks,
-        cached.bytes,
-        cached.partitions,
-    )
-    return cached
+    return chunk_frame, stats
 
 
 def uncache(df: DataFrame | CachedFrame) -> bool:

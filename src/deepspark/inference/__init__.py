@@ -1,7 +1,8 @@
 """Distributed inference: a model's output as a DataFrame column, models cached per worker.
 
 Driver side: :func:`predict`. Worker side (no pyspark): :mod:`~deepspark.inference.models`
-(model sources, loading, the per-worker cache), :mod:`~deepspark.inference.runtimes` (one
+(model sources), :mod:`~deepspark.inference.model_loading` (loading, the per-worker cache),
+:mod:`~deepspark.inference.runtimes` (one
 predictor per runtime), :mod:`~deepspark.inference.worker` (the loop inside a task).
 Streams: :func:`predict` takes a streaming DataFrame; :class:`ModelVersions` switches models
 at micro-batch boundaries; :func:`idempotent_batch_writer` makes ``foreachBatch`` writes
@@ -16,13 +17,11 @@ from deepspark.inference.export import (
     export_program,
     export_torchscript,
 )
+from deepspark.inference.model_loading import cache_info, clear_cache, load_model
 from deepspark.inference.models import (
     ModelIntegrityError,
     ModelKind,
     ModelSource,
-    cache_info,
-    clear_cache,
-    load_model,
     model_source,
 )
 from deepspark.inference.predict import predict

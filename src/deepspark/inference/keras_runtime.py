@@ -1,6 +1,6 @@
 """Predictors for Keras models and TensorFlow SavedModels.
 
-Worker and driver side; no pyspark here. Used by :mod:`deepspark.inference.models` for the
+Worker and driver side; no pyspark here. Used by :mod:`deepspark.inference.model_loading` for the
 Keras model kinds; loading and choosing the backend are :mod:`deepspark.persist.keras_files`'s.
 """
 

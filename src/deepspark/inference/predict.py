@@ -2,7 +2,7 @@
 
 Driver side: validates the arguments, resolves the feature columns through the data layer,
 probes the model on a few rows (output type, shape errors) and wires the worker loop into
-Spark. Two paths give the same DataFrame:
+Spark (`deepspark.inference.predict_paths`). Two paths give the same DataFrame:
 
 * ``arrow_udf`` (Spark >= 4.1): an Arrow iterator UDF
   (:func:`deepspark.inference.worker.predict_arrays`) receives only the feature columns; the
@@ -19,22 +19,20 @@ worker does not import it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import torch
 
 from deepspark.context.spark_versions import collect_arrow
 from deepspark.deprecation import keyword_only_after
+from deepspark.inference.model_loading import load_model
 from deepspark.inference.models import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_INLINE_LIMIT_BYTES,
     ModelKind,
     ModelSource,
-    load_model,
     model_source,
     private_model_dir,
 )
@@ -46,36 +44,29 @@ from deepspark.inference.outputs import (
     output_columns,
     requested_kinds,
 )
+from deepspark.inference.predict_paths import (
+    choose_path,
+    feature_columns,
+    predict_with_arrow_udf,
+    predict_with_map_in_arrow,
+)
 from deepspark.inference.runtimes import Outputs, Predictor, TorchModulePredictor, evaluating
 from deepspark.inference.streaming import stream_features, zero_inputs
-from deepspark.inference.versions import ModelVersions, predict_partition_versioned
+from deepspark.inference.versions import ModelVersions
 from deepspark.inference.worker import (
-    OutputColumn,
-    OutputKind,
     PredictSpec,
-    predict_arrays,
-    predict_partition,
 )
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
-    from pyspark.sql.types import DataType
 
-__all__ = ["PATH_CONF", "predict"]
-
-# The session conf that chooses how predict runs: "auto", "arrow_udf" or "mapInArrow".
-PATH_CONF = "deepspark.predict.path"
-_PATHS = ("auto", "arrow_udf", "mapInArrow")
-# Arrow iterator UDFs (pyspark.sql.functions.arrow_udf) arrived in Spark 4.1.
-_ARROW_UDF_SINCE = (4, 1)
-# What a streaming query's tasks carry as local properties: its id (kept across restarts
-# from a checkpoint) and the micro-batch id.
-_QUERY_ID_PROPERTY = "sql.streaming.queryId"
-_BATCH_ID_PROPERTY = "streaming.sql.batchId"
+__all__ = ["predict"]
 
 ColumnsArg = str | Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]]
 
 
+# size: long for its docstring, the reference of every argument; the body alone
+# is under 80 lines.
 # Before 0.2 these four followed feature_cols by position, in an order Estimator.predict did
 # not share; old positional calls keep their meaning, with a warning.
 @keyword_only_after(3, ("output_col", "batch_size", "output", "passthrough_cols"))
@@ -223,24 +214,10 @@ def predict(
     if newest is not None:
         model = newest.path  # probes the model; on a stream each micro-batch picks its own
     # a stream's tasks choose their version: the mapInArrow function adds the column
-    path = "mapInArrow" if versions is not None and streaming else _choose_path(df.sparkSession)
-    if not isinstance(output_col, str) or not output_col:
-        raise ValueError(f"output_col={output_col!r}: give a column name")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: give a positive integer")
-    for name, value in (("num_threads", num_threads), ("num_workers", num_workers)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name}={value!r}: give a positive integer or None")
+    path = "mapInArrow" if versions is not None and streaming else choose_path(df.sparkSession)
+    _check_scalars(output_col, batch_size, num_threads, num_workers, probe_rows, device)
     if num_workers is not None:
         df = df.coalesce(num_workers)
-    if probe_rows < 1:
-        raise ValueError(f"probe_rows={probe_rows!r}: give a positive integer")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={device!r}: give 'cpu', 'cuda' or 'cuda:<index>'") from err
     requested, requested_by_key = requested_kinds(output)
     check_output_cols(output_cols)
     passthrough = tuple(df.columns if passthrough_cols is None else passthrough_cols)
@@ -294,15 +271,11 @@ def predict(
         cache_bytes=cache_bytes,
     )
     if path == "arrow_udf":
-        result = _predict_with_arrow_udf(df, spec)
+        result = predict_with_arrow_udf(df, spec)
     else:
-        schema = _output_schema(df, passthrough, outputs)
-        selected = list(dict.fromkeys([*passthrough, *_columns_of(features)]))
-        if versions is not None and streaming:
-            from pyspark.sql.types import StringType, StructField
-
-            schema = schema.add(StructField(versions.version_col, StringType(), False))
-        result = df.select(*selected).mapInArrow(_predict_fn(spec, versions), schema)
+        # a batch frame's version is chosen here (the column is added below): only a stream's
+        # tasks pick their micro-batch's version
+        result = predict_with_map_in_arrow(df, spec, versions if streaming else None)
     if newest is not None and not streaming:  # one version, chosen here, scores every row
         from pyspark.sql import functions
 
@@ -310,92 +283,30 @@ def predict(
     return result
 
 
-def _choose_path(session: Any) -> str:
-    """``arrow_udf`` or ``mapInArrow``, from the ``deepspark.predict.path`` conf and the session."""
+def _check_scalars(
+    output_col: Any,
+    batch_size: Any,
+    num_threads: Any,
+    num_workers: Any,
+    probe_rows: Any,
+    device: Any,
+) -> None:
+    """Refuse, before anything runs, the arguments of `predict` that are single values."""
+    if not isinstance(output_col, str) or not output_col:
+        raise ValueError(f"output_col={output_col!r}: give a column name")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: give a positive integer")
+    for name, value in (("num_threads", num_threads), ("num_workers", num_workers)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name}={value!r}: give a positive integer or None")
+    if probe_rows < 1:
+        raise ValueError(f"probe_rows={probe_rows!r}: give a positive integer")
     try:
-        requested = session.conf.get(PATH_CONF, "auto") or "auto"
-    except Exception:  # a Connect server may refuse to read confs: choose by version
-        requested = "auto"
-    if requested not in _PATHS:
-        raise ValueError(f"{PATH_CONF}={requested!r}: use one of {', '.join(_PATHS)}")
-    supported = _arrow_udf_supported(session)
-    if requested == "arrow_udf" and not supported:
-        raise ValueError(
-            f"{PATH_CONF}=arrow_udf needs Spark >= 4.1 (pyspark.sql.functions.arrow_udf); this "
-            f"session runs Spark {session.version}. Unset the conf or set it to mapInArrow"
-        )
-    if requested == "auto":
-        return "arrow_udf" if supported else "mapInArrow"
-    return requested
-
-
-def _arrow_udf_supported(session: Any) -> bool:
-    """Both this pyspark and the session's Spark (a Connect server may be older) have it."""
-    from pyspark.sql import functions
-
-    if not hasattr(functions, "arrow_udf"):
-        return False
-    try:
-        major, minor = (int(part) for part in session.version.split(".")[:2])
-    except (AttributeError, ValueError):
-        return False
-    return (major, minor) >= _ARROW_UDF_SINCE
-
-
-def _predict_with_arrow_udf(df: DataFrame, spec: PredictSpec) -> DataFrame:
-    """The passthrough columns as they are, and the predictions from an Arrow iterator UDF.
-
-    With several output columns the UDF returns one struct of them, which is then split into
-    columns (Spark evaluates the UDF once per row: the struct is not a cheap expression to
-    repeat, so the projections are not collapsed into one per field).
-    """
-    from pyspark.sql import functions
-    from pyspark.sql.functions import arrow_udf
-    from pyspark.sql.types import StructField, StructType
-
-    columns = tuple(_columns_of(spec.features))
-    if len(spec.outputs) == 1:
-        (only,) = spec.outputs
-        udf = arrow_udf(_predict_udf_fn(spec, columns), _spark_type(only.kind))
-        prediction = _declared_not_null(udf(*columns), only.kind)
-        return df.select(*spec.passthrough_cols, prediction.alias(only.column))
-    packed_type = StructType(
-        [StructField(out.column, _spark_type(out.kind), False) for out in spec.outputs]
-    )
-    udf = arrow_udf(_predict_udf_fn(spec, columns), packed_type)
-    packed = _unused_name(df.columns, "__deepspark_outputs")
-    unpacked = [
-        _declared_not_null(functions.col(packed).getField(out.column), out.kind).alias(out.column)
-        for out in spec.outputs
-    ]
-    passthrough = [functions.col(name) for name in spec.passthrough_cols]
-    with_outputs = df.select(*passthrough, udf(*columns).alias(packed))
-    return with_outputs.select(*passthrough, *unpacked)
-
-
-def _unused_name(taken: Sequence[str], base: str) -> str:
-    name, number = base, 0
-    while name in taken:
-        number += 1
-        name = f"{base}_{number}"
-    return name
-
-
-def _declared_not_null(column: Any, kind: OutputKind) -> Any:
-    """The column, declared non-nullable as the ``mapInArrow`` schema declares it.
-
-    A UDF's result is always nullable to Spark; the predictions never hold a null, so the
-    fallback of this ``coalesce`` is never taken and only makes the schemas of both paths equal.
-    """
-    from pyspark.sql import functions
-
-    if kind is OutputKind.DOUBLE:
-        fallback = functions.lit(0.0)
-    elif kind is OutputKind.CLASS:
-        fallback = functions.lit(0)
-    else:
-        fallback = functions.array().cast(_spark_type(kind))
-    return functions.coalesce(column, fallback)
+        torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: give 'cpu', 'cuda' or 'cuda:<index>'") from err
 
 
 def _probe_outputs(
@@ -421,7 +332,7 @@ def _probe_outputs(
             features = stream_features(features, predictor, input_names)
             inputs, rows_seen = zero_inputs(features, rows), rows
         else:
-            sample = collect_arrow(df.select(*_columns_of(features)).limit(rows))
+            sample = collect_arrow(df.select(*feature_columns(features)).limit(rows))
             if not sample.num_rows:
                 return None, 0, features
             inputs = assemble(features, batch_to_tensors(sample, features))
@@ -447,35 +358,6 @@ def _driver_predictor(model: Any, source: ModelSource, cache_bytes: int) -> Iter
         yield TorchModulePredictor(model, str(device))
 
 
-def _columns_of(features: Sequence[Any]) -> list[str]:
-    return list(dict.fromkeys(name for spec in features for name in spec.columns))
-
-
-def _spark_type(kind: OutputKind) -> DataType:
-    """The Spark type of the column `output_column` builds."""
-    from pyspark.sql.types import ArrayType, DoubleType, FloatType, IntegerType
-
-    if kind is OutputKind.DOUBLE:
-        return DoubleType()
-    if kind is OutputKind.CLASS:
-        return IntegerType()
-    return ArrayType(FloatType(), containsNull=False)
-
-
-def _output_schema(
-    df: DataFrame, passthrough: Sequence[str], outputs: Sequence[OutputColumn]
-) -> Any:
-    from pyspark.sql.types import StructField, StructType
-
-    fields = {field.name: field for field in df.schema.fields}
-    return StructType(
-        [
-            *(fields[name] for name in passthrough),
-            *(StructField(out.column, _spark_type(out.kind), False) for out in outputs),
-        ]
-    )
-
-
 def _default_spill_dir(df: DataFrame) -> str | None:
     """On local masters the driver's temporary directory is the executors' too (a Connect
     server that will not show its master: unknown, so the user is asked)."""
@@ -484,67 +366,3 @@ def _default_spill_dir(df: DataFrame) -> str | None:
     if master_of(df.sparkSession).is_local:
         return private_model_dir()
     return None
-
-
-def _predict_fn(
-    spec: PredictSpec, versions: ModelVersions | None = None
-) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The ``mapInArrow`` function: it captures the spec (and the model location) only.
-
-    With ``versions``, a streaming task reads its query and micro-batch ids from the local
-    properties Spark gives every task of a micro-batch, and scores with that batch's version.
-    """
-
-    def predict_fn(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
-        task = TaskContext.get()
-        partition_id = task.partitionId() if task is not None else None
-        task_spec = _with_task_threads(spec)
-        if versions is None:
-            yield from predict_partition(batches, task_spec, partition_id)
-            return
-        query_id = task.getLocalProperty(_QUERY_ID_PROPERTY) if task is not None else None
-        batch_id = task.getLocalProperty(_BATCH_ID_PROPERTY) if task is not None else None
-        if not query_id or batch_id is None:
-            raise RuntimeError(
-                "deepspark predict: a streaming task without its query and micro-batch ids "
-                f"({_QUERY_ID_PROPERTY}, {_BATCH_ID_PROPERTY}); ModelVersions needs a "
-                "micro-batch query (not Real-Time or continuous mode)"
-            )
-        batch = (query_id, int(batch_id))
-        yield from predict_partition_versioned(batches, task_spec, versions, batch, partition_id)
-
-    return predict_fn
-
-
-def _predict_udf_fn(spec: PredictSpec, columns: tuple[str, ...]) -> Callable[..., Any]:
-    """The ``arrow_udf`` function: it captures the spec and the feature column names.
-
-    Spark picks the UDF's kind from the type hints: one column arrives as an iterator of
-    arrays, several as an iterator of tuples of arrays.
-    """
-    spec = dataclasses.replace(spec, passthrough_cols=())
-
-    def predict_column(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
-        from pyspark import TaskContext
-
-        task = TaskContext.get()
-        partition_id = task.partitionId() if task is not None else None
-        yield from predict_arrays(arrays, _with_task_threads(spec), columns, partition_id)
-
-    def predict_columns(arrays: Iterator[tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
-        yield from predict_column(arrays)  # type: ignore[arg-type]
-
-    return predict_column if len(columns) == 1 else predict_columns
-
-
-def _with_task_threads(spec: PredictSpec) -> PredictSpec:
-    """Fill in the task's CPUs (``spark.task.cpus``) as its thread count, unless one is given."""
-    if spec.num_threads:
-        return spec
-    from pyspark import TaskContext
-
-    context = TaskContext.get()
-    cpus = context.cpus() if context is not None else 1
-    return dataclasses.replace(spec, num_threads=max(1, int(cpus)))

@@ -21,7 +21,8 @@ import torch
 
 from deepspark.data import assemble, batch_to_tensors
 from deepspark.errors import DeepsparkError
-from deepspark.inference.models import DEFAULT_CACHE_BYTES, ModelSource, load_model
+from deepspark.inference.model_loading import load_model
+from deepspark.inference.models import DEFAULT_CACHE_BYTES, ModelSource
 from deepspark.inference.runtimes import ModelInputError, Outputs, Predictor
 
 __all__ = [

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from deepspark.training.callbacks import Callback, CallbackState
+from deepspark.training.callbacks.monitoring import beats, monitor_direction, monitored_value
 
 __all__ = ["KerasCallbackRunner", "KerasModelCheckpoint", "translate_callbacks"]
 
@@ -149,8 +150,7 @@ class KerasModelCheckpoint(Callback):
         self.monitor = monitor
         self.save_best_only = save_best_only
         self.save_weights_only = save_weights_only
-        better_high = any(word in monitor for word in ("acc", "auc", "f1", "precision", "recall"))
-        self._direction = mode if mode in ("min", "max") else ("max" if better_high else "min")
+        self._direction = monitor_direction(monitor, mode)
         threshold = initial_value_threshold
         self.best = None if threshold is None or not math.isfinite(threshold) else threshold
 
@@ -159,16 +159,8 @@ class KerasModelCheckpoint(Callback):
 
         logs = state.logs
         if self.save_best_only:
-            if self.monitor not in logs:
-                raise ValueError(
-                    f"ModelCheckpoint: monitor={self.monitor!r} is not in the epoch's record "
-                    f"({sorted(logs)})"
-                )
-            value = float(logs[self.monitor])
-            better = self.best is None or (
-                value < self.best if self._direction == "min" else value > self.best
-            )
-            if math.isnan(value) or not better:
+            value = monitored_value("ModelCheckpoint", self.monitor, logs)
+            if not beats(value, self.best, self._direction):
                 return
             self.best = value
         path = self.filepath.format(**{**_keras_logs(logs), "epoch": state.epoch + 1})

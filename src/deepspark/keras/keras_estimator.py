@@ -2,11 +2,12 @@
 
 Driver side. Built by ``Estimator.from_keras`` (see `build_keras_estimator`).
 
-Both backends train through the engine's one entry (`deepspark.training.engine.fit`): on
-``"torch"`` the engine's torch loop trains a `torch_backend.KerasModule` (``get_model()``); on
-``"tensorflow"`` a `deepspark.training.TensorflowBackend` hands the ``.keras`` model and its
-compile arguments to the engine's TensorFlow loop, and the trained weights come back into
-``keras_model``. ``predict``, ``save`` and ``load`` are shared by both backends.
+Both backends train through `Estimator.fit` and ``evaluate``, and so the engine's one entry
+(`deepspark.training.engine.fit`); only the backend differs: on ``"torch"`` the engine's torch
+loop trains a `torch_backend.KerasModule` (``get_model()``); on ``"tensorflow"`` a
+`deepspark.training.TensorflowBackend` hands the ``.keras`` model and its compile arguments to
+the engine's TensorFlow loop, and the trained weights come back into ``keras_model``.
+``predict``, ``save`` and ``load`` are shared by both backends.
 """
 
 from __future__ import annotations
@@ -20,22 +21,18 @@ import pandas as pd
 
 from deepspark.persist.keras_estimator_dir import (
     SavedKerasEstimator,
+    compile_arguments,
+    compiled_keras_bytes,
     load_keras_estimator,
     save_keras_estimator,
 )
-from deepspark.persist.keras_files import (
-    chosen_backend,
-    import_keras,
-    is_keras_model,
-    keras_to_bytes,
-)
+from deepspark.persist.keras_files import chosen_backend, import_keras, is_keras_model
 from deepspark.training import (
+    Backend,
     Estimator,
-    EvaluateOptions,
     FitOptions,
     TensorflowBackend,
     class_or_instance_load,
-    engine,
 )
 
 __all__ = ["KerasEstimator", "build_keras_estimator"]
@@ -54,6 +51,9 @@ class KerasEstimator(Estimator):
     keras_model : keras.Model
         The driver's model; after ``fit`` it holds the trained weights.
     backend : {"torch", "tensorflow"}
+    compile_arguments : dict
+        ``optimizer``, ``loss``, ``loss_weights`` and ``metrics`` as ``model.compile`` takes
+        them: what the TensorFlow loop compiles the model with, and what `save` writes.
     history : pandas.DataFrame
     """
 
@@ -72,24 +72,25 @@ class KerasEstimator(Estimator):
     ) -> None:
         self.keras_model = keras_model
         self.backend = backend
-        self.keras_optimizer = optimizer
-        self.keras_loss = loss
-        self.keras_metrics = metrics
-        self.keras_loss_weights = loss_weights
+        self.compile_arguments = {
+            "optimizer": optimizer,
+            "loss": loss,
+            "loss_weights": loss_weights,
+            "metrics": metrics,
+        }
         if backend == "torch":
             from deepspark.keras.torch_backend import (
                 KerasLoss,
                 KerasModule,
                 KerasOptimizerFactory,
                 engine_metrics,
-                keras_optimizer_config,
             )
 
             module = KerasModule(keras_model)
             trains = loss is not None
             super().__init__(
                 model=module,
-                optimizer=KerasOptimizerFactory(keras_optimizer_config(optimizer))
+                optimizer=KerasOptimizerFactory(optimizer)
                 if trains and optimizer is not None
                 else None,
                 loss=KerasLoss(loss, module.output_names, loss_weights) if trains else None,
@@ -141,52 +142,22 @@ class KerasEstimator(Estimator):
             callbacks=callbacks,
             **keywords,
         )
-        if self.backend == "tensorflow":
-            backend = self._tensorflow_backend()
-            result = engine.fit(backend, df, options, validation_data=validation_data)
-            backend.load_weights(result.weights)
-            self.history = result.history
-            self._feature_cols = options.data.feature_cols
-            self.attempts_ = result.attempts
-            self.first_step_s_ = result.first_step_s
-            self.job_ports_ = result.ports
-            self.timings_ = result.timings()
-            return self.history
+        if self.backend == "tensorflow":  # Keras callbacks run as they are in its loop
+            return super().fit(df, validation_data=validation_data, options=options)
         from deepspark.keras.keras_callbacks import report_back, translate_callbacks
 
         engine_callbacks, pairs = translate_callbacks(options.callbacks)
-        self._model.seed = options.loop.seed  # the ranks seed torch, numpy and random with it
         options = dataclasses.replace(options, callbacks=tuple(engine_callbacks))
         history = super().fit(df, validation_data=validation_data, options=options)
         report_back(pairs, history)
         return history
 
-    def evaluate(
-        self,
-        df: Any,
-        feature_cols: Any = None,
-        label_cols: Any = None,
-        *,
-        options: EvaluateOptions | None = None,
-        **keywords: Any,
-    ) -> dict[str, float]:
-        """Loss and metrics over every row of `df`, as `Estimator.evaluate`."""
+    def _backend(self, optimizer_state: bytes | None = None) -> Backend:
+        """The torch loop's backend on ``"torch"``; on ``"tensorflow"`` the TensorFlow loop's,
+        which trains the ``.keras`` model with these compile arguments."""
         if self.backend != "tensorflow":
-            return super().evaluate(df, feature_cols, label_cols, options=options, **keywords)
-        options = EvaluateOptions.from_keywords(
-            options, feature_cols=feature_cols, label_cols=label_cols, **keywords
-        )
-        return engine.evaluate(self._tensorflow_backend(), df, options)
-
-    def _tensorflow_backend(self) -> TensorflowBackend:
-        return TensorflowBackend(
-            keras_model=self.keras_model,
-            optimizer=self.keras_optimizer,
-            loss=self.keras_loss,
-            loss_weights=self.keras_loss_weights,
-            metrics=self.keras_metrics,
-            config=self.config,
-        )
+            return super()._backend(optimizer_state)
+        return TensorflowBackend(self.keras_model, config=self.config, **self.compile_arguments)
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -200,37 +171,16 @@ class KerasEstimator(Estimator):
         load with ``Estimator.load``; loading unpickles no code (custom layers must be
         registered with ``keras.saving.register_keras_serializable``).
         """
+        keras_bytes = compiled_keras_bytes(self.keras_model, self.backend, self.compile_arguments)
         saved = SavedKerasEstimator(
             backend=self.backend,
-            keras_bytes=self._keras_bytes(),
+            keras_bytes=keras_bytes,
             config=self.config,
             feature_cols=self._feature_cols,
             history=self.history,
             optimizer_state=self._optimizer_state,
         )
         return save_keras_estimator(saved, path)
-
-    def _keras_bytes(self) -> bytes:
-        """The model's ``.keras`` bytes, compiled with this estimator's arguments when Keras
-        takes them (so ``keras.saving.load_model`` gives a model ready for ``model.fit``)."""
-        import warnings
-
-        keras = import_keras(self.backend)
-        if self.keras_loss is not None:
-            try:
-                self.keras_model.compile(
-                    optimizer=keras.optimizers.get(self.keras_optimizer or "adam"),
-                    loss=self.keras_loss,
-                    loss_weights=self.keras_loss_weights,
-                    metrics=self.keras_metrics,
-                )
-            except (TypeError, ValueError) as error:
-                warnings.warn(
-                    f"the .keras file is saved without compile arguments: Keras refused them "
-                    f"({error})",
-                    stacklevel=3,
-                )
-        return keras_to_bytes(self.keras_model)
 
     @class_or_instance_load
     def load(cls, path: str, *, metrics: Sequence[Any] | None = None) -> KerasEstimator:
@@ -242,17 +192,11 @@ class KerasEstimator(Estimator):
         process's Keras backend (``KERAS_BACKEND``), or the directory's.
         """
         saved = load_keras_estimator(path)
-        model = saved.model
-        compiled = model.get_compile_config() if hasattr(model, "get_compile_config") else None
-        compiled = compiled or {}
+        arguments = compile_arguments(saved.model)
+        if metrics is not None:
+            arguments["metrics"] = metrics
         estimator = build_keras_estimator(
-            model,
-            optimizer=getattr(model, "optimizer", None) or "adam",
-            loss=compiled.get("loss"),
-            metrics=metrics if metrics is not None else compiled.get("metrics"),
-            loss_weights=compiled.get("loss_weights"),
-            backend=saved.backend,
-            config=saved.config,
+            saved.model, backend=saved.backend, config=saved.config, **arguments
         )
         estimator._feature_cols = saved.feature_cols
         estimator.history = saved.history

@@ -30,9 +30,11 @@ from deepspark.persist.keras_files import (
     keras_from_bytes,
     keras_to_bytes,
     portable_keras_objects,
+    portable_keras_optimizer,
     restored_keras_objects,
     without_tensorflow,
 )
+from deepspark.training.output_losses import OutputLosses
 
 __all__ = [
     "KerasLoss",
@@ -41,32 +43,15 @@ __all__ = [
     "KerasOptimizerFactory",
     "engine_metric_name",
     "engine_metrics",
-    "keras_optimizer_config",
 ]
 
 BACKEND = "torch"
 
 
-def _rebuild_module(data: bytes, output_names: list[str] | None, seed: int | None = None):
-    """Unpickling a `KerasModule`: Keras is imported here, with the torch backend.
-
-    With a seed, torch, numpy and random are seeded (``seed`` plus the process group's rank,
-    when there is one) before Keras draws its first random numbers (dropout):
-    ``keras.utils.set_random_seed`` would import TensorFlow in every rank where it is installed.
-    """
-    if seed is not None:
-        import random
-
-        import numpy as np
-        import torch.distributed as dist
-
-        rank_seed = seed + (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
-        random.seed(rank_seed)
-        np.random.seed(rank_seed % 2**32)
-        torch.manual_seed(rank_seed)
-    module = KerasModule(keras_from_bytes(data, BACKEND), output_names)
-    module.seed = seed
-    return module
+def _rebuild_module(data: bytes, output_names: list[str] | None) -> KerasModule:
+    """Unpickling a `KerasModule`: Keras is imported here, with the torch backend. (The rank
+    has seeded Python's random by then, from which Keras seeds its layers.)"""
+    return KerasModule(keras_from_bytes(data, BACKEND), output_names)
 
 
 class KerasModule(nn.Module):
@@ -84,7 +69,6 @@ class KerasModule(nn.Module):
         self.keras_model = keras_model
         names = output_names or list(getattr(keras_model, "output_names", None) or [])
         self.output_names = list(names)
-        self.seed: int | None = None  # seeds the ranks' random numbers (set by fit)
 
     def forward(self, *inputs: Any) -> Any:
         arguments = inputs[0] if len(inputs) == 1 else list(inputs)
@@ -92,7 +76,7 @@ class KerasModule(nn.Module):
 
     def __reduce__(self):
         data = keras_to_bytes(self.keras_model)
-        return (_rebuild_module, (data, self.output_names, self.seed))
+        return (_rebuild_module, (data, self.output_names))
 
     # --- weights by position ------------------------------------------------------------------
 
@@ -168,14 +152,13 @@ class _FunctionLoss:
         return torch.as_tensor(self.function(y_true, y_pred)).mean()
 
 
-class KerasLoss:
+class KerasLoss(OutputLosses):
     """Keras's ``loss`` (and ``loss_weights``) as the engine's ``loss(outputs, labels)``.
 
     ``loss`` is a name, a Keras loss or a function ``(y_true, y_pred)``; for a model with
     several outputs also a dict by output name or a list in output order (one loss alone
-    applies to every output, as in Keras). Labels are matched to outputs by name (a
-    ``label_cols`` dict) or by position (a list, in the model's output order). The result is
-    the weighted sum of the outputs' losses, each a mean over the rows.
+    applies to every output, as in Keras). Outputs, labels and weights are matched as
+    `deepspark.training.output_losses.OutputLosses` matches them; each loss is a mean over the rows.
     """
 
     def __init__(
@@ -187,12 +170,9 @@ class KerasLoss:
         several = isinstance(loss, (Mapping, list, tuple))
         for item in (loss.values() if isinstance(loss, Mapping) else loss) if several else [loss]:
             _checked_loss(item)
-        # a dict by output name, a list in output order, or one loss
-        self.spec: Any = portable_keras_objects(
-            list(loss) if isinstance(loss, tuple) else loss, "loss"
-        )
-        self.output_names = list(output_names)
-        self.loss_weights = loss_weights
+        # a dict by output name, a list in output order, or one loss; Keras objects as configs
+        spec = portable_keras_objects(list(loss) if isinstance(loss, tuple) else loss, "loss")
+        super().__init__(spec, output_names, loss_weights)
         self._built: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -202,109 +182,30 @@ class KerasLoss:
 
     def _losses(self) -> Any:
         if self._built is None:
-            if isinstance(self.spec, dict):  # one per output
-                self._built = {name: _resolved(item) for name, item in self.spec.items()}
-            elif isinstance(self.spec, list):
-                self._built = [_resolved(item) for item in self.spec]
+            if isinstance(self.losses, dict):  # one per output
+                self._built = {name: _resolved(item) for name, item in self.losses.items()}
+            elif isinstance(self.losses, list):
+                self._built = [_resolved(item) for item in self.losses]
             else:
-                self._built = _resolved(self.spec)
+                self._built = _resolved(self.losses)
         return self._built
 
-    def __call__(self, outputs: Any, labels: Any) -> torch.Tensor:
-        losses = self._losses()
-        if isinstance(outputs, torch.Tensor):
-            if not callable(losses):
-                raise ValueError("the model has one output: give one loss, not a dict or list")
-            return losses(_one_label(labels), outputs)
-        names = list(outputs) if isinstance(outputs, Mapping) else list(range(len(outputs)))
-        if isinstance(outputs, Mapping) and self.output_names:
-            names = [name for name in self.output_names if name in outputs] or names
-        total: torch.Tensor | None = None
-        for position, name in enumerate(names):
-            loss = _pick(losses, name, position)
-            if loss is None:
-                continue
-            value = loss(_label_for(labels, name, position), outputs[name]) * self._weight(
-                name, position
-            )
-            total = value if total is None else total + value
-        if total is None:
-            raise ValueError("the loss dict names none of the model's outputs")
-        return total
-
-    def _weight(self, name: Any, position: int) -> float:
-        weights = self.loss_weights
-        if weights is None:
-            return 1.0
-        if isinstance(weights, Mapping):
-            return float(weights.get(name, 1.0))
-        return float(weights[position])
-
-
-def _one_label(labels: Any) -> Any:
-    if isinstance(labels, tuple) and len(labels) == 1:
-        return labels[0]
-    return labels
-
-
-def _pick(losses: Any, name: Any, position: int) -> Any:
-    if isinstance(losses, Mapping):
-        return losses.get(name)
-    if isinstance(losses, list):
-        return losses[position]
-    return losses
-
-
-def _label_for(labels: Any, name: Any, position: int) -> Any:
-    if isinstance(labels, torch.Tensor):
-        return labels
-    if isinstance(labels, Mapping):
-        return labels[name] if name in labels else list(labels.values())[position]
-    items = list(labels)
-    if len(items) == 1 and isinstance(items[0], Mapping):
-        return _label_for(items[0], name, position)
-    if len(items) == 1:
-        return items[0]
-    return items[position]
+    def _one_loss(self, loss: Any, output: torch.Tensor, label: Any) -> torch.Tensor:
+        return loss(label, output)  # Keras's order: (y_true, y_pred)
 
 
 # ---------------------------------------------------------------------------------------------
 # The optimizer.
 
 
-def keras_optimizer_config(optimizer: Any) -> Any:
-    """A compile-style optimizer as it travels: a name, or a Keras optimizer's serialized config.
-
-    Raises
-    ------
-    TypeError
-        For anything else (a torch optimizer: use ``Estimator.from_torch``).
-    """
-    if isinstance(optimizer, str):
-        keras = import_keras(BACKEND)
-        try:
-            keras.optimizers.get(optimizer)
-        except ValueError as error:
-            raise ValueError(
-                f'optimizer={optimizer!r} is not a Keras optimizer name ("adam", "sgd", '
-                f'"rmsprop", "adamw", ...): {error}'
-            ) from None
-        return optimizer
-    if type(optimizer).__module__.split(".")[0] == "keras" and hasattr(optimizer, "apply"):
-        keras = import_keras(BACKEND)
-        with without_tensorflow(keras):
-            return keras.optimizers.serialize(optimizer)
-    raise TypeError(
-        f'optimizer={optimizer!r}: give a Keras optimizer name ("adam") or a '
-        "keras.optimizers.Optimizer object"
-    )
-
-
 class KerasOptimizerFactory:
-    """``model -> KerasOptimizer``: a fresh Keras optimizer for each rank's model."""
+    """``model -> KerasOptimizer``: a fresh Keras optimizer for each rank's model.
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    ``optimizer`` is a Keras optimizer name or object; it travels as its name or config.
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.config = portable_keras_optimizer(optimizer, import_keras(BACKEND))
 
     def __call__(self, model: nn.Module) -> KerasOptimizer:
         keras = import_keras(BACKEND)

@@ -17,16 +17,24 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pandas as pd
 
-from deepspark.persist.keras_files import chosen_backend, load_keras_file
+from deepspark.persist.keras_files import (
+    chosen_backend,
+    import_keras,
+    keras_to_bytes,
+    load_keras_file,
+)
 
 __all__ = [
     "SavedKerasEstimator",
+    "compile_arguments",
+    "compiled_keras_bytes",
     "holds_keras_model",
     "load_keras_estimator",
     "save_keras_estimator",
@@ -50,6 +58,41 @@ class SavedKerasEstimator:
     feature_cols: Any = None
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
     optimizer_state: bytes | None = None
+
+
+def compiled_keras_bytes(model: Any, backend: str, arguments: dict[str, Any]) -> bytes:
+    """The model's ``.keras`` bytes, compiled with ``arguments`` (``optimizer``, ``loss``,
+    ``loss_weights``, ``metrics``, as ``model.compile`` takes them) when it has a loss and
+    Keras takes them, so that ``keras.saving.load_model`` gives a model ready for
+    ``model.fit``; without them (and a warning) when Keras refuses them."""
+    keras = import_keras(backend)
+    if arguments.get("loss") is not None:
+        try:
+            model.compile(
+                optimizer=keras.optimizers.get(arguments.get("optimizer") or "adam"),
+                loss=arguments["loss"],
+                loss_weights=arguments.get("loss_weights"),
+                metrics=arguments.get("metrics"),
+            )
+        except (TypeError, ValueError) as error:
+            warnings.warn(
+                f"the .keras file is saved without compile arguments: Keras refused them ({error})",
+                stacklevel=3,
+            )
+    return keras_to_bytes(model)
+
+
+def compile_arguments(model: Any) -> dict[str, Any]:
+    """The compile arguments a loaded model carries (``optimizer``, ``loss``, ``metrics``,
+    ``loss_weights``); ``optimizer`` is ``"adam"`` and the others None when it has none."""
+    compiled = model.get_compile_config() if hasattr(model, "get_compile_config") else None
+    compiled = compiled or {}
+    return {
+        "optimizer": getattr(model, "optimizer", None) or "adam",
+        "loss": compiled.get("loss"),
+        "metrics": compiled.get("metrics"),
+        "loss_weights": compiled.get("loss_weights"),
+    }
 
 
 def holds_keras_model(path: str) -> bool:

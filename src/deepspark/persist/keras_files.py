@@ -27,6 +27,7 @@ __all__ = [
     "load_keras_file",
     "model_backend",
     "portable_keras_objects",
+    "portable_keras_optimizer",
     "quiet_tensorflow",
     "restored_keras_objects",
     "without_tensorflow",
@@ -201,6 +202,35 @@ def portable_keras_objects(value: Any, kind: str) -> Any:
         with without_tensorflow(keras):
             return ("keras-object", kind, keras.saving.serialize_keras_object(value))
     return value
+
+
+def portable_keras_optimizer(optimizer: Any, keras: Any) -> Any:
+    """A compile-style optimizer as it travels to other processes: a name (checked by
+    `keras`), or a Keras optimizer object's serialized config.
+
+    Raises
+    ------
+    ValueError
+        For a name Keras does not know.
+    TypeError
+        For anything else (a torch optimizer: use ``Estimator.from_torch``).
+    """
+    if isinstance(optimizer, str):
+        try:
+            keras.optimizers.get(optimizer)
+        except ValueError as error:
+            raise ValueError(
+                f'optimizer={optimizer!r} is not a Keras optimizer name ("adam", "sgd", '
+                f'"rmsprop", "adamw", ...): {error}'
+            ) from None
+        return optimizer
+    if type(optimizer).__module__.split(".")[0] == "keras" and hasattr(optimizer, "apply"):
+        with without_tensorflow(keras):
+            return keras.optimizers.serialize(optimizer)
+    raise TypeError(
+        f'optimizer={optimizer!r}: give a Keras optimizer name ("adam") or a '
+        "keras.optimizers.Optimizer object"
+    )
 
 
 def restored_keras_objects(value: Any, keras: Any) -> Any:

@@ -12,7 +12,7 @@ predicts the real future of unscaled data and saves and loads as one directory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -213,40 +213,14 @@ class AutoTS:
         horizon``. Training windows never reach into the validation steps.
         """
         from deepspark.automl import AutoEstimator
-        from deepspark.automl.results import saved_estimator
         from deepspark.training.callbacks import EarlyStopping
 
         sizes = self._check()
-        for name, data in (("train", train), ("validation_data", validation_data)):
-            if not isinstance(data, TSDataset):
-                raise TypeError(f"AutoTS.fit({name}=...) takes a TSDataset")
-        if validation_data.scaler is not train.scaler and (
-            validation_data.scaler is None or train.scaler is None
-        ):
-            raise ValueError(
-                "AutoTS.fit: scale train and validation_data alike: "
-                "train.scale('standard'); validation_data.scale(train.scaler, fit=False)"
-            )
+        _check_datasets(train, validation_data)
         columns = train.columns
         continued = validation_steps.continued(train, validation_data)
         rolled: dict[int, tuple[Any, Any]] = {}
-        horizon, models, (low, high) = self.horizon, self.models, self.lr
-        lookbacks, season = self._lookbacks(), self.season
-
-        def space(trial: Any) -> dict[str, Any]:
-            kind = trial.suggest_categorical("model", list(models))
-            lookback = trial.suggest_categorical("lookback", list(lookbacks))
-            config = {
-                "model": kind,
-                "lookback": lookback,
-                "lr": trial.suggest_float("lr", low, high, log=True),
-            }
-            # A seasonal network needs a season in its window.
-            if season is not None and lookback >= season:
-                config["seasonal"] = trial.suggest_categorical("seasonal", [False, True])
-            for name, choices in sizes[kind].items():
-                config[name] = trial.suggest_categorical(f"{kind}.{name}", list(choices))
-            return config
+        horizon, season = self.horizon, self.season
 
         def data_for(config: dict[str, Any]) -> tuple[Any, Any]:
             lookback = int(config["lookback"])
@@ -268,7 +242,7 @@ class AutoTS:
 
         self.search_ = AutoEstimator.from_torch(
             model,
-            space,
+            self._space(sizes),
             optimizer=lambda params, config: torch.optim.Adam(params, lr=config["lr"]),
             loss=make_loss(self.loss),
             metric=self.metric,
@@ -289,23 +263,65 @@ class AutoTS:
         )
         self.members_ = self._chosen()
         naive = SeasonalNaiveForecaster(season=season or 1, horizon=horizon)
-        if self.fallback is not None:
-            longest = max([naive.lookback] + [int(t["config"]["lookback"]) for t in self.members_])
-            models = [
-                saved_estimator(t["number"], t["model_path"]).get_model() for t in self.members_
-            ]
-            self.validation_ = naive_check(
-                models,
-                naive.build_model(columns),
-                data_for({"lookback": longest})[1],
-                self.loss,
-                self.fallback,
-            )
-            if self.validation_["chosen"] == "seasonal_naive":
-                self.members_ = []
-                config = {"model": naive.kind, "lookback": naive.lookback, "season": naive.season}
-                naive.fit(continued.data)
-                return self._pipeline(naive, train, config)
+        if self.fallback is not None and self._naive_wins(naive, columns, data_for):
+            self.members_ = []
+            config = {"model": naive.kind, "lookback": naive.lookback, "season": naive.season}
+            naive.fit(continued.data)
+            return self._pipeline(naive, train, config)
+        return self._refit(train, continued, fit_options, batch_size)
+
+    def _space(self, sizes: dict[str, dict[str, list[Any]]]) -> Callable[[Any], dict[str, Any]]:
+        """The search space, define-by-run: ``trial -> config``."""
+        models, (low, high), lookbacks, season = (
+            self.models,
+            self.lr,
+            self._lookbacks(),
+            self.season,
+        )
+
+        def space(trial: Any) -> dict[str, Any]:
+            kind = trial.suggest_categorical("model", list(models))
+            lookback = trial.suggest_categorical("lookback", list(lookbacks))
+            config = {
+                "model": kind,
+                "lookback": lookback,
+                "lr": trial.suggest_float("lr", low, high, log=True),
+            }
+            # A seasonal network needs a season in its window.
+            if season is not None and lookback >= season:
+                config["seasonal"] = trial.suggest_categorical("seasonal", [False, True])
+            for name, choices in sizes[kind].items():
+                config[name] = trial.suggest_categorical(f"{kind}.{name}", list(choices))
+            return config
+
+        return space
+
+    def _naive_wins(
+        self,
+        naive: SeasonalNaiveForecaster,
+        columns: Any,
+        data_for: Callable[[dict[str, Any]], tuple[Any, Any]],
+    ) -> bool:
+        """Whether the seasonal naive forecast beats the chosen trials on the validation
+        windows (`fallback`); the comparison is kept as `validation_`."""
+        from deepspark.automl.results import saved_estimator
+
+        longest = max([naive.lookback] + [int(t["config"]["lookback"]) for t in self.members_])
+        models = [saved_estimator(t["number"], t["model_path"]).get_model() for t in self.members_]
+        self.validation_ = naive_check(
+            models,
+            naive.build_model(columns),
+            data_for({"lookback": longest})[1],
+            self.loss,
+            self.fallback,
+        )
+        return self.validation_["chosen"] == "seasonal_naive"
+
+    def _refit(
+        self, train: TSDataset, continued: Any, fit_options: dict[str, Any], batch_size: int
+    ) -> TSPipeline:
+        """The pipeline of the chosen trials' forecasters (see `refit`)."""
+        columns = train.columns
         refit_options = {k: v for k, v in fit_options.items() if k not in _SEARCH_ONLY}
         refit_options.setdefault("progress", False)
         refit_options.update(batch_size=batch_size, num_workers=self.search_.num_workers)
@@ -403,3 +419,16 @@ def _rows(rows: Any, is_spark: bool) -> Any:
         windows.X_COL: np.stack(rows[windows.X_COL].to_numpy()).astype("float32"),
         windows.Y_COL: np.stack(rows[windows.Y_COL].to_numpy()).astype("float32"),
     }
+
+
+def _check_datasets(train: Any, validation_data: Any) -> None:
+    for name, data in (("train", train), ("validation_data", validation_data)):
+        if not isinstance(data, TSDataset):
+            raise TypeError(f"AutoTS.fit({name}=...) takes a TSDataset")
+    if validation_data.scaler is not train.scaler and (
+        validation_data.scaler is None or train.scaler is None
+    ):
+        raise ValueError(
+            "AutoTS.fit: scale train and validation_data alike: "
+            "train.scale('standard'); validation_data.scale(train.scaler, fit=False)"
+        )

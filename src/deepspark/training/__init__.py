@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         RunOptions,
         StepOptions,
     )
+    from deepspark.training.output_losses import OutputLosses
     from deepspark.training.rank.function_state import checkpoint, restore
     from deepspark.training.rank.lightning_data import ShardDataModule
     from deepspark.training.rank.shard import ShardDataset, shard
@@ -45,6 +46,7 @@ _HOMES = {
     "FunctionBackend": "deepspark.training.driver.function_job",
     "JobKind": "deepspark.training.job_spec",
     "LoopOptions": "deepspark.training.options",
+    "OutputLosses": "deepspark.training.output_losses",
     "RankLoop": "deepspark.training.job_spec",
     "RankProgram": "deepspark.training.job_spec",
     "RecoveryOptions": "deepspark.training.options",
@@ -72,6 +74,7 @@ __all__ = [
     "FunctionBackend",
     "JobKind",
     "LoopOptions",
+    "OutputLosses",
     "RankLoop",
     "RankProgram",
     "RecoveryOptions",

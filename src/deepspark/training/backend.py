@@ -54,3 +54,7 @@ class Backend:
     def program(self, kind: JobKind) -> RankProgram:
         """What the ranks build for a job of `kind`, pickled."""
         raise NotImplementedError(f"{type(self).__name__} must say what its ranks build")
+
+    def load_weights(self, blob: bytes) -> None:
+        """Put rank 0's trained weights (the bytes a fit brought back) into the driver's model."""
+        raise NotImplementedError(f"{type(self).__name__} takes no trained weights back")

@@ -30,6 +30,8 @@ from deepspark.vision.zoo import network_side, yolov3_tiny_files
 __all__ = ["detect", "embed", "read_images"]
 
 
+# size: long for its docstring, the reference of every argument; the body alone
+# is under 80 lines.
 def read_images(
     source: Any,
     *,
@@ -175,6 +177,8 @@ def _make_embed_spec(
     )
 
 
+# size: long for its docstring, the reference of every argument; the body alone
+# is under 80 lines.
 @renamed_keywords(features_col="output_col")
 def embed(
     images: Any,
@@ -267,6 +271,8 @@ def embed(
     return images.mapInArrow(embed_fn, schema)
 
 
+# size: long for its docstring, the reference of every argument; the body alone
+# is under 80 lines.
 def detect(
     images: Any,
     *,
@@ -329,46 +335,16 @@ def detect(
     --------
     >>> people = detect(read_images("/data/photos"), classes=["person"])  # doctest: +SKIP
     """
-    from pyspark.sql.types import (
-        ArrayType,
-        BinaryType,
-        FloatType,
-        IntegerType,
-        StringType,
-        StructField,
-        StructType,
-    )
-
     columns = _image_columns(images)
     _check_common(input_size, 1, decoder, "letterbox")
     if not 0.0 <= score_threshold <= 1.0 or not 0.0 <= iou_threshold <= 1.0:
         raise ValueError("score_threshold and iou_threshold must lie in [0, 1]")
     if not scales or any(not 0.1 <= s <= 1.0 for s in scales):
         raise ValueError(f"scales={scales!r}: give fractions of the input side in [0.1, 1]")
-    runtime = detector_runtime
-    if runtime not in ("auto", *DARKNET_RUNTIMES):
-        raise ValueError(
-            f"detector_runtime={runtime!r}: use 'auto' or one of {', '.join(DARKNET_RUNTIMES)}"
-        )
     threads = _task_threads(images.sparkSession, num_threads)
-    files, factory, key = None, None, ""
-    if detector is None:
-        files = yolov3_tiny_files()
-        if runtime == "auto":
-            runtime = fastest_runtime(files.cfg, files.weights, network_side(input_size))
-        elif runtime.startswith("onnx"):
-            import_onnxruntime()  # says which extra to install, before a job starts
-        with open(files.names) as handle:
-            class_names = [line.strip() for line in handle if line.strip()]
-    elif callable(detector):
-        import cloudpickle
-
-        factory = cloudpickle.dumps(detector)
-        key = hashlib.sha256(factory).hexdigest()
-    else:
-        raise TypeError(
-            "detector: give None (YOLOv3-tiny) or a factory returning image -> list[Box]"
-        )
+    files, factory, key, runtime, class_names = _detector_parts(
+        detector, detector_runtime, input_size, class_names
+    )
     if classes and class_names:
         unknown = sorted(set(classes) - set(class_names))
         if unknown:
@@ -394,6 +370,51 @@ def detect(
         with_crops=with_crops, decoder=decoder, num_threads=threads, embed=embed_spec,
         runtime=runtime if runtime != "auto" else "opencv",
     )  # fmt: skip
+
+    def detect_fn(batches):
+        return detect_partition(batches, spec)
+
+    return images.mapInArrow(detect_fn, _detect_schema(images, columns, with_crops, embed_crops))
+
+
+def _detector_parts(
+    detector: Any, runtime: str, input_size: int, class_names: list[str] | None
+) -> tuple[Any, bytes | None, str, str, list[str] | None]:
+    """The default detector's files or a custom detector's pickled factory (and its hash),
+    the runtime (``"auto"`` measured here, once), and the class names."""
+    if runtime not in ("auto", *DARKNET_RUNTIMES):
+        raise ValueError(
+            f"detector_runtime={runtime!r}: use 'auto' or one of {', '.join(DARKNET_RUNTIMES)}"
+        )
+    if detector is None:
+        files = yolov3_tiny_files()
+        if runtime == "auto":
+            runtime = fastest_runtime(files.cfg, files.weights, network_side(input_size))
+        elif runtime.startswith("onnx"):
+            import_onnxruntime()  # says which extra to install, before a job starts
+        with open(files.names) as handle:
+            class_names = [line.strip() for line in handle if line.strip()]
+        return files, None, "", runtime, class_names
+    if callable(detector):
+        import cloudpickle
+
+        factory = cloudpickle.dumps(detector)
+        return None, factory, hashlib.sha256(factory).hexdigest(), runtime, class_names
+    raise TypeError("detector: give None (YOLOv3-tiny) or a factory returning image -> list[Box]")
+
+
+def _detect_schema(images: Any, columns: Any, with_crops: bool, embed_crops: bool) -> Any:
+    """`detect`'s result: the kept input columns, one row per box, its crop and features."""
+    from pyspark.sql.types import (
+        ArrayType,
+        BinaryType,
+        FloatType,
+        IntegerType,
+        StringType,
+        StructField,
+        StructType,
+    )
+
     kept = [field for field in images.schema.fields if field.name in columns.keep_cols]
     fields = [
         *kept,
@@ -408,8 +429,4 @@ def detect(
     if embed_crops:
         fields.append(StructField("features", ArrayType(FloatType()), True))
     fields.append(StructField("error", StringType(), True))
-
-    def detect_fn(batches):
-        return detect_partition(batches, spec)
-
-    return images.mapInArrow(detect_fn, StructType(fields))
+    return StructType(fields)

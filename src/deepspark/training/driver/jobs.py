@@ -140,6 +140,15 @@ def job_input(
     )
 
 
+def _given_up(spec: TrainSpec, causes: list[str], retried: bool) -> TrainingError:
+    """The error of a job whose last attempt failed: each attempt's cause, in order."""
+    detail = "\n".join(f"  attempt {number}: {text}" for number, text in enumerate(causes, 1))
+    note = "" if retried else " (not retried: the driver's own code raised it)"
+    return TrainingError(
+        f"{spec.kind.value} failed after {len(causes)} attempt(s){note}:\n{detail}", causes
+    )
+
+
 def run_job(
     spark: SparkSession,
     data: DataFrame,
@@ -195,15 +204,7 @@ def run_job(
                     causes.append(cause)
                     final = not retry_can_help(error)
                     if attempt == max_failures or final:
-                        detail = "\n".join(
-                            f"  attempt {number}: {text}" for number, text in enumerate(causes, 1)
-                        )
-                        note = " (not retried: the driver's own code raised it)" if final else ""
-                        raise TrainingError(
-                            f"{spec.kind.value} failed after {attempt + 1} attempt(s)"
-                            f"{note}:\n{detail}",
-                            causes,
-                        ) from error
+                        raise _given_up(spec, causes, retried=not final) from error
                     _log.warning(
                         "%s: attempt %d failed (%s); re-running from the latest checkpoint",
                         spec.kind.value,

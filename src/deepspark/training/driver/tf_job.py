@@ -76,14 +76,18 @@ class TensorflowBackend(Backend):
 
     def program(self, kind: JobKind) -> RankProgram:
         """The Keras model as ``.keras`` bytes and its portable compile arguments."""
-        from deepspark.persist.keras_files import keras_to_bytes, portable_keras_objects
+        import keras  # the driver's Keras, whichever backend it runs
+
+        from deepspark.persist.keras_files import (
+            keras_to_bytes,
+            portable_keras_objects,
+            portable_keras_optimizer,
+        )
         from deepspark.training.driver.checks import pickled
 
         optimizer = self.optimizer
-        if optimizer is not None and not isinstance(optimizer, str):
-            import keras  # the driver's Keras, whichever backend it runs
-
-            optimizer = keras.optimizers.serialize(optimizer)
+        if optimizer is not None:
+            optimizer = portable_keras_optimizer(optimizer, keras)
         loss = portable_keras_objects(self.loss, "loss")
         return RankProgram(
             model_blob=cloudpickle.dumps(("keras-file", keras_to_bytes(self.keras_model))),

@@ -99,3 +99,9 @@ class TorchBackend(Backend):
             scheduler_monitor=steps.scheduler_monitor,
             optimizer_state_blob=self.optimizer_state if kind is JobKind.FIT else None,
         )
+
+    def load_weights(self, blob: bytes) -> None:
+        """Rank 0's trained weights (safetensors) into the driver's model."""
+        from deepspark.persist.weights import weights_from_bytes
+
+        self.model.load_state_dict(weights_from_bytes(blob))

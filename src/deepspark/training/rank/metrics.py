@@ -48,21 +48,33 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torchmetrics
-from torchmetrics import classification as tmc
-from torchmetrics import regression as tmr
 
 from deepspark.training.rank.metric_classes import CallableMetric
+from deepspark.training.rank.metric_tasks import (
+    CLASSIFICATION_METRICS,
+    REGRESSION_METRICS,
+    TASK_KINDS,
+    TOP_K_NAME,
+    Task,
+    batch_rows,
+    classification_task,
+    empty_batch,
+    prepared_batch,
+    reads_raw_outputs,
+    regression_task,
+    top_k_accuracy,
+    whole_targets,
+)
 
 __all__ = [
     "CallableMetric",
     "EpochMetric",
-    "Task",
     "get_metric",
     "metric_names",
     "reduce_metrics",
@@ -72,169 +84,6 @@ OutputKey = str | int | None
 """Which model output a metric reads: a dict key, a tuple position, or None for the only one."""
 LabelKey = str | int | None
 """Which label a metric reads: a position among the labels, a label dict key, None: the first."""
-
-_KINDS = ("binary", "multiclass", "multilabel", "regression")
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a built-in metric measures, inferred from the first batch (see the module docstring).
-
-    ``kind`` is ``"binary"``, ``"multiclass"``, ``"multilabel"`` or ``"regression"``; ``width``
-    the number of classes, labels or regression outputs (1 for binary); ``logits`` whether the
-    outputs are logits rather than probabilities.
-    """
-
-    kind: str
-    width: int
-    logits: bool = False
-
-    def encoded(self) -> list[int]:
-        return [_KINDS.index(self.kind) + 1, self.width, int(self.logits)]
-
-
-def _rows(outputs: torch.Tensor) -> int:
-    return int(outputs.shape[0]) if outputs.dim() > 0 else 1
-
-
-def _classification_task(
-    outputs: torch.Tensor, targets: torch.Tensor, name: str, logits: bool | None = None
-) -> Task:
-    """The batch's task; ``logits`` when already known (no look at the values then). Values
-    outside [0, 1] are logits, and so are multiclass scores whose classes do not sum to 1."""
-    if logits is None:
-        logits = bool(((outputs < 0) | (outputs > 1)).any())
-    if outputs.dim() <= 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
-        if targets.numel() == _rows(outputs):
-            return Task("binary", 1, logits)
-    elif targets.shape == outputs.shape:
-        return Task("multilabel", int(outputs.shape[1]), logits)
-    elif targets.numel() * outputs.shape[1] == outputs.numel():
-        if not logits:  # probabilities sum to 1 over the classes (dim 1), to the dtype's rounding
-            tolerance = 1e-2 if outputs.element_size() < 4 else 1e-4
-            logits = bool(((outputs.double().sum(dim=1) - 1).abs() > tolerance).any())
-        return Task("multiclass", int(outputs.shape[1]), logits)
-    raise ValueError(
-        f"{name}: outputs of shape {tuple(outputs.shape)} do not match targets of shape "
-        f"{tuple(targets.shape)}: binary outputs are (N,) or (N, 1) with one 0/1 target per "
-        "row; (N, C) outputs take one class index per row (multiclass) or (N, C) 0/1 targets "
-        "(multilabel)"
-    )
-
-
-def _regression_task(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> Task:
-    if outputs.numel() != targets.numel():
-        raise ValueError(
-            f"{name}: outputs of shape {tuple(outputs.shape)} and targets of shape "
-            f"{tuple(targets.shape)} have different sizes"
-        )
-    rows = _rows(outputs)
-    return Task("regression", outputs.numel() // rows if rows else 1)
-
-
-def _whole_targets(targets: torch.Tensor, name: str) -> torch.Tensor:
-    if targets.is_floating_point() and not bool((targets == targets.round()).all()):
-        raise ValueError(f"{name}: class targets must be whole numbers, got fractions")
-    return targets.long()
-
-
-def _prepared(
-    task: Task, outputs: torch.Tensor, targets: torch.Tensor, name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shape and type the batch as the torchmetrics class of ``task`` expects it; logits become
-    probabilities here, so torchmetrics never decides batch by batch."""
-    scores = outputs.double()  # float64 keeps large logits apart after the sigmoid
-    rows = _rows(outputs)
-    if task.kind == "regression":
-        shape = (rows,) if task.width == 1 else (rows, task.width)
-        return scores.reshape(shape), targets.double().reshape(shape)
-    if task.logits:
-        scores = scores.softmax(dim=1) if task.kind == "multiclass" else scores.sigmoid()
-    labels = _whole_targets(targets, name)
-    if task.kind == "binary":
-        return scores.reshape(-1), labels.reshape(-1)
-    if task.kind == "multiclass":
-        return scores, labels.reshape(rows, *outputs.shape[2:])
-    return scores, labels
-
-
-def _empty_batch(task: Task, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of no rows shaped for ``task``: a rank without data joins the sync with it, so
-    list states have the same number of dimensions and dtype on every rank."""
-    width = () if task.kind == "binary" or task.width == 1 else (task.width,)
-    scores = torch.zeros(0, *width, dtype=torch.float64, device=device)
-    if task.kind == "regression":
-        return scores, scores.clone()
-    labels = () if task.kind != "multilabel" else (task.width,)
-    return scores, torch.zeros(0, *labels, dtype=torch.long, device=device)
-
-
-def _accuracy(task: Task) -> torchmetrics.Metric:
-    if task.kind == "multilabel":
-        return tmc.MultilabelExactMatch(num_labels=task.width)
-    if task.kind == "multiclass":
-        return _multiclass_accuracy(task, top_k=1)
-    return tmc.BinaryAccuracy()
-
-
-def _multiclass_accuracy(task: Task, top_k: int) -> torchmetrics.Metric:
-    """The share of positions whose target is among the ``top_k`` largest outputs (micro).
-
-    It reads the outputs as they are (`_reads_raw_outputs`): the order of logits, of
-    probabilities and of their softmax is the same, so no softmax and no float64 copy is made
-    per batch, and targets are not checked against the classes (no host sync per batch).
-    """
-    return tmc.MulticlassAccuracy(
-        num_classes=task.width,
-        top_k=min(top_k, task.width),
-        average="micro",
-        multidim_average="global",
-        validate_args=False,
-    )
-
-
-def _reads_raw_outputs(metric: torchmetrics.Metric | None) -> bool:
-    return isinstance(metric, tmc.MulticlassAccuracy)
-
-
-def _top_k_accuracy(k: int) -> Callable[[Task], torchmetrics.Metric]:
-    def build(task: Task) -> torchmetrics.Metric:
-        if task.kind != "multiclass":
-            raise ValueError(
-                f"top{k}_accuracy needs multiclass outputs (N, C) with class-index targets, "
-                f"got a {task.kind} task"
-            )
-        return _multiclass_accuracy(task, top_k=k)
-
-    return build
-
-
-def _averaged(binary: type, multiclass: type, multilabel: type) -> Callable[[Task], Any]:
-    def build(task: Task) -> torchmetrics.Metric:
-        if task.kind == "multiclass":
-            return multiclass(num_classes=task.width, average="macro")
-        if task.kind == "multilabel":
-            return multilabel(num_labels=task.width, average="macro")
-        return binary()
-
-    return build
-
-
-_CLASSIFICATION: dict[str, Callable[[Task], torchmetrics.Metric]] = {
-    "accuracy": _accuracy,
-    "precision": _averaged(tmc.BinaryPrecision, tmc.MulticlassPrecision, tmc.MultilabelPrecision),
-    "recall": _averaged(tmc.BinaryRecall, tmc.MulticlassRecall, tmc.MultilabelRecall),
-    "f1": _averaged(tmc.BinaryF1Score, tmc.MulticlassF1Score, tmc.MultilabelF1Score),
-    "auc": _averaged(tmc.BinaryAUROC, tmc.MulticlassAUROC, tmc.MultilabelAUROC),
-}
-_CLASSIFICATION["roc_auc"] = _CLASSIFICATION["auc"]
-_REGRESSION: dict[str, Callable[[Task], torchmetrics.Metric]] = {
-    "mse": lambda task: tmr.MeanSquaredError(),
-    "mae": lambda task: tmr.MeanAbsoluteError(),
-    "rmse": lambda task: tmr.MeanSquaredError(squared=False),
-    "r2": lambda task: tmr.R2Score(),
-}
-_TOP_K = re.compile(r"top_?(\d+)_accuracy")
 
 
 class EpochMetric:
@@ -309,7 +158,7 @@ class EpochMetric:
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Add one batch of model outputs and targets (real rows only; none is a no-op)."""
-        if _rows(outputs) == 0:
+        if batch_rows(outputs) == 0:
             return
         outputs = outputs.detach().to(self._device)
         targets = targets.detach().to(self._device)
@@ -319,16 +168,16 @@ class EpochMetric:
             self.metric.update(outputs, targets)
         else:
             if self._regression:
-                self._set_task(_regression_task(outputs, targets, self.name))
+                self._set_task(regression_task(outputs, targets, self.name))
             else:  # once outputs were logits, later batches' values cannot change the task
                 known = True if self.task is not None and self.task.logits else None
-                self._set_task(_classification_task(outputs, targets, self.name, known))
+                self._set_task(classification_task(outputs, targets, self.name, known))
             assert self.metric is not None and self.task is not None
-            if _reads_raw_outputs(self.metric):
-                labels = _whole_targets(targets, self.name)
-                self.metric.update(outputs, labels.reshape(_rows(outputs), *outputs.shape[2:]))
+            if reads_raw_outputs(self.metric):
+                labels = whole_targets(targets, self.name)
+                self.metric.update(outputs, labels.reshape(batch_rows(outputs), *outputs.shape[2:]))
             else:
-                self.metric.update(*_prepared(self.task, outputs, targets, self.name))
+                self.metric.update(*prepared_batch(self.task, outputs, targets, self.name))
         self._updated = True
 
     def compute(self) -> float:
@@ -373,7 +222,7 @@ def metric_names() -> list[str]:
     >>> "accuracy" in metric_names()
     True
     """
-    return sorted([*_CLASSIFICATION, *_REGRESSION, "top5_accuracy"])
+    return sorted([*CLASSIFICATION_METRICS, *REGRESSION_METRICS, "top5_accuracy"])
 
 
 def get_metric(
@@ -438,14 +287,14 @@ def _make_metric(metric: Any) -> EpochMetric:
         return metric
     if isinstance(metric, str):
         key = metric.strip().lower()
-        if key in _CLASSIFICATION:
-            return EpochMetric(key, build=_CLASSIFICATION[key])
-        if key in _REGRESSION:
-            return EpochMetric(key, build=_REGRESSION[key], regression=True)
-        top_k = _TOP_K.fullmatch(key)
+        if key in CLASSIFICATION_METRICS:
+            return EpochMetric(key, build=CLASSIFICATION_METRICS[key])
+        if key in REGRESSION_METRICS:
+            return EpochMetric(key, build=REGRESSION_METRICS[key], regression=True)
+        top_k = TOP_K_NAME.fullmatch(key)
         if top_k and int(top_k.group(1)) >= 1:
             k = int(top_k.group(1))
-            return EpochMetric(f"top{k}_accuracy", build=_top_k_accuracy(k))
+            return EpochMetric(f"top{k}_accuracy", build=top_k_accuracy(k))
         raise ValueError(
             f"unknown metric {metric!r}; built-in metrics are {', '.join(metric_names())} "
             "(or top<k>_accuracy); pass a torchmetrics metric or a function "
@@ -487,7 +336,7 @@ def _agree_on_tasks(metrics: list[EpochMetric], group: Any, device: torch.device
     per_rank = torch.stack(gathered).cpu().tolist()  # [rank][metric] = Task.encoded()
     for index, metric in enumerate(lazy):
         seen = {
-            Task(_KINDS[kind - 1], width, bool(logits))
+            Task(TASK_KINDS[kind - 1], width, bool(logits))
             for kind, width, logits in (ranks[index] for ranks in per_rank)
             if kind > 0
         }
@@ -547,7 +396,7 @@ def reduce_metrics(
             states = metric.metric.metric_state.values()
             if metric.task and not metric._updated and any(isinstance(s, list) for s in states):
                 # torchmetrics would stand in a 1-D float tensor for this rank's empty list
-                metric.metric.update(*_empty_batch(metric.task, device))
+                metric.metric.update(*empty_batch(metric.task, device))
             metric.metric.process_group = group
             metric._value = None
     return {metric.name: metric.compute() for metric in metrics}

@@ -14,7 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["get_rng_state", "set_rng_state"]
+__all__ = ["get_rng_state", "seed_generators", "set_rng_state"]
+
+
+def seed_generators(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random`` with ``seed``.
+
+    Examples
+    --------
+    >>> import random
+    >>> seed_generators(7); first = random.random()
+    >>> seed_generators(7); random.random() == first
+    True
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -32,6 +32,7 @@ from deepspark.training.job_spec import (
     TrainSpec,
 )
 from deepspark.training.rank.loop import EpochRunner, build_model
+from deepspark.training.rank.rng_state import seed_generators
 from deepspark.training.rank.sources import CreatorInput, RankInput
 
 __all__ = ["RankContext", "cuda_device_index", "exchange_hellos", "run_rank"]
@@ -69,9 +70,10 @@ def run_rank(
     if spec.progress_address is not None:
         progress = ProgressClient(spec.progress_address, spec.progress_token, rank, timeout_s=10)
     torch.set_num_threads(max(1, context.task_cpus))
-    # Python workers are reused across jobs: without this, whatever draws from torch's global
-    # generator here (dropout, a shuffling sampler) would follow the worker's earlier jobs.
-    torch.manual_seed(spec.seed + rank)
+    # Python workers are reused across jobs: without this, whatever draws from the global
+    # generators here (dropout, a shuffling sampler, the seeds a Keras model's layers take from
+    # Python's random when it is built) would follow the worker's earlier jobs.
+    seed_generators(spec.seed + rank)
     source = None
     failed = False
     try:
