@@ -16,7 +16,10 @@ One run, one machine, the same data and model for every figure:
 
 The last line printed is one JSON object with the figures and ratios.
 
-Usage: python benchmarks/fixed_cost.py [--quick]
+With ``--fixed-cost-only`` it stops after the fixed cost (fresh and warm), for
+`commits.py`, which compares two commits on that figure.
+
+Usage: python benchmarks/fixed_cost.py [--quick] [--fixed-cost-only]
 """
 
 from __future__ import annotations
@@ -128,9 +131,29 @@ def cache_run(ds, source, name: str) -> dict:
     }
 
 
+def first_step_run(spark, small, rows: int) -> dict:
+    """Time to first step with 1x and 10x rows per partition, both on warm workers."""
+    large = frame(spark, rows * 10, seed=1)
+    fit(large, epochs=1)  # the same warm-up for both sizes: one fit each
+    fit(small, epochs=1)
+    first_small = statistics.median(fit(small, epochs=1)[0].first_step_s_ for _ in range(3))
+    first_large = statistics.median(fit(large, epochs=1)[0].first_step_s_ for _ in range(3))
+    large.unpersist()
+    return {
+        "first_step_s_1x": round(first_small, 3),
+        "first_step_s_10x": round(first_large, 3),
+        "ratio_first_step_10x_vs_1x": round(first_large / first_small, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller data (about 3 minutes)")
+    parser.add_argument(
+        "--fixed-cost-only",
+        action="store_true",
+        help="measure the fixed cost only, not the first step or the cache",
+    )
     args = parser.parse_args()
     rows = 20_000 if args.quick else 100_000
     cached_rows = 200_000 if args.quick else 1_000_000
@@ -148,17 +171,11 @@ def main() -> None:
     warm_costs = [fixed_cost(est) for est in warm]
     median_est = warm[int(np.argsort(warm_costs)[1])]
 
-    # time to first step against partition size, both on warm workers
-    large = frame(spark, rows * 10, seed=1)
-    fit(large, epochs=1)  # the same warm-up for both sizes: one fit each
-    fit(small, epochs=1)
-    first_small = statistics.median(fit(small, epochs=1)[0].first_step_s_ for _ in range(3))
-    first_large = statistics.median(fit(large, epochs=1)[0].first_step_s_ for _ in range(3))
-    large.unpersist()
+    first_step_figures, cache_figures = {}, {}
+    if not args.fixed_cost_only:
+        first_step_figures = first_step_run(spark, small, rows)
     small.unpersist()
-
-    cache_figures = {}
-    if hasattr(ds, "cache"):
+    if hasattr(ds, "cache") and not args.fixed_cost_only:
         with tempfile.TemporaryDirectory() as directory:
             plain = parquet_frame(spark, cached_rows, directory)
             cache_figures.update(cache_run(ds, plain, "parquet"))
@@ -178,9 +195,8 @@ def main() -> None:
         "warm_fixed_cost_s": round(statistics.median(warm_costs), 3),
         "warm_fixed_costs_s": [round(cost, 3) for cost in warm_costs],
         "warm_timeline_s": {name: round(value, 3) for name, value in median_est.timings_.items()},
-        "first_step_s_1x": round(first_small, 3),
-        "first_step_s_10x": round(first_large, 3),
-        "ratio_first_step_10x_vs_1x": round(first_large / first_small, 3),
+        "fixed_cost_only": args.fixed_cost_only,
+        **first_step_figures,
         **cache_figures,
         "load_average_1m_before": round(load_before, 2),
         "load_average_1m_after": round(os.getloadavg()[0], 2),
@@ -188,9 +204,7 @@ def main() -> None:
     print(f"{'':40}{'seconds':>10}")
     print(f"{'fixed cost, fresh session':40}{figures['fresh_fixed_cost_s']:>10.3f}")
     print(f"{'fixed cost, warm session (median of 3)':40}{figures['warm_fixed_cost_s']:>10.3f}")
-    print(f"{'fit() to first step, 1x rows':40}{first_small:>10.3f}")
-    print(f"{'fit() to first step, 10x rows':40}{first_large:>10.3f}")
-    for name, value in cache_figures.items():
+    for name, value in {**first_step_figures, **cache_figures}.items():
         print(f"{name:40}{value:>10}")
     print("warm fit timeline:")
     for name, value in median_est.timings_.items():
