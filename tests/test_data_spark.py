@@ -90,7 +90,7 @@ def test_array_shape_is_taken_from_the_first_row(frame):
         ("raw", {}, r"feature_cols: column 'raw' is a binary column and needs a decode"),
         ("img", {"shapes": {"img": (3, 3)}}, r"feature_cols: column 'img' is ragged: expected"),
         (["features", ["a", "img"]], {}, r"\['img'\] is not scalar"),
-        ("img", {"shapes": {"imgg": (4,)}}, r"shapes: \['imgg'\] is not DataFrame columns"),
+        ("img", {"shapes": {"imgg": (4,)}}, r"feature_shapes: \['imgg'\] is not a DataFrame col"),
         ("img", {"dtypes": {("a", "z"): "float64"}}, r"dtypes: \[\('a', 'z'\)\] is not"),
         ("features", {"shapes": {"features": (5,)}}, r"expected 5 \(shape \(5,\)\)"),
         ([], {}, r"feature_cols is empty"),

@@ -90,6 +90,15 @@ def test_identity_follows_content_not_object(mlp):
     assert model_source(other).identity != model_source(mlp).identity
 
 
+def test_an_estimator_stands_for_its_trained_model_and_anything_else_is_refused(mlp):
+    import deepspark as ds
+
+    estimator = ds.Estimator.from_torch(model=mlp)
+    assert model_source(estimator).identity == model_source(mlp).identity
+    with pytest.raises(TypeError, match="model is of type dict; .*a fitted Estimator"):
+        model_source({"weights": 1})
+
+
 def test_a_file_changed_in_place_gets_a_new_identity(tmp_path):
     path = str(tmp_path / "m.ts")
     export_torchscript(make_mlp(), path, torch.randn(2, 6))

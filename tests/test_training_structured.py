@@ -256,7 +256,7 @@ def test_driver_checks_name_what_is_wrong_before_any_job(spark):
         resolve_specs(train_df, {"text": "top", "image": "pixel"}, role="feature")
     with pytest.raises(FeedError, match=r"struct field 'stamped.when' has type timestamp"):
         resolve_specs(with_time, "stamped", role="feature")
-    with pytest.raises(FeedError, match=r"shapes: \['halves.left'\] is not DataFrame columns"):
+    with pytest.raises(FeedError, match=r"feature_shapes: \['halves.left'\] is not a DataFrame"):
         resolve_specs(train_df, "halves", role="feature", shapes={"halves.left": (32,)})
 
     def fit_two_heads(metrics, labels=("label", "parity")):

@@ -121,7 +121,12 @@ def resolve_specs(
     fields = {field.name: field for field in df.schema.fields}
     shapes, dtypes, decoders = dict(shapes or {}), dict(dtypes or {}), dict(decoders or {})
     known = _known_names(fields)
-    for option, mapping in (("shapes", shapes), ("dtypes", dtypes), ("decoders", decoders)):
+    # named as the user passed them: feature_shapes serves labels too, dtypes go by role
+    for option, mapping in (
+        ("feature_shapes", shapes),
+        (f"{role}_dtypes", dtypes),
+        ("decoders", decoders),
+    ):
         _check_keys(option, mapping, known)
     for group in groups:
         for name in group.names:
@@ -317,8 +322,9 @@ def _check_keys(option: str, mapping: Mapping[Any, Any], known: set[str]) -> Non
     if unknown:
         top_level = sorted(name for name in known if "." not in name)
         raise FeedError(
-            f"{option}: {unknown} {'is' if len(unknown) == 1 else 'are'} not DataFrame columns "
-            f"(nor struct fields such as 'column.field'); available columns: "
+            f"{option}: {unknown} "
+            f"{'is not a DataFrame column' if len(unknown) == 1 else 'are not DataFrame columns'} "
+            f"(nor a struct field such as 'column.field'); available columns: "
             f"{', '.join(top_level)}"
         )
 

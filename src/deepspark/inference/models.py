@@ -175,6 +175,15 @@ class ModelSource:
         return f"in-memory {self.kind.value} model ({self.nbytes / 2**20:.1f} MiB)"
 
 
+def trained_model(model: Any) -> Any:
+    """An estimator's trained model (torch or Keras, from its ``get_model()``); any other
+    model as it is. Duck-typed, so inference imports nothing of training."""
+    get_model = getattr(model, "get_model", None)
+    if callable(get_model) and callable(getattr(model, "fit", None)):
+        return get_model()
+    return model
+
+
 def model_source(
     model: Any,
     *,
@@ -187,7 +196,8 @@ def model_source(
     ----------
     model : nn.Module, torch.jit.ScriptModule, torch.export.ExportedProgram, str or ModelSource
         An in-memory model (pickled with cloudpickle; TorchScript and exported programs with
-        their own savers), or a path / fsspec URL (see :meth:`ModelSource.from_path`).
+        their own savers), or a path / fsspec URL (see :meth:`ModelSource.from_path`). An
+        Estimator stands for its trained model.
     spill_dir : str, optional
         A directory (fsspec URL) that every executor can read. An in-memory model whose bytes
         exceed ``max_inline_bytes`` is written there once (named by the SHA-256 of its bytes,
@@ -210,6 +220,7 @@ def model_source(
     """
     if isinstance(model, ModelSource):
         return model
+    model = trained_model(model)
     if isinstance(model, (str, os.PathLike)):
         return ModelSource.from_path(model)
     backend = None
@@ -226,8 +237,9 @@ def model_source(
         kind, data = ModelKind.TORCH, cloudpickle.dumps(_on_cpu(model))
     else:
         raise TypeError(
-            f"model is a {type(model).__name__}; give an nn.Module, a TorchScript module, a "
-            "torch.export program, a Keras model, a ModelSource or a path to a saved model"
+            f"model is of type {type(model).__name__}; give an nn.Module, a TorchScript "
+            "module, a torch.export program, a Keras model, a fitted Estimator, a ModelSource "
+            "or a path to a saved model"
         )
     source = ModelSource.from_bytes(data, kind, backend)
     if len(data) <= max_inline_bytes:

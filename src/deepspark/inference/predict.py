@@ -35,6 +35,7 @@ from deepspark.inference.models import (
     ModelSource,
     model_source,
     private_model_dir,
+    trained_model,
 )
 from deepspark.inference.outputs import (
     OutputArg,
@@ -114,9 +115,11 @@ def predict(
     ----------
     df : pyspark.sql.DataFrame
         The rows to score.
-    model : nn.Module, TorchScript module, ExportedProgram, str, ModelSource or ModelVersions
-        An in-memory model, or the path (fsspec URL) of a TorchScript file, a ``torch.export``
-        ``.pt2`` file, an ``.onnx`` file or a directory written by ``Estimator.save``.
+    model : nn.Module, ScriptModule, ExportedProgram, Estimator, str, ModelSource or ModelVersions
+        An in-memory model (a fitted Estimator gives its trained model), a
+        :class:`~deepspark.inference.ModelVersions`, or the path (fsspec URL) of a TorchScript
+        file, a ``torch.export`` ``.pt2`` file, an ``.onnx`` file or a directory written by
+        ``Estimator.save``.
         In-memory models and saved directories are unpickled on the workers (trusted models
         only). A model whose pickle exceeds ``max_inline_bytes`` travels by path (see
         ``spill_dir``). A :class:`~deepspark.inference.ModelVersions` directory scores with
@@ -208,6 +211,7 @@ def predict(
     from deepspark.data.validate import resolve_specs
 
     check_workers(df.sparkSession)  # once per session: the workers' Python can run the model
+    model = trained_model(model)
     streaming = df.isStreaming  # no job may run on a stream before its query starts
     versions = model if isinstance(model, ModelVersions) else None
     newest = versions.latest() if versions is not None else None
