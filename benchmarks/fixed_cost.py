@@ -208,7 +208,8 @@ def main() -> None:
     }
     print(f"{'':40}{'seconds':>10}")
     print(f"{'fixed cost, fresh session':40}{figures['fresh_fixed_cost_s']:>10.3f}")
-    print(f"{'fixed cost, warm session (median of 3)':40}{figures['warm_fixed_cost_s']:>10.3f}")
+    warm_label = f"fixed cost, warm session (median of {args.warm_fits})"
+    print(f"{warm_label:40}{figures['warm_fixed_cost_s']:>10.3f}")
     for name, value in {**first_step_figures, **cache_figures}.items():
         print(f"{name:40}{value:>10}")
     print("warm fit timeline:")
