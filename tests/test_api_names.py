@@ -70,7 +70,6 @@ def test_autots_passes_the_new_search_names_on():
     assert auto.search_options == {"checkpoint_dir": "/tmp/search", "seed": 0}
 
 
-@pytest.mark.slow
 def test_vision_old_column_names_warn_and_still_work(spark):
     from deepspark import vision
 
@@ -119,7 +118,6 @@ def test_both_predicts_take_the_same_keyword_only_arguments():
     ]
 
 
-@pytest.mark.slow
 def test_old_positional_predict_calls_keep_their_meaning_with_a_warning(spark):
     df = _frame(spark, rows=16, partitions=2)
     est = ds.Estimator.from_torch(model=_linear())
@@ -143,7 +141,6 @@ def test_old_positional_predict_calls_keep_their_meaning_with_a_warning(spark):
         est.predict(df, "x", 3, "score", "extra")
 
 
-@pytest.mark.slow
 def test_predict_takes_num_workers_as_evaluate_does(spark):
     df = _frame(spark, rows=64, partitions=4)
     est = ds.Estimator.from_torch(

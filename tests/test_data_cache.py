@@ -261,7 +261,6 @@ def test_uncache_frees_the_chunks(spark):
     assert spark.sparkContext._jsc.getPersistentRDDs().isEmpty()
 
 
-@pytest.mark.slow
 def test_max_bytes_over_the_data_drops_the_cache_with_the_size(spark):
     df = spark.range(0, 40_000, numPartitions=2).selectExpr("id", "id * 2 AS y")
     with pytest.raises(ValueError, match=r"partition \d alone .*more than max_bytes=1000\b"):

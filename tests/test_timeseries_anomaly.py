@@ -111,7 +111,6 @@ def test_forecast_residuals_find_the_labelled_anomalies(yahoo):
     assert f1_score(detector.anomaly_indices(yahoo), yahoo) >= 0.9
 
 
-@pytest.mark.slow
 def test_spark_scores_per_series_as_pandas_does(spark, yahoo):
     frame = two_series(yahoo)
     detector = ThresholdDetector(ratio=0.007, id_col="id")

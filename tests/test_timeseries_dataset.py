@@ -236,7 +236,6 @@ def _prepare(data: TSDataset) -> TSDataset:
     )
 
 
-@pytest.mark.slow
 def test_spark_and_pandas_give_identical_windows(spark):
     frame = _messy_frame()
     pandas_data = _prepare(_dataset(frame))

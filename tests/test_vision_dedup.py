@@ -103,7 +103,6 @@ def test_exact_and_faiss_search_find_the_other_variants(sample_set):
         assert abs(best[row.query_id, row.rank] - row.similarity) < 1e-4
 
 
-@pytest.mark.slow
 def test_lsh_pairs_equal_the_exact_pairs(spark):
     rng = np.random.default_rng(5)
     centres = rng.normal(size=(12, 48))
@@ -124,7 +123,6 @@ def test_lsh_pairs_equal_the_exact_pairs(spark):
         assert abs(row.similarity - similarity[ids.index(row.id_a), ids.index(row.id_b)]) < 1e-5
 
 
-@pytest.mark.slow
 def test_groups_follow_chains(spark):
     pairs = spark.createDataFrame(
         [("c", "d"), ("a", "b"), ("b", "c"), ("x", "y"), ("d", "e")], "id_a string, id_b string"

@@ -130,7 +130,6 @@ def test_folder_with_broken_files_gives_error_rows_not_a_failed_job(spark, tmp_p
     assert (rows["coffee.jpg"].height, rows["coffee.jpg"].width) == (100, 150)
 
 
-@pytest.mark.slow
 def test_images_from_a_parquet_column_and_from_a_column_of_paths(spark, tmp_path):
     folder = tmp_path / "photos"
     photos = _write_photos(folder)
