@@ -20,7 +20,7 @@ With ``--fixed-cost-only`` it stops after the fixed cost (fresh and warm), for
 `commits.py`, which compares two commits on that figure; ``--warm-fits N`` takes the warm
 median over N fits instead of 3 (a warm fit's fixed cost varies by about 0.1 s here).
 
-Usage: python benchmarks/fixed_cost.py [--quick] [--fixed-cost-only]
+Usage: python benchmarks/fixed_cost.py [--quick] [--fixed-cost-only] [--warm-fits N]
 """
 
 from __future__ import annotations

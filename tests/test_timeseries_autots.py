@@ -304,8 +304,8 @@ def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, t
     reason=(
         "known defect, open under issue #27: with two trials at once, a seeded search does not "
         "always repeat itself. On 2026-12-06 the CI run (same members, forecast 0.08 % apart) "
-        "and the next run (trial 3 COMPLETE against PRUNED) both differed; it passed in earlier "
-        "CI runs. The assertions stay exact, so a fix shows as XPASS."
+        "and the next run (trial 3 COMPLETE against PRUNED) both differed, and so does commit "
+        "e257de2, which passed CI before. The assertions stay exact, so a fix shows as XPASS."
     ),
 )
 def test_a_seeded_autots_repeats_its_pipeline_and_forecast_with_trials_at_once(spark, tmp_path):
