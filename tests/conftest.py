@@ -223,8 +223,16 @@ def _note_skip(report) -> None:
             _skipped_dev_modules[report.nodeid] = reason
 
 
+# Where a run's time goes, by test file (setup, call and teardown together): the suite's time
+# target is met by the files at the top of this list, not by single tests.
+_seconds_per_file: dict[str, float] = {}
+FILES_SHOWN = 20
+
+
 def pytest_runtest_logreport(report):
     _note_skip(report)
+    path = report.nodeid.split("::")[0]
+    _seconds_per_file[path] = _seconds_per_file.get(path, 0.0) + report.duration
 
 
 def pytest_collectreport(report):
@@ -232,6 +240,11 @@ def pytest_collectreport(report):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _seconds_per_file:
+        terminalreporter.section(f"slowest {FILES_SHOWN} test files")
+        ranked = sorted(_seconds_per_file.items(), key=lambda item: -item[1])
+        for path, seconds in ranked[:FILES_SHOWN]:
+            terminalreporter.line(f"{seconds:8.1f}s  {path}")
     if not _skipped_dev_modules:
         return
     terminalreporter.section("skipped for a dev-extra module", red=True)

@@ -8,6 +8,7 @@ a rank has stepped.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -22,31 +23,43 @@ import torch
 from pyspark import cloudpickle as pyspark_cloudpickle
 
 import deepspark as ds
-from deepspark.data import TensorSpec, plan_steps
+from deepspark.data import FeedError, TensorSpec, plan_steps
 from deepspark.data.stream import StreamingSpill, WindowFeed
 from deepspark.training.callbacks import Callback
 from deepspark.training.driver.progress_server import ProgressServer
-from deepspark.training.rank.first_epoch import window_plan
+from deepspark.training.rank.first_epoch import (
+    MAX_WINDOW_BATCHES,
+    window_plan,
+    window_report,
+    window_rows,
+)
 from deepspark.training.rank.progress_client import ProgressClient
 
 # --- the window agreement, against the plan over known counts --------------------------------
 
 
-def _simulate(rows, batch_size, policy, seed):
-    """Windows over random arrival; returns the real rows per step per rank."""
+def _simulate(rows, batch_size, policy, seed, windows=None):
+    """Windows over random arrival; returns the real rows per step per rank. `windows`, if a
+    list, receives each window's steps."""
     rng = np.random.default_rng(seed)
     world = len(rows)
     sizes = plan_steps([1] * world, batch_size).local_batch_sizes
     arrived = [0] * world  # rows delivered so far
     taken = [0] * world
     steps = []
-    while True:
-        # every rank waits for one batch or its end; arrival goes on in random chunks meanwhile
+    for number in itertools.count():
+        # every rank waits for its window's rows or its end; arrival goes on in random chunks
+        # meanwhile, and may overshoot by any amount
+        reports = []
         for rank in range(world):
-            while arrived[rank] - taken[rank] < sizes[rank] and arrived[rank] < rows[rank]:
-                arrived[rank] = min(rows[rank], arrived[rank] + int(rng.integers(1, 40)))
-        reports = [(arrived[r] - taken[r], arrived[r] == rows[r]) for r in range(world)]
+            wanted = window_rows(number, sizes[rank])
+            while arrived[rank] - taken[rank] < wanted and arrived[rank] < rows[rank]:
+                arrived[rank] = min(rows[rank], arrived[rank] + int(rng.integers(1, 400)))
+            queued, ended = arrived[rank] - taken[rank], arrived[rank] == rows[rank]
+            reports.append(window_report(queued, ended, wanted))
         window, last = window_plan(reports, sizes, policy)
+        if windows is not None:
+            windows.append(window)
         for step in window:
             for rank in range(world):
                 assert step[rank] <= sizes[rank]
@@ -81,6 +94,29 @@ def test_drop_windows_stop_where_the_plan_stops(seed):
     plan = plan_steps(rows, batch_size, "drop")
     assert len(steps) == plan.steps_per_epoch
     assert all(step == list(plan.local_batch_sizes) for step in steps)
+
+
+@pytest.mark.parametrize("policy", ["pad", "drop"])
+def test_the_windows_follow_from_the_input_not_from_when_its_rows_arrive(policy):
+    """The same rows, arriving in other chunks at other moments, give the same windows: the
+    same rows are shuffled together in the same steps, so a seeded fit repeats exactly."""
+    rows, batch_size = [2000, 1500, 1999], 48
+    seen = []
+    for arrival in range(5):
+        windows: list = []
+        _simulate(rows, batch_size, policy, seed=arrival, windows=windows)
+        seen.append(windows)
+    assert all(windows == seen[0] for windows in seen[1:])
+    assert len(seen[0]) > 3  # windows grow: a first batch, then 2, 4, ... up to the bound
+    assert max(len(window) for window in seen[0]) <= MAX_WINDOW_BATCHES
+
+
+def test_a_report_never_says_more_than_the_window_waited_for():
+    assert window_report(1000, False, 64) == (64, False)
+    assert window_report(64, True, 64) == (64, False)  # the next window finds the end
+    assert window_report(7, True, 64) == (7, True)
+    with pytest.raises(FeedError, match="fewer than the 64 waited for"):
+        window_report(7, False, 64)
 
 
 def test_window_plan_refuses_wrap():

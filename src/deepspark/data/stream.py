@@ -173,7 +173,7 @@ class StreamingSpill:
                 if remaining <= 0:
                     raise TimeoutError(
                         f"the task's input delivered {self._queued_rows} rows in {timeout_s:g} s, "
-                        f"fewer than the {rows} of one batch, and did not end"
+                        f"fewer than the {rows} the rank waits for, and did not end"
                     )
                 self._changed.wait(min(remaining, 1.0))
             self._raise_error()

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from deepspark.training.job_spec import RESULT_CHUNK_BYTES, SPLIT_COLUMN, ResultKind
 from deepspark.training.rank._output_relay import OutputRelay, captured_output
+from deepspark.training.rank.allocator import child_environment, keep_step_memory
 from deepspark.training.rank.function_state import ActiveRun, running
 from deepspark.training.rank.run import RankContext, cuda_device_index, exchange_hellos
 from deepspark.training.run_spec import RunSpec
@@ -196,6 +197,7 @@ def _call_function(
     assert spec.function_blob is not None
     function, args, kwargs = cloudpickle.loads(spec.function_blob)
     torch.set_num_threads(max(1, context.task_cpus))
+    keep_step_memory()
     device = _device(spec, context, visible_before)
     init_process_group(
         RendezvousSpec(
@@ -271,10 +273,11 @@ def _run_script(
         with open(path, "wb") as handle:
             handle.write(spec.script_source)
         context.cleanup.append(path)
-    threads = {"OMP_NUM_THREADS": str(max(1, context.task_cpus))}
+    # defaults a user's own environment overrides
+    defaults = {"OMP_NUM_THREADS": str(max(1, context.task_cpus)), **child_environment()}
     child = subprocess.Popen(
         [sys.executable, "-u", path, *spec.script_args],
-        env={**threads, **os.environ, **environment},
+        env={**defaults, **os.environ, **environment},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

@@ -1,15 +1,21 @@
 """The first epoch of a fit, trained while the partition is still arriving. No pyspark here.
 
 Before the input has ended no rank knows its row count, so the ranks cannot derive all steps
-up front (`deepspark.data.plan_steps`). They agree window by window instead: each rank waits
-until one batch of rows is queued (or its input has ended), then one all-reduce tells every
-rank what every rank holds (rows queued, input ended or not). From those reports every rank
-computes the same window (`window_plan`): how many steps, and how many real rows each rank puts
-into each of them. So all ranks take the same steps and collectives, no rank waits in a
-collective for a step another never takes, and each step's loss divisor (the global count of
-real rows) is known to all without a further collective: the loss stays the exact mean over the
-global batch. Time to the first step is one batch of rows plus one all-reduce, whatever the
-partition's size. Windows grow with what has arrived, so the all-reduces are few.
+up front (`deepspark.data.plan_steps`). They agree window by window instead: before window
+``w`` each rank waits until `window_rows` rows are queued (one batch for the first window,
+twice as many for each next one, up to `MAX_WINDOW_BATCHES` batches) or its input has ended,
+then one all-reduce tells every rank what every rank holds (`window_report`: rows queued, up to
+that bound, and input ended or not). From those reports every rank computes the same window
+(`window_plan`): how many steps, and how many real rows each rank puts into each of them. So
+all ranks take the same steps and collectives, no rank waits in a collective for a step another
+never takes, and each step's loss divisor (the global count of real rows) is known to all
+without a further collective: the loss stays the exact mean over the global batch. Time to the
+first step is one batch of rows plus one all-reduce, whatever the partition's size; the
+doubling windows keep the all-reduces few.
+
+The reports are bounded by the schedule, never by how many rows happened to have arrived: the
+windows, and the rows each one shuffles together, follow from the input alone, so a seeded fit
+trains the same batches however fast its input arrives (a busy machine, trials at once).
 
 Under ``"pad"`` every row is trained exactly once, as in later epochs; under ``"drop"`` the epoch
 ends when a rank whose input has ended cannot fill a batch. ``"wrap"`` needs the whole partition
@@ -18,6 +24,7 @@ ends when a rank whose input has ended cannot fill a batch. ``"wrap"`` needs the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -26,9 +33,45 @@ import torch.distributed as dist
 from deepspark.data import Batch, FeedError, StepPolicy, plan_steps
 from deepspark.data.stream import StreamingSpill, WindowFeed
 
-__all__ = ["STREAMED_POLICIES", "streamed_epoch", "window_plan"]
+__all__ = [
+    "MAX_WINDOW_BATCHES",
+    "STREAMED_POLICIES",
+    "streamed_epoch",
+    "window_plan",
+    "window_report",
+    "window_rows",
+]
 
 STREAMED_POLICIES = (StepPolicy.PAD, StepPolicy.DROP)
+MAX_WINDOW_BATCHES = 32  # the largest window, in batches of the rank
+
+
+def window_rows(window: int, batch_rows: int) -> int:
+    """The rows a rank waits for before window number `window` (from 0): one batch, then
+    twice as many each window, up to `MAX_WINDOW_BATCHES` batches.
+
+    >>> [window_rows(w, 8) for w in range(7)]
+    [8, 16, 32, 64, 128, 256, 256]
+    """
+    return batch_rows * min(2 ** min(window, 30), MAX_WINDOW_BATCHES)
+
+
+def window_report(queued: int, ended: bool, wanted: int) -> tuple[int, bool]:
+    """What a rank reports for a window it waited `wanted` rows for: the rows it may use, and
+    whether its input has ended with them.
+
+    Rows beyond `wanted` wait for the next window, and an input that ended exactly at
+    `wanted` rows is reported as going on (the next window finds it ended, with no rows): so
+    the report is the same whenever the rows arrived.
+
+    >>> window_report(100, False, 64), window_report(64, True, 64), window_report(10, True, 64)
+    ((64, False), (64, False), (10, True))
+    """
+    if queued >= wanted:
+        return wanted, False
+    if not ended:
+        raise FeedError(f"{queued} rows queued, fewer than the {wanted} waited for, input going on")
+    return queued, True
 
 
 def window_plan(
@@ -108,8 +151,9 @@ def streamed_epoch(
     world = len(local_sizes)
     size = local_sizes[rank]
     trained = 0
-    while True:
-        queued, ended = stream.wait_rows(size, timeout_s)
+    for number in itertools.count():
+        wanted = window_rows(number, size)
+        queued, ended = window_report(*stream.wait_rows(wanted, timeout_s), wanted)
         # NCCL moves CUDA memory only; int64 keeps row counts exact
         report = torch.zeros((world, 2), dtype=torch.int64, device=device)
         report[rank, 0] = queued

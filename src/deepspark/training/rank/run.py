@@ -31,6 +31,7 @@ from deepspark.training.job_spec import (
     ResultKind,
     TrainSpec,
 )
+from deepspark.training.rank.allocator import keep_step_memory
 from deepspark.training.rank.loop import EpochRunner, build_model
 from deepspark.training.rank.rng_state import seed_generators
 from deepspark.training.rank.sources import CreatorInput, RankInput
@@ -70,6 +71,7 @@ def run_rank(
     if spec.progress_address is not None:
         progress = ProgressClient(spec.progress_address, spec.progress_token, rank, timeout_s=10)
     torch.set_num_threads(max(1, context.task_cpus))
+    keep_step_memory()  # the same allocator behaviour in every rank, whatever ran before
     # Python workers are reused across jobs: without this, whatever draws from the global
     # generators here (dropout, a shuffling sampler, the seeds a Keras model's layers take from
     # Python's random when it is built) would follow the worker's earlier jobs.
