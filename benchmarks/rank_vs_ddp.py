@@ -130,11 +130,24 @@ def _train_spec(program: dict, job: dict):
     return TrainSpec(program=RankProgram(**program), loop=LoopOptions(epochs=EPOCHS), **job)
 
 
+def expert_allocator() -> None:
+    """What PyTorch's CPU tuning guide asks of a training process's allocator: reuse memory
+    instead of mapping it afresh each step (its "Switch Memory allocator" section, jemalloc or
+    TCMalloc). Here, glibc's own thresholds, fixed as deepspark's ranks fix them
+    (`deepspark/training/rank/allocator.py`), so neither side gets what the other lacks."""
+    import ctypes
+
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
+    mallopt(-1, 128 * 1024 * 1024)  # M_TRIM_THRESHOLD
+
+
 def bare_rank(rank: int, directory: str, rows: int, result: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
+    expert_allocator()
     store = dist.FileStore(os.path.join(directory, "store"), WORLD)
     timeout = datetime.timedelta(seconds=120)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
