@@ -5,11 +5,11 @@ gradients) thousands of times. glibc's ``malloc`` serves a block above its mmap 
 (128 KiB at first) with a fresh ``mmap`` and returns it with ``munmap`` when freed: each step
 then faults every page of those blocks in again, in the kernel. glibc raises the threshold by
 itself only after a process has freed such a block, so whether a rank pays this depends on
-what the process happened to allocate before. Measured here (issue #28, `benchmarks/RESULTS.md`):
-the same rank loop ran 2.4–3.2 s or 3.4–5.9 s an epoch with 0.13 or 0.55–0.83 million minor
-page faults, by the process's history alone. A fixed threshold ends that: blocks up to
-`MMAP_THRESHOLD` come from the heap and are reused, and up to `TRIM_THRESHOLD` of free heap
-is kept for the next step instead of being handed back to the system at once.
+what the process happened to allocate before. Measured (issue #28, `benchmarks/RESULTS.md`):
+the same rank loop ran 2.4 to 3.3 s or 3.4 to 5.9 s an epoch, with 0.13 to 0.18 or 0.55 to
+0.83 million minor page faults, by the process's history alone. A fixed threshold ends that:
+blocks up to `MMAP_THRESHOLD` come from the heap and are reused, and up to `TRIM_THRESHOLD` of
+free heap is kept for the next step instead of being handed back to the system at once.
 
 No pyspark here. Only glibc has these settings (``mallopt``); elsewhere nothing changes.
 """
