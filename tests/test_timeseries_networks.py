@@ -57,6 +57,10 @@ def test_every_parameter_gets_a_gradient(kind, input_size):
     assert not missing, missing
 
 
+# Slow tier: the fast tier exports every kind to ONNX already, seasonal, and runs it on a batch
+# size the export never saw (test_seasonal_network_starts_at_the_seasonal_naive_forecast_and_
+# exports); this one adds several inputs and outputs.
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", NETWORK_KINDS)
 def test_network_exports_to_onnx_with_free_batch(kind, tmp_path):
     import onnxruntime
