@@ -169,6 +169,30 @@ def test_streaming_spill_reads_ahead_only_to_its_bound():
     assert len(pulled) == 50
 
 
+def _trickle(count, pause_s, stall_after=None):
+    """One row a batch, `pause_s` apart; after `stall_after` rows, a long silence."""
+    for index in range(count):
+        if index == stall_after:
+            time.sleep(30)
+        time.sleep(pause_s)
+        yield pa.record_batch({"x": [float(index)], "s": [0]})
+
+
+def test_a_slow_input_that_keeps_arriving_fills_a_large_window_but_a_silent_one_times_out():
+    # 20 rows over about 1.2 s fill a window of 20 within a timeout of 0.5 s: rows keep coming
+    stream = StreamingSpill(_trickle(20, 0.06), split_column="s")
+    queued, _ = stream.wait_rows(20, timeout_s=0.5)
+    assert queued == 20
+    stream.close()
+    # 3 rows, then nothing: the wait ends within the timeout of silence, with what it had
+    stalled = StreamingSpill(_trickle(10, 0.01, stall_after=3), split_column="s")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"no row in 0.5 s, with 3 of the 8 the rank waits"):
+        stalled.wait_rows(8, timeout_s=0.5)
+    assert time.monotonic() - started < 10
+    stalled.close()
+
+
 def test_streaming_spill_passes_on_the_input_error_and_removes_its_files(tmp_path):
     def failing():
         yield from _batches(2, 10)

@@ -162,18 +162,23 @@ class StreamingSpill:
         Raises
         ------
         TimeoutError
-            Neither happened within ``timeout_s``.
+            No row arrived for ``timeout_s`` while neither happened (the wait goes on as long
+            as rows keep arriving: a large window of a slow input is not an error).
         """
         deadline = time.monotonic() + timeout_s
         with self._changed:
             self._wanted = max(1, rows)
             self._changed.notify_all()
+            seen = self._queued_rows
             while self._queued_rows < rows and not self._done:
+                if self._queued_rows > seen:
+                    seen, deadline = self._queued_rows, time.monotonic() + timeout_s
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
-                        f"the task's input delivered {self._queued_rows} rows in {timeout_s:g} s, "
-                        f"fewer than the {rows} the rank waits for, and did not end"
+                        f"the task's input delivered no row in {timeout_s:g} s, with "
+                        f"{self._queued_rows} of the {rows} the rank waits for queued, and did "
+                        "not end"
                     )
                 self._changed.wait(min(remaining, 1.0))
             self._raise_error()
