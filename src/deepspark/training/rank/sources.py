@@ -34,11 +34,15 @@ class RankInput:
 
         self.spec = spec
         self.rank = context.rank
+        # Validation within an epoch reads the whole spill, which ends the stream of arriving
+        # rows: such a fit spills first, or the first epoch would lose the rows still queued.
         self._streams = (
             spec.kind is JobKind.FIT
             and spec.stream_first_epoch
             and StepPolicy(spec.step_policy) in STREAMED_POLICIES
+            and spec.loop.validate_every_steps is None
         )
+        self._in_stream = False
         self.stream = StreamingSpill(
             batches,
             context.spill_dir,
@@ -62,19 +66,29 @@ class RankInput:
         self._streams = False  # once
         local_sizes = plan_steps([1] * spec.world_size, spec.batch_size).local_batch_sizes
         feed = WindowFeed(spec.features, spec.labels, seed=spec.seed, epoch=0, rank=self.rank)
-        return streamed_epoch(
-            self.stream,
-            feed,
-            rank=self.rank,
-            local_sizes=local_sizes,
-            policy=spec.step_policy,
-            device=device,
-            timeout_s=spec.collective_timeout_s,
-        )
+        self._in_stream = True
+        try:
+            yield from streamed_epoch(
+                self.stream,
+                feed,
+                rank=self.rank,
+                local_sizes=local_sizes,
+                policy=spec.step_policy,
+                device=device,
+                timeout_s=spec.collective_timeout_s,
+            )
+        finally:
+            self._in_stream = False
 
     def spill(self):
         """The whole partition's spill; waits for the input to end."""
         if self._spill is None:
+            if self._in_stream:
+                raise RuntimeError(
+                    "the partition's spill was asked for while the first epoch streamed: the "
+                    "rows still queued would be lost (a deepspark bug; fit with "
+                    "stream_first_epoch=False to avoid it)"
+                )
             self._streams = False
             self._spill = self.stream.finish(self.spec.collective_timeout_s)
         return self._spill
