@@ -42,7 +42,6 @@ class RankInput:
             and StepPolicy(spec.step_policy) in STREAMED_POLICIES
             and spec.loop.validate_every_steps is None
         )
-        self._in_stream = False
         self.stream = StreamingSpill(
             batches,
             context.spill_dir,
@@ -66,29 +65,32 @@ class RankInput:
         self._streams = False  # once
         local_sizes = plan_steps([1] * spec.world_size, spec.batch_size).local_batch_sizes
         feed = WindowFeed(spec.features, spec.labels, seed=spec.seed, epoch=0, rank=self.rank)
-        self._in_stream = True
-        try:
-            yield from streamed_epoch(
-                self.stream,
-                feed,
-                rank=self.rank,
-                local_sizes=local_sizes,
-                policy=spec.step_policy,
-                device=device,
-                timeout_s=spec.collective_timeout_s,
-            )
-        finally:
-            self._in_stream = False
+        steps = streamed_epoch(
+            self.stream,
+            feed,
+            rank=self.rank,
+            local_sizes=local_sizes,
+            policy=spec.step_policy,
+            device=device,
+            timeout_s=spec.collective_timeout_s,
+        )
+        return self._unless_spilled(steps)
+
+    def _unless_spilled(self, steps: Iterator) -> Iterator:
+        """`steps`, refusing to go on once the spill was read under them (reading it ends the
+        stream and drops the rows still queued)."""
+        for step in steps:
+            yield step
+            if self._spill is not None:
+                raise RuntimeError(
+                    "the partition's spill was read while the first epoch streamed, so the rows "
+                    "still queued would be lost (a deepspark bug; fit with "
+                    "stream_first_epoch=False to avoid it)"
+                )
 
     def spill(self):
         """The whole partition's spill; waits for the input to end."""
         if self._spill is None:
-            if self._in_stream:
-                raise RuntimeError(
-                    "the partition's spill was asked for while the first epoch streamed: the "
-                    "rows still queued would be lost (a deepspark bug; fit with "
-                    "stream_first_epoch=False to avoid it)"
-                )
             self._streams = False
             self._spill = self.stream.finish(self.spec.collective_timeout_s)
         return self._spill
