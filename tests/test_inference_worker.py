@@ -16,7 +16,7 @@ from deepspark.inference import (
     model_source,
     predict_partition,
 )
-from deepspark.inference.worker import PredictError, rebatch, resolve_output
+from deepspark.inference.worker import PredictError, rebatch, resolve_output, whole_batches
 
 FEATURES = 6
 
@@ -180,3 +180,36 @@ def test_rebatch_cuts_and_joins_without_losing_rows():
     cut = list(rebatch(stream, 4))
     assert [b.num_rows for b in cut] == [4, 4, 2]
     assert [v for b in cut for v in b.column("v").to_pylist()] == list(range(10))
+
+
+def test_whole_batches_joins_small_batches_and_never_copies_a_large_one():
+    stream = [
+        pa.record_batch({"v": list(range(a, b))}) for a, b in [(0, 2), (2, 3), (3, 3), (3, 12)]
+    ]
+    stream.append(pa.record_batch({"v": [12]}))
+    whole = list(whole_batches(stream, 4))
+    assert [b.num_rows for b in whole] == [3, 9, 1]
+    assert [v for b in whole for v in b.column("v").to_pylist()] == list(range(13))
+    assert whole[1].column("v").buffers()[1].address == stream[3].column("v").buffers()[1].address
+
+
+MODEL_CALLS: list[int] = []
+
+
+class RecordingSum(torch.nn.Module):
+    """Sums each row's features and records the rows of each call."""
+
+    def forward(self, x):
+        MODEL_CALLS.append(x.shape[0])
+        return x.sum(dim=1, keepdim=True)
+
+
+def test_a_large_arrow_batch_is_predicted_in_model_batches_with_its_rows_in_order():
+    MODEL_CALLS.clear()
+    batches = partition([11, 2, 1])  # one large Arrow batch, then two small ones joined
+    table = run(batches, spec_for(RecordingSum(), OutputKind.DOUBLE))
+    assert MODEL_CALLS == [4, 4, 3, 3]
+    assert table.column("id").to_pylist() == list(range(14))
+    np.testing.assert_allclose(
+        table.column("prediction").to_numpy(), features_of(batches).sum(dim=1).numpy(), rtol=1e-6
+    )
