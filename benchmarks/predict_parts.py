@@ -28,9 +28,10 @@ from _common import (
 )
 from predict import BATCH_SIZE, make_cnn, make_mlp
 
-from deepspark.data import TensorSpec, batch_to_tensors
+from deepspark.data import TensorSpec
+from deepspark.data.columns import column_tensor, prepare_column
 from deepspark.inference import OutputKind, PredictSpec, model_source, predict_partition
-from deepspark.inference.worker import output_column, rebatch
+from deepspark.inference.worker import output_column, whole_batches
 
 ARROW_BATCH_ROWS = 10_000
 
@@ -61,8 +62,24 @@ def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int
         num_threads=1,
     )
     torch.set_num_threads(1)
-    model_batches = list(rebatch(batches, BATCH_SIZE))
-    inputs = [batch_to_tensors(batch, (feature,))[0] for batch in model_batches]
+    whole = list(whole_batches(batches, BATCH_SIZE))
+
+    def to_tensors() -> list[torch.Tensor]:
+        """deepspark's conversion: each Arrow batch laid out once, then cut into model batches."""
+        tensors = []
+        for batch in whole:
+            prepared = prepare_column(batch, feature)
+            for start in range(0, batch.num_rows, BATCH_SIZE):
+                rows = slice(start, min(start + BATCH_SIZE, batch.num_rows))
+                tensors.append(column_tensor(prepared, feature, rows))
+        return tensors
+
+    inputs = to_tensors()
+    model_batches = [
+        batch.slice(start, BATCH_SIZE)
+        for batch in whole
+        for start in range(0, batch.num_rows, BATCH_SIZE)
+    ]
     with torch.inference_mode():
         outputs = [model(tensor) for tensor in inputs]
     columns = [output_column(out, OutputKind.ARRAY, len(out)) for out in outputs]
@@ -92,8 +109,8 @@ def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int
 
     runs = {
         "deepspark_loop": lambda: list(predict_partition(batches, spec)),
-        "rebatch": lambda: list(rebatch(batches, BATCH_SIZE)),
-        "to_tensors": lambda: [batch_to_tensors(batch, (feature,)) for batch in model_batches],
+        "whole_batches": lambda: list(whole_batches(batches, BATCH_SIZE)),
+        "to_tensors": to_tensors,
         "model": forward,
         "output_column": lambda: [
             output_column(out, OutputKind.ARRAY, len(out)) for out in outputs
@@ -134,7 +151,14 @@ def main() -> None:
         rows = rows // 5 if args.quick else rows
         results[f"{name}_rows"] = rows
         results.update(measure(name, model, row_shape, rows, rounds=3 if args.quick else 5))
-    parts = ("deepspark_loop", "rebatch", "to_tensors", "model", "output_column", "output_batch")
+    parts = (
+        "deepspark_loop",
+        "whole_batches",
+        "to_tensors",
+        "model",
+        "output_column",
+        "output_batch",
+    )
     print_table(
         ["model", *parts, "expert_loop"],
         [

@@ -16,7 +16,7 @@ from deepspark.inference import (
     model_source,
     predict_partition,
 )
-from deepspark.inference.worker import PredictError, rebatch, resolve_output, whole_batches
+from deepspark.inference.worker import PredictError, resolve_output, whole_batches
 
 FEATURES = 6
 
@@ -63,7 +63,9 @@ def spec_for(model, output: OutputKind, **options) -> PredictSpec:
 
 def run(batches, spec) -> pa.Table:
     produced = list(predict_partition(iter(batches), spec))
-    assert all(batch.num_rows <= spec.batch_size for batch in produced)
+    # one output batch per input batch, runs of batches under batch_size rows joined
+    expected = [batch.num_rows for batch in whole_batches(batches, spec.batch_size)]
+    assert [batch.num_rows for batch in produced] == expected
     return pa.Table.from_batches(produced)
 
 
@@ -173,13 +175,6 @@ def test_output_kinds_are_checked_against_the_output_shape():
         resolve_output("class", (5, 3, 2))
     with pytest.raises(ValueError, match="output='vector' is not known"):
         resolve_output("vector", (5, 3))
-
-
-def test_rebatch_cuts_and_joins_without_losing_rows():
-    stream = [pa.record_batch({"v": list(range(a, b))}) for a, b in [(0, 3), (3, 3), (3, 10)]]
-    cut = list(rebatch(stream, 4))
-    assert [b.num_rows for b in cut] == [4, 4, 2]
-    assert [v for b in cut for v in b.column("v").to_pylist()] == list(range(10))
 
 
 def test_whole_batches_joins_small_batches_and_never_copies_a_large_one():

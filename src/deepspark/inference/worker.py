@@ -4,10 +4,10 @@ Worker side: no pyspark here (the Spark wiring is :mod:`deepspark.inference.pred
 loop runs, and is tested, on plain pyarrow batches. Rows keep their order. Each Arrow batch
 Spark sends (``maxRecordsPerBatch`` rows, 10,000 by default) is checked and laid out once, and
 the model runs on ``batch_size``-row slices of it; batches smaller than ``batch_size`` are
-joined first. Each model batch leaves as one output batch holding its passthrough columns and
-the model's output. Converting once per Arrow batch, not once per model batch, is what a
-hand-written ``mapInArrow`` does; with small models the per-call checks were a fifth of the
-loop (``benchmarks/predict_parts.py``).
+joined first. Each input batch leaves as one output batch of the same rows, holding its
+passthrough columns and the model's output. Converting once per Arrow batch, not once per
+model batch, is what a hand-written ``mapInArrow`` does; with small models the per-call checks
+were a fifth of the loop (``benchmarks/predict_parts.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ __all__ = [
     "predict_arrays",
     "predict_batch",
     "predict_partition",
-    "rebatch",
     "resolve_output",
     "whole_batches",
 ]
@@ -168,39 +167,11 @@ class PredictSpec:
             raise ValueError(f"batch_size={self.batch_size!r}: give a positive integer")
 
 
-def rebatch(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Re-cut a stream of record batches into batches of ``batch_size`` rows, order kept.
-
-    Slices are zero-copy; only batches joined from several smaller ones are copied. The last
-    batch may be shorter; empty batches are skipped.
-
-    Examples
-    --------
-    >>> import pyarrow as pa
-    >>> stream = [pa.record_batch({"x": list(range(5))}), pa.record_batch({"x": [5, 6]})]
-    >>> [b.num_rows for b in rebatch(stream, 3)]
-    [3, 3, 1]
-    """
-    pending: list[pa.RecordBatch] = []
-    pending_rows = 0
-    for batch in batches:
-        while batch.num_rows:
-            take = min(batch_size - pending_rows, batch.num_rows)
-            pending.append(batch.slice(0, take))
-            pending_rows += take
-            batch = batch.slice(take)
-            if pending_rows == batch_size:
-                yield _joined(pending)
-                pending, pending_rows = [], 0
-    if pending:
-        yield _joined(pending)
-
-
 def whole_batches(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.RecordBatch]:
     """The batches of a stream as they come, except that runs of batches smaller than
     ``batch_size`` are joined (copied) until they reach it; empty batches are skipped.
 
-    Unlike `rebatch`, a large batch is never cut or copied: the caller slices it.
+    A large batch is never cut or copied: the caller slices it.
 
     Examples
     --------
@@ -337,44 +308,59 @@ def predict_batch(
     predictor: Predictor, batch: pa.RecordBatch | pa.Table, spec: PredictSpec
 ) -> pa.RecordBatch:
     """Run one model batch and return its passthrough columns plus the prediction columns."""
-    return _scored(predictor, batch, batch_to_tensors(batch, spec.features), spec)
+    predicted = _prediction_arrays(
+        predictor, batch_to_tensors(batch, spec.features), spec, batch.num_rows
+    )
+    return _with_passthrough(batch, predicted, spec)
 
 
-def _scored(
-    predictor: Predictor,
-    batch: pa.RecordBatch | pa.Table,
-    tensors: Sequence[torch.Tensor],
-    spec: PredictSpec,
-) -> pa.RecordBatch:
-    """``batch``'s passthrough columns and the model's prediction columns for ``tensors``."""
+def _prediction_arrays(
+    predictor: Predictor, tensors: Sequence[torch.Tensor], spec: PredictSpec, rows: int
+) -> list[pa.Array]:
+    """The model on one model batch: an Arrow array per prediction column."""
     inputs = assemble(spec.features, tensors)
     columns_fed = [feature.name for feature in spec.features]
     outputs = predictor(inputs, input_names=spec.input_names, column_names=columns_fed)
-    columns = [batch.column(name) for name in spec.passthrough_cols]
-    for column in spec.outputs:
-        tensor = output_tensor(outputs, column.key)
-        columns.append(output_column(tensor, column.kind, batch.num_rows))
+    return [
+        output_column(output_tensor(outputs, column.key), column.kind, rows)
+        for column in spec.outputs
+    ]
+
+
+def _with_passthrough(
+    batch: pa.RecordBatch | pa.Table, predicted: Sequence[pa.Array], spec: PredictSpec
+) -> pa.RecordBatch:
+    columns = [*(batch.column(name) for name in spec.passthrough_cols), *predicted]
     names = [*spec.passthrough_cols, *(column.column for column in spec.outputs)]
     return pa.RecordBatch.from_arrays(columns, names=names)
 
 
 def _predict_whole_batch(
     predictor: Predictor, batch: pa.RecordBatch, spec: PredictSpec
-) -> Iterator[pa.RecordBatch]:
-    """One Arrow batch, its columns checked and laid out once, in ``batch_size`` model batches.
+) -> pa.RecordBatch:
+    """One Arrow batch, its columns checked and laid out once, the model run on ``batch_size``
+    slices of it; one output batch, as long as the input one.
 
     Decode functions (image bytes...) run per model batch, so a large Arrow batch of encoded
-    rows is never decoded whole.
+    rows is never decoded whole. One output batch per input batch is what Spark's Arrow UDFs
+    expect and what a hand-written UDF yields; cut into model batches, the ``arrow_udf`` path
+    ran at 0.74x a hand-written Arrow UDF on an MLP with array outputs (``predict.py --quick``,
+    2026-12-07T05:30:02).
     """
     prepared = [prepare_column(batch, feature) for feature in spec.features]
+    parts: list[list[pa.Array]] = []
     for start in range(0, batch.num_rows, spec.batch_size):
         rows = slice(start, min(start + spec.batch_size, batch.num_rows))
         tensors = [
             column_tensor(column, feature, rows)
             for column, feature in zip(prepared, spec.features, strict=True)
         ]
-        part = batch.slice(rows.start, rows.stop - rows.start)
-        yield _scored(predictor, part, tensors, spec)
+        parts.append(_prediction_arrays(predictor, tensors, spec, rows.stop - rows.start))
+    predicted = [
+        arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
+        for arrays in zip(*parts, strict=True)
+    ]
+    return _with_passthrough(batch, predicted, spec)
 
 
 def predict_partition(
@@ -397,7 +383,8 @@ def predict_partition(
     Yields
     ------
     pyarrow.RecordBatch
-        The passthrough columns and ``spec.output_col``, rows in input order.
+        The passthrough columns and ``spec.output_col``, rows in input order: one batch per
+        input batch (runs of batches under ``batch_size`` rows joined).
 
     Raises
     ------
@@ -433,7 +420,7 @@ def predict_partition(
                     cache_bytes=spec.cache_bytes,
                 )
                 loading = None
-            yield from _predict_whole_batch(predictor, batch, spec)
+            yield _predict_whole_batch(predictor, batch, spec)
     except Exception as error:
         raise PredictError(_summary(error, partition_id, loading)) from error
 
@@ -465,8 +452,8 @@ def predict_arrays(
     Yields
     ------
     pyarrow.Array
-        The prediction column, one array per model batch; with several output columns, a
-        struct array holding them as fields.
+        The prediction column, one array per input batch (small ones joined); with several
+        output columns, a struct array holding them as fields.
 
     Examples
     --------
@@ -476,9 +463,9 @@ def predict_arrays(
     >>> spec = PredictSpec(model=model_source(torch.nn.Linear(2, 1)),
     ...                    features=(TensorSpec("x", "array", (2,)),), output_col="y",
     ...                    output=OutputKind.DOUBLE, batch_size=2)
-    >>> column = pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-    >>> [len(array) for array in predict_arrays([column], spec, ["x"])]
-    [2, 1]
+    >>> column = pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # 2 model batches
+    >>> [len(array) for array in predict_arrays([column, column[:1]], spec, ["x"])]
+    [3, 1]
     """
     names = list(column_names)
 
