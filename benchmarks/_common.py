@@ -182,7 +182,9 @@ def _commit() -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             # the log itself changes with every run: not a change to what was measured
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!log.jsonl"],
+            # the whole checkout: a change under src/ changes what was measured too
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+             ":(top,exclude)benchmarks/log.jsonl"],  # fmt: skip
             cwd=root,
             capture_output=True,
             text=True,
