@@ -168,6 +168,9 @@ def append_log(result: dict) -> str:
     return str(record["logged_at"])
 
 
+WHOLE_CHECKOUT_STATUS = ("git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)")
+
+
 def _commit() -> str | None:
     """The checkout's commit, with ``+dirty`` when uncommitted changes were measured."""
     try:
@@ -183,8 +186,7 @@ def _commit() -> str | None:
         dirty = subprocess.run(
             # the log itself changes with every run: not a change to what was measured
             # the whole checkout: a change under src/ changes what was measured too
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-             ":(top,exclude)benchmarks/log.jsonl"],  # fmt: skip
+            [*WHOLE_CHECKOUT_STATUS, ":(top,exclude)benchmarks/log.jsonl"],
             cwd=root,
             capture_output=True,
             text=True,

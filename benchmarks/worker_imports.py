@@ -51,7 +51,12 @@ def timed_imports(modules: list[str]) -> dict[str, float]:
 
 
 def nested_import_seconds(modules: list[str]) -> dict[str, float]:
-    """Cumulative seconds of each package in INSIDE_TORCHMETRICS, the first time it loads."""
+    """Seconds spent importing each package of INSIDE_TORCHMETRICS, all its entries together.
+
+    ``-X importtime`` lists each import after the ones it caused, indented by depth. A package
+    can be entered more than once (transformers loads ``transformers.models.auto`` lazily,
+    later): every entry of a package whose importer is not in the same package is counted.
+    """
     code = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\n"
     completed = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code, *modules],
@@ -60,14 +65,26 @@ def nested_import_seconds(modules: list[str]) -> dict[str, float]:
         check=True,
         timeout=300,
     )
-    found: dict[str, float] = {}
+    entries = []  # (depth, cumulative seconds, name), in the order printed
     for line in completed.stderr.splitlines():
-        if not line.startswith("import time:") or "|" not in line:
+        if line.startswith("import time:") and line.count("|") == 2:
+            _, cumulative, name = line.split("|")
+            if cumulative.strip().isdigit():
+                depth = (len(name) - len(name.lstrip())) // 2
+                entries.append((depth, int(cumulative) / 1e6, name.strip()))
+    found = dict.fromkeys(INSIDE_TORCHMETRICS, 0.0)
+    for index, (depth, seconds, name) in enumerate(entries):
+        package = next((p for p in INSIDE_TORCHMETRICS if _within(name, p)), None)
+        if package is None:
             continue
-        _, cumulative, name = (part.strip() for part in line.split("|"))
-        if name in INSIDE_TORCHMETRICS and name not in found:
-            found[name] = int(cumulative) / 1e6
+        importer = next((e[2] for e in entries[index + 1 :] if e[0] < depth), "")
+        if not _within(importer, package):
+            found[package] += seconds
     return found
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
 
 
 def main() -> None:
@@ -80,8 +97,7 @@ def main() -> None:
     nested = [nested_import_seconds(modules) for _ in range(args.rounds)]
     median = {name: round(statistics.median(r[name] for r in rounds), 3) for name in modules}
     inside = {
-        name: round(statistics.median(r.get(name, 0.0) for r in nested), 3)
-        for name in INSIDE_TORCHMETRICS
+        name: round(statistics.median(r[name] for r in nested), 3) for name in INSIDE_TORCHMETRICS
     }
     total = round(statistics.median(sum(r.values()) for r in rounds), 3)
     for name, value in median.items():
