@@ -26,24 +26,14 @@ from _common import emit_json, machine, run_logged, today
 from fixed_cost import fit, fixed_cost, frame
 
 
-def python_workers() -> dict[int, float]:
-    """Spark's Python worker processes on this machine (pid: start time); the daemon too."""
-    workers = {}
-    for process in psutil.process_iter(["pid", "cmdline", "create_time"]):
-        cmdline = process.info["cmdline"] or []
-        if any(part.startswith("pyspark.") and "daemon" in part for part in cmdline) or any(
-            part in ("pyspark.worker", "pyspark.daemon") for part in cmdline
-        ):
-            workers[process.info["pid"]] = process.info["create_time"]
-    return workers
-
-
-def children_of_daemons() -> set[int]:
-    """The forked workers: children of every ``pyspark.daemon`` process."""
+def worker_processes() -> set[int]:
+    """Spark's forked Python workers on this machine: the children of each ``pyspark.daemon``."""
     pids: set[int] = set()
-    for pid in python_workers():
+    for process in psutil.process_iter(["cmdline"]):
+        if "pyspark.daemon" not in (process.info["cmdline"] or []):
+            continue
         try:
-            pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+            pids.update(child.pid for child in process.children(recursive=True))
         except psutil.NoSuchProcess:
             continue
     return pids
@@ -69,9 +59,9 @@ def main() -> None:
     fits = []
     for pause in order:
         time.sleep(pause)
-        before = children_of_daemons()
+        before = worker_processes()
         est, _ = fit(df)
-        after = children_of_daemons()
+        after = worker_processes()
         fits.append(
             {
                 "pause_s": pause,
