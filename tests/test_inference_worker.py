@@ -208,3 +208,18 @@ def test_a_large_arrow_batch_is_predicted_in_model_batches_with_its_rows_in_orde
     np.testing.assert_allclose(
         table.column("prediction").to_numpy(), features_of(batches).sum(dim=1).numpy(), rtol=1e-6
     )
+
+
+class FirstRowOnly(torch.nn.Module):
+    """Returns one row whatever the batch: its outputs cannot be matched to the rows."""
+
+    def forward(self, x):
+        return x[:1].sum(dim=1, keepdim=True)
+
+
+def test_a_model_that_drops_rows_fails_naming_the_batch_dimension():
+    spec = spec_for(FirstRowOnly(), OutputKind.DOUBLE)
+    with pytest.raises(PredictError, match=r"shape \(1, 1\) for a batch of 4 rows") as caught:
+        list(predict_partition(iter(partition([11])), spec, partition_id=3))
+    assert "partition 3" in str(caught.value)
+    assert "batch dimension first" in str(caught.value)

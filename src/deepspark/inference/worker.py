@@ -6,8 +6,7 @@ Spark sends (``maxRecordsPerBatch`` rows, 10,000 by default) is checked and laid
 the model runs on ``batch_size``-row slices of it; batches smaller than ``batch_size`` are
 joined first. Each input batch leaves as one output batch of the same rows, holding its
 passthrough columns and the model's output. Converting once per Arrow batch, not once per
-model batch, is what a hand-written ``mapInArrow`` does; with small models the per-call checks
-were a fifth of the loop (``benchmarks/predict_parts.py``).
+model batch, is what a hand-written ``mapInArrow`` does.
 """
 
 from __future__ import annotations
@@ -248,11 +247,7 @@ def output_column(output: torch.Tensor, kind: OutputKind, rows: int) -> pa.Array
     Arrow types: ``float64`` (double), ``int32`` (class), ``list<float32>`` (array,
     probabilities); Spark sees double, int and array<float>.
     """
-    if output.dim() == 0 or output.shape[0] != rows:
-        raise ModelInputError(
-            f"the model returned shape {tuple(output.shape)} for a batch of {rows} rows; "
-            "predict needs the batch dimension first"
-        )
+    _check_batch_dimension(output, rows)
     flat = output.reshape(rows, -1)
     if kind is OutputKind.DOUBLE:
         return pa.array(flat[:, 0].to(torch.float64).numpy())
@@ -273,6 +268,14 @@ def output_column(output: torch.Tensor, kind: OutputKind, rows: int) -> pa.Array
     width = flat.shape[1]
     offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(values))
+
+
+def _check_batch_dimension(output: torch.Tensor, rows: int) -> None:
+    if output.dim() == 0 or output.shape[0] != rows:
+        raise ModelInputError(
+            f"the model returned shape {tuple(output.shape)} for a batch of {rows} rows; "
+            "predict needs the batch dimension first"
+        )
 
 
 def output_tensor(outputs: Outputs, key: str | int | None) -> torch.Tensor:
@@ -326,12 +329,8 @@ def _prediction_tensors(
     columns_fed = [feature.name for feature in spec.features]
     outputs = predictor(inputs, input_names=spec.input_names, column_names=columns_fed)
     found = [output_tensor(outputs, column.key) for column in spec.outputs]
-    for tensor in found:
-        if tensor.dim() == 0 or tensor.shape[0] != rows:
-            raise ModelInputError(
-                f"the model returned shape {tuple(tensor.shape)} for a batch of {rows} rows; "
-                "predict needs the batch dimension first"
-            )
+    for tensor in found:  # per model batch: the outputs of several are concatenated next
+        _check_batch_dimension(tensor, rows)
     return found
 
 
