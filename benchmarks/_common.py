@@ -168,9 +168,6 @@ def append_log(result: dict) -> str:
     return str(record["logged_at"])
 
 
-WHOLE_CHECKOUT_STATUS = ("git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)")
-
-
 def _commit() -> str | None:
     """The checkout's commit, with ``+dirty`` when uncommitted changes were measured."""
     try:
@@ -184,9 +181,17 @@ def _commit() -> str | None:
             timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            # the log itself changes with every run: not a change to what was measured
-            # the whole checkout: a change under src/ changes what was measured too
-            [*WHOLE_CHECKOUT_STATUS, ":(top,exclude)benchmarks/log.jsonl"],
+            # the whole checkout (a change under src/ changes what was measured), except the
+            # log, which changes with every run
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":(top)",
+                ":(top,exclude)benchmarks/log.jsonl",
+            ],
             cwd=root,
             capture_output=True,
             text=True,

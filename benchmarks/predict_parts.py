@@ -75,22 +75,27 @@ def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int
         return tensors
 
     inputs = to_tensors()
-    model_batches = [
-        batch.slice(start, BATCH_SIZE)
-        for batch in whole
-        for start in range(0, batch.num_rows, BATCH_SIZE)
-    ]
+    slices_per_batch = [-(-batch.num_rows // BATCH_SIZE) for batch in whole]
     with torch.inference_mode():
         outputs = [model(tensor) for tensor in inputs]
-    columns = [output_column(out, OutputKind.ARRAY, len(out)) for out in outputs]
+    # as deepspark's loop: one output column per Arrow batch, from its model batches' outputs
+    per_batch, start = [], 0
+    for count in slices_per_batch:
+        per_batch.append(torch.cat(outputs[start : start + count]))
+        start += count
 
     def forward() -> None:
         with torch.inference_mode():
             for tensor in inputs:
                 model(tensor)
 
+    def output_columns() -> list[pa.Array]:
+        return [output_column(out, OutputKind.ARRAY, len(out)) for out in per_batch]
+
+    columns = output_columns()
+
     def assemble() -> None:
-        for batch, column in zip(model_batches, columns, strict=True):
+        for batch, column in zip(whole, columns, strict=True):
             pa.RecordBatch.from_arrays([batch.column("id"), column], names=["id", "prediction"])
 
     def expert() -> None:
@@ -112,9 +117,7 @@ def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int
         "whole_batches": lambda: list(whole_batches(batches, BATCH_SIZE)),
         "to_tensors": to_tensors,
         "model": forward,
-        "output_column": lambda: [
-            output_column(out, OutputKind.ARRAY, len(out)) for out in outputs
-        ],
+        "output_column": output_columns,
         "output_batch": assemble,
         "expert_loop": expert,
     }
