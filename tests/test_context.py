@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 import deepspark as ds
@@ -111,6 +112,10 @@ def test_local_defaults_suit_deep_learning():
     assert int(conf["spark.sql.execution.arrow.maxRecordsPerBatch"]) > 0
     # user confs win over the defaults
     assert conf["spark.python.worker.reuse"] == "False"
+    # the workers run this machine's deepspark: their daemon imports torch once, before forking
+    assert conf["spark.python.daemon.module"] == "deepspark.context.worker_daemon"
+    yarn = resolve_spark_conf(ContextConfig(cluster_mode="yarn"))
+    assert "spark.python.daemon.module" not in yarn
 
 
 def test_yarn_conf_ships_the_python_environment(tmp_path: Path):
@@ -265,6 +270,48 @@ def test_local_session_runs_jobs_with_the_defaults(spark):
     assert spark.conf.get("spark.python.worker.reuse") == "true"
     assert spark.range(100).selectExpr("sum(id) AS total").first().total == 4950
 
+    def parent(batches):
+        import psutil
+
+        for _ in batches:
+            pass
+        yield pa.RecordBatch.from_pydict(
+            {"daemon": [" ".join(psutil.Process().parent().cmdline())]}
+        )
+
+    # the workers are forked from deepspark's daemon, which imported torch before forking
+    daemons = {
+        row.daemon for row in spark.range(0, 2, 1, 2).mapInArrow(parent, "daemon string").collect()
+    }
+    assert all("-m deepspark.context.worker_daemon" in daemon for daemon in daemons), daemons
+
+
+def test_worker_daemon_preloads_no_thread_starter_and_keeps_stdout_for_the_port(tmp_path: Path):
+    # the daemon's stdout carries its port to the JVM: what a preloaded module prints goes to stderr
+    (tmp_path / "noisy.py").write_text(
+        "import os, sys\nprint('from python')\nos.write(1, b'from C')\n"
+    )
+    result = _run_python(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from deepspark.context import worker_daemon
+
+        done = worker_daemon.preload((*worker_daemon.PRELOADED, "noisy", "no_such_module"))
+        tasks = os.listdir("/proc/self/task")
+        threads = sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in tasks)
+        loaded = [name for name in ("pyarrow", "pandas", "torchmetrics") if name in sys.modules]
+        sys.stderr.write(f"DONE {{done}} LOADED {{loaded}} THREADS {{threads}}\\n")
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == ""
+    assert "from python" in result.stderr and "from C" in result.stderr
+    assert "no_such_module did not import" in result.stderr
+    report = result.stderr[result.stderr.index("DONE") :]
+    assert "'torch._dynamo', 'noisy']" in report and "LOADED []" in report, report
+    assert "jemalloc" not in report, report
+
 
 def test_second_init_context_returns_the_running_session(spark):
     with warnings.catch_warnings():
@@ -382,15 +429,15 @@ def test_init_context_warms_the_python_workers_that_later_tasks_reuse(warm):
             import sys
             for _ in batches:
                 pass
-            yield pa.RecordBatch.from_pydict({{"torch": ["torch" in sys.modules]}})
+            yield pa.RecordBatch.from_pydict({{"torchmetrics": ["torchmetrics" in sys.modules]}})
 
-        rows = spark.range(0, 2, 1, 2).mapInArrow(imported, "torch boolean", barrier=True)
-        print("TORCH", sorted(row.torch for row in rows.collect()))
+        rows = spark.range(0, 2, 1, 2).mapInArrow(imported, "torchmetrics boolean", barrier=True)
+        print("TORCHMETRICS", sorted(row.torchmetrics for row in rows.collect()))
         ds.stop_context()
         """
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"TORCH {[warm, warm]}" in result.stdout, result.stdout[-2000:]
+    assert f"TORCHMETRICS {[warm, warm]}" in result.stdout, result.stdout[-2000:]
 
 
 # --- the session's topology, asked in one place (deepspark.context.topology) -------------------
