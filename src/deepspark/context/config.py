@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from deepspark.context import worker_daemon
 from deepspark.errors import DeepsparkError
 
 __all__ = [
@@ -212,9 +211,6 @@ def resolve_spark_conf(config: ContextConfig) -> dict[str, str]:
     if local_connect:
         # A Connect server started for this process serves this process only.
         conf["spark.connect.grpc.binding.address"] = "127.0.0.1"
-    if mode in (ClusterMode.LOCAL, ClusterMode.LOCAL_CLUSTER) or local_connect:
-        # The workers run this machine's deepspark: their daemon imports torch before it forks.
-        conf[worker_daemon.DAEMON_CONF] = worker_daemon.__name__
     if config.master and mode is not ClusterMode.CONNECT:
         conf["spark.master"] = config.master
     if config.executor_cores:

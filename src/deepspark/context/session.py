@@ -13,6 +13,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from deepspark.context import worker_daemon
 from deepspark.context.config import (
     ClusterMode,
     ContextConfig,
@@ -288,6 +289,9 @@ def _create_session(config: ContextConfig) -> SparkSession:
             spark_conf.setdefault(
                 "spark.executorEnv.PATH", executor_path_with(python, config.cluster_mode)
             )
+    if python == sys.executable and parse_master(master).shares_machine:
+        # the workers run this interpreter, so this deepspark: their daemon imports torch first
+        spark_conf.setdefault(worker_daemon.DAEMON_CONF, worker_daemon.__name__)
     with _jvm_python(python):
         session = _build_session(config, spark_conf)
     if python is None:

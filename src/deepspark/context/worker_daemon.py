@@ -1,20 +1,23 @@
-"""Spark's Python worker daemon, started with torch already imported.
+"""Spark's Python worker daemon, started with torch, torchmetrics and the task modules imported.
 
 Spark starts one daemon per executor (``python -m pyspark.daemon``) and forks every Python
 worker from it. Each worker then imports what its tasks need; for deepspark that is torch, which
 takes seconds, and Spark stops a worker idle for over a minute (a constant in Spark, not a
-setting), so a fit after a pause, or after a rank was lost, pays the import again. This daemon
-imports torch once, before it forks, so every worker starts with it.
+setting), so a fit after a pause, or after a rank was lost, pays the imports again. This daemon
+imports them once, before it forks, so every worker starts with them.
 
 `init_context` sets ``spark.python.daemon.module`` to this module where the workers run the
-driver's Python (local and local-cluster masters, a Connect server it starts). On a cluster, set
-it in ``conf=`` when every executor has deepspark installed. A module that fails to import is
-left to the worker, as without this daemon.
+driver's own interpreter on the driver's machine (local and local-cluster masters, a standalone
+master on loopback, a Connect server it starts), unless ``conf=`` names another daemon. On a
+cluster, name it in ``conf=`` when every executor has deepspark installed. A module that fails
+to import is left to the worker, as without this daemon.
 
-Only modules that start no thread of their own are imported here: Spark's daemon forks without
-threads so that no lock is held in a child, and pyarrow (jemalloc's background thread), pandas
-and torchmetrics (which imports pandas) are left to the workers for that reason. numpy's
-OpenBLAS pool, which torch brings, stops itself around a fork.
+Spark's own daemon forks with no thread running, so that no child starts with a lock held by a
+thread it does not have. This one keeps to that, but for the OpenBLAS pools of numpy and scipy,
+which stop themselves around a fork: pyarrow's jemalloc would start a background thread when
+torchmetrics (through pandas) loads it, and the daemon turns that thread off
+(``JE_ARROW_MALLOC_CONF``, unless already set), so its workers' jemalloc returns freed memory as
+it allocates instead of from a thread of its own.
 """
 
 from __future__ import annotations
@@ -29,21 +32,31 @@ __all__ = ["DAEMON_CONF", "PRELOADED", "preload"]
 # The Spark conf that names the daemon module (Spark 3.5 and 4.x read it the same way).
 DAEMON_CONF = "spark.python.daemon.module"
 
-# What a training or predict task imports first; none of these starts a thread.
+# What a training or predict task imports first, seconds of it on a small machine: torch's first
+# optimizer imports torch._dynamo, the first metric torchmetrics. `init_context`'s warm-up job
+# imports the same in workers whose daemon did not (a cluster's).
 PRELOADED = (
     "torch",
     "torch.distributed",
     "torch.nn.parallel",
-    "torch.optim",
     "torch._dynamo",
+    "torchmetrics",
+    "deepspark.data",
+    "deepspark.training.rank.run",
+    "deepspark.training.rank.loop",
+    "deepspark.training.rank.metrics",
 )
+# jemalloc's options, as pyarrow's copy of it reads them from the environment
+_ARROW_JEMALLOC_ENV = "JE_ARROW_MALLOC_CONF"
 
 
 def preload(names: tuple[str, ...] = PRELOADED) -> list[str]:
     """Import ``names``, with anything they print sent to stderr; the ones that imported.
 
-    The daemon's stdout carries its port to the JVM, so nothing else may reach it.
+    The daemon's stdout carries its port to the JVM, so nothing else may reach it. pyarrow's
+    jemalloc starts no background thread in this process or its children.
     """
+    os.environ.setdefault(_ARROW_JEMALLOC_ENV, "background_thread:false")
     imported = []
     sys.stdout.flush()
     saved = os.dup(1)

@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from deepspark.context import worker_daemon
 from deepspark.context.config import ContextError
 from deepspark.context.identity import is_connect, session_identity
 
@@ -151,23 +152,11 @@ def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey 
     return result
 
 
-# What the first fit or predict of a session would otherwise import, seconds of it on a small
-# machine: torch's first optimizer imports torch._dynamo, the first metric torchmetrics. The
-# workers import these ahead of time (`warm_workers`), the driver those marked for it. A
-# training rank's modules are named here as data (imported by name in the workers, never by
-# this module), so the warm-up knows them before anything imported the engine; others can be
-# added with `warm_modules`.
-_warm_worker_modules = [
-    "torch",
-    "torch.distributed",
-    "torch.nn.parallel",
-    "torch._dynamo",
-    "torchmetrics",
-    "deepspark.data",
-    "deepspark.training.rank.run",
-    "deepspark.training.rank.loop",
-    "deepspark.training.rank.metrics",
-]
+# What the first fit or predict of a session imports (`worker_daemon.PRELOADED`, named as data:
+# a training rank's modules are imported by name in the workers, never by this module). The
+# warm-up imports them in workers whose daemon has not (a cluster's); others can be added with
+# `warm_modules`.
+_warm_worker_modules = list(worker_daemon.PRELOADED)
 # the driver's checks update every metric once: torchmetrics there too
 _warm_driver_modules = ["torch._dynamo", "deepspark.training.rank.metrics"]
 
