@@ -292,8 +292,9 @@ def test_worker_daemon_forks_without_jemalloc_threads_and_keeps_stdout_for_the_p
         import os, sys
         sys.path.insert(0, {str(tmp_path)!r})
         from deepspark.context import worker_daemon
+        from deepspark.context.workers import TASK_MODULES
 
-        done = worker_daemon.preload((*worker_daemon.PRELOADED, "noisy", "no_such_module"))
+        done = worker_daemon.preload((*TASK_MODULES, "noisy", "no_such_module"))
         tasks = os.listdir("/proc/self/task")
         threads = sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in tasks)
         arrow = "pyarrow" in sys.modules

@@ -13,7 +13,6 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from deepspark.context import worker_daemon
 from deepspark.context.config import (
     ClusterMode,
     ContextConfig,
@@ -24,7 +23,7 @@ from deepspark.context.config import (
 from deepspark.context.identity import is_connect
 from deepspark.context.spark_versions import require_pyspark
 from deepspark.context.topology import clear_held_task_slots, parse_master, task_slots
-from deepspark.context.workers import PYTHON_CONF, mark_workers_ready
+from deepspark.context.workers import DAEMON_CONF, PYTHON_CONF, WORKER_DAEMON, mark_workers_ready
 from deepspark.context.workers import warm_workers as _warm_workers
 
 if TYPE_CHECKING:
@@ -291,7 +290,7 @@ def _create_session(config: ContextConfig) -> SparkSession:
             )
     if python == sys.executable and parse_master(master).shares_machine:
         # the workers run this interpreter, so this deepspark: their daemon imports torch first
-        spark_conf.setdefault(worker_daemon.DAEMON_CONF, worker_daemon.__name__)
+        spark_conf.setdefault(DAEMON_CONF, WORKER_DAEMON)
     with _jvm_python(python):
         session = _build_session(config, spark_conf)
     if python is None:

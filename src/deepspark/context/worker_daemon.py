@@ -1,6 +1,7 @@
 """Spark's Python worker daemon, started with torch, torchmetrics and the task modules imported.
 
-Spark starts one daemon per executor (``python -m pyspark.daemon``) and forks every Python
+Run by Spark (``python -m``), never imported by deepspark itself. Spark starts one daemon per
+executor (``python -m pyspark.daemon``) and forks every Python
 worker from it. Each worker then imports what its tasks need; for deepspark that is torch, which
 takes seconds, and Spark stops a worker idle for over a minute (a constant in Spark, not a
 setting), so a fit after a pause, or after a rank was lost, pays the imports again. This daemon
@@ -27,36 +28,25 @@ import importlib
 import os
 import sys
 
-__all__ = ["DAEMON_CONF", "PRELOADED", "preload"]
+__all__ = ["preload"]
 
-# The Spark conf that names the daemon module (Spark 3.5 and 4.x read it the same way).
-DAEMON_CONF = "spark.python.daemon.module"
-
-# What a training or predict task imports first, seconds of it on a small machine: torch's first
-# optimizer imports torch._dynamo, the first metric torchmetrics. `init_context`'s warm-up job
-# imports the same in workers whose daemon did not (a cluster's).
-PRELOADED = (
-    "torch",
-    "torch.distributed",
-    "torch.nn.parallel",
-    "torch._dynamo",
-    "torchmetrics",
-    "deepspark.data",
-    "deepspark.training.rank.run",
-    "deepspark.training.rank.loop",
-    "deepspark.training.rank.metrics",
-)
 # jemalloc's options, as pyarrow's copy of it reads them from the environment
 _ARROW_JEMALLOC_ENV = "JE_ARROW_MALLOC_CONF"
 
 
-def preload(names: tuple[str, ...] = PRELOADED) -> list[str]:
-    """Import ``names``, with anything they print sent to stderr; the ones that imported.
+def preload(names: tuple[str, ...] | None = None) -> list[str]:
+    """Import ``names`` (the task modules by default), with anything they print sent to stderr;
+    the ones that imported.
 
     The daemon's stdout carries its port to the JVM, so nothing else may reach it. pyarrow's
-    jemalloc starts no background thread in this process or its children.
+    jemalloc starts no background thread in this process or its children: the environment says
+    so before anything here can load pyarrow.
     """
     os.environ.setdefault(_ARROW_JEMALLOC_ENV, "background_thread:false")
+    if names is None:
+        from deepspark.context.workers import TASK_MODULES
+
+        names = TASK_MODULES
     imported = []
     sys.stdout.flush()
     saved = os.dup(1)

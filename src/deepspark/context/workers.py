@@ -22,7 +22,6 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from deepspark.context import worker_daemon
 from deepspark.context.config import ContextError
 from deepspark.context.identity import is_connect, session_identity
 
@@ -152,11 +151,26 @@ def check_workers(spark: SparkSession, *, survey: bool = False) -> WorkerSurvey 
     return result
 
 
-# What the first fit or predict of a session imports (`worker_daemon.PRELOADED`, named as data:
-# a training rank's modules are imported by name in the workers, never by this module). The
-# warm-up imports them in workers whose daemon has not (a cluster's); others can be added with
-# `warm_modules`.
-_warm_worker_modules = list(worker_daemon.PRELOADED)
+# What the first fit or predict of a session imports, seconds of it on a small machine: torch's
+# first optimizer imports torch._dynamo, the first metric torchmetrics. A training rank's modules
+# are named here as data (imported by name in the workers, never by this module). The workers'
+# daemon (`deepspark.context.worker_daemon`) imports these before it forks; the warm-up imports
+# them in workers whose daemon has not (a cluster's), and others added with `warm_modules`.
+TASK_MODULES = (
+    "torch",
+    "torch.distributed",
+    "torch.nn.parallel",
+    "torch._dynamo",
+    "torchmetrics",
+    "deepspark.data",
+    "deepspark.training.rank.run",
+    "deepspark.training.rank.loop",
+    "deepspark.training.rank.metrics",
+)
+# The Spark conf that names the module Spark's workers fork from, and deepspark's.
+DAEMON_CONF = "spark.python.daemon.module"
+WORKER_DAEMON = "deepspark.context.worker_daemon"
+_warm_worker_modules = list(TASK_MODULES)
 # the driver's checks update every metric once: torchmetrics there too
 _warm_driver_modules = ["torch._dynamo", "deepspark.training.rank.metrics"]
 
