@@ -70,6 +70,7 @@ def test_autots_passes_the_new_search_names_on():
     assert auto.search_options == {"checkpoint_dir": "/tmp/search", "seed": 0}
 
 
+@pytest.mark.slow  # old names on Spark jobs: the full suite
 def test_vision_old_column_names_warn_and_still_work(spark):
     from deepspark import vision
 
@@ -118,6 +119,7 @@ def test_both_predicts_take_the_same_keyword_only_arguments():
     ]
 
 
+@pytest.mark.slow  # old names on Spark jobs: the full suite
 def test_old_positional_predict_calls_keep_their_meaning_with_a_warning(spark):
     df = _frame(spark, rows=16, partitions=2)
     est = ds.Estimator.from_torch(model=_linear())
@@ -141,6 +143,7 @@ def test_old_positional_predict_calls_keep_their_meaning_with_a_warning(spark):
         est.predict(df, "x", 3, "score", "extra")
 
 
+@pytest.mark.slow  # old names on Spark jobs: the full suite
 def test_predict_takes_num_workers_as_evaluate_does(spark):
     df = _frame(spark, rows=64, partitions=4)
     est = ds.Estimator.from_torch(
