@@ -1,11 +1,11 @@
 """Spark's Python worker daemon, started with torch, torchmetrics and the task modules imported.
 
 Run by Spark (``python -m``), never imported by deepspark itself. Spark starts one daemon per
-executor (``python -m pyspark.daemon``) and forks every Python
-worker from it. Each worker then imports what its tasks need; for deepspark that is torch, which
-takes seconds, and Spark stops a worker idle for over a minute (a constant in Spark, not a
-setting), so a fit after a pause, or after a rank was lost, pays the imports again. This daemon
-imports them once, before it forks, so every worker starts with them.
+executor (``python -m pyspark.daemon``) and forks every Python worker from it. Each worker then
+imports what its tasks need; for deepspark that is torch, which takes seconds, and Spark stops a
+worker idle for over a minute (a constant in Spark, not a setting), so a fit after a pause, or
+after a rank was lost, pays the imports again. This daemon imports them once, before it forks,
+so every worker starts with them.
 
 `init_context` sets ``spark.python.daemon.module`` to this module where the workers run the
 driver's own interpreter on the driver's machine (local and local-cluster masters, a standalone
