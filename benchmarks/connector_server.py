@@ -292,7 +292,10 @@ def client_fn(url: str, rows_per_request: int = 32) -> Callable:
                     payload = answer.read()
                     if answer.status != 200:
                         raise RuntimeError(f"connector server: {payload.decode()[-2000:]}")
-                    yield from pa.ipc.open_stream(payload).read_all().to_batches()
+                    table = pa.ipc.open_stream(payload).read_all()
+                    # an answer of no rows (no detection in these images) still has its schema
+                    empty = pa.RecordBatch.from_pylist([], schema=table.schema)
+                    yield from table.to_batches() or [empty]
         finally:
             connection.close()
 

@@ -82,3 +82,42 @@ def test_connector_server_answers_every_job_from_one_warm_process(spark, tmp_pat
 def test_connector_server_refuses_an_unknown_section():
     with pytest.raises(ValueError, match="section='classify'"):
         ServerProcess("classify", "torch", threads=1)
+
+
+def test_an_answer_of_no_rows_still_gives_the_answer_schema():
+    # a detect request whose images hold no object answers a table of no rows; the client
+    # still yields its schema (the benchmark reads the job's schema from one such answer)
+    import http.server
+    import threading
+
+    import pyarrow as pa
+
+    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("score", pa.float32())])
+
+    class Empty(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, schema):
+                pass
+            body = sink.getvalue().to_pybytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Empty)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        request = pa.RecordBatch.from_pydict({"path": ["a.jpg"], "content": [b"not an image"]})
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        answered = list(client_fn(url)(iter([request])))
+    finally:
+        server.shutdown()
+        thread.join(10)
+    assert [batch.num_rows for batch in answered] == [0]
+    assert answered[0].schema == schema
