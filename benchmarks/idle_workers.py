@@ -30,7 +30,9 @@ import psutil
 from _common import emit_json, machine, run_logged, today
 from fixed_cost import fit, fixed_cost, frame
 
-DAEMONS = ("deepspark.context.worker_daemon", "pyspark.daemon")
+from deepspark.context.workers import DAEMON_CONF, WORKER_DAEMON
+
+DAEMONS = (WORKER_DAEMON, "pyspark.daemon")
 
 
 def worker_processes() -> set[int]:
@@ -50,12 +52,12 @@ def session_fits(daemon: str | None, pauses: list[int], repeats: int, seed: int)
     """Warm fits after each pause, in one new session whose workers fork from ``daemon``."""
     import deepspark as ds
 
-    conf = {} if daemon is None else {"spark.python.daemon.module": daemon}
+    conf = {} if daemon is None else {DAEMON_CONF: daemon}
     spark = ds.init_context(cores=2, app_name="bench-idle-workers", conf=conf)
     df = frame(spark, 20_000, seed=0)
     first, _ = fit(df)  # warm-up: the workers start and import torch and deepspark
     fit(df)
-    daemon = spark.conf.get("spark.python.daemon.module", "pyspark.daemon")
+    daemon = spark.conf.get(DAEMON_CONF, "pyspark.daemon")
     fits = [{"daemon": daemon, "pause_s": None, "fixed_cost_s": round(fixed_cost(first), 3)}]
     print("first fit of the session", fits[-1], flush=True)
     order = [pause for pause in pauses for _ in range(repeats)]

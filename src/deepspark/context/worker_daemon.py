@@ -23,7 +23,6 @@ it allocates instead of from a thread of its own.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import sys
@@ -50,20 +49,17 @@ def preload(names: tuple[str, ...] | None = None) -> list[str]:
     imported = []
     sys.stdout.flush()
     saved = os.dup(1)
-    os.dup2(2, 1)
+    os.dup2(2, 1)  # Python's and C's writes to stdout alike
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            for name in names:
-                try:
-                    importlib.import_module(name)
-                except Exception as error:  # the worker's own import will report it
-                    print(
-                        f"deepspark worker daemon: {name} did not import: {error}", file=sys.stderr
-                    )
-                else:
-                    imported.append(name)
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as error:  # the worker's own import will report it
+                print(f"deepspark worker daemon: {name} did not import: {error}", file=sys.stderr)
+            else:
+                imported.append(name)
     finally:
-        sys.stdout.flush()
+        sys.stdout.flush()  # while fd 1 is still stderr
         os.dup2(saved, 1)
         os.close(saved)
     return imported
