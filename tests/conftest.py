@@ -109,6 +109,76 @@ def pytest_collection_modifyitems(config, items):
         uses = SLOW_TIER_FIXTURES & set(getattr(item, "fixturenames", ()))
         if uses and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
+    if _distributed(config):
+        # the spread tests (pages that each run for minutes) first: a long one left for the
+        # end would keep one worker busy while the other waits
+        items.sort(key=lambda item: item.get_closest_marker("spread") is None)
+        for item in items:
+            group = _worker_group(item)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest-xdist (`make test` and `make test-fast` run `-n 2 --dist loadgroup`): which tests must
+# run in the same worker process. The xdist_group marks are added above, before xdist's own
+# hook in the worker turns them into units of work.
+
+# One group per cluster or server kind: a worker starts it once and runs all its tests. The
+# Connect session takes a fixed port, so the tests that use the port share its group.
+WORKER_GROUPS = {
+    "local_cluster_spark": "local-cluster",
+    "standalone_cluster": "standalone",
+    "standalone_spark": "standalone",
+    "connect_server": "connect-server",
+    "connect_server_spark": "connect-server",
+    "connect_spark": "connect-port",
+}
+
+
+def _distributed(config) -> bool:
+    return config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") != "no"
+
+
+def _worker_group(item) -> str | None:
+    """The unit `item` runs in: its kind's group, its own (spread), or its file's."""
+    names = set(getattr(item, "fixturenames", ()))
+    for fixture, group in WORKER_GROUPS.items():
+        if fixture in names:
+            return group
+    if item.get_closest_marker("connect_port") is not None:
+        return "connect-port"
+    if item.get_closest_marker("spread") is not None:
+        return None
+    return item.nodeid.split("::")[0]
+
+
+def pytest_configure(config):
+    # Two worker processes share the machine's cores: torch in each computes on its share
+    # (the training ranks and Spark's Python workers set their own thread counts).
+    worker_count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker_count is not None:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(worker_count)))
+
+
+def started_by_this_run(process) -> bool:
+    """Whether `process` (a psutil.Process) was started by this pytest process or its children.
+
+    Under pytest-xdist another worker's Spark and training processes run beside this one's;
+    each worker's processes inherit its PYTEST_XDIST_WORKER. Without xdist every process is
+    this run's.
+    """
+    import psutil
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return True
+    try:
+        return process.environ().get("PYTEST_XDIST_WORKER") == worker
+    except psutil.Error:
+        return False
 
 
 class _RunService:
@@ -320,13 +390,14 @@ def wait_for_connect_port(timeout_s: float = 60.0) -> None:
 def connect_spark():
     """A Spark Connect client talking to a local Connect server (`remote("local[2]")`)."""
     skip_connect_before_pyspark_4()
-    if _switch.kind != "connect_spark":
-        _switch.stop()
-        wait_for_connect_port()
-    return _switch.get(
-        "connect_spark",
-        lambda: ds.init_context("connect", master="local[2]", app_name="deepspark-tests-connect"),
-    )
+    return _switch.get("connect_spark", _start_connect_session)
+
+
+def _start_connect_session():
+    # The local server takes the port once the session before it is stopped; that may be this
+    # kind's own server, which a test stopped and which is still letting the port go.
+    wait_for_connect_port()
+    return ds.init_context("connect", master="local[2]", app_name="deepspark-tests-connect")
 
 
 # ---------------------------------------------------------------------------------------------

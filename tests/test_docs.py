@@ -151,7 +151,15 @@ class PageRun:
 
 @pytest.fixture(scope="module")
 def page_runs(request, tmp_path_factory) -> Iterator[dict[str, Future]]:
-    """The selected pages' runs, started together, `PAGES_AT_ONCE` at a time."""
+    """The selected pages' runs, started together, `PAGES_AT_ONCE` at a time.
+
+    Under pytest-xdist the workers are what run pages side by side: each page is a unit of its
+    own (the `spread` mark), so a worker's session lists pages another worker runs, and each
+    test runs its own page when it comes.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        yield {}
+        return
     selected = [
         item.callspec.params["page"]
         for item in request.session.items
@@ -169,9 +177,11 @@ def page_runs(request, tmp_path_factory) -> Iterator[dict[str, Future]]:
 
 
 @pytest.mark.slow
+@pytest.mark.spread
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
-def test_page_examples_run(page, page_runs):
-    run = page_runs[page.name].result()
+def test_page_examples_run(page, page_runs, tmp_path):
+    started = page_runs.get(page.name)
+    run = started.result() if started is not None else PageRun(page, tmp_path).run()
     assert run.script, f"{page.name} has no runnable python block: every guide shows code that runs"
     code = run.process.returncode
     assert code == 0, (

@@ -13,6 +13,7 @@ import pytest
 import _training_helpers as helpers
 import deepspark as ds
 from _training_helpers import digits_arrays, digits_frames
+from conftest import started_by_this_run
 
 keras = pytest.importorskip("keras")
 pytest.importorskip("tensorflow")
@@ -61,6 +62,7 @@ def _tf_workers(since: float) -> list[str]:
             info["create_time"] >= since
             and "deepspark.training.rank._tf_worker" in cmdline
             and info["status"] != psutil.STATUS_ZOMBIE
+            and started_by_this_run(process)
         ):
             found.append(f"{info['pid']}: {cmdline}")
     return found

@@ -15,6 +15,7 @@ import torch
 import _training_helpers as helpers
 import deepspark as ds
 from _training_helpers import DigitsNet, digits_arrays, digits_frames
+from conftest import started_by_this_run
 
 # Spark's Python workers cannot import the tests folder: ship these helpers by value.
 cloudpickle.register_pickle_by_value(helpers)
@@ -38,7 +39,12 @@ def _orphans(since: float) -> list[str]:
     for process in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
         info = process.info
         cmdline = " ".join(info["cmdline"] or [])
-        if info["create_time"] >= since and info["ppid"] == 1 and "pyspark" in cmdline:
+        if (
+            info["create_time"] >= since
+            and info["ppid"] == 1
+            and "pyspark" in cmdline
+            and started_by_this_run(process)
+        ):
             found.append(f"{info['pid']}: {cmdline}")
     return found
 

@@ -151,6 +151,7 @@ def test_probe_names_a_worker_python_that_cannot_run_deepspark(tmp_path: Path, w
         assert "No module named" in out
 
 
+@pytest.mark.connect_port
 def test_a_connect_server_started_by_hand_names_the_one_line_that_works(tmp_path: Path):
     # A user starts a local Connect server themselves; its Python workers are the first
     # `python3` on PATH, which lacks deepspark's packages. The error says what to run instead.
