@@ -110,9 +110,6 @@ def pytest_collection_modifyitems(config, items):
         if uses and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
     if _distributed(config):
-        # the spread tests (pages that each run for minutes) first: a long one left for the
-        # end would keep one worker busy while the other waits
-        items.sort(key=lambda item: item.get_closest_marker("spread") is None)
         for item in items:
             group = _worker_group(item)
             if group is not None:
@@ -120,9 +117,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ---------------------------------------------------------------------------------------------
-# pytest-xdist (`make test` and `make test-fast` run `-n 2 --dist loadgroup`): which tests must
-# run in the same worker process. The xdist_group marks are added above, before xdist's own
-# hook in the worker turns them into units of work.
+# pytest-xdist (`make test-fast` and `make test-spark35` run `-n 2 --dist loadgroup`): which
+# tests must run in the same worker process. The xdist_group marks are added above, before
+# xdist's own hook in the worker turns them into units of work.
 
 # One group per cluster or server kind: a worker starts it once and runs all its tests. The
 # Connect session takes a fixed port, so the tests that use the port share its group.
