@@ -23,9 +23,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 import deepspark as ds
@@ -167,8 +169,6 @@ def started_by_this_run(process) -> bool:
     each worker's processes inherit its PYTEST_XDIST_WORKER. Without xdist every process is
     this run's.
     """
-    import psutil
-
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
         return True
@@ -402,8 +402,6 @@ def _start_connect_session():
         # nothing behind, so it is started once more, and the warning names what held the port.
         if f":{CONNECT_PORT}" not in str(error):
             raise
-        import warnings
-
         warnings.warn(
             f"the Connect server could not bind port {CONNECT_PORT}; held by "
             f"{_port_holders(CONNECT_PORT) or 'nothing now'}; starting it once more",
@@ -418,8 +416,6 @@ def _init_connect_session():
 
 
 def _port_holders(port: int) -> list[str]:
-    import psutil
-
     holders = []
     for connection in psutil.net_connections("tcp"):
         if connection.laddr and connection.laddr.port == port:
