@@ -16,6 +16,7 @@ import).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "ForecastSet",
     "anomaly_development_set",
     "anomaly_test_set",
+    "anomaly_test_sets",
     "development_sets",
     "test_sets",
 ]
@@ -230,3 +232,30 @@ def anomaly_test_set() -> pd.DataFrame:
     frame = sktime_csv("mitdb").rename(columns={"data": "y"})
     stamps = pd.date_range("2020-01-01", periods=len(frame), freq=pd.Timedelta(seconds=1 / 360))
     return frame.assign(ds=stamps)
+
+
+NAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "nab")
+
+
+def anomaly_test_sets() -> dict[str, pd.DataFrame]:
+    """NAB's seven `realKnownCause` series (committed under ``benchmarks/data/nab``, whose
+    README says where from), held out: name -> frame with ds, y, label. A point is labelled
+    anomalous when its recorded time lies inside one of its series' NAB windows (ends
+    included). The points keep the files' order, and `ds` numbers them at the series' usual
+    step: the files hold repeated and out-of-order times and gaps, which every method here
+    would otherwise handle its own way."""
+    with open(os.path.join(NAB_DIR, "windows.json")) as file:
+        windows = json.load(file)
+    sets = {}
+    for name in sorted(windows):
+        frame = pd.read_csv(os.path.join(NAB_DIR, f"{name}.gz"), parse_dates=["timestamp"])
+        frame = frame.rename(columns={"timestamp": "ds", "value": "y"})
+        label = np.zeros(len(frame), dtype=int)
+        for start, end in windows[name]:
+            label[frame["ds"].between(pd.Timestamp(start), pd.Timestamp(end)).to_numpy()] = 1
+        step = frame["ds"].diff().median()
+        stamps = pd.date_range(frame["ds"].iloc[0], periods=len(frame), freq=step)
+        sets[name.removesuffix(".csv")] = pd.DataFrame(
+            {"ds": stamps, "y": frame["y"].astype(float).to_numpy(), "label": label}
+        )
+    return sets

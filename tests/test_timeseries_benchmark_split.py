@@ -61,3 +61,24 @@ def test_lookbacks_follow_the_frozen_rule():
     assert timeseries.autots_lookbacks(train_rows=100, horizon=12, season=12) == [12, 24, 36]
     assert timeseries.autots_lookbacks(train_rows=60, horizon=10, season=1) == [10, 20, 30]
     assert timeseries.autots_lookbacks(train_rows=23, horizon=6, season=1) == [6]
+
+
+def test_the_nab_held_out_anomaly_series_load_with_their_windows_as_labels():
+    import json
+
+    import timeseries_anomaly
+
+    sets = timeseries_sets.anomaly_test_sets()
+    with open(Path(timeseries_sets.NAB_DIR) / "windows.json") as file:
+        windows = json.load(file)
+    assert sorted(sets) == sorted(name.removesuffix(".csv") for name in windows)
+    assert sum(len(spans) for spans in windows.values()) == 19  # events enough to rank
+    for name, frame in sets.items():
+        labels = frame["label"].to_numpy()
+        # every window labels a run of points; the runs are NAB's windows, in order
+        starts = np.flatnonzero(np.diff(np.concatenate([[0], labels])) == 1)
+        assert 1 <= len(starts) <= len(windows[f"{name}.csv"]), name
+        assert 0.05 < labels.mean() < 0.15, name  # NAB's windows span about 10% of a series
+        assert frame["ds"].is_monotonic_increasing and not frame["y"].isna().any(), name
+    with pytest.raises(ValueError, match="one class"):
+        timeseries_anomaly.ranking(np.arange(4.0), np.zeros(4, dtype=int))
