@@ -33,6 +33,14 @@ import pytest
 import deepspark as ds
 from deepspark.context.spark_versions import pyspark_version
 
+# Every JVM the tests start (sessions here, Spark in fresh processes, the docs pages, the
+# clusters' daemons) compiles with C1 only and collects with one thread. The suite's JVMs live
+# seconds to minutes, and on 2 cores their C2 compiler and GC threads compete with the tests:
+# the README page, run alone, used 54, 54 and 49 s of CPU by default and 40 and 38 s with
+# these (runs interleaved, 2026-12-07). Java reads the variable at every launch; a value
+# already set is kept.
+os.environ.setdefault("JDK_JAVA_OPTIONS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
+
 SESSION_KINDS = (
     "spark",
     "local_cluster_spark",
