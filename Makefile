@@ -41,8 +41,10 @@ KERAS_TF_TESTS := tests/test_keras_tf.py
 # The fast tiers run in two test processes at once (pytest-xdist; conftest.py decides what
 # shares a worker: a file's tests, so its module fixtures are built once, and a cluster or
 # server kind's tests, so it starts once). Measured on the fast tier: 229-345 s over 5 runs
-# (the machine's speed moves between runs), against 300-321 s over 5 runs in one process. The full suite gains nothing from it (1,855 s against 1,797 s): its JVMs,
-# interpreters and docs pages keep both cores busy already, so it runs in one process.
+# (the machine's speed moves between runs), against 300-321 s over 5 runs in one process;
+# 161 s once the tests' JVMs ran with C1 only (conftest.py). The full suite gains nothing from
+# it (1,855 s against 1,797 s): its JVMs, interpreters and docs pages keep both cores busy
+# already, so it runs in one process.
 XDIST := -n 2 --dist loadgroup
 
 # The full suite: every test, the `slow` ones included (what .ci/run runs). It lists its 25
