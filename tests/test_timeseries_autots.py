@@ -272,6 +272,7 @@ def test_autots_forecasts_seasonal_naive_when_the_trials_do_not_beat_it(spark, t
         lr=(1e-6, 1e-6),
         ensemble=1,
         refit=True,  # once: the kept pipeline is one network
+        statistical=(),  # networks only (ETS learns airline: tests/test_timeseries_statistical.py)
         seed=0,
     )
     auto = AutoTS(checkpoint_dir=str(tmp_path / "checked"), **options)

@@ -23,6 +23,7 @@ from deepspark.timeseries.forecaster import (
 from deepspark.timeseries.networks import NETWORK_KINDS, build_network
 from deepspark.timeseries.pipeline import TSPipeline
 from deepspark.timeseries.scaler import TSScaler
+from deepspark.timeseries.statistical import StatsForecaster
 from deepspark.timeseries.tsdataset import TSDataset
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "PatchTSTForecaster",
     "SeasonalNaiveForecaster",
     "Seq2SeqForecaster",
+    "StatsForecaster",
     "TCNForecaster",
     "TSDataset",
     "TSPipeline",

@@ -5,8 +5,9 @@ series, on the windows of its own lookback (rolled once per lookback and reused)
 when its validation loss stops improving. Validation windows take their inputs from the end of
 the training data, so a validation split of a few horizons per series is enough. The result
 is a `TSPipeline`: the training data's scaler and the forecaster (by default the mean of the
-best trial of each of the 5 best kind-and-lookback pairs, an `EnsembleForecaster`, or the
-seasonal-naive forecast when those trials do not clearly beat it on validation), which
+best trial of each of the 5 best kind-and-lookback pairs, an `EnsembleForecaster`; or a
+statistical model, AutoETS or AutoTheta, fitted per series, when it does better on the same
+validation windows; or the seasonal-naive forecast when none of them clearly beats it), which
 predicts the real future of unscaled data and saves and loads as one directory.
 """
 
@@ -27,6 +28,13 @@ from deepspark.timeseries.forecast_model import make_loss
 from deepspark.timeseries.forecaster import Forecaster, check_floor
 from deepspark.timeseries.networks import NETWORK_KINDS
 from deepspark.timeseries.pipeline import TSPipeline
+from deepspark.timeseries.statistical import (
+    SEASONAL_NAIVE,
+    STATISTICAL_MODELS,
+    StatsForecaster,
+    validation_losses,
+    with_statistical,
+)
 from deepspark.timeseries.tsdataset import TSDataset
 
 __all__ = ["DEFAULT_SIZE_SPACE", "AutoTS", "TSPipeline"]
@@ -97,7 +105,19 @@ class AutoTS:
         differences. Otherwise the pipeline forecasts seasonal naive
         (`SeasonalNaiveForecaster`): networks that learnt nothing beyond it only add noise,
         and refitting moves a forecast by more than a gain of under 1%. `validation_` holds
-        the comparison. None keeps the trials unchecked.
+        the comparison. None keeps the trials unchecked (and compares no `statistical`
+        model).
+    statistical : str or sequence of str
+        statsforecast models (`deepspark.timeseries.statistical.STATISTICAL_MODELS`) that
+        compete with the trials on the same validation windows (default AutoETS and
+        AutoTheta): each is fitted on every series' training steps, as the trials are, run
+        over each validation origin's past and scored with the same loss in the same scaled
+        space. Of the candidates (the trials'
+        mean forecast and each of these) that beat seasonal naive as `fallback` asks, the
+        one with the lowest validation loss relative to seasonal naive's forecasts; a chosen
+        statistical model is a `StatsForecaster`, fitted on each series' whole history when
+        the pipeline predicts. Empty: networks only. Needs statsforecast (the
+        ``timeseries`` extra).
     **search_options
         `deepspark.automl.AutoEstimator`'s: ``num_workers``, ``max_concurrent``,
         ``sampler``, ``pruner``, ``study_name``, ``storage``, ``checkpoint_dir``, ``seed``.
@@ -124,6 +144,7 @@ class AutoTS:
         ensemble: int = 5,
         floor: str | float | None = "auto",
         fallback: float | None = 0.01,
+        statistical: Sequence[str] = ("AutoETS", "AutoTheta"),
         **search_options: Any,
     ) -> None:
         self.horizon = horizon
@@ -139,11 +160,13 @@ class AutoTS:
         self.ensemble = ensemble
         self.floor = floor
         self.fallback = fallback
+        self.statistical = (statistical,) if isinstance(statistical, str) else tuple(statistical)
         self.search_options = search_options
         self.search_: Any = None
         self.pipeline_: TSPipeline | None = None
         self.members_: list[dict[str, Any]] = []  # the trials the pipeline forecasts with
-        self.validation_: dict[str, Any] | None = None  # the seasonal-naive check (fallback)
+        # the candidates' validation losses against seasonal naive's (`fallback`)
+        self.validation_: dict[str, Any] | None = None
 
     def _lookbacks(self) -> tuple[int, ...]:
         if self.lookback is not None:
@@ -176,6 +199,11 @@ class AutoTS:
                 raise ValueError(f"AutoTS(sizes={{{kind!r}: ...}}): {kind!r} is not searched")
             sizes[kind] = {name: list(values) for name, values in choices.items()}
         make_loss(self.loss)
+        unknown = [name for name in self.statistical if name not in STATISTICAL_MODELS]
+        if unknown:
+            raise ValueError(
+                f"AutoTS(statistical={self.statistical!r}): a sequence from {STATISTICAL_MODELS}"
+            )
         if self.fallback is not None and (
             isinstance(self.fallback, bool)
             or not isinstance(self.fallback, (int, float))
@@ -263,12 +291,24 @@ class AutoTS:
         )
         self.members_ = self._chosen()
         naive = SeasonalNaiveForecaster(season=season or 1, horizon=horizon)
-        if self.fallback is not None and self._naive_wins(naive, columns, data_for):
-            self.members_ = []
-            config = {"model": naive.kind, "lookback": naive.lookback, "season": naive.season}
-            naive.fit(continued.data)
-            return self._pipeline(naive, train, config)
-        return self._refit(train, continued, fit_options, batch_size)
+        chosen = "networks"
+        if self.fallback is not None:
+            chosen = self._validate(naive, columns, data_for, continued)
+        if chosen == "networks":
+            return self._refit(train, continued, fit_options, batch_size)
+        return self._per_series_pipeline(chosen, naive, train, continued)
+
+    def _per_series_pipeline(
+        self, chosen: str, naive: SeasonalNaiveForecaster, train: TSDataset, continued: Any
+    ) -> TSPipeline:
+        """The pipeline of seasonal naive, or of the statistical model `chosen`."""
+        self.members_ = []
+        forecaster: Forecaster = naive
+        if chosen != SEASONAL_NAIVE:
+            forecaster = StatsForecaster(chosen, season=naive.season, horizon=self.horizon)
+        forecaster.fit(continued.data)
+        config = {"model": chosen, "lookback": forecaster.lookback, "season": naive.season}
+        return self._pipeline(forecaster, train, config)
 
     def _space(self, sizes: dict[str, dict[str, list[Any]]]) -> Callable[[Any], dict[str, Any]]:
         """The search space, define-by-run: ``trial -> config``."""
@@ -296,14 +336,34 @@ class AutoTS:
 
         return space
 
-    def _naive_wins(
+    def _validate(
         self,
         naive: SeasonalNaiveForecaster,
         columns: Any,
         data_for: Callable[[dict[str, Any]], tuple[Any, Any]],
-    ) -> bool:
-        """Whether the seasonal naive forecast beats the chosen trials on the validation
-        windows (`fallback`); the comparison is kept as `validation_`."""
+        continued: Any,
+    ) -> str:
+        """What the pipeline forecasts with: ``"networks"``, a `statistical` model's name or
+        ``"seasonal_naive"`` (`fallback`, `statistical`); kept with the losses as
+        `validation_`."""
+        self._naive_check(naive, columns, data_for)
+        if self.statistical:
+            losses = validation_losses(
+                continued, self.statistical, naive.season, self.horizon, self.loss
+            )
+            self.validation_ = with_statistical(
+                self.validation_, losses, self.statistical, float(self.fallback)
+            )
+        return self.validation_["chosen"]
+
+    def _naive_check(
+        self,
+        naive: SeasonalNaiveForecaster,
+        columns: Any,
+        data_for: Callable[[dict[str, Any]], tuple[Any, Any]],
+    ) -> None:
+        """The chosen trials' mean forecast against seasonal naive's on the validation
+        windows (`fallback`), kept as `validation_`."""
         from deepspark.automl.results import saved_estimator
 
         longest = max([naive.lookback] + [int(t["config"]["lookback"]) for t in self.members_])
@@ -315,7 +375,6 @@ class AutoTS:
             self.loss,
             self.fallback,
         )
-        return self.validation_["chosen"] == "seasonal_naive"
 
     def _refit(
         self, train: TSDataset, continued: Any, fit_options: dict[str, Any], batch_size: int

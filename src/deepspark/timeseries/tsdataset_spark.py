@@ -95,6 +95,21 @@ def per_series(
     return _grouped(sdf, cols).applyInPandas(apply, schema(sdf, out_cols))
 
 
+def per_series_table(
+    sdf: DataFrame,
+    cols: SeriesColumns,
+    step: Callable[[pd.DataFrame], pd.DataFrame],
+    out_schema: T.StructType,
+) -> DataFrame:
+    """`step` on each series (all its rows in one pandas frame), any output schema."""
+    names = out_schema.fieldNames()
+
+    def apply(frame: pd.DataFrame) -> pd.DataFrame:
+        return step(frame)[names]
+
+    return _grouped(sdf, cols).applyInPandas(apply, out_schema)
+
+
 def per_rows(
     sdf: DataFrame, step: Callable[[pd.DataFrame], pd.DataFrame], out_schema: T.StructType
 ) -> DataFrame:

@@ -16,7 +16,8 @@ import pandas as pd
 
 from deepspark.timeseries.tsdataset import TSDataset
 
-_END = "__train_end__"
+# the column of each series' last training step in `ContinuedValidation.ends` (Spark)
+TRAIN_END = "__train_end__"
 _FIRST = "__validation_first__"
 
 
@@ -56,8 +57,8 @@ class ContinuedValidation:
                 joined = rows.crossJoin(self.ends)
             else:
                 joined = rows.join(F.broadcast(self.ends), id_col, "left")
-            keep = F.col(_END).isNull() | (F.col(dt_col) >= F.col(_END))
-            return joined.where(keep).drop(_END)
+            keep = F.col(TRAIN_END).isNull() | (F.col(dt_col) >= F.col(TRAIN_END))
+            return joined.where(keep).drop(TRAIN_END)
         if id_col is None:
             keep = rows[dt_col] >= self.ends if pd.notna(self.ends) else rows[dt_col].notna()
             return rows[keep].reset_index(drop=True)
@@ -92,7 +93,7 @@ def _spark_continued(train: Any, validation: Any, cols: Any) -> tuple[Any, Any]:
     if id_col is None:
         first = validation.agg(F.min(dt_col).alias(_FIRST))
         kept = train.crossJoin(first).where(F.col(dt_col) < F.col(_FIRST)).drop(_FIRST)
-        ends = kept.agg(F.max(dt_col).alias(_END))
+        ends = kept.agg(F.max(dt_col).alias(TRAIN_END))
     else:
         first = validation.groupBy(id_col).agg(F.min(dt_col).alias(_FIRST))
         kept = (
@@ -100,5 +101,5 @@ def _spark_continued(train: Any, validation: Any, cols: Any) -> tuple[Any, Any]:
             .where(F.col(_FIRST).isNull() | (F.col(dt_col) < F.col(_FIRST)))
             .drop(_FIRST)
         )
-        ends = kept.groupBy(id_col).agg(F.max(dt_col).alias(_END))
+        ends = kept.groupBy(id_col).agg(F.max(dt_col).alias(TRAIN_END))
     return kept.unionByName(validation.select(*kept.columns)), ends
