@@ -144,7 +144,10 @@ WORKER_GROUPS = {
 
 
 def _distributed(config) -> bool:
-    return config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") != "no"
+    """Whether this is an xdist worker of a ``--dist loadgroup`` run. Workers collect the
+    tests and turn xdist_group marks into work units; xdist sets their own ``dist`` option to
+    "no" and keeps the run's choice as ``loadgroup``."""
+    return hasattr(config, "workerinput") and bool(config.getoption("loadgroup", False))
 
 
 def _worker_group(item) -> str | None:

@@ -41,6 +41,7 @@ def test_autots_finds_forecasters_and_its_pipeline_predicts_the_future(spark, tm
         checkpoint_dir=str(tmp_path / "search"),
         max_concurrent=2,
         pruner="none",  # every trial completes: 3 to choose from
+        statistical=(),  # networks only: ETS forecasts co2 well too (test_timeseries_statistical)
         seed=0,
     )
     pipeline = auto.fit(train, val, n_trials=4, epochs=8, batch_size=64)
@@ -133,6 +134,10 @@ def test_autots_refuses_bad_settings_before_searching(spark, tmp_path):
             AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path), **options).fit(
                 train, val, n_trials=1
             )
+    with pytest.raises(ValueError, match="disagree: give it once"):
+        AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path), num_workers=1).fit(
+            train, val, n_trials=1, num_workers=2
+        )
     unscaled = TSDataset.from_pandas(_co2(), dt_col="ds", target_col="y")
     with pytest.raises(ValueError, match="scale train and validation_data alike"):
         AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path)).fit(train, unscaled, n_trials=1)

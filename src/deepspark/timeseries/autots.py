@@ -238,7 +238,8 @@ class AutoTS:
         `validation_data` continues `train` in time (the ``val`` of `TSDataset.split`): its
         windows read their inputs from the end of each training series and forecast validation
         steps only, so each series needs `horizon` validation steps, not ``lookback +
-        horizon``. Training windows never reach into the validation steps.
+        horizon``. Training windows never reach into the validation steps. ``num_workers``
+        (each trial's) may be given here, as `Forecaster.fit` takes it, or to `AutoTS`.
         """
         from deepspark.automl import AutoEstimator
         from deepspark.training.callbacks import EarlyStopping
@@ -276,7 +277,7 @@ class AutoTS:
             metric=self.metric,
             direction="minimize",
             score="last" if self.patience is None else "best",
-            **self.search_options,
+            **_search_options(self.search_options, fit_options),
         )
         self.search_.fit(
             None,
@@ -449,6 +450,20 @@ class AutoTS:
 
 # AutoEstimator.fit's options that a single refit does not take
 _SEARCH_ONLY = ("timeout_s", "validation_data", "num_workers", "callbacks")
+
+
+def _search_options(search: dict[str, Any], fit_options: dict[str, Any]) -> dict[str, Any]:
+    """The search's options, with ``num_workers`` taken from `fit_options` when given there
+    (each trial's workers, as `Forecaster.fit` takes it)."""
+    if "num_workers" not in fit_options:
+        return search
+    workers = fit_options.pop("num_workers")
+    if search.get("num_workers", workers) != workers:
+        raise ValueError(
+            f"AutoTS(num_workers={search['num_workers']!r}) and fit(num_workers={workers!r}) "
+            "disagree: give it once"
+        )
+    return {**search, "num_workers": workers}
 
 
 def _forecaster(config: dict[str, Any], horizon: int, loss: str, season: int | None) -> Forecaster:
