@@ -38,19 +38,18 @@ demo: $(DEMO_STAMP)
 # their own, after the rest (which include the torch-backend Keras tests).
 KERAS_TF_TESTS := tests/test_keras_tf.py
 
-# The fast tiers run in two test processes at once (pytest-xdist; conftest.py decides what
-# shares a worker: a file's tests, so its module fixtures are built once, and a cluster or
-# server kind's tests, so it starts once). Measured on the fast tier: 229-345 s over 5 runs
-# (the machine's speed moves between runs), against 300-321 s over 5 runs in one process;
-# 161 s once the tests' JVMs ran with C1 only (conftest.py). The full suite gains nothing from
-# it (1,855 s against 1,797 s): its JVMs, interpreters and docs pages keep both cores busy
-# already, so it runs in one process.
+# Both tiers run in two test processes at once (pytest-xdist; conftest.py decides what shares
+# a worker: a file's tests, so its module fixtures are built once, and a cluster or server
+# kind's tests, so it starts once). Until stop 34 the groups silently did not apply (each test
+# went alone, so e.g. the Ray cluster of test_ray.py started twice); with them the full
+# suite's main run took 940 s against 1,058 s ungrouped and 1,175 s in one process (the
+# same day; benchmarks/RESULTS.md, "The test tiers").
 XDIST := -n 2 --dist loadgroup
 
 # The full suite: every test, the `slow` ones included (what .ci/run runs). It lists its 25
 # slowest tests, where the suite's time goes (issue 28 wants it under 18 minutes).
 test: install
-	$(PY) -m pytest -q --durations=25 tests --ignore=$(KERAS_TF_TESTS)
+	$(PY) -m pytest -q $(XDIST) --durations=25 tests --ignore=$(KERAS_TF_TESTS)
 	$(PY) -m pytest -q $(KERAS_TF_TESTS)
 
 # The fast tier, for each change: every test that needs no JVM, one local Spark session (a

@@ -245,7 +245,7 @@ class AutoTS:
         from deepspark.training.callbacks import EarlyStopping
 
         sizes = self._check()
-        _check_datasets(train, validation_data)
+        validation_steps.check_pair(train, validation_data, "AutoTS.fit")
         columns = train.columns
         continued = validation_steps.continued(train, validation_data)
         rolled: dict[int, tuple[Any, Any]] = {}
@@ -493,16 +493,3 @@ def _rows(rows: Any, is_spark: bool) -> Any:
         windows.X_COL: np.stack(rows[windows.X_COL].to_numpy()).astype("float32"),
         windows.Y_COL: np.stack(rows[windows.Y_COL].to_numpy()).astype("float32"),
     }
-
-
-def _check_datasets(train: Any, validation_data: Any) -> None:
-    for name, data in (("train", train), ("validation_data", validation_data)):
-        if not isinstance(data, TSDataset):
-            raise TypeError(f"AutoTS.fit({name}=...) takes a TSDataset")
-    if validation_data.scaler is not train.scaler and (
-        validation_data.scaler is None or train.scaler is None
-    ):
-        raise ValueError(
-            "AutoTS.fit: scale train and validation_data alike: "
-            "train.scale('standard'); validation_data.scale(train.scaler, fit=False)"
-        )

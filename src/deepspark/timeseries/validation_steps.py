@@ -72,6 +72,19 @@ def continued(train: TSDataset, validation: TSDataset) -> ContinuedValidation:
     return ContinuedValidation(train, validation)
 
 
+def check_pair(train: Any, validation: Any, caller: str) -> None:
+    """Refuse a pair that cannot continue each other: not TSDatasets, or scaled unalike."""
+    for name, data in (("train", train), ("validation_data", validation)):
+        if not isinstance(data, TSDataset):
+            raise TypeError(f"{caller}({name}=...) takes a TSDataset")
+    unalike = validation.scaler is None or train.scaler is None
+    if validation.scaler is not train.scaler and unalike:
+        raise ValueError(
+            f"{caller}: scale train and validation_data alike: "
+            "train.scale('standard'); validation_data.scale(train.scaler, fit=False)"
+        )
+
+
 def _pandas_continued(
     train: pd.DataFrame, validation: pd.DataFrame, cols: Any
 ) -> tuple[pd.DataFrame, Any]:
