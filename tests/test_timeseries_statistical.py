@@ -3,6 +3,8 @@ its networks on the validation windows."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -240,3 +242,17 @@ def test_autots_forecasts_with_a_statistical_model_when_it_wins_validation(spark
     with pytest.raises(ValueError, match="statistical="):
         AutoTS(horizon=4, statistical=("Prophet",)).fit(train, val, n_trials=1)
     assert AutoTS(horizon=4, statistical="AutoTheta").statistical == ("AutoTheta",)
+
+
+def test_a_missing_statsforecast_is_named_before_any_search_or_job(monkeypatch, tmp_path):
+    frame = _two_series()
+    data = TSDataset.from_pandas(frame, dt_col="ds", target_col="y", id_col="id")
+    ets = StatsForecaster("AutoETS", season=12, horizon=HORIZON)
+    ets.fit(data)
+    train, val = _validation(frame)
+    monkeypatch.setitem(sys.modules, "statsforecast", None)  # import statsforecast fails
+    with pytest.raises(ImportError, match=r"pip install 'deepspark\[timeseries\]'"):
+        ets.predict(data)
+    with pytest.raises(ImportError, match=r"statistical=\(\)"):
+        AutoTS(horizon=HORIZON, checkpoint_dir=str(tmp_path)).fit(train, val, n_trials=1)
+    assert not any(tmp_path.iterdir())  # no trial started

@@ -32,6 +32,7 @@ from deepspark.timeseries.statistical import (
     SEASONAL_NAIVE,
     STATISTICAL_MODELS,
     StatsForecaster,
+    statsforecast_model,
     validation_losses,
     with_statistical,
 )
@@ -204,6 +205,8 @@ class AutoTS:
             raise ValueError(
                 f"AutoTS(statistical={self.statistical!r}): a sequence from {STATISTICAL_MODELS}"
             )
+        if self.statistical and self.fallback is not None:
+            statsforecast_model(self.statistical[0], self.season or 1)  # before the search
         if self.fallback is not None and (
             isinstance(self.fallback, bool)
             or not isinstance(self.fallback, (int, float))

@@ -42,8 +42,8 @@ def statsforecast_model(name: str, season: int) -> Any:
         from statsforecast import models as sf
     except ImportError as error:
         raise ImportError(
-            f"the statistical forecaster {name!r} needs statsforecast: "
-            "pip install 'deepspark[timeseries]'"
+            f"the statistical forecaster {name!r} needs statsforecast: pip install "
+            "'deepspark[timeseries]' (or AutoTS(statistical=()) to search networks only)"
         ) from error
     if name == "AutoETS" and season > ETS_SEASON_LIMIT:
         return sf.MSTL(season_length=season, trend_forecaster=sf.AutoETS(model="ZZN"))
@@ -194,6 +194,7 @@ class StatsForecaster(Forecaster):
         """Forecast the `horizon` steps after each series' last timestamp (see
         `Forecaster.predict`): the model fitted on each series' whole history in `data`."""
         self._fitted()
+        statsforecast_model(self.model, self.season)  # installed? (before any Spark job)
         _check_dataset(data, "data")
         self._check_columns(data, "data")
         check_floor(floor)
@@ -232,6 +233,7 @@ class StatsForecaster(Forecaster):
         window's forecast is the model fitted on its series' steps up to the window's end
         (at least `lookback` of them). Costs one fit per window and target."""
         self._fitted()
+        statsforecast_model(self.model, self.season)  # installed? (before any Spark job)
         names = forecast_metrics.check_metrics(metrics)
         _check_dataset(test, "test")
         self._check_columns(test, "test")
