@@ -285,12 +285,7 @@ class Forecaster:
         adds up its errors and one row of sums comes back.
         """
         model, cols = self._fitted()
-        names = forecast_metrics.check_metrics(metrics)
-        _check_dataset(test, "test")
-        self._check_columns(test, "test")
-        if not isinstance(season, int) or season < 1:
-            raise ValueError(f"season must be a positive int, got {season!r}")
-        check_floor(floor)
+        names = self._evaluate_checks(test, metrics, season, floor)
         history = train if train is not None else self._train
         naive = None
         if "mase" in names and history is not None:
@@ -331,6 +326,18 @@ class Forecaster:
             rolled[PREDICTION_COL] = list(flat)
             sums = sums_of(rolled)
         return forecast_metrics.metrics_from_sums(sums, names)
+
+    def _evaluate_checks(
+        self, test: TSDataset, metrics: Sequence[str], season: int, floor: float | None
+    ) -> list[str]:
+        """`evaluate`'s argument checks; the metric names."""
+        names = forecast_metrics.check_metrics(metrics)
+        _check_dataset(test, "test")
+        self._check_columns(test, "test")
+        if not isinstance(season, int) or season < 1:
+            raise ValueError(f"season must be a positive int, got {season!r}")
+        check_floor(floor)
+        return names
 
     # --- export and persistence -----------------------------------------------------------
 

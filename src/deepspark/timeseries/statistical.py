@@ -234,12 +234,7 @@ class StatsForecaster(Forecaster):
         (at least `lookback` of them). Costs one fit per window and target."""
         self._fitted()
         statsforecast_model(self.model, self.season)  # installed? (before any Spark job)
-        names = forecast_metrics.check_metrics(metrics)
-        _check_dataset(test, "test")
-        self._check_columns(test, "test")
-        if not isinstance(season, int) or season < 1:
-            raise ValueError(f"season must be a positive int, got {season!r}")
-        check_floor(floor)
+        names = self._evaluate_checks(test, metrics, season, floor)
         self._no_onnx(onnx)
         history = train if train is not None else self._train
         naive = history.naive_errors(season) if "mase" in names and history is not None else None
