@@ -42,8 +42,8 @@ KERAS_TF_TESTS := tests/test_keras_tf.py
 # a worker: a file's tests, so its module fixtures are built once, and a cluster or server
 # kind's tests, so it starts once). Until stop 34 the groups silently did not apply (each test
 # went alone, so e.g. the Ray cluster of test_ray.py started twice); with them the full
-# suite's main run took 940 s against 1,058 s ungrouped and 1,175 s in one process (the
-# same day; benchmarks/RESULTS.md, "The test tiers").
+# suite's main run took 940 s, against 1,058 s ungrouped and 1,069 s in one process, the same
+# day in the same checkout (benchmarks/RESULTS.md, "The test tiers").
 XDIST := -n 2 --dist loadgroup
 
 # The full suite: every test, the `slow` ones included (what .ci/run runs). It lists its 25
