@@ -295,7 +295,7 @@ def _denominators(
 
 
 def _per_series(data: Any, step: Any, out_cols: SeriesColumns | None) -> pd.DataFrame | Any:
-    """`step` on each series of `data` (a TSDataset, or a ContinuedValidation's frame):
+    """`step` on each series of `data` (a TSDataset):
     pandas in, pandas out; Spark in, a Spark DataFrame (forecast rows, `out_cols`) or, for
     sums and losses (`out_cols` None), the collected pandas frame."""
     cols = data.columns
