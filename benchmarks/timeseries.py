@@ -45,6 +45,7 @@ Forecast = Callable[[pd.DataFrame, int, int], np.ndarray]
 STATSFORECAST = ("SeasonalNaive", "AutoETS", "AutoARIMA", "AutoTheta", "MSTL")
 ETS_SEASON_LIMIT = 24  # statsforecast's ETS fits at most 24 seasonal states
 QUICK = False
+ORIGINS = 3  # holdouts per series: its last three horizons (issue 27's second held-out set)
 
 
 # --- metrics (the library's own) ------------------------------------------------------------
@@ -122,7 +123,12 @@ def autots_lookbacks(train_rows: int, horizon: int, season: int) -> list[int]:
     return kept or candidates[:1]
 
 
-def autots_model(n_trials: int, seed: int | None = 0, record: list | None = None) -> Forecast:
+def autots_model(
+    n_trials: int,
+    seed: int | None = 0,
+    record: list | None = None,
+    statistical: tuple[str, ...] | None = None,
+) -> Forecast:
     """AutoTS with the defaults frozen after the development runs. Its validation split is
     the history's last steps; the holdout is never passed in."""
 
@@ -151,6 +157,7 @@ def autots_model(n_trials: int, seed: int | None = 0, record: list | None = None
             loss="mae",
             checkpoint_dir=tempfile.mkdtemp(prefix="bench-autots-"),
             seed=seed,
+            **({} if statistical is None else {"statistical": statistical}),
         )
         pipeline = search.fit(train, validation, n_trials=n_trials, epochs=epochs, batch_size=32)
         members = [(t["config"]["model"], t["config"]["lookback"]) for t in search.members_]
@@ -166,6 +173,8 @@ def autots_model(n_trials: int, seed: int | None = 0, record: list | None = None
 
 
 AUTOTS_CONFIGS: list[dict] = []
+NETWORKS_CONFIGS: list[dict] = []
+RECORDS = {"AutoTS": AUTOTS_CONFIGS, "AutoTS networks": NETWORKS_CONFIGS}
 DEFAULT_COLUMNS = (*STATSFORECAST, "AutoTS")
 
 
@@ -179,6 +188,8 @@ def models() -> dict[str, Forecast]:
         "ds N-HiTS": deepspark_model("nhits"),
         "ds LSTM": deepspark_model("lstm"),
         "AutoTS": autots_model(trials, seed=0, record=AUTOTS_CONFIGS),
+        # AutoTS without statistical candidates: its networks, or seasonal naive
+        "AutoTS networks": autots_model(trials, 0, NETWORKS_CONFIGS, statistical=()),
     }
 
 
@@ -190,8 +201,25 @@ def sets_for(split: str, names: list[str] | None = None) -> list[ForecastSet]:
 
 
 def history_of(series: ForecastSet) -> pd.DataFrame:
-    """What a model is given: the series without its last `horizon` values."""
+    """What a model is given at the last origin: the series without its last `horizon`
+    values."""
     return series.frame.iloc[: -series.horizon]
+
+
+def origins_of(series: ForecastSet, count: int) -> list[tuple[pd.DataFrame, np.ndarray]]:
+    """The series' holdouts: its last `count` horizons, each forecast from the history before
+    it, (history, holdout) pairs, latest first. An origin whose history is shorter than four
+    horizons, or two seasons and two horizons, is left out (the last one is always kept)."""
+    frame, horizon = series.frame, series.horizon
+    shortest = max(4 * horizon, 2 * series.season + 2 * horizon)
+    pairs = []
+    for k in range(1, count + 1):
+        end = len(frame) - k * horizon
+        if k > 1 and end < shortest:
+            break
+        holdout = frame["y"].to_numpy()[end : end + horizon]
+        pairs.append((frame.iloc[:end], holdout))
+    return pairs
 
 
 def accuracy_section(
@@ -200,29 +228,46 @@ def accuracy_section(
     unseeded: int,
     names: list[str] | None = None,
     scores: dict | None = None,
+    origins: int = ORIGINS,
 ) -> dict:
-    """Forecast each set of `split` with each of `columns`. `scores` (filled as the run
-    goes, ``{series: {model: {"mase", "smape"}}}``) keeps what a stopped run measured."""
+    """Forecast each set of `split` with each of `columns` from each of its `origins`; a
+    series' score is the mean over its origins. `scores` (filled as the run goes,
+    ``{series: {model: {"mase", "smape"}}}``) keeps what a stopped run measured."""
     sets = sets_for(split, names)
     chosen = {k: v for k, v in models().items() if k in columns}
     if QUICK:
         sets = sets[:2]
     scores = {} if scores is None else scores
     seconds: dict[str, float] = dict.fromkeys(chosen, 0.0)
+    per_origin: dict[str, dict[str, list[dict]]] = {}
     for series in sets:
-        history = history_of(series)
-        scores[series.name] = {}
+        pairs = origins_of(series, origins)
+        per_origin[series.name] = {}
         for name, forecast in chosen.items():
-            start = time.perf_counter()
-            predicted = forecast(history, series.horizon, series.season)
-            seconds[name] += time.perf_counter() - start
-            if predicted is not None:
-                scores[series.name][name] = score(series, history, predicted)
-                got = scores[series.name][name]
-                print(f"  {series.name:16s} {name:13s} MASE {got['mase']:7.3f}", flush=True)
-    spread = autots_spread(sets, unseeded) if unseeded else {}
+            runs = []
+            for origin, (history, holdout) in enumerate(pairs):
+                start = time.perf_counter()
+                predicted = forecast(history, series.horizon, series.season)
+                seconds[name] += time.perf_counter() - start
+                if name in RECORDS:  # which series and origin the config was searched for
+                    RECORDS[name][-1] |= {"series": series.name, "origin": origin}
+                if predicted is None:
+                    break
+                runs.append({**score(series, history, holdout, predicted), "forecast": predicted})
+            if not runs:
+                continue
+            per_origin[series.name][name] = runs
+            scores.setdefault(series.name, {})[name] = {
+                metric: float(np.mean([run[metric] for run in runs]))
+                for metric in ("mase", "smape")
+            }
+            got = [round(run["mase"], 3) for run in runs]
+            print(f"  {series.name:16s} {name:16s} MASE {np.mean(got):7.3f} {got}", flush=True)
+    spread = autots_spread(sets, unseeded, origins) if unseeded else {}
     for metric in ("mase", "smape"):
-        print(f"\n{metric} on the {split} split (holdout = last horizon; lower is better)")
+        print(
+            f"\n{metric} on the {split} split (mean over up to {origins} origins; lower is better)"
+        )
         rows = [
             [s, *(scores[s].get(m, {}).get(metric, float("nan")) for m in chosen)] for s in scores
         ]
@@ -230,16 +275,19 @@ def accuracy_section(
     targets = autots_targets(scores) if "AutoTS" in chosen else {}
     return {
         "split": split,
+        "origins": origins,
         "series": {s.name: f"{s.domain}, {s.frequency}" for s in sets},
         "per_series": scores,
+        "per_origin": per_origin,
         "seconds": seconds,
         **targets,
         **spread,
     }
 
 
-def score(series: ForecastSet, history: pd.DataFrame, predicted: np.ndarray) -> dict:
-    holdout = series.frame["y"].to_numpy()[-series.horizon :]
+def score(
+    series: ForecastSet, history: pd.DataFrame, holdout: np.ndarray, predicted: np.ndarray
+) -> dict:
     return {
         "mase": mase(holdout, predicted, history["y"].to_numpy(), series.season),
         "smape": smape(holdout, predicted),
@@ -264,7 +312,7 @@ def autots_targets(scores: dict[str, dict[str, dict[str, float]]]) -> dict:
     print(f"AutoTS <= SeasonalNaive: {no_worse_than_naive} ({naive_share:.0%}, target 80%)")
     print(f"AutoTS < best statsforecast: {better_than_best} ({best_share:.0%}, target 50%)")
     return {
-        "autots_configs": dict(zip(scores, AUTOTS_CONFIGS, strict=False)),
+        "autots_configs": AUTOTS_CONFIGS,
         "best_statsforecast": best_baseline,
         "autots_no_worse_than_seasonal_naive": no_worse_than_naive,
         "autots_better_than_best_statsforecast": better_than_best,
@@ -275,14 +323,26 @@ def autots_targets(scores: dict[str, dict[str, dict[str, float]]]) -> dict:
     }
 
 
-def autots_spread(sets: list[ForecastSet], runs: int) -> dict:
-    """MASE of AutoTS without a seed, `runs` times per series: min, median, max."""
+def autots_spread(sets: list[ForecastSet], runs: int, origins: int) -> dict:
+    """MASE of AutoTS without a seed (mean over the origins), `runs` times per series: min,
+    median, max."""
     per_series = {}
     for series in sets:
-        history = history_of(series)
         forecast = autots_model(4 if QUICK else 32, seed=None)
         values = [
-            score(series, history, forecast(history, series.horizon, series.season))["mase"]
+            float(
+                np.mean(
+                    [
+                        score(
+                            series,
+                            history,
+                            holdout,
+                            forecast(history, series.horizon, series.season),
+                        )["mase"]
+                        for history, holdout in origins_of(series, origins)
+                    ]
+                )
+            )
             for _ in range(runs)
         ]
         per_series[series.name] = {
@@ -325,6 +385,9 @@ def main() -> None:
         "--series", default="", help="comma-separated series of the split (default all)"
     )
     parser.add_argument(
+        "--origins", type=int, default=ORIGINS, help="holdouts per series (its last horizons)"
+    )
+    parser.add_argument(
         "--unseeded", type=int, default=0, help="runs of AutoTS without a seed, for the spread"
     )
     args = parser.parse_args()
@@ -354,7 +417,9 @@ def main() -> None:
     try:
         if "accuracy" in sections:
             names = [name.strip() for name in args.series.split(",") if name.strip()] or None
-            accuracy = accuracy_section(args.split, columns, args.unseeded, names, measured)
+            accuracy = accuracy_section(
+                args.split, columns, args.unseeded, names, measured, args.origins
+            )
             result |= accuracy_json(accuracy)
         if "anomaly" in sections:
             from timeseries_anomaly import anomaly_json, anomaly_section
@@ -384,12 +449,28 @@ def accuracy_json(accuracy: dict) -> dict:
         s: {m: {k: round(v, 4) for k, v in r.items()} for m, r in per.items()}
         for s, per in accuracy["per_series"].items()
     }
+    forecasts = {
+        series: {
+            model: [
+                {
+                    "mase": round(run["mase"], 4),
+                    "forecast": [float(f"{v:.5g}") for v in np.asarray(run["forecast"], float)],
+                }
+                for run in runs
+            ]
+            for model, runs in per.items()
+        }
+        for series, per in accuracy["per_origin"].items()
+    }
     return {
         "accuracy_split": accuracy["split"],
+        "accuracy_origins": accuracy["origins"],
+        "accuracy_per_origin": forecasts,
         "accuracy_series": accuracy["series"],
         "accuracy": rounded,
         "accuracy_seconds": {m: round(v, 1) for m, v in accuracy["seconds"].items()},
         **{k: v for k, v in accuracy.items() if k.startswith(("autots", "target", "best_"))},
+        **({"autots_networks_configs": NETWORKS_CONFIGS} if NETWORKS_CONFIGS else {}),
     }
 
 

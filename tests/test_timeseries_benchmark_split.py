@@ -22,9 +22,8 @@ def test_development_and_test_series_are_disjoint_and_the_dev_run_reads_only_dev
     assert development == set(timeseries_sets.DEVELOPMENT)
     assert held_out == set(timeseries_sets.TEST)
     assert not development & held_out
-    assert len(held_out) >= 8  # enough series for the 80% and 50% shares to mean something
     with pytest.raises(ValueError, match="not development sets"):
-        timeseries_sets.development_sets(["nile"])
+        timeseries_sets.development_sets(["elec_equip"])
     with pytest.raises(ValueError, match="'dev' or 'test'"):
         timeseries.sets_for("all")
 
@@ -32,30 +31,58 @@ def test_development_and_test_series_are_disjoint_and_the_dev_run_reads_only_dev
 def test_no_test_series_is_a_copy_or_a_piece_of_a_development_series():
     development = [s.frame["y"].to_numpy() for s in timeseries_sets.development_sets()]
     for series in timeseries_sets.test_sets():
-        tail = series.frame["y"].to_numpy()[-series.horizon :]
-        for values in development:
-            # the held-out continuation does not appear anywhere in a development series
-            windows = np.lib.stride_tricks.sliding_window_view(values, len(tail))
-            assert not np.any(np.all(np.isclose(windows, tail), axis=1)), series.name
+        for _, holdout in timeseries.origins_of(series, timeseries.ORIGINS):
+            if np.ptp(holdout) == 0:
+                continue  # a run of one value (zero scripts) identifies no source
+            for values in development:
+                # no held-out continuation appears anywhere in a development series
+                windows = np.lib.stride_tricks.sliding_window_view(values, len(holdout))
+                assert not np.any(np.all(np.isclose(windows, holdout), axis=1)), series.name
 
 
-def test_the_held_out_sets_cover_new_frequencies_level_shifts_and_cycles():
+def test_the_held_out_sets_cover_new_domains_frequencies_level_shifts_and_zeros():
     test = {s.name: s for s in timeseries_sets.test_sets()}
     development = timeseries_sets.development_sets()
     assert {s.domain for s in test.values()}.isdisjoint({s.domain for s in development})
-    assert "quarterly" in {s.frequency for s in test.values()}
-    # Nile: the mean flow drops after the dam of 1898 (year 28 of the series)
-    nile = test["nile"].frame["y"].to_numpy()
-    assert nile[:28].mean() - nile[28:].mean() > 200
-    # lynx: a cycle near 10 years, no season in the table
-    assert test["lynx"].season == 1
+    assert {s.frequency for s in test.values()} == {"monthly", "quarterly", "yearly"}
+    assert len(test) >= 16  # enough series for the 80% and 50% shares to mean something
+    # electrical equipment orders: the 2009 collapse, years before the holdouts
+    orders = test["elec_equip"].frame.set_index("ds")["y"]
+    assert orders["2009"].mean() < 0.8 * orders["2008"].mean()
+    # scripts: intermittent counts
+    assert (test["pbs_scripts"].frame["y"] == 0).mean() > 0.2
+    # fertility: yearly, no season in the table
+    assert {s.season for n, s in test.items() if n.startswith("fertility_")} == {1}
 
 
 def test_a_model_is_given_the_history_only():
-    for series in timeseries_sets.test_sets(["nile", "seatbelts"]):
+    for series in timeseries_sets.test_sets(["elec_equip", "us_m1"]):
         history = timeseries.history_of(series)
         assert len(history) == len(series.frame) - series.horizon
         assert history["ds"].max() < series.frame["ds"].iloc[-series.horizon]
+
+
+def test_each_origin_forecasts_the_horizon_after_its_own_history():
+    for series in timeseries_sets.test_sets(["danish_lrm", "fertility_ABW"]):
+        pairs = timeseries.origins_of(series, 3)
+        values, horizon = series.frame["y"].to_numpy(), series.horizon
+        assert len(pairs) == 3
+        for k, (history, holdout) in enumerate(pairs, start=1):
+            # the k-th horizon from the end, after every step of its history and nothing else
+            end = len(values) - k * horizon
+            assert len(history) == end and len(holdout) == horizon
+            np.testing.assert_array_equal(holdout, values[end : end + horizon])
+            assert history["ds"].max() < series.frame["ds"].iloc[end]
+        assert pairs[0][0].equals(timeseries.history_of(series))
+    # a short series keeps the origins whose history is long enough (four horizons here)
+    shampoo = timeseries_sets.development_sets(["shampoo"])[0]  # 36 months, horizon 6
+    assert [len(h) for h, _ in timeseries.origins_of(shampoo, 3)] == [30, 24]
+
+
+def test_the_fertility_countries_follow_the_rule_fixed_before_any_run():
+    assert list(timeseries_sets.FERTILITY_CODES) == timeseries_sets.fertility_countries()
+    for series in timeseries_sets.test_sets([f"fertility_{c}" for c in ("ABW", "TJK")]):
+        assert len(series.frame) == 52 and not series.frame["y"].isna().any()
 
 
 def test_lookbacks_follow_the_frozen_rule():

@@ -12,7 +12,7 @@ import statsmodels.api as sm
 from sktime.datasets import load_airline
 from statsforecast import models as sf
 
-from deepspark.timeseries import Forecaster, StatsForecaster, TSDataset
+from deepspark.timeseries import EnsembleForecaster, Forecaster, StatsForecaster, TSDataset
 from deepspark.timeseries.autots import AutoTS, TSPipeline
 from deepspark.timeseries.statistical import validation_losses, with_statistical
 from deepspark.timeseries.validation_steps import continued
@@ -111,6 +111,7 @@ def test_statistical_candidates_win_only_when_they_beat_seasonal_naive_clearly()
     )
     chosen = with_statistical(check, losses, ["AutoETS", "AutoTheta"], 0.01)
     assert chosen["chosen"] == "AutoETS"
+    assert chosen["passing"] == ["AutoETS", "networks"]  # what combine=True averages
     assert chosen["statistical"]["AutoETS"]["loss"] == pytest.approx(0.4 * naive.mean())
     assert chosen["statistical"]["AutoETS"]["windows"] == 40
     # the networks win when they do better relative to seasonal naive
@@ -124,7 +125,8 @@ def test_statistical_candidates_win_only_when_they_beat_seasonal_naive_clearly()
     assert result["statistical"]["AutoETS"] is None and result["chosen"] == "networks"
     # nothing beats seasonal naive clearly: it is chosen
     lost = {**check, "chosen": "seasonal_naive"}
-    assert with_statistical(lost, losses, ["AutoTheta"], 0.01)["chosen"] == "seasonal_naive"
+    nothing = with_statistical(lost, losses, ["AutoTheta"], 0.01)
+    assert nothing["chosen"] == "seasonal_naive" and nothing["passing"] == []
 
 
 def _validation(frame: pd.DataFrame, spark=None):
@@ -212,23 +214,37 @@ def test_autots_forecasts_with_a_statistical_model_when_it_wins_validation(spark
     )
     pipeline = auto.fit(train, val, n_trials=1, epochs=1, batch_size=64)
     check = auto.validation_
-    chosen = check["chosen"]
-    assert chosen in ("AutoETS", "AutoTheta"), check
-    entry = check["statistical"][chosen]
-    assert entry["difference"] < -entry["standard_error"], check
-    other = ({"AutoETS", "AutoTheta"} - {chosen}).pop()
-    if check["statistical"][other] is not None and check["statistical"][other]["difference"] < 0:
-        assert entry["loss"] <= check["statistical"][other]["loss"]
-    assert auto.members_ == [] and isinstance(pipeline.forecaster, StatsForecaster)
-    assert pipeline.config == {"model": chosen, "lookback": 24, "season": 12}
+    # both statistical models beat seasonal naive clearly, the networks do not: the pipeline
+    # forecasts the mean of the two (combine=True, the default), best first
+    assert check["forecast"] == check["passing"] == ["AutoTheta", "AutoETS"], check
+    for name in check["forecast"]:
+        entry = check["statistical"][name]
+        assert entry["difference"] < -entry["standard_error"], check
+    ratios = [check["statistical"][n]["loss"] / check["seasonal_naive"] for n in check["passing"]]
+    assert ratios == sorted(ratios) and check["chosen"] == "AutoTheta"
+    assert auto.members_ == [] and isinstance(pipeline.forecaster, EnsembleForecaster)
+    assert pipeline.config == {
+        "model": "combination",
+        "lookback": 24,
+        "season": 12,
+        "members": ["AutoTheta", "AutoETS"],
+    }
 
-    # the real future: the model fitted on each series' whole (unscaled) history
+    # the real future: each model fitted on each series' whole (unscaled) history, averaged
     history = TSDataset.from_pandas(frame, dt_col="ds", target_col="y", id_col="id")
     future = pipeline.predict(history)
-    np.testing.assert_allclose(future["y"], _direct(frame, chosen, 12, HORIZON), rtol=1e-6)
+    direct = [_direct(frame, name, 12, HORIZON) for name in ("AutoETS", "AutoTheta")]
+    np.testing.assert_allclose(future["y"], np.mean(direct, axis=0), rtol=1e-6)
     loaded = TSPipeline.load(pipeline.save(str(tmp_path / "pipeline")))
-    assert isinstance(loaded.forecaster, StatsForecaster) and loaded.forecaster.model == chosen
+    assert [m.model for m in loaded.forecaster.members] == ["AutoTheta", "AutoETS"]
     pd.testing.assert_frame_equal(loaded.predict(history), future)
+    # combine=False: the best alone
+    auto.combine, auto.search_options["checkpoint_dir"] = False, str(tmp_path / "search-2")
+    alone = auto.fit(train, val, n_trials=1, epochs=1, batch_size=64)
+    assert auto.validation_["forecast"] == ["AutoTheta"]
+    assert isinstance(alone.forecaster, StatsForecaster) and alone.forecaster.model == "AutoTheta"
+    assert alone.config == {"model": "AutoTheta", "lookback": 24, "season": 12}
+    np.testing.assert_allclose(alone.predict(history)["y"], direct[1], rtol=1e-6)
     # Spark in, Spark out: each series forecast in its own task
     on_spark = TSDataset.from_spark(
         spark.createDataFrame(frame), dt_col="ds", target_col="y", id_col="id"

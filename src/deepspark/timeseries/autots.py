@@ -4,11 +4,11 @@ Each trial is a `deepspark.automl` trial: a distributed fit of one global networ
 series, on the windows of its own lookback (rolled once per lookback and reused), stopped early
 when its validation loss stops improving. Validation windows take their inputs from the end of
 the training data, so a validation split of a few horizons per series is enough. The result
-is a `TSPipeline`: the training data's scaler and the forecaster (by default the mean of the
-best trial of each of the 5 best kind-and-lookback pairs, an `EnsembleForecaster`; or a
-statistical model, AutoETS or AutoTheta, fitted per series, when it does better on the same
-validation windows; or the seasonal-naive forecast when none of them clearly beats it), which
-predicts the real future of unscaled data and saves and loads as one directory.
+is a `TSPipeline`: the training data's scaler and the forecaster (the mean of the candidates
+that beat seasonal naive on the same validation windows: the best trial of each of the 5 best
+kind-and-lookback pairs, averaged, and AutoETS and AutoTheta fitted per series; or seasonal
+naive when none does), which predicts the real future of unscaled data and saves and loads as
+one directory.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -31,7 +30,7 @@ from deepspark.timeseries.pipeline import TSPipeline
 from deepspark.timeseries.statistical import (
     SEASONAL_NAIVE,
     STATISTICAL_MODELS,
-    StatsForecaster,
+    fitted_per_series,
     statsforecast_model,
     validation_losses,
     with_statistical,
@@ -119,6 +118,10 @@ class AutoTS:
         statistical model is a `StatsForecaster`, fitted on each series' whole history when
         the pipeline predicts. Empty: networks only. Needs statsforecast (the
         ``timeseries`` extra).
+    combine : bool
+        When several candidates beat seasonal naive (`statistical`): True forecasts the mean
+        of theirs, the networks counting as one (an `EnsembleForecaster` with
+        `StatsForecaster` members); False, the lowest validation loss's alone.
     **search_options
         `deepspark.automl.AutoEstimator`'s: ``num_workers``, ``max_concurrent``,
         ``sampler``, ``pruner``, ``study_name``, ``storage``, ``checkpoint_dir``, ``seed``.
@@ -146,6 +149,7 @@ class AutoTS:
         floor: str | float | None = "auto",
         fallback: float | None = 0.01,
         statistical: Sequence[str] = ("AutoETS", "AutoTheta"),
+        combine: bool = True,
         **search_options: Any,
     ) -> None:
         self.horizon = horizon
@@ -162,6 +166,7 @@ class AutoTS:
         self.floor = floor
         self.fallback = fallback
         self.statistical = (statistical,) if isinstance(statistical, str) else tuple(statistical)
+        self.combine = combine
         self.search_options = search_options
         self.search_: Any = None
         self.pipeline_: TSPipeline | None = None
@@ -258,8 +263,8 @@ class AutoTS:
             lookback = int(config["lookback"])
             if lookback not in rolled:
                 rolled[lookback] = (
-                    _rows(train.windows(lookback, horizon), train.is_spark),
-                    _rows(continued.windows(lookback, horizon), train.is_spark),
+                    windows.trial_rows(train.windows(lookback, horizon), train.is_spark),
+                    windows.trial_rows(continued.windows(lookback, horizon), train.is_spark),
                 )
             return rolled[lookback]
 
@@ -295,24 +300,32 @@ class AutoTS:
         )
         self.members_ = self._chosen()
         naive = SeasonalNaiveForecaster(season=season or 1, horizon=horizon)
-        chosen = "networks"
+        chosen = ["networks"]
         if self.fallback is not None:
             chosen = self._validate(naive, columns, data_for, continued)
-        if chosen == "networks":
-            return self._refit(train, continued, fit_options, batch_size)
-        return self._per_series_pipeline(chosen, naive, train, continued)
+        return self._chosen_pipeline(chosen, naive, train, continued, fit_options, batch_size)
 
-    def _per_series_pipeline(
-        self, chosen: str, naive: SeasonalNaiveForecaster, train: TSDataset, continued: Any
+    def _chosen_pipeline(
+        self,
+        chosen: list[str],
+        naive: SeasonalNaiveForecaster,
+        train: TSDataset,
+        continued: Any,
+        fit_options: dict[str, Any],
+        batch_size: int,
     ) -> TSPipeline:
-        """The pipeline of seasonal naive, or of the statistical model `chosen`."""
-        self.members_ = []
-        forecaster: Forecaster = naive
-        if chosen != SEASONAL_NAIVE:
-            forecaster = StatsForecaster(chosen, season=naive.season, horizon=self.horizon)
-        forecaster.fit(continued.data)
-        config = {"model": chosen, "lookback": forecaster.lookback, "season": naive.season}
-        return self._pipeline(forecaster, train, config)
+        """The pipeline of the `chosen` candidates: one alone, or the mean of several."""
+        if chosen == ["networks"]:
+            return self._refit(train, continued, fit_options, batch_size)
+        networks = "networks" in chosen
+        self.members_ = self.members_ if networks else []
+        forecasters = fitted_per_series(chosen, naive, continued.data)
+        if networks:
+            forecasters.insert(0, self._refit(train, continued, fit_options, batch_size).forecaster)
+        one = forecasters[0] if len(chosen) == 1 else EnsembleForecaster(forecasters)
+        config = {"model": chosen[0]} if len(chosen) == 1 else {"model": "combination"}
+        config |= {"lookback": one.lookback, "season": naive.season}
+        return self._pipeline(one, train, config | ({"members": chosen} if len(chosen) > 1 else {}))
 
     def _space(self, sizes: dict[str, dict[str, list[Any]]]) -> Callable[[Any], dict[str, Any]]:
         """The search space, define-by-run: ``trial -> config``."""
@@ -346,11 +359,11 @@ class AutoTS:
         columns: Any,
         data_for: Callable[[dict[str, Any]], tuple[Any, Any]],
         continued: Any,
-    ) -> str:
-        """What the pipeline forecasts with: ``"networks"``, a `statistical` model's name or
-        ``"seasonal_naive"`` (`fallback`, `statistical`); kept with the losses as
-        `validation_`."""
+    ) -> list[str]:
+        """What the pipeline forecasts with (`fallback`, `statistical`, `combine`), as
+        `validation_["forecast"]`: ``"networks"``, statistical models, or seasonal naive."""
         self._naive_check(naive, columns, data_for)
+        passing = [self.validation_["chosen"]]
         if self.statistical:
             losses = validation_losses(
                 continued, self.statistical, naive.season, self.horizon, self.loss
@@ -358,7 +371,10 @@ class AutoTS:
             self.validation_ = with_statistical(
                 self.validation_, losses, self.statistical, float(self.fallback)
             )
-        return self.validation_["chosen"]
+            passing = self.validation_["passing"] or [SEASONAL_NAIVE]
+        chosen = passing if self.combine else passing[:1]
+        self.validation_["forecast"] = chosen
+        return chosen
 
     def _naive_check(
         self,
@@ -482,17 +498,3 @@ def _forecaster(config: dict[str, Any], horizon: int, loss: str, season: int | N
         loss=loss,
         **sizes,
     )
-
-
-def _rows(rows: Any, is_spark: bool) -> Any:
-    """Windows as a trial reads them: a Spark DataFrame (cached), or a dict of arrays."""
-    if is_spark:
-        import deepspark as ds
-
-        frame = rows.select(windows.X_COL, windows.Y_COL)
-        ds.cache(frame)
-        return frame
-    return {
-        windows.X_COL: np.stack(rows[windows.X_COL].to_numpy()).astype("float32"),
-        windows.Y_COL: np.stack(rows[windows.Y_COL].to_numpy()).astype("float32"),
-    }

@@ -17,8 +17,12 @@ import fsspec
 import torch
 from torch import nn
 
-from deepspark.timeseries.forecaster import Forecaster
+from deepspark.timeseries import forecast_metrics
+from deepspark.timeseries.combined import evaluate_combined, predict_combined
+from deepspark.timeseries.forecaster import Forecaster, _check_dataset, check_floor
 from deepspark.timeseries.forecaster_io import read_json
+from deepspark.timeseries.statistical import StatsForecaster
+from deepspark.timeseries.tsdataset import TSDataset
 
 __all__ = ["EnsembleForecaster", "MeanForecastModel", "own_steps"]
 
@@ -57,7 +61,10 @@ class EnsembleForecaster(Forecaster):
     Parameters
     ----------
     members : sequence of Forecaster
-        Trained (or loaded) forecasters; lookbacks and kinds may differ.
+        Trained (or loaded) forecasters; lookbacks and kinds may differ. Members may be
+        ensembles themselves, and `StatsForecaster`s: the ensemble then forecasts series by
+        series (`deepspark.timeseries.combined`; no ONNX export), each member weighing the
+        same.
 
     Examples
     --------
@@ -80,15 +87,82 @@ class EnsembleForecaster(Forecaster):
                 + "; ".join(sorted(roles))
             )
         lookback = max(member.lookback for member in members)
-        super().__init__(members[0].kind, lookback=lookback, horizon=horizons[0])
+        # a network kind for Forecaster's checks; the ensemble's own is "ensemble"
+        super().__init__("dlinear", lookback=lookback, horizon=horizons[0])
         self.kind = "ensemble"
         self.members = members
         self.model_ = MeanForecastModel([model for model, _ in fitted])
         self.columns_ = fitted[0][1]
         self._train = members[0]._train  # MASE's default in-sample errors
+        # statistical members fit each series where they forecast: series by series then
+        self.per_series = any(isinstance(member, StatsForecaster) for member in members)
 
     def __repr__(self) -> str:
         return f"EnsembleForecaster({self.members!r})"
+
+    def predict(
+        self,
+        data: TSDataset,
+        horizon: int | None = None,
+        *,
+        onnx: bool | str = False,
+        batch_size: int = 1024,
+        floor: float | None = None,
+    ) -> Any:
+        """`Forecaster.predict`; with statistical members, the mean forecast is made series
+        by series (`deepspark.timeseries.combined`)."""
+        if not self.per_series:
+            return super().predict(data, horizon, onnx=onnx, batch_size=batch_size, floor=floor)
+        self._fitted()
+        _check_dataset(data, "data")
+        self._check_columns(data, "data")
+        check_floor(floor)
+        self._no_onnx(onnx)
+        steps = self.horizon if horizon is None else horizon
+        if not isinstance(steps, int) or not 1 <= steps <= self.horizon:
+            raise ValueError(f"horizon={horizon!r}: forecast 1 to {self.horizon} steps")
+        return predict_combined(self, data, steps, floor)
+
+    def evaluate(
+        self,
+        test: TSDataset,
+        metrics: Sequence[str] = forecast_metrics.METRICS,
+        *,
+        season: int = 1,
+        train: TSDataset | None = None,
+        onnx: bool | str = False,
+        floor: float | None = None,
+    ) -> dict[str, float]:
+        """`Forecaster.evaluate`; with statistical members, series by series (each
+        statistical member fitted at every window, as `StatsForecaster.evaluate` does)."""
+        if not self.per_series:
+            return super().evaluate(
+                test, metrics, season=season, train=train, onnx=onnx, floor=floor
+            )
+        self._fitted()
+        names = self._evaluate_checks(test, metrics, season, floor)
+        self._no_onnx(onnx)
+        history = train if train is not None else self._train
+        naive = None
+        if "mase" in names and history is not None:
+            _check_dataset(history, "train")
+            naive = history.naive_errors(season)
+        return evaluate_combined(self, test, names, naive, floor)
+
+    def export_onnx(self, path: str) -> str:
+        if self.per_series:
+            raise TypeError(
+                "this EnsembleForecaster has statistical members, which fit each series where "
+                "they forecast: there is no single network to export; use predict"
+            )
+        return super().export_onnx(path)
+
+    def _no_onnx(self, onnx: bool | str) -> None:
+        if onnx:
+            raise ValueError(
+                "onnx=...: an EnsembleForecaster with statistical members has no network to "
+                "export; leave it off"
+            )
 
     def fit(self, *args: Any, **kwargs: Any) -> Forecaster:
         raise TypeError(
@@ -110,7 +184,8 @@ class EnsembleForecaster(Forecaster):
     @classmethod
     def load(cls, path: str) -> EnsembleForecaster:
         names = read_json(path, _ENSEMBLE_FILE, "EnsembleForecaster.save")["members"]
-        return cls([Forecaster.load(f"{path.rstrip('/')}/{name}") for name in names])
+        folders = [f"{path.rstrip('/')}/{name}" for name in names]
+        return cls([(cls if cls.saved_at(f) else Forecaster).load(f) for f in folders])
 
     @staticmethod
     def saved_at(path: str) -> bool:

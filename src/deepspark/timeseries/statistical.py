@@ -393,6 +393,20 @@ def _losses(continued: Any, step: Any, keys: list[str], models: list[str]) -> pd
     return tsdataset_spark.per_series_table(joined, cols, step, schema).toPandas()
 
 
+def fitted_per_series(names: Sequence[str], naive: Forecaster, data: TSDataset) -> list[Forecaster]:
+    """The forecasters of `names` that fit each series where they forecast, in order (the
+    networks left out): `StatsForecaster`s, and `naive` for ``"seasonal_naive"``; each
+    fitted on `data` (which records its columns)."""
+    chosen: list[Forecaster] = []
+    for name in (name for name in names if name != "networks"):
+        forecaster = naive
+        if name != SEASONAL_NAIVE:
+            forecaster = StatsForecaster(name, season=naive.season, horizon=naive.horizon)
+        forecaster.fit(data)
+        chosen.append(forecaster)
+    return chosen
+
+
 def with_statistical(
     check: dict[str, Any], losses: pd.DataFrame, names: Sequence[str], margin: float
 ) -> dict[str, Any]:
@@ -400,7 +414,7 @@ def with_statistical(
     of `names` judged the same way on its per-window `losses` (`validation_losses`), and
     ``chosen`` the candidate with the lowest loss relative to seasonal naive's among those
     that beat it by more than `margin` of its loss and one standard error (else
-    ``"seasonal_naive"``)."""
+    ``"seasonal_naive"``), and ``passing`` those candidates, best first."""
     result = dict(check)
     naive = losses[SEASONAL_NAIVE].to_numpy("float64")
     passing = {}
@@ -423,5 +437,6 @@ def with_statistical(
         }
         if gap.mean() < -max(error, margin * naive.mean()):
             passing[name] = float(own.mean() / naive.mean())
-    result["chosen"] = min(passing, key=passing.get) if passing else SEASONAL_NAIVE
+    result["passing"] = sorted(passing, key=passing.get)
+    result["chosen"] = result["passing"][0] if passing else SEASONAL_NAIVE
     return result

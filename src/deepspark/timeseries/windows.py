@@ -9,6 +9,7 @@ per id (``applyInPandas``); the pandas TSDataset calls them per group. No pyspar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -137,3 +138,17 @@ def forecast_rows(
     for index, target in enumerate(cols.target_col):
         result[target] = flat[:, index]
     return result
+
+
+def trial_rows(rows: Any, is_spark: bool) -> Any:
+    """Windows as a trial reads them: a Spark DataFrame (cached), or a dict of arrays."""
+    if is_spark:
+        import deepspark as ds
+
+        frame = rows.select(X_COL, Y_COL)
+        ds.cache(frame)
+        return frame
+    return {
+        X_COL: np.stack(rows[X_COL].to_numpy()).astype("float32"),
+        Y_COL: np.stack(rows[Y_COL].to_numpy()).astype("float32"),
+    }
