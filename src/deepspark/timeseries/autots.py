@@ -320,12 +320,13 @@ class AutoTS:
         networks = "networks" in chosen
         self.members_ = self.members_ if networks else []
         forecasters = fitted_per_series(chosen, naive, continued.data)
-        if networks:
+        if networks:  # the first member, as in the config's "members"
             forecasters.insert(0, self._refit(train, continued, fit_options, batch_size).forecaster)
+        order = ["networks"] * networks + [name for name in chosen if name != "networks"]
         one = forecasters[0] if len(chosen) == 1 else EnsembleForecaster(forecasters)
         config = {"model": chosen[0]} if len(chosen) == 1 else {"model": "combination"}
         config |= {"lookback": one.lookback, "season": naive.season}
-        return self._pipeline(one, train, config | ({"members": chosen} if len(chosen) > 1 else {}))
+        return self._pipeline(one, train, config | ({"members": order} if len(chosen) > 1 else {}))
 
     def _space(self, sizes: dict[str, dict[str, list[Any]]]) -> Callable[[Any], dict[str, Any]]:
         """The search space, define-by-run: ``trial -> config``."""
@@ -382,8 +383,7 @@ class AutoTS:
         columns: Any,
         data_for: Callable[[dict[str, Any]], tuple[Any, Any]],
     ) -> None:
-        """The chosen trials' mean forecast against seasonal naive's on the validation
-        windows (`fallback`), kept as `validation_`."""
+        """The chosen trials' mean against seasonal naive on validation, as `validation_`."""
         from deepspark.automl.results import saved_estimator
 
         longest = max([naive.lookback] + [int(t["config"]["lookback"]) for t in self.members_])

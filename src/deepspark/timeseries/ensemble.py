@@ -19,9 +19,13 @@ from torch import nn
 
 from deepspark.timeseries import forecast_metrics
 from deepspark.timeseries.combined import evaluate_combined, predict_combined
-from deepspark.timeseries.forecaster import Forecaster, _check_dataset, check_floor
+from deepspark.timeseries.forecaster import Forecaster
 from deepspark.timeseries.forecaster_io import read_json
-from deepspark.timeseries.statistical import StatsForecaster
+from deepspark.timeseries.statistical import (
+    StatsForecaster,
+    per_series_evaluate_checks,
+    per_series_predict_checks,
+)
 from deepspark.timeseries.tsdataset import TSDataset
 
 __all__ = ["EnsembleForecaster", "MeanForecastModel", "own_steps"]
@@ -113,14 +117,7 @@ class EnsembleForecaster(Forecaster):
         by series (`deepspark.timeseries.combined`)."""
         if not self.per_series:
             return super().predict(data, horizon, onnx=onnx, batch_size=batch_size, floor=floor)
-        self._fitted()
-        _check_dataset(data, "data")
-        self._check_columns(data, "data")
-        check_floor(floor)
-        self._no_onnx(onnx)
-        steps = self.horizon if horizon is None else horizon
-        if not isinstance(steps, int) or not 1 <= steps <= self.horizon:
-            raise ValueError(f"horizon={horizon!r}: forecast 1 to {self.horizon} steps")
+        steps = per_series_predict_checks(self, data, horizon, onnx, floor)
         return predict_combined(self, data, steps, floor)
 
     def evaluate(
@@ -139,14 +136,7 @@ class EnsembleForecaster(Forecaster):
             return super().evaluate(
                 test, metrics, season=season, train=train, onnx=onnx, floor=floor
             )
-        self._fitted()
-        names = self._evaluate_checks(test, metrics, season, floor)
-        self._no_onnx(onnx)
-        history = train if train is not None else self._train
-        naive = None
-        if "mase" in names and history is not None:
-            _check_dataset(history, "train")
-            naive = history.naive_errors(season)
+        names, naive = per_series_evaluate_checks(self, test, metrics, season, train, onnx, floor)
         return evaluate_combined(self, test, names, naive, floor)
 
     def export_onnx(self, path: str) -> str:

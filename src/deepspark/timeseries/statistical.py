@@ -193,15 +193,8 @@ class StatsForecaster(Forecaster):
     ) -> Any:
         """Forecast the `horizon` steps after each series' last timestamp (see
         `Forecaster.predict`): the model fitted on each series' whole history in `data`."""
-        self._fitted()
         statsforecast_model(self.model, self.season)  # installed? (before any Spark job)
-        _check_dataset(data, "data")
-        self._check_columns(data, "data")
-        check_floor(floor)
-        self._no_onnx(onnx)
-        steps = self.horizon if horizon is None else horizon
-        if not isinstance(steps, int) or not 1 <= steps <= self.horizon:
-            raise ValueError(f"horizon={horizon!r}: forecast 1 to {self.horizon} steps")
+        steps = per_series_predict_checks(self, data, horizon, onnx, floor)
         freq = data.freq
         if freq is None:
             raise ValueError(
@@ -232,12 +225,8 @@ class StatsForecaster(Forecaster):
         """Score forecasts at every window of `test`, as `Forecaster.evaluate` does: a
         window's forecast is the model fitted on its series' steps up to the window's end
         (at least `lookback` of them). Costs one fit per window and target."""
-        self._fitted()
         statsforecast_model(self.model, self.season)  # installed? (before any Spark job)
-        names = self._evaluate_checks(test, metrics, season, floor)
-        self._no_onnx(onnx)
-        history = train if train is not None else self._train
-        naive = history.naive_errors(season) if "mase" in names and history is not None else None
+        names, naive = per_series_evaluate_checks(self, test, metrics, season, train, onnx, floor)
         test_cols, scaler = test.columns, test.scaler
         name, model_season, lookback, horizon = self.model, self.season, self.lookback, self.horizon
 
@@ -252,6 +241,48 @@ class StatsForecaster(Forecaster):
 
         sums = _per_series(test, step, None).sum()
         return forecast_metrics.metrics_from_sums({k: float(sums[k]) for k in sums.index}, names)
+
+
+def per_series_predict_checks(
+    forecaster: Forecaster,
+    data: TSDataset,
+    horizon: int | None,
+    onnx: bool | str,
+    floor: float | None,
+) -> int:
+    """`predict`'s checks for a forecaster that fits each series where it forecasts (a
+    `StatsForecaster`, an ensemble with one); the steps to forecast."""
+    forecaster._fitted()
+    _check_dataset(data, "data")
+    forecaster._check_columns(data, "data")
+    check_floor(floor)
+    forecaster._no_onnx(onnx)
+    steps = forecaster.horizon if horizon is None else horizon
+    if not isinstance(steps, int) or not 1 <= steps <= forecaster.horizon:
+        raise ValueError(f"horizon={horizon!r}: forecast 1 to {forecaster.horizon} steps")
+    return steps
+
+
+def per_series_evaluate_checks(
+    forecaster: Forecaster,
+    test: TSDataset,
+    metrics: Sequence[str],
+    season: int,
+    train: TSDataset | None,
+    onnx: bool | str,
+    floor: float | None,
+) -> tuple[list[str], pd.DataFrame | None]:
+    """`evaluate`'s checks for such a forecaster: the metric names, and the in-sample
+    seasonal-naive errors MASE divides by (None when MASE is not asked for or no training
+    data is known)."""
+    forecaster._fitted()
+    names = forecaster._evaluate_checks(test, metrics, season, floor)
+    forecaster._no_onnx(onnx)
+    history = train if train is not None else forecaster._train
+    if "mase" not in names or history is None:
+        return names, None
+    _check_dataset(history, "train")
+    return names, history.naive_errors(season)
 
 
 def _unscaled(
