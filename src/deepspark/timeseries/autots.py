@@ -323,10 +323,10 @@ class AutoTS:
         if networks:  # the first member, as in the config's "members"
             forecasters.insert(0, self._refit(train, continued, fit_options, batch_size).forecaster)
         order = ["networks"] * networks + [name for name in chosen if name != "networks"]
-        one = forecasters[0] if len(chosen) == 1 else EnsembleForecaster(forecasters)
+        mean = forecasters[0] if len(chosen) == 1 else EnsembleForecaster(forecasters)
         config = {"model": chosen[0]} if len(chosen) == 1 else {"model": "combination"}
-        config |= {"lookback": one.lookback, "season": naive.season}
-        return self._pipeline(one, train, config | ({"members": order} if len(chosen) > 1 else {}))
+        config |= {"lookback": mean.lookback, "season": naive.season}
+        return self._pipeline(mean, train, config | ({"members": order} if len(chosen) > 1 else {}))
 
     def _space(self, sizes: dict[str, dict[str, list[Any]]]) -> Callable[[Any], dict[str, Any]]:
         """The search space, define-by-run: ``trial -> config``."""

@@ -44,12 +44,13 @@ def _member_forecasts(
     cols: SeriesColumns,
     scaler: TSScaler | None,
     ends: list[int],
+    unscaled: np.ndarray,
 ) -> np.ndarray:
     """(members, len(ends), horizon, targets), unscaled: each member's forecast from each
-    index in `ends` of one series' rows `frame` (sorted, as given: scaled or not)."""
+    index in `ends` of one series' rows `frame` (sorted, as given: scaled or not), whose
+    targets unscaled are `unscaled`."""
     horizon, targets = members[0].horizon, list(cols.target_col)
     values = frame[cols.value_cols].to_numpy("float32")
-    _, unscaled = _unscaled(frame, cols, scaler)
     out = []
     for member in members:
         if isinstance(member, StatsForecaster):
@@ -86,7 +87,9 @@ def predict_combined(ensemble: Forecaster, data: TSDataset, steps: int, floor: f
     def step(frame: pd.DataFrame) -> pd.DataFrame:
         frame = sort_series(frame, cols)
         _check_length(frame, cols, lookback, "data")
-        forecasts = _member_forecasts(members, frame, cols, scaler, [len(frame) - 1])
+        _, unscaled = _unscaled(frame, cols, scaler)
+        ends = [len(frame) - 1]
+        forecasts = _member_forecasts(members, frame, cols, scaler, ends, unscaled)
         mean = forecasts.mean(axis=0)[:, :steps]
         last = frame.iloc[[-1]].reset_index(drop=True)
         return windows.forecast_rows(last, mean, out_cols, freq, None, floor)
@@ -111,8 +114,8 @@ def evaluate_combined(
         frame = sort_series(frame, cols)
         _check_length(frame, cols, lookback + horizon, "test")
         ends = list(range(lookback - 1, len(frame) - horizon))
-        yhat = _member_forecasts(members, frame, cols, scaler, ends).mean(axis=0)
         _, unscaled = _unscaled(frame, cols, scaler)
+        yhat = _member_forecasts(members, frame, cols, scaler, ends, unscaled).mean(axis=0)
         y = _truth(unscaled, ends, horizon)
         denominators = _denominators(naive, frame, cols, len(ends))
         sums = forecast_metrics.error_sums(y, windows.floored(yhat, floor), denominators)
