@@ -19,19 +19,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from deepspark.timeseries import forecast_metrics, windows
+from deepspark.timeseries import windows
 from deepspark.timeseries.forecast_model import run_torch
 from deepspark.timeseries.forecaster import Forecaster
 from deepspark.timeseries.scaler import TSScaler
 from deepspark.timeseries.series_ops import SeriesColumns, sort_series
 from deepspark.timeseries.statistical import (
     StatsForecaster,
-    _denominators,
     _per_series,
-    _truth,
     _unscaled,
     origin_forecasts,
     statsforecast_model,
+    summed_metrics,
+    window_sums,
 )
 from deepspark.timeseries.tsdataset import TSDataset
 
@@ -116,13 +116,9 @@ def evaluate_combined(
         ends = list(range(lookback - 1, len(frame) - horizon))
         _, unscaled = _unscaled(frame, cols, scaler)
         yhat = _member_forecasts(members, frame, cols, scaler, ends, unscaled).mean(axis=0)
-        y = _truth(unscaled, ends, horizon)
-        denominators = _denominators(naive, frame, cols, len(ends))
-        sums = forecast_metrics.error_sums(y, windows.floored(yhat, floor), denominators)
-        return forecast_metrics.sums_frame(sums)
+        return window_sums(frame, cols, unscaled, ends, yhat, naive, floor)
 
-    sums = _per_series(test, step, None).sum()
-    return forecast_metrics.metrics_from_sums({k: float(sums[k]) for k in sums.index}, names)
+    return summed_metrics(test, step, names)
 
 
 def _check_length(frame: pd.DataFrame, cols: SeriesColumns, needed: int, name: str) -> None:

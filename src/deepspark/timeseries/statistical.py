@@ -234,13 +234,32 @@ class StatsForecaster(Forecaster):
             frame, values = _unscaled(frame, test_cols, scaler)
             ends = list(range(lookback - 1, len(values) - horizon))
             yhat = origin_forecasts(name, model_season, values, ends, horizon)
-            y = _truth(values, ends, horizon)
-            denominators = _denominators(naive, frame, test_cols, len(ends))
-            sums = forecast_metrics.error_sums(y, windows.floored(yhat, floor), denominators)
-            return forecast_metrics.sums_frame(sums)
+            return window_sums(frame, test_cols, values, ends, yhat, naive, floor)
 
-        sums = _per_series(test, step, None).sum()
-        return forecast_metrics.metrics_from_sums({k: float(sums[k]) for k in sums.index}, names)
+        return summed_metrics(test, step, names)
+
+
+def window_sums(
+    frame: pd.DataFrame,
+    cols: SeriesColumns,
+    values: np.ndarray,
+    ends: list[int],
+    yhat: np.ndarray,
+    naive: pd.DataFrame | None,
+    floor: float | None,
+) -> pd.DataFrame:
+    """One series' error sums (one row) of forecasts `yhat` from each index in `ends` of
+    its unscaled target `values`, MASE scaled by `naive`'s row for the series."""
+    y = _truth(values, ends, yhat.shape[1])
+    denominators = _denominators(naive, frame, cols, len(ends))
+    sums = forecast_metrics.error_sums(y, windows.floored(yhat, floor), denominators)
+    return forecast_metrics.sums_frame(sums)
+
+
+def summed_metrics(test: TSDataset, step: Any, names: list[str]) -> dict[str, float]:
+    """The metrics `names` from `step`'s error sums (`window_sums`) over every series."""
+    sums = _per_series(test, step, None).sum()
+    return forecast_metrics.metrics_from_sums({k: float(sums[k]) for k in sums.index}, names)
 
 
 def per_series_predict_checks(
