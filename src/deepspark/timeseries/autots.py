@@ -6,9 +6,9 @@ when its validation loss stops improving. Validation windows take their inputs f
 the training data, so a validation split of a few horizons per series is enough. The result
 is a `TSPipeline`: the training data's scaler and the forecaster (the mean of the candidates
 that beat seasonal naive on the same validation windows: the best trial of each of the 5 best
-kind-and-lookback pairs, averaged, and AutoETS and AutoTheta fitted per series; or seasonal
-naive when none does), which predicts the real future of unscaled data and saves and loads as
-one directory.
+kind-and-lookback pairs, averaged, and AutoETS, AutoTheta and AutoARIMA fitted per series;
+or seasonal naive when none does), which predicts the real future of unscaled data and saves
+and loads as one directory.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class AutoTS:
         model).
     statistical : str or sequence of str
         statsforecast models (`deepspark.timeseries.statistical.STATISTICAL_MODELS`) that
-        compete with the trials on the same validation windows (default AutoETS and
-        AutoTheta): each is fitted on every series' training steps, as the trials are, run
+        compete with the trials on the same validation windows (default AutoETS, AutoTheta
+        and AutoARIMA): each is fitted on every series' training steps, as the trials are, run
         over each validation origin's past and scored with the same loss in the same scaled
         space. Of the candidates (the trials'
         mean forecast and each of these) that beat seasonal naive as `fallback` asks, the
@@ -148,7 +148,7 @@ class AutoTS:
         ensemble: int = 5,
         floor: str | float | None = "auto",
         fallback: float | None = 0.01,
-        statistical: Sequence[str] = ("AutoETS", "AutoTheta"),
+        statistical: Sequence[str] = ("AutoETS", "AutoTheta", "AutoARIMA"),
         combine: bool = True,
         **search_options: Any,
     ) -> None:
