@@ -178,10 +178,12 @@ def autots_model(
 AUTOTS_CONFIGS: list[dict] = []
 NETWORKS_CONFIGS: list[dict] = []
 ARIMA_CONFIGS: list[dict] = []
+NO_ARIMA_CONFIGS: list[dict] = []
 RECORDS = {
     "AutoTS": AUTOTS_CONFIGS,
     "AutoTS networks": NETWORKS_CONFIGS,
     "AutoTS +ARIMA": ARIMA_CONFIGS,
+    "AutoTS -ARIMA": NO_ARIMA_CONFIGS,
 }
 DEFAULT_COLUMNS = (*STATSFORECAST, "AutoTS")
 
@@ -198,9 +200,14 @@ def models() -> dict[str, Forecast]:
         "AutoTS": autots_model(trials, seed=0, record=AUTOTS_CONFIGS),
         # AutoTS without statistical candidates: its networks, or seasonal naive
         "AutoTS networks": autots_model(trials, 0, NETWORKS_CONFIGS, statistical=()),
-        # AutoARIMA as a third statistical candidate (a development trial, stop 36)
+        # AutoARIMA as a third statistical candidate: tried on the development sets (stop 36),
+        # then the default; the same as "AutoTS" since
         "AutoTS +ARIMA": autots_model(
             trials, 0, ARIMA_CONFIGS, statistical=("AutoETS", "AutoTheta", "AutoARIMA")
+        ),
+        # the default before stop 36: AutoETS and AutoTheta only
+        "AutoTS -ARIMA": autots_model(
+            trials, 0, NO_ARIMA_CONFIGS, statistical=("AutoETS", "AutoTheta")
         ),
     }
 
@@ -508,6 +515,7 @@ def accuracy_json(accuracy: dict) -> dict:
         **{k: v for k, v in accuracy.items() if k.startswith(("autots", "target", "best_"))},
         **({"autots_networks_configs": NETWORKS_CONFIGS} if NETWORKS_CONFIGS else {}),
         **({"autots_arima_configs": ARIMA_CONFIGS} if ARIMA_CONFIGS else {}),
+        **({"autots_no_arima_configs": NO_ARIMA_CONFIGS} if NO_ARIMA_CONFIGS else {}),
     }
 
 
