@@ -21,7 +21,9 @@ views, electricity demand and a share price (daily), internet users (per minute)
 (every 10 minutes); air temperature, cafe and restaurant spending, debit-card use and
 lung-disease deaths (monthly); gas use, company earnings, beer production and housing starts
 (quarterly); murder rates, marathon times, counts of inventions, rice production and air
-temperature (yearly). They are read only by the held-out run, with defaults frozen.
+temperature (yearly). They are read only by the held-out run, with defaults frozen. The
+first read was `logged_at 2026-12-08T00:59:03`; a change that this read suggests must be
+judged on another set.
 
 `ForecastSet` is what a forecast benchmark needs: the frame (``ds``, ``y``), the horizon and
 the season (1: none; MASE then scales by the one-step naive error). `development_sets()` and
