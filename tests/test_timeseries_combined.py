@@ -114,6 +114,9 @@ def test_spark_forecasts_and_scores_equal_pandas(trained, spark):
     assert combined.evaluate(_data(tail, spark), season=SEASON) == pytest.approx(
         pandas_scores, rel=1e-6
     )
+    # a test part too short for one window is refused on the driver, before the job
+    with pytest.raises(ValueError, match=r"test: series '\w+' has 10 rows.*larger ratio"):
+        combined.evaluate(_data(frame.groupby("id").tail(10), spark), season=SEASON)
 
 
 def test_what_a_combined_ensemble_refuses(trained, tmp_path):

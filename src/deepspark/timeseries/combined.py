@@ -126,5 +126,6 @@ def _check_length(frame: pd.DataFrame, cols: SeriesColumns, needed: int, name: s
         series = f"series {frame[cols.id_col].iloc[0]!r}" if cols.id_col else "the series"
         raise ValueError(
             f"{name}: {series} has {len(frame)} rows; the ensemble reads {needed} "
-            "(its longest member lookback, plus the horizon to evaluate): drop short series"
+            "(its longest member lookback, plus the horizon to evaluate): pass a longer test "
+            "set (a split's test part needs a larger ratio) or drop short series"
         )

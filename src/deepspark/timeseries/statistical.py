@@ -297,6 +297,11 @@ def per_series_evaluate_checks(
     forecaster._fitted()
     names = forecaster._evaluate_checks(test, metrics, season, floor)
     forecaster._no_onnx(onnx)
+    if test.is_spark:  # short series, named on the driver (pandas data raise it right away)
+        try:
+            test.windows(forecaster.lookback, forecaster.horizon)  # lazy but for this check
+        except ValueError as error:
+            raise ValueError(f"test: {error}; a split's test part needs a larger ratio") from None
     history = train if train is not None else forecaster._train
     if "mase" not in names or history is None:
         return names, None
