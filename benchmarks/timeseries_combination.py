@@ -20,8 +20,9 @@ import os
 import sys
 
 import numpy as np
-from timeseries import STATSFORECAST, mase
+from timeseries import mase
 from timeseries_sets import development_sets
+from timeseries_targets import STATSFORECAST, compare
 
 LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log.jsonl")
 
@@ -90,15 +91,15 @@ def main() -> None:
             scores["combine"].append(mase(holdout, combined, history, series.season))
         mean = {m: float(np.mean([r["mase"] for r in runs])) for m, runs in models.items()}
         mean["combine"] = float(np.mean(scores["combine"]))
-        baselines = {m: v for m, v in mean.items() if m in STATSFORECAST}
-        best = min(baselines.values())
+        best = min(v for m, v in mean.items() if m in STATSFORECAST)
         for rule, column in (
             ("select", "AutoTS"),
             ("combine", "combine"),
             ("networks", "AutoTS networks"),
         ):
-            shares[rule][0] += mean[column] <= mean["SeasonalNaive"]
-            shares[rule][1] += mean[column] < best
+            _, no_worse, better = compare(mean, column)
+            shares[rule][0] += no_worse
+            shares[rule][1] += better
         rows.append(
             (
                 name,

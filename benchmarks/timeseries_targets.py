@@ -7,18 +7,22 @@ from __future__ import annotations
 STATSFORECAST = ("SeasonalNaive", "AutoETS", "AutoARIMA", "AutoTheta", "MSTL")
 
 
+def compare(mase: dict[str, float], column: str) -> tuple[str, bool, bool]:
+    """One series' checks of `column` (``{model: MASE}``): the best statsforecast model's
+    name, whether `column` is no worse than SeasonalNaive, and whether it beats that best."""
+    best = min((m for m in mase if m in STATSFORECAST), key=mase.__getitem__)
+    return best, mase[column] <= mase["SeasonalNaive"], mase[column] < mase[best]
+
+
 def autots_targets(scores: dict[str, dict[str, dict[str, float]]], configs: list[dict]) -> dict:
     """The issue's targets on MASE, per series: AutoTS <= SeasonalNaive on >= 80% of the
     series, and < the best statsforecast model on >= 50%."""
-    mase_of = {s: {m: r["mase"] for m, r in per.items()} for s, per in scores.items()}
     no_worse_than_naive, better_than_best, best_baseline = {}, {}, {}
-    for series, per in mase_of.items():
-        baselines = {m: v for m, v in per.items() if m in STATSFORECAST}
-        best = min(baselines, key=baselines.get)
-        best_baseline[series] = best
-        no_worse_than_naive[series] = per["AutoTS"] <= per["SeasonalNaive"]
-        better_than_best[series] = per["AutoTS"] < baselines[best]
-    count = len(mase_of)
+    for series, per in scores.items():
+        best_baseline[series], no_worse_than_naive[series], better_than_best[series] = compare(
+            {m: r["mase"] for m, r in per.items()}, "AutoTS"
+        )
+    count = len(scores)
     naive_share = sum(no_worse_than_naive.values()) / count
     best_share = sum(better_than_best.values()) / count
     print(f"\nAutoTS configs: {configs}")
@@ -40,15 +44,15 @@ def variant_shares(scores: dict, columns: list[str]) -> dict:
     """Each AutoTS column's two target shares, to compare variants within one run."""
     shares = {}
     for column in columns:
-        naive = better = count = 0
-        for per in scores.values():
-            if column not in per:
-                continue
-            best = min(per[m]["mase"] for m in per if m in STATSFORECAST)
-            naive += per[column]["mase"] <= per["SeasonalNaive"]["mase"]
-            better += per[column]["mase"] < best
-            count += 1
-        if count:
+        checks = [
+            compare({m: r["mase"] for m, r in per.items()}, column)[1:]
+            for per in scores.values()
+            if column in per
+        ]
+        if checks:
+            count = len(checks)
+            naive = sum(no_worse for no_worse, _ in checks)
+            better = sum(beats for _, beats in checks)
             shares[column] = {
                 "no_worse_than_naive": naive / count,
                 "better_than_best": better / count,
