@@ -10,6 +10,7 @@ from sktime.datasets import load_airline
 
 from deepspark.timeseries import Forecaster, SeasonalNaiveForecaster, TSDataset
 from deepspark.timeseries.baseline import naive_comparison
+from deepspark.timeseries.forecast_metrics import overlapping_standard_error
 from deepspark.timeseries.forecast_model import FlatWindowModel
 from deepspark.timeseries.networks import build_network
 
@@ -120,5 +121,48 @@ def test_naive_comparison_takes_per_window_loss_differences_on_pandas_and_spark(
         naive_comparison(naive_model, naive_model, rows, "mse")
     same = naive_comparison(naive_model, naive_model, {"x": x[:, season:], "y": y}, "mse")
     assert same["difference"] == 0.0 and same["standard_error"] == 0.0
+
+    # the windows start one step apart: told so, the error widens and counts fewer windows
+    told = naive_comparison(networks, naive_model, rows, "mae", horizon=horizon, counts=[len(x)])
+    assert told["standard_error"] > 2 * result["standard_error"]
+    assert told["effective_windows"] < len(x) / 4 and result["effective_windows"] == len(x)
+    with pytest.raises(ValueError, match="counts add up to 5 windows"):
+        naive_comparison(networks, naive_model, rows, "mae", horizon=horizon, counts=[5])
     with pytest.raises(ValueError, match="no validation windows"):
         naive_comparison(networks, naive_model, {"x": x[:0], "y": y[:0]}, "mae")
+
+
+def _overlapping_means(rng, steps: int, horizon: int) -> np.ndarray:
+    """The mean of every `horizon`-step window (one step apart) over independent steps."""
+    noise = rng.normal(size=steps)
+    return np.lib.stride_tricks.sliding_window_view(noise, horizon).mean(axis=1)
+
+
+def test_the_overlapping_standard_error_matches_the_spread_of_the_mean_it_describes():
+    rng = np.random.default_rng(0)
+    plain = rng.normal(size=30)
+    squares = float(((plain - plain.mean()) ** 2).sum())
+    error, effective = overlapping_standard_error(squares, [30], 1)
+    assert error == pytest.approx(plain.std(ddof=1) / np.sqrt(30)) and effective == 30
+
+    # two series of overlapping 8-step windows (12 and 30 of them), drawn 4,000 times: the
+    # mean of the squared errors matches the variance of the windows' mean; the textbook
+    # formula, which takes the windows as independent, is several times too small
+    horizon, counts = 8, [12, 30]
+    means, told, naive = [], [], []
+    for _ in range(4000):
+        gaps = np.concatenate([_overlapping_means(rng, n + horizon - 1, horizon) for n in counts])
+        squares = float(((gaps - gaps.mean()) ** 2).sum())
+        means.append(gaps.mean())
+        told.append(overlapping_standard_error(squares, counts, horizon)[0] ** 2)
+        naive.append(overlapping_standard_error(squares, [sum(counts)], 1)[0] ** 2)
+    spread = np.var(means)
+    assert 0.9 < np.mean(told) / spread < 1.1
+    assert np.mean(naive) / spread < 0.3
+    assert overlapping_standard_error(1.0, counts, horizon)[1] < sum(counts) / 4
+
+    # one window, or two that share 9 of 10 steps, cannot show a spread: no check passes
+    assert overlapping_standard_error(0.0, [1], 1)[0] == float("inf")
+    assert overlapping_standard_error(0.5, [2], 10)[0] > 0.5
+    with pytest.raises(ValueError, match="no windows"):
+        overlapping_standard_error(0.0, [], 4)

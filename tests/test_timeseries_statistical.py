@@ -128,6 +128,14 @@ def test_statistical_candidates_win_only_when_they_beat_seasonal_naive_clearly()
     nothing = with_statistical(lost, losses, ["AutoTheta"], 0.01)
     assert nothing["chosen"] == "seasonal_naive" and nothing["passing"] == []
 
+    # a gain of 3% with a spread of 5%: clear over 40 independent windows, but not over two
+    # series' 20 windows each that share 11 of their 12 steps
+    noisy = losses.assign(AutoETS=naive * (0.97 + rng.normal(0, 0.05, 40)), id=[0, 1] * 20)
+    assert with_statistical(lost, noisy, ["AutoETS"], 0.01)["passing"] == ["AutoETS"]
+    overlapping = with_statistical(lost, noisy, ["AutoETS"], 0.01, horizon=12, id_col="id")
+    assert overlapping["passing"] == []
+    assert overlapping["statistical"]["AutoETS"]["effective_windows"] < 10
+
 
 def _validation(frame: pd.DataFrame, spark=None):
     build = TSDataset.from_pandas if spark is None else TSDataset.from_spark

@@ -363,14 +363,19 @@ class AutoTS:
     ) -> list[str]:
         """What the pipeline forecasts with (`fallback`, `statistical`, `combine`), as
         `validation_["forecast"]`: ``"networks"``, statistical models, or seasonal naive."""
-        self._naive_check(naive, columns, data_for)
+        self._naive_check(naive, columns, data_for, continued)
         passing = [self.validation_["chosen"]]
         if self.statistical:
             losses = validation_losses(
                 continued, self.statistical, naive.season, self.horizon, self.loss
             )
             self.validation_ = with_statistical(
-                self.validation_, losses, self.statistical, float(self.fallback)
+                self.validation_,
+                losses,
+                self.statistical,
+                float(self.fallback),
+                horizon=self.horizon,
+                id_col=columns.id_col,
             )
             passing = self.validation_["passing"] or [SEASONAL_NAIVE]
         chosen = passing if self.combine else passing[:1]
@@ -382,6 +387,7 @@ class AutoTS:
         naive: SeasonalNaiveForecaster,
         columns: Any,
         data_for: Callable[[dict[str, Any]], tuple[Any, Any]],
+        continued: Any,
     ) -> None:
         """The chosen trials' mean against seasonal naive on validation, as `validation_`."""
         from deepspark.automl.results import saved_estimator
@@ -394,6 +400,8 @@ class AutoTS:
             data_for({"lookback": longest})[1],
             self.loss,
             self.fallback,
+            horizon=self.horizon,
+            counts=continued.window_counts(longest, self.horizon),
         )
 
     def _refit(

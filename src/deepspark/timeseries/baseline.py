@@ -8,7 +8,7 @@ same validation windows, window by window, so that AutoTS can tell a real gain f
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,13 +18,18 @@ from torch import nn
 
 from deepspark.timeseries import windows
 from deepspark.timeseries.ensemble import MeanForecastModel, own_steps
+from deepspark.timeseries.forecast_metrics import overlapping_standard_error
 from deepspark.timeseries.forecast_model import LOSSES, FlatWindowModel, run_torch
 from deepspark.timeseries.forecaster import Forecaster, _check_dataset
 from deepspark.timeseries.networks.blocks import SeasonalNaive
 from deepspark.timeseries.series_ops import SeriesColumns
 from deepspark.timeseries.tsdataset import TSDataset
 
-__all__ = ["SeasonalNaiveForecaster", "naive_check", "naive_comparison"]
+__all__ = [
+    "SeasonalNaiveForecaster",
+    "naive_check",
+    "naive_comparison",
+]
 
 _PAIR_COL = "__paired__"
 
@@ -120,15 +125,23 @@ class _Paired(nn.Module):
 
 
 def naive_comparison(
-    networks: nn.Module, naive: nn.Module, rows: Any, loss: str
+    networks: nn.Module,
+    naive: nn.Module,
+    rows: Any,
+    loss: str,
+    *,
+    horizon: int = 1,
+    counts: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Per-window losses of `networks` and `naive` (flat-window models) on validation windows
     `rows` (flat inputs of lookback ``max`` of theirs, as `AutoTS` rolls them: a Spark
     DataFrame or a dict of arrays), in the scaled space they were trained in.
 
     Returns the window count, each side's mean loss, the mean of the per-window differences
-    (networks minus naive; below 0 when the networks do better) and its standard error
-    (0 for fewer than two windows).
+    (networks minus naive; below 0 when the networks do better), its standard error and the
+    effective number of windows (`overlapping_standard_error`: windows of each series, as
+    `counts` gives them, that start one step apart share ``horizon - 1`` of their steps; the
+    defaults treat the windows as independent).
     """
     paired = _Paired(networks, naive)
     criterion = LOSSES[loss](reduction="none")
@@ -165,13 +178,20 @@ def naive_comparison(
             "validation steps and `lookback` training steps"
         )
     gap = sums["gap"] / count
-    variance = (sums["gap_sq"] - count * gap**2) / (count - 1) if count > 1 else 0.0
+    if counts is not None and sum(counts) != count:
+        raise ValueError(
+            f"naive_comparison: counts add up to {sum(counts)} windows, but rows has {count}"
+        )
+    error, effective = overlapping_standard_error(
+        max(sums["gap_sq"] - count * gap**2, 0.0), counts or [int(count)], horizon
+    )
     return {
         "windows": int(count),
+        "effective_windows": effective,
         "networks": sums["networks"] / count,
         "seasonal_naive": sums["naive"] / count,
         "difference": gap,
-        "standard_error": math.sqrt(max(variance, 0.0) / count),
+        "standard_error": error,
     }
 
 
@@ -179,13 +199,23 @@ _SUMS = ("count", "networks", "naive", "gap", "gap_sq")
 
 
 def naive_check(
-    models: list[nn.Module], naive: nn.Module, rows: Any, loss: str, margin: float
+    models: list[nn.Module],
+    naive: nn.Module,
+    rows: Any,
+    loss: str,
+    margin: float,
+    *,
+    horizon: int = 1,
+    counts: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """`naive_comparison` of the mean forecast of `models` against `naive`, with ``chosen``:
     ``"networks"`` when their mean loss is lower by more than `margin` times naive's and by
-    more than one standard error of the per-window differences, else ``"seasonal_naive"``."""
+    more than one standard error of the per-window differences (overlapping windows of
+    `horizon` steps, `counts` per series), else ``"seasonal_naive"``."""
     networks = models[0] if len(models) == 1 else MeanForecastModel(models)
-    result: dict[str, Any] = naive_comparison(networks, naive, rows, loss)
+    result: dict[str, Any] = naive_comparison(
+        networks, naive, rows, loss, horizon=horizon, counts=counts
+    )
     needed = max(result["standard_error"], margin * result["seasonal_naive"])
     result["chosen"] = "networks" if result["difference"] < -needed else "seasonal_naive"
     return result

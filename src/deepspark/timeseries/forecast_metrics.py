@@ -17,6 +17,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -128,3 +129,35 @@ def check_metrics(metrics: Sequence[str]) -> list[str]:
 
 def sums_frame(sums: dict[str, float]) -> pd.DataFrame:
     return pd.DataFrame({name: [value] for name, value in sums.items()})
+
+
+def overlapping_standard_error(
+    squares: float, counts: Sequence[int], horizon: int
+) -> tuple[float, float]:
+    """The standard error of a mean over validation windows that overlap, and the number of
+    independent windows it is worth.
+
+    `counts` holds each series' window count; a series' windows start one step apart, so two
+    that start ``k < horizon`` steps apart share ``horizon - k`` steps. With the per-step
+    differences independent, the per-window differences of one series then correlate as
+    ``1 - k / horizon`` and those of different series not at all: the mean's variance is
+    ``sigma**2 * F / N`` (``N`` windows in all, ``F`` the mean over windows of the summed
+    correlations), and the squared deviations from the mean (`squares`) have expectation
+    ``sigma**2 * (N - F)``. Returns ``sqrt(F * squares / (N * (N - F)))`` and ``N / F``;
+    ``horizon`` 1 gives the textbook ``s / sqrt(N)``. Windows that cannot tell a spread
+    (one window, or a few that overlap almost wholly) give an infinite error: no check can
+    pass on them.
+    """
+    total = int(sum(counts))
+    if total < 1:
+        raise ValueError("overlapping_standard_error: no windows")
+    summed = 0.0
+    for count in counts:
+        lags = np.arange(1, min(int(count), int(horizon)))
+        summed += count + 2.0 * float(((count - lags) * (1.0 - lags / horizon)).sum())
+    factor = summed / total
+    effective = total / factor
+    room = total - factor
+    if room <= 1e-9 * total:
+        return math.inf, effective
+    return math.sqrt(factor * squares / (total * room)), effective

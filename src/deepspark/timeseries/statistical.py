@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from deepspark.timeseries import forecast_metrics, windows
+from deepspark.timeseries.forecast_metrics import overlapping_standard_error
 from deepspark.timeseries.forecast_model import LOSSES, FlatWindowModel
 from deepspark.timeseries.forecaster import Forecaster, _check_dataset, check_floor
 from deepspark.timeseries.scaler import TSScaler
@@ -463,15 +464,24 @@ def fitted_per_series(names: Sequence[str], naive: Forecaster, data: TSDataset) 
 
 
 def with_statistical(
-    check: dict[str, Any], losses: pd.DataFrame, names: Sequence[str], margin: float
+    check: dict[str, Any],
+    losses: pd.DataFrame,
+    names: Sequence[str],
+    margin: float,
+    *,
+    horizon: int = 1,
+    id_col: str | None = None,
 ) -> dict[str, Any]:
     """`check` (`naive_check`'s networks against seasonal naive) with each statistical model
     of `names` judged the same way on its per-window `losses` (`validation_losses`), and
     ``chosen`` the candidate with the lowest loss relative to seasonal naive's among those
     that beat it by more than `margin` of its loss and one standard error (else
-    ``"seasonal_naive"``), and ``passing`` those candidates, best first."""
+    ``"seasonal_naive"``), and ``passing`` those candidates, best first. The standard error
+    counts each series' windows (rows per `id_col` value) as overlapping over `horizon`
+    steps (`overlapping_standard_error`)."""
     result = dict(check)
     naive = losses[SEASONAL_NAIVE].to_numpy("float64")
+    counts = losses.groupby(id_col).size().tolist() if id_col else [len(losses)]
     passing = {}
     if result["chosen"] == "networks":
         passing["networks"] = result["networks"] / result["seasonal_naive"]
@@ -482,9 +492,11 @@ def with_statistical(
             result["statistical"][name] = None  # could not fit some series
             continue
         gap = own - naive
-        error = float(gap.std(ddof=1) / np.sqrt(len(gap))) if len(gap) > 1 else 0.0
+        squares = float(((gap - gap.mean()) ** 2).sum())
+        error, effective = overlapping_standard_error(squares, counts, horizon)
         result["statistical"][name] = {
             "windows": len(gap),
+            "effective_windows": effective,
             "loss": float(own.mean()),
             "seasonal_naive": float(naive.mean()),
             "difference": float(gap.mean()),

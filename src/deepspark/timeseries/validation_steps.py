@@ -65,6 +65,17 @@ class ContinuedValidation:
         ends = rows[id_col].map(self.ends)
         return rows[ends.isna() | (rows[dt_col] >= ends)].reset_index(drop=True)
 
+    def window_counts(self, lookback: int, horizon: int) -> list[int]:
+        """How many of `windows` each series has (one Spark aggregation)."""
+        rows, id_col = self.windows(lookback, horizon), self.cols.id_col
+        if self.is_spark:
+            if id_col is None:
+                return [rows.count()]
+            return [row["count"] for row in rows.groupBy(id_col).count().collect()]
+        if id_col is None:
+            return [len(rows)]
+        return rows.groupby(id_col).size().tolist()
+
 
 def continued(train: TSDataset, validation: TSDataset) -> ContinuedValidation:
     """`validation` continuing `train` (both unrolled, scaled alike). Training rows at or after
