@@ -102,7 +102,8 @@ class AutoTS:
         (default 0.01). Both forecast every window and are compared window by window with the
         search's loss: the trials' mean forecast is kept only when its mean loss is lower by
         more than this fraction and by more than one standard error of the per-window
-        differences. Otherwise the pipeline forecasts seasonal naive
+        differences, counting each series' windows as overlapping over `horizon` steps
+        (`deepspark.timeseries.forecast_metrics.overlapping_standard_error`). Otherwise the pipeline forecasts seasonal naive
         (`SeasonalNaiveForecaster`): networks that learnt nothing beyond it only add noise,
         and refitting moves a forecast by more than a gain of under 1%. `validation_` holds
         the comparison. None keeps the trials unchecked (and compares no `statistical`
