@@ -3,12 +3,12 @@ its anomaly detectors against simple rules, and a global model against statsfore
 multi-series path, each in one run on the same data.
 
 1. Accuracy (``--split test``, the headline; ``--split dev`` while tuning). The series and the
-   split live in `timeseries_sets.py`: 50 development sets (the five that shaped AutoTS's
-   defaults and the first three held-out sets, each read before a change) and 13 held-out
-   test sets (the fourth held-out set), fixed before any run, from other domains. Holdouts: each series' last `ORIGINS` (3)
-   horizons, each forecast from the history before it (`origins_of`; short series keep
-   fewer); a series' score is the mean over its origins. MASE (against the in-sample
-   seasonal-naive error of the history; one step back without a season) and sMAPE.
+   split live in `timeseries_sets.py`: 50 development sets (the five that shaped AutoTS's defaults
+   and the first three held-out sets, each read before a change) and 13 held-out test sets (the
+   fourth held-out set), fixed before any run, from other domains. Holdouts: each series' last
+   `ORIGINS` (3) horizons, each forecast from the history before it (`origins_of`; short series keep
+   fewer); a series' score is the mean over its origins. MASE (against the in-sample seasonal-naive
+   error of the history; one step back without a season) and sMAPE.
    Baselines as statsforecast's documentation sets them up: `SeasonalNaive`, `AutoETS`,
    `AutoARIMA`, `AutoTheta` with ``season_length`` the series' season. For seasons over 24,
    which statsforecast's ETS does not fit, the AutoETS column is `MSTL` (the season taken

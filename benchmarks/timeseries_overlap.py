@@ -73,7 +73,8 @@ def forecasts_of(models: dict, origin: int, check: dict, column: str) -> dict[st
 
 
 def main() -> None:
-    lines = [json.loads(text) for text in open(LOG)]
+    with open(LOG) as file:
+        lines = [json.loads(text) for text in file]
     totals: dict[tuple[str, str], list] = {}
     for logged_at, column in RUNS:
         result = next(ln for ln in lines if ln["logged_at"].startswith(logged_at))["result"]

@@ -97,17 +97,17 @@ class AutoTS:
         the validation steps than the winner alone, and members that read different windows
         err less alike than near-copies of the winner. 1 keeps the best alone.
     fallback : float or None
-        How much better than the seasonal-naive forecast (the last value without `season`)
-        the chosen trials must be on the validation windows, as a fraction of its loss
-        (default 0.01). Both forecast every window and are compared window by window with the
-        search's loss: the trials' mean forecast is kept only when its mean loss is lower by
-        more than this fraction and by more than one standard error of the per-window
-        differences, counting each series' windows as overlapping over `horizon` steps
-        (`deepspark.timeseries.forecast_metrics.overlapping_standard_error`). Otherwise the pipeline forecasts seasonal naive
-        (`SeasonalNaiveForecaster`): networks that learnt nothing beyond it only add noise,
-        and refitting moves a forecast by more than a gain of under 1%. `validation_` holds
-        the comparison. None keeps the trials unchecked (and compares no `statistical`
-        model).
+        How much better than the seasonal-naive forecast (the last value without `season`) the
+        chosen trials must be on the validation windows, as a fraction of its loss (default 0.01).
+        Both forecast every window and are compared window by window with the search's loss: the
+        trials' mean forecast is kept only when its mean loss is lower by more than this fraction
+        and by more than one standard error of the per-window differences, counting each series'
+        windows as overlapping over `horizon` steps
+        (`deepspark.timeseries.forecast_metrics.overlapping_standard_error`). Otherwise the pipeline
+        forecasts seasonal naive (`SeasonalNaiveForecaster`): networks that learnt nothing beyond it
+        only add noise, and refitting moves a forecast by more than a gain of under 1%.
+        `validation_` holds the comparison. None keeps the trials unchecked (and compares no
+        `statistical` model).
     statistical : str or sequence of str
         statsforecast models (`deepspark.timeseries.statistical.STATISTICAL_MODELS`) that
         compete with the trials on the same validation windows (default AutoETS, AutoTheta
