@@ -14,7 +14,8 @@ from statsforecast import models as sf
 
 from deepspark.timeseries import EnsembleForecaster, Forecaster, StatsForecaster, TSDataset
 from deepspark.timeseries.autots import AutoTS, TSPipeline
-from deepspark.timeseries.statistical import validation_losses, with_statistical
+from deepspark.timeseries.baseline import with_statistical
+from deepspark.timeseries.statistical import validation_losses
 from deepspark.timeseries.validation_steps import continued
 
 HORIZON = 6

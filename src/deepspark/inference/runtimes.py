@@ -98,6 +98,8 @@ def input_leaves(inputs: Sequence[Any]) -> list[tuple[str, torch.Tensor]]:
 def _on_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {key: _on_device(item, device) for key, item in value.items()}
+    if value.device == device:
+        return value  # the common CPU case: no call into torch per model batch
     return value.to(device, non_blocking=True)
 
 
@@ -183,7 +185,7 @@ class Predictor(ABC):
         """
         inputs = tuple(inputs)
         count = self.input_count()
-        given = len(input_leaves(inputs))
+        given = len(input_leaves(inputs)) if count is not None else count
         if count is not None and count != given:
             raise ModelInputError(
                 f"the model takes {count} input(s) but {given} feature tensor(s) were "

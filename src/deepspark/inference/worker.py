@@ -355,12 +355,18 @@ def _predict_whole_batch(
     2026-12-07T05:30:02).
     """
     prepared = [prepare_column(batch, feature) for feature in spec.features]
+    # numeric columns become one tensor per Arrow batch, sliced into views per model batch:
+    # per model batch, the numpy-to-torch step was a tenth of a 4-layer MLP's loop
+    whole = [
+        column_tensor(column, feature) if isinstance(column, np.ndarray) else None
+        for column, feature in zip(prepared, spec.features, strict=True)
+    ]
     parts: list[list[torch.Tensor]] = []
     for start in range(0, batch.num_rows, spec.batch_size):
         rows = slice(start, min(start + spec.batch_size, batch.num_rows))
         tensors = [
-            column_tensor(column, feature, rows)
-            for column, feature in zip(prepared, spec.features, strict=True)
+            tensor[rows] if tensor is not None else column_tensor(column, feature, rows)
+            for tensor, column, feature in zip(whole, prepared, spec.features, strict=True)
         ]
         parts.append(_prediction_tensors(predictor, tensors, spec, rows.stop - rows.start))
     # one Arrow column per input batch, built once: per model batch it was 6 % of an MLP's loop

@@ -21,7 +21,7 @@ import torch
 
 from deepspark.deprecation import RENAMED_SEARCH_OPTIONS, renamed_keywords
 from deepspark.timeseries import validation_steps, windows
-from deepspark.timeseries.baseline import SeasonalNaiveForecaster, naive_check
+from deepspark.timeseries.baseline import SeasonalNaiveForecaster, naive_check, with_statistical
 from deepspark.timeseries.ensemble import EnsembleForecaster
 from deepspark.timeseries.forecast_model import make_loss
 from deepspark.timeseries.forecaster import Forecaster, check_floor
@@ -33,7 +33,6 @@ from deepspark.timeseries.statistical import (
     fitted_per_series,
     statsforecast_model,
     validation_losses,
-    with_statistical,
 )
 from deepspark.timeseries.tsdataset import TSDataset
 
@@ -362,48 +361,37 @@ class AutoTS:
         data_for: Callable[[dict[str, Any]], tuple[Any, Any]],
         continued: Any,
     ) -> list[str]:
-        """What the pipeline forecasts with (`fallback`, `statistical`, `combine`), as
-        `validation_["forecast"]`: ``"networks"``, statistical models, or seasonal naive."""
-        self._naive_check(naive, columns, data_for, continued)
-        passing = [self.validation_["chosen"]]
-        if self.statistical:
-            losses = validation_losses(
-                continued, self.statistical, naive.season, self.horizon, self.loss
-            )
-            self.validation_ = with_statistical(
-                self.validation_,
-                losses,
-                self.statistical,
-                float(self.fallback),
-                horizon=self.horizon,
-                id_col=columns.id_col,
-            )
-            passing = self.validation_["passing"] or [SEASONAL_NAIVE]
-        chosen = passing if self.combine else passing[:1]
-        self.validation_["forecast"] = chosen
-        return chosen
-
-    def _naive_check(
-        self,
-        naive: SeasonalNaiveForecaster,
-        columns: Any,
-        data_for: Callable[[dict[str, Any]], tuple[Any, Any]],
-        continued: Any,
-    ) -> None:
-        """The chosen trials' mean against seasonal naive on validation, as `validation_`."""
+        """The chosen trials' mean and each `statistical` model against seasonal naive on the
+        validation windows, as `validation_`, and what the pipeline forecasts with
+        (`fallback`, `combine`), as `validation_["forecast"]`: ``"networks"``, statistical
+        models, or seasonal naive."""
         from deepspark.automl.results import saved_estimator
 
         longest = max([naive.lookback] + [int(t["config"]["lookback"]) for t in self.members_])
         models = [saved_estimator(t["number"], t["model_path"]).get_model() for t in self.members_]
-        self.validation_ = naive_check(
+        rows, margin = data_for({"lookback": longest})[1], float(self.fallback)
+        counts = continued.window_counts(longest, self.horizon)
+        check = naive_check(
             models,
             naive.build_model(columns),
-            data_for({"lookback": longest})[1],
+            rows,
             self.loss,
-            self.fallback,
+            margin,
             horizon=self.horizon,
-            counts=continued.window_counts(longest, self.horizon),
+            counts=counts,
         )
+        passing = [check["chosen"]]
+        if self.statistical:
+            losses = validation_losses(
+                continued, self.statistical, naive.season, self.horizon, self.loss
+            )
+            check = with_statistical(
+                check, losses, self.statistical, margin, horizon=self.horizon, id_col=columns.id_col
+            )
+            passing = check["passing"] or [SEASONAL_NAIVE]
+        check["forecast"] = passing if self.combine else passing[:1]
+        self.validation_ = check
+        return check["forecast"]
 
     def _refit(
         self, train: TSDataset, continued: Any, fit_options: dict[str, Any], batch_size: int

@@ -3,7 +3,8 @@
 `SeasonalNaiveForecaster` repeats each series' last season: the baseline that short, strongly
 seasonal series are judged against, with a `Forecaster`'s `predict`, `evaluate`, Spark scoring,
 ONNX export and save/load. `naive_comparison` scores trained networks and that baseline on the
-same validation windows, window by window, so that AutoTS can tell a real gain from noise.
+same validation windows, window by window, so that AutoTS can tell a real gain from noise;
+`with_statistical` judges statsforecast models the same way.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from deepspark.timeseries.forecast_model import LOSSES, FlatWindowModel, run_tor
 from deepspark.timeseries.forecaster import Forecaster, _check_dataset
 from deepspark.timeseries.networks.blocks import SeasonalNaive
 from deepspark.timeseries.series_ops import SeriesColumns
+from deepspark.timeseries.statistical import SEASONAL_NAIVE
 from deepspark.timeseries.tsdataset import TSDataset
 
 __all__ = [
     "SeasonalNaiveForecaster",
     "naive_check",
     "naive_comparison",
+    "with_statistical",
 ]
 
 _PAIR_COL = "__paired__"
@@ -236,3 +239,49 @@ def _spark_sums(paired: nn.Module, rows: Any, sums_of: Any) -> dict[str, float]:
         return sums_of(y, np.stack(frame[_PAIR_COL].to_numpy()))
 
     return tsdataset_spark.summed_errors(scored, frame_sums, _SUMS)
+
+
+def with_statistical(
+    check: dict[str, Any],
+    losses: pd.DataFrame,
+    names: Sequence[str],
+    margin: float,
+    *,
+    horizon: int = 1,
+    id_col: str | None = None,
+) -> dict[str, Any]:
+    """`check` (`naive_check`'s networks against seasonal naive) with each statistical model
+    of `names` judged the same way on its per-window `losses` (`validation_losses`), and
+    ``chosen`` the candidate with the lowest loss relative to seasonal naive's among those
+    that beat it by more than `margin` of its loss and one standard error (else
+    ``"seasonal_naive"``), and ``passing`` those candidates, best first. The standard error
+    counts each series' windows (rows per `id_col` value) as overlapping over `horizon`
+    steps (`overlapping_standard_error`)."""
+    result = dict(check)
+    naive = losses[SEASONAL_NAIVE].to_numpy("float64")
+    counts = losses.groupby(id_col).size().tolist() if id_col else [len(losses)]
+    passing = {}
+    if result["chosen"] == "networks":
+        passing["networks"] = result["networks"] / result["seasonal_naive"]
+    result["statistical"] = {}
+    for name in names:
+        own = losses[name].to_numpy("float64")
+        if not len(own) or np.isnan(own).any():
+            result["statistical"][name] = None  # could not fit some series
+            continue
+        gap = own - naive
+        squares = float(((gap - gap.mean()) ** 2).sum())
+        error, effective = overlapping_standard_error(squares, counts, horizon)
+        result["statistical"][name] = {
+            "windows": len(gap),
+            "effective_windows": effective,
+            "loss": float(own.mean()),
+            "seasonal_naive": float(naive.mean()),
+            "difference": float(gap.mean()),
+            "standard_error": error,
+        }
+        if gap.mean() < -max(error, margin * naive.mean()):
+            passing[name] = float(own.mean() / naive.mean())
+    result["passing"] = sorted(passing, key=passing.get)
+    result["chosen"] = result["passing"][0] if passing else SEASONAL_NAIVE
+    return result

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from deepspark.timeseries import forecast_metrics, windows
-from deepspark.timeseries.forecast_metrics import overlapping_standard_error
 from deepspark.timeseries.forecast_model import LOSSES, FlatWindowModel
 from deepspark.timeseries.forecaster import Forecaster, _check_dataset, check_floor
 from deepspark.timeseries.scaler import TSScaler
@@ -27,7 +26,7 @@ from deepspark.timeseries.series_ops import SeriesColumns, sort_series
 from deepspark.timeseries.tsdataset import TSDataset
 from deepspark.timeseries.validation_steps import TRAIN_END
 
-__all__ = ["STATISTICAL_MODELS", "StatsForecaster", "validation_losses", "with_statistical"]
+__all__ = ["STATISTICAL_MODELS", "StatsForecaster", "validation_losses"]
 
 STATISTICAL_MODELS = ("AutoETS", "AutoTheta", "AutoARIMA")
 # statsforecast's ETS holds at most 24 seasonal states: longer seasons go through MSTL, which
@@ -461,49 +460,3 @@ def fitted_per_series(names: Sequence[str], naive: Forecaster, data: TSDataset) 
         forecaster.fit(data)
         chosen.append(forecaster)
     return chosen
-
-
-def with_statistical(
-    check: dict[str, Any],
-    losses: pd.DataFrame,
-    names: Sequence[str],
-    margin: float,
-    *,
-    horizon: int = 1,
-    id_col: str | None = None,
-) -> dict[str, Any]:
-    """`check` (`naive_check`'s networks against seasonal naive) with each statistical model
-    of `names` judged the same way on its per-window `losses` (`validation_losses`), and
-    ``chosen`` the candidate with the lowest loss relative to seasonal naive's among those
-    that beat it by more than `margin` of its loss and one standard error (else
-    ``"seasonal_naive"``), and ``passing`` those candidates, best first. The standard error
-    counts each series' windows (rows per `id_col` value) as overlapping over `horizon`
-    steps (`overlapping_standard_error`)."""
-    result = dict(check)
-    naive = losses[SEASONAL_NAIVE].to_numpy("float64")
-    counts = losses.groupby(id_col).size().tolist() if id_col else [len(losses)]
-    passing = {}
-    if result["chosen"] == "networks":
-        passing["networks"] = result["networks"] / result["seasonal_naive"]
-    result["statistical"] = {}
-    for name in names:
-        own = losses[name].to_numpy("float64")
-        if not len(own) or np.isnan(own).any():
-            result["statistical"][name] = None  # could not fit some series
-            continue
-        gap = own - naive
-        squares = float(((gap - gap.mean()) ** 2).sum())
-        error, effective = overlapping_standard_error(squares, counts, horizon)
-        result["statistical"][name] = {
-            "windows": len(gap),
-            "effective_windows": effective,
-            "loss": float(own.mean()),
-            "seasonal_naive": float(naive.mean()),
-            "difference": float(gap.mean()),
-            "standard_error": error,
-        }
-        if gap.mean() < -max(error, margin * naive.mean()):
-            passing[name] = float(own.mean() / naive.mean())
-    result["passing"] = sorted(passing, key=passing.get)
-    result["chosen"] = result["passing"][0] if passing else SEASONAL_NAIVE
-    return result
