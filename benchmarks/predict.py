@@ -25,7 +25,8 @@ same columns (the passthrough columns and ``prediction``):
 Protocol (benchmarks/README.md): all Spark paths run in one ``local[2]`` session (2 tasks x 1
 thread each), read the same cached DataFrame and write to Spark's ``noop`` sink, so the whole
 pass runs and nothing is collected. Every path runs once to warm up (Python workers, model
-loads), then the paths take turns over 3 rounds; the median and the range are reported.
+loads), then the paths take turns over 3 rounds (``--rounds``); the median and the range are
+reported.
 
 Target (issue #27): deepspark >= 0.95x the expert's best on the same Spark. The last line
 printed is one JSON object; every run is appended to benchmarks/log.jsonl.
@@ -131,7 +132,9 @@ def write_noop(df) -> Callable[[], None]:
     return lambda: df.write.format("noop").mode("overwrite").save()
 
 
-def single_process(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[dict, int]:
+def single_process(
+    model: torch.nn.Module, inputs: torch.Tensor, rounds: int = ROUNDS
+) -> tuple[dict, int]:
     """The faster of 1 and CORES intra-op threads (on 2 small vCPUs one thread often wins),
     each warmed once and timed over the same rounds as the Spark paths."""
     results = []
@@ -144,7 +147,7 @@ def single_process(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[dict, 
                     model(inputs[start : start + BATCH_SIZE])
 
         warm_up({"single": run})
-        results.append((interleaved_rounds({"single": run}, ROUNDS)["single"], threads))
+        results.append((interleaved_rounds({"single": run}, rounds)["single"], threads))
     torch.set_num_threads(CORES)
     stats, threads = min(results, key=lambda item: item[0]["median_s"])
     return stats, threads
@@ -323,7 +326,7 @@ def has_arrow_udf(spark) -> bool:
     return hasattr(functions, "arrow_udf") and (major, minor) >= (4, 1)
 
 
-def run_case(spark, case: Case, seed: int) -> dict[str, object]:
+def run_case(spark, case: Case, seed: int, rounds: int = ROUNDS) -> dict[str, object]:
     model = case.make_model()
     df, inputs = make_frame(spark, case, seed)
     arrow_udf_here = has_arrow_udf(spark)
@@ -334,10 +337,10 @@ def run_case(spark, case: Case, seed: int) -> dict[str, object]:
     scored["expert_map_in_arrow"] = expert_map_in_arrow_scored(df, model, case)
     scored["predict_batch_udf"] = predict_batch_udf_scored(df, model, case)
     check_agreement(scored, model, inputs, case)
-    single, single_threads = single_process(model, inputs)
+    single, single_threads = single_process(model, inputs, rounds)
     runs = {name: write_noop(frame) for name, frame in scored.items()}
     cold = warm_up(runs)  # the first pass of each path: Python workers, model loads
-    timed = interleaved_rounds(runs, ROUNDS)
+    timed = interleaved_rounds(runs, rounds)
     timed["single_process"] = single
     df.unpersist()
     deepspark = "deepspark_arrow_udf" if arrow_udf_here else "deepspark_map_in_arrow"
@@ -366,7 +369,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows, for CI and laptops")
     parser.add_argument("--cases", default="mlp,cnn,mlp4", help="comma-separated case names")
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help="interleaved timed rounds (at least 3)"
+    )
     args = parser.parse_args()
+    if args.rounds < 3:
+        parser.error("--rounds: at least 3 (benchmarks/README.md's protocol)")
 
     import deepspark as ds
 
@@ -385,7 +393,7 @@ def main() -> None:
         "quick": args.quick,
         "cores": CORES,
         "batch_size": BATCH_SIZE,
-        "rounds": ROUNDS,
+        "rounds": args.rounds,
         "date": today(),
         "machine": machine(),
         "torch": torch.__version__,
@@ -397,7 +405,7 @@ def main() -> None:
     results["spark"] = spark.version
     try:
         for seed, case in enumerate(cases):
-            results[case.name] = run_case(spark, case, seed)
+            results[case.name] = run_case(spark, case, seed, args.rounds)
     finally:
         ds.stop_context()
     results["load_average_1m_after"] = round(os.getloadavg()[0], 2)
