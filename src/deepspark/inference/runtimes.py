@@ -193,8 +193,11 @@ class Predictor(ABC):
                 f"{self.expected_inputs()}"
             )
         try:
-            with torch.inference_mode():
+            if torch.is_inference_mode_enabled():  # predict enters it once per Arrow batch
                 output = self._run(inputs, input_names)
+            else:
+                with torch.inference_mode():
+                    output = self._run(inputs, input_names)
         except ModelInputError:
             raise
         except Exception as err:

@@ -362,13 +362,14 @@ def _predict_whole_batch(
         for column, feature in zip(prepared, spec.features, strict=True)
     ]
     parts: list[list[torch.Tensor]] = []
-    for start in range(0, batch.num_rows, spec.batch_size):
-        rows = slice(start, min(start + spec.batch_size, batch.num_rows))
-        tensors = [
-            tensor[rows] if tensor is not None else column_tensor(column, feature, rows)
-            for tensor, column, feature in zip(whole, prepared, spec.features, strict=True)
-        ]
-        parts.append(_prediction_tensors(predictor, tensors, spec, rows.stop - rows.start))
+    with torch.inference_mode():  # once per Arrow batch, not per model batch
+        for start in range(0, batch.num_rows, spec.batch_size):
+            rows = slice(start, min(start + spec.batch_size, batch.num_rows))
+            tensors = [
+                tensor[rows] if tensor is not None else column_tensor(column, feature, rows)
+                for tensor, column, feature in zip(whole, prepared, spec.features, strict=True)
+            ]
+            parts.append(_prediction_tensors(predictor, tensors, spec, rows.stop - rows.start))
     # one Arrow column per input batch, built once: per model batch it was 6 % of an MLP's loop
     predicted = [
         output_column(
