@@ -26,7 +26,7 @@ from _common import (
     today,
     warm_up,
 )
-from predict import BATCH_SIZE, make_cnn, make_mlp
+from predict import BATCH_SIZE, make_cnn, make_mlp, make_mlp4
 
 from deepspark.data import TensorSpec
 from deepspark.data.columns import column_tensor, prepare_column
@@ -49,14 +49,21 @@ def arrow_batches(rows: int, row_shape: tuple[int, ...]) -> list[pa.RecordBatch]
     return table.to_batches(max_chunksize=ARROW_BATCH_ROWS)
 
 
-def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int) -> dict:
+def measure(
+    name: str,
+    model: torch.nn.Module,
+    row_shape,
+    rows: int,
+    rounds: int,
+    output: OutputKind = OutputKind.ARRAY,
+) -> dict:
     batches = arrow_batches(rows, row_shape)
     feature = TensorSpec("features", "array", row_shape)
     spec = PredictSpec(
         model=model_source(model),
         features=(feature,),
         output_col="prediction",
-        output=OutputKind.ARRAY,
+        output=output,
         passthrough_cols=("id",),
         batch_size=BATCH_SIZE,
         num_threads=1,
@@ -65,13 +72,13 @@ def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int
     whole = list(whole_batches(batches, BATCH_SIZE))
 
     def to_tensors() -> list[torch.Tensor]:
-        """deepspark's conversion: each Arrow batch laid out once, then cut into model batches."""
+        """deepspark's conversion: each Arrow batch laid out and made a tensor once, then cut
+        into model batches (views)."""
         tensors = []
         for batch in whole:
-            prepared = prepare_column(batch, feature)
+            tensor = column_tensor(prepare_column(batch, feature), feature)
             for start in range(0, batch.num_rows, BATCH_SIZE):
-                rows = slice(start, min(start + BATCH_SIZE, batch.num_rows))
-                tensors.append(column_tensor(prepared, feature, rows))
+                tensors.append(tensor[start : start + BATCH_SIZE])
         return tensors
 
     inputs = to_tensors()
@@ -90,7 +97,7 @@ def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int
                 model(tensor)
 
     def output_columns() -> list[pa.Array]:
-        return [output_column(out, OutputKind.ARRAY, len(out)) for out in per_batch]
+        return [output_column(out, output, len(out)) for out in per_batch]
 
     columns = output_columns()
 
@@ -107,9 +114,12 @@ def measure(name: str, model: torch.nn.Module, row_shape, rows: int, rounds: int
                 out = torch.cat(
                     [model(tensor[i : i + BATCH_SIZE]) for i in range(0, count, BATCH_SIZE)]
                 )
-            width = out.shape[1]
-            offsets = pa.array(np.arange(0, count * width + 1, width, dtype=np.int32))
-            prediction = pa.ListArray.from_arrays(offsets, pa.array(out.numpy().reshape(-1)))
+            if output is OutputKind.DOUBLE:
+                prediction = pa.array(out.numpy().reshape(count).astype(np.float64))
+            else:
+                width = out.shape[1]
+                offsets = pa.array(np.arange(0, count * width + 1, width, dtype=np.int32))
+                prediction = pa.ListArray.from_arrays(offsets, pa.array(out.numpy().reshape(-1)))
             pa.RecordBatch.from_arrays([batch.column("id"), prediction], ["id", "prediction"])
 
     runs = {
@@ -140,7 +150,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows")
     args = parser.parse_args()
-    cases = [("mlp", make_mlp(), (64,), 50_000), ("cnn", make_cnn(), (1, 28, 28), 10_000)]
+    array, double = OutputKind.ARRAY, OutputKind.DOUBLE
+    cases = [
+        ("mlp", make_mlp(), (64,), 50_000, array),
+        ("cnn", make_cnn(), (1, 28, 28), 10_000, array),
+        ("mlp4", make_mlp4(), (64,), 150_000, double),  # predict.py's mlp4 case, one task's share
+    ]
     results: dict[str, object] = {
         "benchmark": "predict_parts",
         "quick": args.quick,
@@ -150,10 +165,11 @@ def main() -> None:
         "machine": machine(),
         "torch": torch.__version__,
     }
-    for name, model, row_shape, rows in cases:
+    for name, model, row_shape, rows, output in cases:
         rows = rows // 5 if args.quick else rows
         results[f"{name}_rows"] = rows
-        results.update(measure(name, model, row_shape, rows, rounds=3 if args.quick else 5))
+        rounds = 3 if args.quick else 5
+        results.update(measure(name, model, row_shape, rows, rounds, output))
     parts = (
         "deepspark_loop",
         "whole_batches",
