@@ -185,8 +185,7 @@ class Predictor(ABC):
         """
         inputs = tuple(inputs)
         count = self.input_count()
-        given = len(input_leaves(inputs)) if count is not None else count
-        if count is not None and count != given:
+        if count is not None and (given := len(input_leaves(inputs))) != count:
             raise ModelInputError(
                 f"the model takes {count} input(s) but {given} feature tensor(s) were "
                 f"given ({describe_shapes(inputs, column_names)}); the model expects "
